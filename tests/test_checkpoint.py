@@ -1,0 +1,65 @@
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from vpd.checkpoint import CheckpointError, load_checkpoint
+
+
+def toy():
+    return nn.Sequential(nn.Linear(3, 4), nn.GroupNorm(2, 4))
+
+
+def sd_layout(m, prefix="model.x."):
+    state = {prefix + k: v.clone() for k, v in m.state_dict().items()}
+    state["other.weight"] = torch.zeros(2)  # another component's tensor: must be passed over
+    return state
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt", "dict"])
+def test_loads_prefix_strictly(tmp_path, fmt):
+    src_model = toy()
+    state = sd_layout(src_model)
+    if fmt == "safetensors":
+        src = tmp_path / "m.safetensors"
+        save_file(state, src)
+    elif fmt == "ckpt":
+        src = tmp_path / "m.ckpt"
+        torch.save({"state_dict": state, "global_step": 3}, src)
+    else:
+        src = state
+    with torch.device("meta"):
+        m = toy()
+    load_checkpoint(m, src, "model.x.")
+    for k, v in src_model.state_dict().items():
+        assert torch.equal(m.state_dict()[k], v)
+
+
+def test_errors_name_keys_and_leave_module_untouched(tmp_path):
+    m = toy()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    state = sd_layout(toy())
+    state["model.x.0.weight"] = torch.zeros(5, 3)
+    del state["model.x.1.bias"]
+    state["model.x.9.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(m, state, "model.x.", cfg="ToyConfig(width=4)")
+    msg = str(e.value)
+    assert "missing (1): 1.bias" in msg and "unexpected (1): 9.weight" in msg
+    assert "0.weight: file [5, 3] vs model [4, 3]" in msg and "ToyConfig(width=4)" in msg
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in before.items())
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        load_checkpoint(toy(), tmp_path / "nope.safetensors", "model.x.")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"hello world, not tensors")
+    with pytest.raises(CheckpointError, match="not a readable .safetensors"):
+        load_checkpoint(toy(), junk, "model.x.")
+    junk = tmp_path / "junk.ckpt"
+    junk.write_text("plain text")
+    with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
+        load_checkpoint(toy(), junk, "model.x.")
+    with pytest.raises(CheckpointError, match="no tensors under 'model.x.'"):
+        load_checkpoint(toy(), {"vae.w": torch.zeros(1)}, "model.x.")

@@ -1,0 +1,90 @@
+"""Reading tensors out of Stable Diffusion checkpoints and loading them strictly.
+
+An SD v1 file holds the UNet, the VAE and the text encoder under three name prefixes. Each network
+reads only its own prefix; a `.safetensors` file is read lazily, so building the UNet does not pull
+the VAE and CLIP tensors of a 4 GB file into memory. Shapes are checked against the module before a
+single tensor is copied, so a bad file leaves nothing half-loaded.
+"""
+import os
+
+import torch
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into the module asked for."""
+
+
+def _open(src):
+    """Return (names, get_shape, get_tensor) for a path or a dict of tensors."""
+    if isinstance(src, dict):
+        return list(src), lambda k: tuple(src[k].shape), lambda k: src[k]
+    path = os.fspath(src)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+        try:
+            f = safe_open(path, framework="pt", device="cpu")
+        except Exception as e:
+            raise CheckpointError(f"{path} is not a readable .safetensors file ({e})") from None
+        return list(f.keys()), lambda k: tuple(f.get_slice(k).get_shape()), f.get_tensor
+    try:  # .ckpt / .pt / .pth: a torch pickle; weights_only refuses arbitrary code
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # ldm / Lightning files keep the tensors under `state_dict`
+    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} holds no tensors: not a model checkpoint")
+    obj = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return list(obj), lambda k: tuple(obj[k].shape), lambda k: obj[k]
+
+
+def _describe(src):
+    return "<state dict>" if isinstance(src, dict) else os.fspath(src)
+
+
+def _listing(items, n=5):
+    head = ", ".join(items[:n])
+    return head + (f", ... ({len(items)} in all)" if len(items) > n else "")
+
+
+def load_checkpoint(module: nn.Module, src, prefix: str, cfg=None, ignore=(), dtype=torch.float32):
+    """Load the tensors named `prefix + <module key>` from `src` into `module`, strictly.
+
+    `src`: a `.safetensors` path, a torch checkpoint path (tensors at the top level or under
+    `state_dict`) or a dict of tensors. Names under `prefix` that start with one of `ignore` are
+    passed over (e.g. `embeddings.position_ids`). A module built on the `meta` device gets the
+    checkpoint's tensors assigned (no second copy in memory). Raises CheckpointError naming the
+    first offending keys and the config expected; the module is untouched when it raises.
+    """
+    names, get_shape, get_tensor = _open(src)
+    ours = {k[len(prefix):]: k for k in names if k.startswith(prefix)}
+    ours = {k: v for k, v in ours.items() if not k.startswith(tuple(ignore))} if ignore else ours
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in ours]
+    unexpected = [k for k in ours if k not in expected]
+    wrong = [f"{k}: file {list(get_shape(ours[k]))} vs model {list(expected[k].shape)}"
+             for k in expected if k in ours and get_shape(ours[k]) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        what = type(module).__name__
+        if not ours:
+            msg = f"{_describe(src)} has no tensors under '{prefix}': not a checkpoint holding a {what}"
+        else:
+            msg = f"{_describe(src)} does not match {what}"
+            if missing:
+                msg += f"\n  missing ({len(missing)}): {_listing(missing)}"
+            if unexpected:
+                msg += f"\n  unexpected ({len(unexpected)}): {_listing(unexpected)}"
+            if wrong:
+                msg += f"\n  wrong shape ({len(wrong)}): {_listing(wrong, 3)}"
+        if cfg is not None:
+            msg += f"\n  expected config: {cfg}"
+        raise CheckpointError(msg)
+    state = {k: get_tensor(ours[k]).to(dtype if expected[k].is_floating_point() else expected[k].dtype)
+             for k in expected}
+    on_meta = any(t.is_meta for t in expected.values())
+    module.load_state_dict(state, strict=True, assign=on_meta)
+    return module
