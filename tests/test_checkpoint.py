@@ -63,3 +63,12 @@ def test_not_a_checkpoint(tmp_path):
         load_checkpoint(toy(), junk, "model.x.")
     with pytest.raises(CheckpointError, match="no tensors under 'model.x.'"):
         load_checkpoint(toy(), {"vae.w": torch.zeros(1)}, "model.x.")
+
+
+def test_linear_weight_fits_1x1_conv():
+    m = nn.Conv2d(4, 3, 1)
+    w, b = torch.randn(3, 4), torch.randn(3)
+    load_checkpoint(m, {"p.weight": w, "p.bias": b}, "p.")
+    assert torch.equal(m.weight[:, :, 0, 0], w)
+    with pytest.raises(CheckpointError, match="wrong shape"):
+        load_checkpoint(m, {"p.weight": torch.randn(4, 3), "p.bias": b}, "p.")

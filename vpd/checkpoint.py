@@ -51,13 +51,22 @@ def _listing(items, n=5):
     return head + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
+def _fits(file_shape, model_shape):
+    """Equal shapes, or a [out, in] linear weight where the model has a [out, in, 1, 1] 1x1 conv
+    (some re-saved SD files store the VAE's attention projections as linears)."""
+    strip = lambda s: tuple(s[:2]) if len(s) > 2 and all(d == 1 for d in s[2:]) else tuple(s)
+    return tuple(file_shape) == tuple(model_shape) or (
+        len(file_shape) == 2 and strip(model_shape) == tuple(file_shape))
+
+
 def load_checkpoint(module: nn.Module, src, prefix: str, cfg=None, ignore=(), dtype=torch.float32):
     """Load the tensors named `prefix + <module key>` from `src` into `module`, strictly.
 
     `src`: a `.safetensors` path, a torch checkpoint path (tensors at the top level or under
     `state_dict`) or a dict of tensors. Names under `prefix` that start with one of `ignore` are
     passed over (e.g. `embeddings.position_ids`). A module built on the `meta` device gets the
-    checkpoint's tensors assigned (no second copy in memory). Raises CheckpointError naming the
+    checkpoint's tensors assigned (no second copy in memory). A 2-d linear weight is accepted for a
+    1x1 conv of the same size. Raises CheckpointError naming the
     first offending keys and the config expected; the module is untouched when it raises.
     """
     names, get_shape, get_tensor = _open(src)
@@ -67,7 +76,7 @@ def load_checkpoint(module: nn.Module, src, prefix: str, cfg=None, ignore=(), dt
     missing = [k for k in expected if k not in ours]
     unexpected = [k for k in ours if k not in expected]
     wrong = [f"{k}: file {list(get_shape(ours[k]))} vs model {list(expected[k].shape)}"
-             for k in expected if k in ours and get_shape(ours[k]) != tuple(expected[k].shape)]
+             for k in expected if k in ours and not _fits(get_shape(ours[k]), expected[k].shape)]
     if missing or unexpected or wrong:
         what = type(module).__name__
         if not ours:
@@ -84,7 +93,7 @@ def load_checkpoint(module: nn.Module, src, prefix: str, cfg=None, ignore=(), dt
             msg += f"\n  expected config: {cfg}"
         raise CheckpointError(msg)
     state = {k: get_tensor(ours[k]).to(dtype if expected[k].is_floating_point() else expected[k].dtype)
-             for k in expected}
+             .reshape(expected[k].shape) for k in expected}
     on_meta = any(t.is_meta for t in expected.values())
     module.load_state_dict(state, strict=True, assign=on_meta)
     return module
