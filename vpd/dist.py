@@ -1,0 +1,48 @@
+"""torch.distributed in one place: one script runs under `python` and under `torchrun`."""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def setup(device_arg="auto"):
+    """Initialise DDP when launched by torchrun (RANK set); return (rank, world, local_rank, device)."""
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_arg not in ("cpu", "cuda"):
+        raise SystemExit(f"--device must be cpu, cuda or auto, not {device_arg!r}")
+    if device_arg == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
+    if "RANK" not in os.environ:
+        return 0, 1, 0, torch.device(device_arg)
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device_arg == "cuda":
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return rank, world, local, device
+
+
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier():
+    if is_dist():
+        dist.barrier()
+
+
+def teardown():
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def mean_over_ranks(x: float, device) -> float:
+    """Average a Python float over ranks (the logged loss is the global batch's, not rank 0's)."""
+    if not is_dist():
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).item()

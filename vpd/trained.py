@@ -1,0 +1,55 @@
+"""Our training checkpoints: trained weights as safetensors, training state as a small torch file.
+
+`model.safetensors` holds what training changes (UNet, adapter, gamma, head) and the buffers (class
+embeddings, norm statistics), with the task and configs as JSON metadata, so `eval.py` and
+`predict.py` rebuild the model from it plus the frozen VAE / CLIP of the SD checkpoint it names.
+Both files are written to a temporary name and renamed: a crash never leaves half a checkpoint.
+"""
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FROZEN = ("backbone.vae.", "clip.")  # parts that come from the SD checkpoint and never change
+
+
+def _atomic(write, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_weights(model, path, meta: dict):
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+             if not k.startswith(FROZEN)}
+    _atomic(lambda p: save_file(state, p, metadata={"vpd": json.dumps(meta)}), path)
+
+
+def save_state(obj, path):
+    _atomic(lambda p: torch.save(obj, p), path)
+
+
+def read_meta(path):
+    """The metadata of one of our weight files, or None for any other file (e.g. an official one)."""
+    if not str(path).endswith(".safetensors"):
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get("vpd")
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable .safetensors file ({e})") from None
+    return json.loads(meta) if meta else None
+
+
+def load_weights(model, path):
+    """Load our weight file into a model built for it; every non-frozen tensor must be there."""
+    with safe_open(str(path), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    expected = {k for k in model.state_dict() if not k.startswith(FROZEN)}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict(state, strict=False)
+    return model
