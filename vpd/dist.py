@@ -46,3 +46,12 @@ def mean_over_ranks(x: float, device) -> float:
     t = torch.tensor([x], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return (t / dist.get_world_size()).item()
+
+
+def gather_objects(obj):
+    """Every rank's `obj`, as a list in rank order (a one-element list without DDP)."""
+    if not is_dist():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,30 @@
+"""Which samples each process sees: global batches that do not depend on how they are split.
+
+One optimizer step consumes a global batch of `micro * world * accum` samples: the next slice of the
+epoch's permutation (seeded by seed and epoch). The slice is cut into `world * accum` micro-batches;
+process `rank` takes micro-batch `a * world + rank` at accumulation step `a`. So 2 processes x 1
+accumulation and 1 process x 2 accumulations see the same micro-batches (batch norm statistics
+included), and a run resumed at step s continues with exactly the batches it would have had.
+"""
+import torch
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    def __init__(self, n, micro, world, rank, accum, seed, epoch, start_step=0):
+        self.n, self.micro, self.world, self.rank, self.accum = n, micro, world, rank, accum
+        self.seed, self.epoch, self.start_step = seed, epoch, start_step
+        self.global_batch = micro * world * accum
+        self.steps = n // self.global_batch  # the last partial batch is dropped, as drop_last
+
+    def __len__(self):
+        return (self.steps - self.start_step) * self.accum
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        for step in range(self.start_step, self.steps):
+            base = step * self.global_batch
+            for a in range(self.accum):
+                start = base + (a * self.world + self.rank) * self.micro
+                yield perm[start:start + self.micro]
+
