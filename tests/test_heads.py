@@ -1,0 +1,163 @@
+"""Task heads: layer shapes of the official SD v1.5 configs, output shapes, and the wiring checked
+against hand-written functional forwards."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vpd.heads import DepthHead, FPNSegHead, ReferHead
+
+SD_SEG = [320, 640 + 150, 1280 + 150, 1280]  # VPD's ADE20K neck in_channels [320, 790, 1430, 1280]
+SD_DEPTH = [320, 640, 1280, 1280]
+SD_REFER = [320, 680, 1320, 1280]
+
+
+def pyramid(channels, h=16, w=24, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, c, h >> i, w >> i, generator=g) for i, c in enumerate(channels)]
+
+
+def shapes(module):
+    return {k: list(v.shape) for k, v in module.state_dict().items()}
+
+
+def randomize_bn(module, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(m.num_features, generator=g))
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g))
+
+
+def bn(x, m):
+    return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+
+
+def test_fpn_layers_match_mmseg_semantic_fpn_for_sd():
+    with torch.device("meta"):
+        head = FPNSegHead(SD_SEG, num_classes=150)
+    s = shapes(head)
+    assert [s[f"lateral_convs.{i}.weight"] for i in range(4)] == [[256, c, 1, 1] for c in SD_SEG]
+    assert s["fpn_convs.3.weight"] == [256, 256, 3, 3] and s["fpn_convs.3.bias"] == [256]
+    # mmseg FPNHead, strides 4/8/16/32: 1, 1, 2, 3 ConvModules, with Upsample layers between them
+    convs = sorted(k[len("scale_heads."):-len(".conv.weight")] for k in s if k.endswith(".conv.weight"))
+    assert convs == ["0.0", "1.0", "2.0", "2.2", "3.0", "3.2", "3.4"]
+    assert not any(k.startswith("scale_heads.") and k.endswith(".conv.bias") for k in s)  # BN follows
+    assert s["classifier.weight"] == [150, 256, 1, 1]
+    assert sum(p.numel() for p in head.parameters()) == (
+        256 * sum(SD_SEG) + 4 * 256 + 4 * (256 * 256 * 9 + 256) + 7 * (256 * 256 * 9 + 2 * 256) + 150 * 257)
+
+
+def test_fpn_forward_matches_hand_written_semantic_fpn():
+    chans = [8, 12, 16, 16]
+    head = FPNSegHead(chans, num_classes=5, channels=8).eval()
+    randomize_bn(head)
+    feats = pyramid(chans)
+    out = head(feats)
+    assert out.shape == (2, 5, 16, 24)
+
+    lat = [F.conv2d(f, c.weight, c.bias) for f, c in zip(feats, head.lateral_convs)]
+    lat[2] = lat[2] + lat[3].repeat_interleave(2, -1).repeat_interleave(2, -2)  # nearest x2
+    lat[1] = lat[1] + lat[2].repeat_interleave(2, -1).repeat_interleave(2, -2)
+    lat[0] = lat[0] + lat[1].repeat_interleave(2, -1).repeat_interleave(2, -2)
+    outs = [F.conv2d(x, c.weight, c.bias, padding=1) for x, c in zip(lat, head.fpn_convs)]
+    total = 0
+    for i, x in enumerate(outs):
+        for j in range(max(1, i)):
+            block = head.scale_heads[i][2 * j]
+            x = F.relu(bn(F.conv2d(x, block.conv.weight, padding=1), block.bn))
+            if i > 0:
+                x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        total = total + x
+    ref = F.conv2d(total, head.classifier.weight, head.classifier.bias)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_depth_head_layers_match_vpd_for_sd():
+    with torch.device("meta"):
+        head = DepthHead(SD_DEPTH)
+    s = shapes(head)
+    assert s["down8.0.weight"] == [320, 320, 3, 3] and s["down8.1.weight"] == [320]  # GroupNorm
+    assert s["down8.3.weight"] == [320, 320, 3, 3] and s["down16.0.weight"] == [640, 640, 3, 3]
+    assert s["fuse.0.weight"] == [1536, 3520, 1, 1] and s["fuse.1.weight"] == [1536]
+    assert s["deconv.0.weight"] == [1536, 32, 2, 2] and "deconv.0.bias" not in s
+    assert s["deconv.3.weight"] == [32, 32, 2, 2] and s["deconv.7.running_var"] == [32]
+    assert "deconv.9.weight" not in s  # three deconv stages
+    assert s["conv.0.weight"] == [192, 32, 3, 3] and s["conv.1.running_mean"] == [192]
+    assert s["predict.0.weight"] == [192, 192, 3, 3] and s["predict.2.weight"] == [1, 192, 3, 3]
+    assert head.fuse[1].num_groups == 16 and head.down8[1].num_groups == 16
+
+
+def test_depth_head_output_range_size_and_crop():
+    chans = [16, 16, 32, 32]
+    head = DepthHead(chans, max_depth=10.0, fuse_channels=32, deconv_channels=8, out_channels=16).eval()
+    with torch.no_grad():
+        for m in [*head.deconv, *head.conv, *head.predict]:  # VPD's N(0, 0.001) init: spread it out
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                torch.nn.init.normal_(m.weight, std=0.2)
+        feats = pyramid(chans, h=16, w=32)  # 1/8 of a 128x256 image
+        out = head(feats)
+        assert out.shape == (2, 1, 128, 256)
+        assert out.min() >= 0 and out.max() <= 10.0 and out.std() > 0.1
+        # crop trims the fused 1/32 map: 4x8 -> 3x7 gives 96x224
+        cropped = head(feats, crop=(3, 7))
+        assert cropped.shape == (2, 1, 96, 224)
+
+
+def test_depth_head_fuses_the_coarsest_map_by_nearest_upsampling():
+    chans = [16, 16, 32, 32]
+    head = DepthHead(chans, fuse_channels=32, deconv_channels=8, out_channels=16).eval()
+    feats = pyramid(chans, h=8, w=8)
+    seen = {}
+    head.fuse.register_forward_hook(lambda m, inp, out: seen.update(x=inp[0]))
+    head(feats)
+    x = seen["x"]  # (B, 16 + 16 + 32 + 32, 2, 2)
+    assert x.shape == (2, 96, 2, 2)
+    torch.testing.assert_close(x[:, 32:64], feats[2])
+    torch.testing.assert_close(x[:, 64:], feats[3].expand(-1, -1, 2, 2))  # 1x1 -> 2x2 nearest
+    torch.testing.assert_close(x[:, 16:32], head.down16(feats[1]))
+
+
+def test_refer_head_layers_match_lavt_simple_decoding_for_sd():
+    with torch.device("meta"):
+        head = ReferHead(SD_REFER)
+    s = shapes(head)
+    assert s["fuse32.0.weight"] == [640, 1280 + 1320, 3, 3] and "fuse32.0.bias" not in s
+    assert s["fuse32.3.weight"] == [640, 640, 3, 3] and s["fuse32.4.running_mean"] == [640]
+    assert s["fuse16.0.weight"] == [640, 640 + 680, 3, 3]
+    assert s["fuse8.0.weight"] == [640, 640 + 320, 3, 3]
+    assert s["classifier.weight"] == [2, 640, 1, 1] and s["classifier.bias"] == [2]
+
+
+def test_refer_head_matches_hand_written_decoding():
+    chans = [8, 12, 12, 16]
+    head = ReferHead(chans).eval()
+    randomize_bn(head)
+    feats = pyramid(chans, h=8, w=12)
+    out = head(feats)
+    assert out.shape == (2, 2, 8, 12)
+
+    def block(x, seq):
+        x = F.relu(bn(F.conv2d(x, seq[0].weight, padding=1), seq[1]))
+        return F.relu(bn(F.conv2d(x, seq[3].weight, padding=1), seq[4]))
+
+    def up(x, like):
+        return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=True)
+
+    f8, f16, f32, f64 = feats
+    x = block(torch.cat([up(f64, f32), f32], 1), head.fuse32)
+    x = block(torch.cat([up(x, f16), f16], 1), head.fuse16)
+    x = block(torch.cat([up(x, f8), f8], 1), head.fuse8)
+    ref = F.conv2d(x, head.classifier.weight, head.classifier.bias)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls,kw", [(FPNSegHead, {"num_classes": 3, "channels": 8}), (DepthHead, {"fuse_channels": 16}),
+                                    (ReferHead, {})])
+def test_heads_refuse_wrong_feature_channels(cls, kw):
+    head = cls([16, 16, 32, 32], **kw)
+    with pytest.raises(ValueError, match=r"\[16, 16, 32, 32\]"):
+        head(pyramid([16, 17, 32, 32], h=8, w=8))
+    with pytest.raises(ValueError, match="4 feature maps"):
+        head(pyramid([16, 16, 32], h=8, w=8))
