@@ -134,8 +134,9 @@ class DepthMetric(_Sums):
 
     valid = min_depth < gt < max_depth, inside the crop: "eigen" (NYU, rows 45:471, cols 41:601 of a
     480x640 map), "garg" or "kitti_eigen" (KITTI, fractions of the map), or None. Predictions have NaN
-    set to min_depth and +inf to max_depth (as VPD), then are clamped to [min_depth, max_depth]. VPD's
-    head outputs sigmoid * max_depth, so the clamp only matters for other models.
+    set to min_depth and +inf to max_depth (as VPD), then are clamped to [min_depth, max_depth] (as BTS;
+    VPD's eval stops at the NaN/inf repair, but its head outputs sigmoid * max_depth, which lies inside
+    the range unless it falls below min_depth, so the clamp changes nothing there).
     Formulas (d = log pred - log gt over valid pixels): d1..d3 = share of max(pred/gt, gt/pred) < 1.25^k,
     abs_rel = mean|pred-gt|/gt, sq_rel = mean (pred-gt)^2/gt, rmse, rmse_log = sqrt(mean d^2),
     log10 = mean|log10 pred - log10 gt|, silog = sqrt(mean d^2 - 0.5 (mean d)^2). The silog is VPD's
@@ -174,17 +175,18 @@ class DepthMetric(_Sums):
         if pred.dim() == 4 and pred.shape[1] != 1:
             raise ValueError(f"a 4-d depth batch must be (B, 1, H, W), got {tuple(pred.shape)}")
         h, w = pred.shape[-2:]
-        pred = pred.detach().reshape(-1, h, w).double().cpu()  # (B, H, W)
-        gt = gt.detach().reshape(-1, h, w).double().cpu()
-        crop = self.crop_mask(h, w)
+        gt = gt.detach().reshape(-1, h, w).cpu()  # (B, H, W)
+        # range test in gt's own dtype, as VPD: a float32 gt of 1e-3 equals min_depth and is left out
+        valid = (gt > self.min_depth) & (gt < self.max_depth) & self.crop_mask(h, w)
+        gt = gt.double()
+        pred = pred.detach().reshape(-1, h, w).double().cpu()
         pred = pred.nan_to_num(nan=self.min_depth, posinf=self.max_depth, neginf=self.min_depth)
         pred = pred.clamp(self.min_depth, self.max_depth)
         for i in range(pred.shape[0]):
-            valid = (gt[i] > self.min_depth) & (gt[i] < self.max_depth) & crop
-            if not valid.any():
+            if not valid[i].any():
                 raise ValueError(f"image {i} of the batch has no valid ground-truth pixel in "
                                  f"({self.min_depth}, {self.max_depth}) inside crop {self.crop!r}")
-            self.sums[:-1] += self._image_metrics(pred[i][valid], gt[i][valid])
+            self.sums[:-1] += self._image_metrics(pred[i][valid[i]], gt[i][valid[i]])
             self.sums[-1] += 1
 
     @staticmethod

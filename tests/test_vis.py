@@ -1,0 +1,125 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vpd.vis import (ADE20K_PALETTE, DEPTH_LUT, colorize_depth, colorize_labels, load_depth_png16,
+                     overlay_mask, plot_curves, save_depth_png16)
+
+
+def test_palette_has_150_distinct_non_black_colours():
+    assert ADE20K_PALETTE.shape == (150, 3) and ADE20K_PALETTE.dtype == np.uint8
+    assert len({tuple(c) for c in ADE20K_PALETTE}) == 150
+    assert ADE20K_PALETTE.sum(1).min() > 0
+
+
+def test_colorize_labels_maps_ids_and_blacks_out_ignore():
+    label = torch.tensor([[0, 1, 255], [149, 2, 255]])
+    img = colorize_labels(label)
+    assert img.mode == "RGB" and img.size == (3, 2)  # PIL size is (W, H)
+    a = np.asarray(img)
+    assert (a[0, 0] == ADE20K_PALETTE[0]).all() and (a[1, 0] == ADE20K_PALETTE[149]).all()
+    assert (a[:, 2] == 0).all()
+    with pytest.raises(ValueError, match=r"ids \[150\]"):
+        colorize_labels(np.array([[150, 0]]))
+    with pytest.raises(ValueError, match="2-d"):
+        colorize_labels(np.zeros((1, 2, 2), dtype=np.int64))
+
+
+def test_colorize_depth_range_ends_and_holes():
+    depth = np.array([[1.0, 2.0, 3.0, 0.0], [np.nan, 0.5, 9.0, 2.0]])
+    img = colorize_depth(depth, vmin=1.0, vmax=3.0)
+    assert img.mode == "RGB" and img.size == (4, 2)
+    a = np.asarray(img)
+    assert (a[0, 0] == DEPTH_LUT[0]).all() and (a[0, 2] == DEPTH_LUT[255]).all()
+    assert (a[0, 1] == DEPTH_LUT[128]).all()  # midpoint: 0.5 * 255 = 127.5 rounds to 128
+    assert (a[1, 1] == DEPTH_LUT[0]).all() and (a[1, 2] == DEPTH_LUT[255]).all()  # clipped to the ends
+    assert (a[0, 3] == 0).all() and (a[1, 0] == 0).all()  # no depth: black
+    # default range from the valid pixels: 0.5 .. 9
+    b = np.asarray(colorize_depth(torch.tensor(depth)))
+    assert (b[1, 1] == DEPTH_LUT[0]).all() and (b[1, 2] == DEPTH_LUT[255]).all()
+    with pytest.raises(ValueError, match="no valid"):
+        colorize_depth(np.zeros((2, 2)))
+
+
+def test_depth_colormap_is_a_smooth_ramp_without_black():
+    assert DEPTH_LUT.shape == (256, 3)
+    assert len({tuple(c) for c in DEPTH_LUT}) > 200  # distinct steps
+    assert DEPTH_LUT.astype(int).sum(1).min() > 60  # black stays free for holes
+    step = np.abs(np.diff(DEPTH_LUT.astype(int), axis=0)).max()
+    assert step <= 12  # no jumps between neighbouring entries
+
+
+def test_overlay_mask_blends_only_inside_the_mask():
+    image = Image.new("RGB", (3, 2), (100, 100, 100))
+    mask = np.array([[True, False, False], [False, False, True]])
+    a = np.asarray(overlay_mask(image, mask, color=(255, 0, 0), alpha=0.25))
+    assert a.shape == (2, 3, 3)
+    # 0.75 * 100 + 0.25 * 255 = 138.75 -> 139; 0.75 * 100 = 75
+    assert a[0, 0].tolist() == [139, 75, 75] and a[1, 2].tolist() == [139, 75, 75]
+    assert a[0, 1].tolist() == [100, 100, 100]
+    with pytest.raises(ValueError, match="does not match"):
+        overlay_mask(image, np.zeros((3, 2), dtype=bool))
+    with pytest.raises(ValueError, match="must be bool"):
+        overlay_mask(image, np.zeros((2, 3), dtype=np.uint8))
+
+
+def test_depth_png16_round_trip_to_the_millimetre(tmp_path):
+    rng = np.random.default_rng(0)
+    depth = rng.uniform(0, 10, size=(17, 23))
+    depth[0, 0] = 65.535  # the largest storable depth
+    path = tmp_path / "d.png"
+    save_depth_png16(torch.tensor(depth), path)
+    with Image.open(path) as img:
+        raw = np.asarray(img)
+    assert raw.dtype == np.uint16 and raw.shape == (17, 23)
+    assert (raw == np.rint(depth * 1000)).all()
+    assert np.abs(load_depth_png16(path) - depth).max() <= 0.0005 + 1e-6
+    with pytest.raises(ValueError, match="65.535"):
+        save_depth_png16(np.full((2, 2), 70.0), tmp_path / "x.png")
+    with pytest.raises(ValueError, match="NaN"):
+        save_depth_png16(np.full((2, 2), np.nan), tmp_path / "x.png")
+    with pytest.raises(FileNotFoundError):
+        load_depth_png16(tmp_path / "missing.png")
+
+
+def records():
+    out = [{"run": "demo", "args": {"lr": 1e-4}}]  # settings: no series
+    for s in range(0, 200, 10):
+        out.append({"step": s, "loss": 2.0 / (1 + s / 20), "lr": 1e-4 * min(1, s / 50)})
+    out.append({"step": 199, "mIoU": 41.5})
+    return out
+
+
+def test_plot_curves_from_records_and_jsonl(tmp_path):
+    img = plot_curves(records(), tmp_path / "a.png", width=500, panel_height=150)
+    with Image.open(tmp_path / "a.png") as saved:
+        a = np.asarray(saved.convert("RGB"))
+    assert a.shape == (450, 500, 3)  # three panels: loss, lr, mIoU
+    colours = {tuple(c) for c in a.reshape(-1, 3)}
+    assert len(colours) > 3  # not one colour: background, axes, text and lines
+    assert tuple(ADE20K_PALETTE[0]) in colours  # the first panel's line colour is drawn
+    dark = (a.sum(2) < 200)
+    assert dark[:150].sum() > 500  # axes, ticks and labels in the first panel
+    assert img.size == (500, 450)
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in records()) + "\n")
+    plot_curves(str(log), tmp_path / "b.png", width=500, panel_height=150)
+    with Image.open(tmp_path / "b.png") as saved:
+        assert (np.asarray(saved.convert("RGB")) == a).all()
+
+
+def test_plot_curves_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        plot_curves(tmp_path / "none.jsonl", tmp_path / "x.png")
+    with pytest.raises(ValueError, match="no numeric series"):
+        plot_curves([{"step": 1}, {"run": "x"}], tmp_path / "x.png")
+    with pytest.raises(ValueError, match="no numeric 'step'"):
+        plot_curves([{"loss": 1.0}], tmp_path / "x.png")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"step": 1, "loss": 1}\nnot json\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        plot_curves(bad, tmp_path / "x.png")
