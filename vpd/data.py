@@ -1,0 +1,576 @@
+"""Datasets in their public on-disk layouts (NYUv2, KITTI, ADE20K, RefCOCO) and a folder of own images.
+
+Every sample is a dict a default DataLoader collate can batch in training:
+  image  float32 (3, H, W) in [-1, 1] (x / 127.5 - 1)
+  depth  float32 (1, H, W) metres, 0 = no measurement            (NYUv2, KITTI)
+  label  int64 (H, W), 255 = ignore, classes 0..149              (ADE20K)
+  mask   uint8 (H, W) 0/1, with `sentence`, `tokens`, `ref_id`   (RefCOCO)
+  index  int: the dataset index the sample came from
+
+`train=True` gives the augmented training view, seeded by (seed, epoch, index) (see
+vpd/transforms.py; call `set_epoch` every epoch). `train=False` gives the evaluation view each
+class documents. Files are checked at construction; a file that cannot be read raises an error
+naming it when loaded, unless `skip_bad=True`, which substitutes the next readable sample, warns,
+and records the file in `dataset.bad` (per process: each loader worker keeps its own list).
+"""
+import json
+import os
+import re
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from vpd import transforms as T
+from vpd.masks import load_plain_pickle, segmentation_to_mask
+
+# The 27 NYUv2 scene types, in the order of VPD's depth/nyu_class_list.json: a depth model's
+# `class_embeddings` row i is the text embedding of NYU_SCENES[i] ("excercise_room" is NYU's spelling).
+NYU_SCENES = (
+    "printer_room", "bathroom", "living_room", "study", "conference_room", "study_room", "kitchen",
+    "home_office", "bedroom", "dinette", "playroom", "indoor_balcony", "laundry_room", "basement",
+    "excercise_room", "foyer", "home_storage", "cafe", "furniture_store", "office_kitchen",
+    "student_lounge", "dining_room", "reception_room", "computer_lab", "classroom", "office", "bookstore",
+)
+
+# The 150 ADE20K (SceneParsing benchmark) classes; label value v in the annotation PNGs is class v - 1.
+ADE20K_CLASSES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
+    "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair",
+    "car", "water", "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair",
+    "seat", "fence", "desk", "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box",
+    "column", "signboard", "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace",
+    "refrigerator", "grandstand", "path", "stairs", "runway", "case", "pool table", "pillow",
+    "screen door", "stairway", "river", "bridge", "bookcase", "blind", "coffee table", "toilet",
+    "flower", "book", "hill", "bench", "countertop", "stove", "palm", "kitchen island", "computer",
+    "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light", "truck", "tower",
+    "chandelier", "awning", "streetlight", "booth", "television receiver", "airplane", "dirt track",
+    "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster",
+    "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything",
+    "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle",
+    "oven", "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake",
+    "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray",
+    "ashcan", "fan", "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator",
+    "glass", "clock", "flag",
+)
+
+IGNORE_INDEX = 255
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class BadSampleError(ValueError):
+    """A file of one sample cannot be read or has the wrong format."""
+
+
+# ----------------------------------------------------------------------------- file readers
+
+def read_rgb(path):
+    """Image file -> float32 (H, W, 3) RGB in [0, 255]."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now so a truncated file fails here
+            return np.asarray(im.convert("RGB"), dtype=np.float32)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadSampleError(f"cannot read image {path}: {e}") from None
+
+
+def read_depth_png(path, units_per_metre):
+    """16-bit depth PNG -> float32 (H, W) metres (0 stays 0 = no measurement)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            arr = np.asarray(im)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadSampleError(f"cannot read depth map {path}: {e}") from None
+    if mode not in ("I;16", "I;16B", "I;16L", "I"):
+        raise BadSampleError(f"depth map {path} has PIL mode {mode}, expected a 16-bit single-channel PNG")
+    return arr.astype(np.float32) / units_per_metre
+
+
+def read_label_png(path):
+    """8-bit label PNG -> uint8 (H, W)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            arr = np.asarray(im)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadSampleError(f"cannot read label map {path}: {e}") from None
+    if mode not in ("L", "P"):
+        raise BadSampleError(f"label map {path} has PIL mode {mode}, expected an 8-bit single-channel PNG")
+    return arr.astype(np.uint8)
+
+
+def _require_dir(path, layout):
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"directory not found: {path} (expected layout: {layout})")
+
+
+def _require_files(paths, what):
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        shown = ", ".join(missing[:3])
+        raise FileNotFoundError(f"{len(missing)} {what} file(s) listed but missing, first: {shown}")
+
+
+def _read_pair_list(list_file, hint):
+    """BTS split file: 'image_path depth_path [focal]' per line -> list of (image, depth) strings."""
+    if not os.path.isfile(list_file):
+        raise FileNotFoundError(f"split list not found: {list_file}. {hint}")
+    pairs = []
+    with open(list_file) as f:
+        for n, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) < 2:
+                raise ValueError(f"{list_file}:{n}: expected 'image depth [focal]', got {line.strip()!r}")
+            pairs.append((fields[0].lstrip("/"), fields[1].lstrip("/")))
+    if not pairs:
+        raise ValueError(f"split list {list_file} is empty")
+    return pairs
+
+
+# ----------------------------------------------------------------------------- shared machinery
+
+class _SeededDataset(Dataset):
+    """Seeded per-sample augmentation, `set_epoch`, and the opt-in skipping of unreadable samples."""
+
+    def __init__(self, seed, skip_bad):
+        self.seed, self.epoch, self.skip_bad = int(seed), 0, bool(skip_bad)
+        self.bad = []  # (path or message) of every sample skipped so far in this process
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def rng(self, index):
+        return T.sample_rng(self.seed, self.epoch, index)
+
+    def __getitem__(self, index):
+        if not self.skip_bad:
+            return self.load(index)
+        for k in range(len(self)):
+            i = (index + k) % len(self)
+            try:
+                return self.load(i)
+            except BadSampleError as e:
+                if str(e) not in self.bad:
+                    self.bad.append(str(e))
+                    warnings.warn(f"skipping sample {i}: {e}")
+        raise BadSampleError(f"no readable sample in {type(self).__name__} ({len(self.bad)} bad)")
+
+
+# ----------------------------------------------------------------------------- depth: NYUv2
+
+def nyu_scene(scene_dir):
+    """NYU scene directory -> scene type: 'kitchen_0028b' -> 'kitchen', 'living_room_0010' -> 'living_room'."""
+    return re.sub(r"_\d{4}[a-z]?$", "", scene_dir)
+
+
+class NYUv2(_SeededDataset):
+    """NYU Depth v2 in the BTS/VPD layout.
+
+    root/sync/<scene>_<NNNN>[a-z]/rgb_XXXXX.jpg + sync_depth_XXXXX.png   (train, 24,231 in BTS's list)
+    root/official_splits/test/<scene>/rgb_XXXXX.jpg + sync_depth_XXXXX.png (test, the official 654)
+    Depth PNGs are uint16 millimetres. The split lists (root/train_list.txt, root/test_list.txt by
+    default) use BTS's line format '/kitchen_0028b/rgb_00045.jpg /kitchen_0028b/sync_depth_00045.png
+    [focal]'; the focal column is ignored.
+
+    Training view: VPD's recipe (vpd.transforms.depth_train), crop (480, 480) by default.
+    Evaluation view: the full image and depth map (480x640 for NYU), no resize, no crop; the Eigen
+    crop for metrics is `depth_eval_mask(depth.shape[-2:], "nyu")`.
+    `scene_match="exact"` maps the directory's scene type to NYU_SCENES by name; "vpd" reproduces
+    the official loader, which takes the first NYU_SCENES name contained in "<dir>_<file>" (so
+    study_room -> study and office_kitchen -> kitchen), as the released depth model was trained with.
+    """
+
+    def __init__(self, root, split="train", train=None, crop=(480, 480), list_file=None, max_depth=10.0,
+                 scene_match="exact", seed=0, skip_bad=False):
+        super().__init__(seed, skip_bad)
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if scene_match not in ("exact", "vpd"):
+            raise ValueError(f"scene_match must be 'exact' or 'vpd', got {scene_match!r}")
+        self.train = split == "train" if train is None else bool(train)
+        self.crop, self.max_depth = tuple(crop), float(max_depth)
+        sub = "sync" if split == "train" else os.path.join("official_splits", "test")
+        self.data_dir = os.path.join(root, sub)
+        _require_dir(self.data_dir, f"{root}/{sub}/<scene>/rgb_XXXXX.jpg + sync_depth_XXXXX.png (BTS NYUv2)")
+        list_file = list_file or os.path.join(root, f"{split}_list.txt")
+        pairs = _read_pair_list(list_file, "The standard NYUv2 lists come from the BTS / VPD repositories "
+                                "(nyudepthv2_train_files_with_gt.txt, nyudepthv2_test_files_with_gt.txt, "
+                                "or VPD's depth/dataset/filenames/nyudepthv2/{train,test}_list.txt); "
+                                "pass list_file= or place it there.")
+        self.images = [os.path.join(self.data_dir, a) for a, _ in pairs]
+        self.depths = [os.path.join(self.data_dir, b) for _, b in pairs]
+        _require_files(self.images + self.depths, "NYUv2")
+        self.scenes, self.scene_ids = [], []
+        for (a, _) in pairs:
+            scene_dir, name = a.split("/")[-2], a.split("/")[-1]
+            sid = self._scene_id(scene_dir, name, scene_match)
+            if sid is None:
+                raise ValueError(f"{list_file}: scene of {a!r} ({nyu_scene(scene_dir)!r}) is not in NYU_SCENES")
+            self.scene_ids.append(sid)
+            self.scenes.append(NYU_SCENES[sid])
+
+    @staticmethod
+    def _scene_id(scene_dir, name, scene_match):
+        if scene_match == "exact":
+            scene = nyu_scene(scene_dir)
+            return NYU_SCENES.index(scene) if scene in NYU_SCENES else None
+        key = f"{scene_dir}_{name}"
+        return next((i for i, s in enumerate(NYU_SCENES) if s in key), None)
+
+    def __len__(self):
+        return len(self.images)
+
+    def load(self, index):
+        img = read_rgb(self.images[index])
+        depth = read_depth_png(self.depths[index], 1000.0)
+        if img.shape[:2] != depth.shape:
+            raise BadSampleError(f"{self.images[index]} is {img.shape[:2]} but its depth map is {depth.shape}")
+        if self.train:
+            x, d = T.depth_train(img, depth, self.rng(index), index, self.crop, self.max_depth)
+        else:
+            x, d = T.to_tensor(img), torch.from_numpy(depth)[None]
+        return {"image": x, "depth": d, "scene": self.scenes[index], "scene_id": self.scene_ids[index],
+                "index": index}
+
+
+# ----------------------------------------------------------------------------- depth: KITTI
+
+KB_CROP = (352, 1216)  # the KITTI benchmark crop (height, width), bottom-centre
+
+
+def kb_crop_box(h, w):
+    """Top-left corner of the KB crop: bottom rows, horizontally centred (BTS's rounding)."""
+    if h < KB_CROP[0] or w < KB_CROP[1]:
+        raise ValueError(f"image {h}x{w} is smaller than the KB crop {KB_CROP[0]}x{KB_CROP[1]}")
+    return h - KB_CROP[0], (w - KB_CROP[1]) // 2
+
+
+def depth_eval_mask(size, crop, kb_crop=False):
+    """Boolean (H, W) mask of the pixels a depth benchmark scores (before the valid-depth test).
+
+    crop: "nyu"   the Eigen crop [45:471, 41:601] of a 480x640 NYU map;
+          "garg"  KITTI rows 0.408..0.992 H, columns 0.036..0.964 W of the full image;
+          "eigen" KITTI rows 0.332..0.914 H, same columns;
+    size is the full image (H, W). For KITTI with kb_crop=True the mask is returned in the
+    coordinates of the 352x1216 KB crop of that image (both crops lie inside it).
+    """
+    h, w = int(size[0]), int(size[1])
+    mask = np.zeros((h, w), dtype=bool)
+    if crop == "nyu":
+        if (h, w) != (480, 640):
+            raise ValueError(f"the NYU Eigen crop is defined on 480x640 maps, got {h}x{w}")
+        mask[45:471, 41:601] = True
+    elif crop == "garg":
+        mask[int(0.40810811 * h):int(0.99189189 * h), int(0.03594771 * w):int(0.96405229 * w)] = True
+    elif crop == "eigen":
+        mask[int(0.3324324 * h):int(0.91351351 * h), int(0.0359477 * w):int(0.96405229 * w)] = True
+    else:
+        raise ValueError(f"crop must be 'nyu', 'garg' or 'eigen', got {crop!r}")
+    if kb_crop:
+        t, l = kb_crop_box(h, w)
+        mask = mask[t:t + KB_CROP[0], l:l + KB_CROP[1]]
+    return torch.from_numpy(mask)
+
+
+class KITTI(_SeededDataset):
+    """KITTI depth, Eigen split, in the BTS layout.
+
+    root/<date>/<drive>/image_02/data/XXXXXXXXXX.png                      (KITTI raw)
+    root/data_depth_annotated/<drive>/proj_depth/groundtruth/image_02/XXXXXXXXXX.png (uint16, /256 = m)
+    The annotated-depth download's train/ and val/ folders may be kept (both are searched) or merged.
+    Lists (root/train_list.txt, root/test_list.txt by default; BTS's eigen_train_files_with_gt.txt /
+    eigen_test_files_with_gt.txt) hold 'image depth focal' lines; lines whose depth is 'None' (test
+    images without ground truth) are left out and counted in `self.without_gt`.
+    Depths beyond max_depth (80 m) are set to 0 (invalid).
+
+    Training view: KB crop, then the depth recipe with a random (352, 704) crop.
+    Evaluation view: the KB crop of image and depth (352x1216) with `orig_size`, so that
+    `depth_eval_mask(orig_size, "garg", kb_crop=True)` gives the Garg crop in the same frame.
+    """
+
+    def __init__(self, root, split="train", train=None, crop=(352, 704), list_file=None, max_depth=80.0,
+                 seed=0, skip_bad=False):
+        super().__init__(seed, skip_bad)
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        self.train = split == "train" if train is None else bool(train)
+        self.crop, self.max_depth = tuple(crop), float(max_depth)
+        gt_root = os.path.join(root, "data_depth_annotated")
+        _require_dir(gt_root, f"{root}/data_depth_annotated/<drive>/proj_depth/groundtruth/image_02/*.png "
+                     f"next to the raw {root}/<date>/<drive>/image_02/data/*.png (BTS KITTI)")
+        list_file = list_file or os.path.join(root, f"{split}_list.txt")
+        pairs = _read_pair_list(list_file, "The standard Eigen lists come from the BTS repository "
+                                "(eigen_train_files_with_gt.txt, eigen_test_files_with_gt.txt); "
+                                "pass list_file= or place it there.")
+        self.without_gt = sum(b == "None" for _, b in pairs)
+        pairs = [(a, b) for a, b in pairs if b != "None"]
+        self.images = [os.path.join(root, a) for a, _ in pairs]
+        self.depths = [self._find_depth(gt_root, b) for _, b in pairs]
+        _require_files(self.images + self.depths, "KITTI")
+
+    @staticmethod
+    def _find_depth(gt_root, rel):
+        for sub in ("", "train", "val"):
+            p = os.path.join(gt_root, sub, rel)
+            if os.path.isfile(p):
+                return p
+        return os.path.join(gt_root, rel)  # reported as missing by _require_files
+
+    def __len__(self):
+        return len(self.images)
+
+    def load(self, index):
+        img = read_rgb(self.images[index])
+        depth = read_depth_png(self.depths[index], 256.0)
+        if img.shape[:2] != depth.shape:
+            raise BadSampleError(f"{self.images[index]} is {img.shape[:2]} but its depth map is {depth.shape}")
+        depth[depth > self.max_depth] = 0.0
+        h, w = depth.shape
+        t, l = kb_crop_box(h, w)
+        img, depth = img[t:t + KB_CROP[0], l:l + KB_CROP[1]], depth[t:t + KB_CROP[0], l:l + KB_CROP[1]]
+        if self.train:
+            x, d = T.depth_train(img, depth, self.rng(index), index, self.crop, self.max_depth)
+        else:
+            x, d = T.to_tensor(img), torch.from_numpy(np.ascontiguousarray(depth))[None]
+        return {"image": x, "depth": d, "orig_size": torch.tensor([h, w]), "index": index}
+
+
+# ----------------------------------------------------------------------------- semantic segmentation: ADE20K
+
+def reduce_ade_label(label, path="label"):
+    """ADE20K PNG values -> training labels: 0 ('other') -> 255 (ignore), v -> v - 1 (0..149)."""
+    if label.max(initial=0) > len(ADE20K_CLASSES):
+        raise BadSampleError(f"{path} holds value {int(label.max())}, above the {len(ADE20K_CLASSES)} classes")
+    out = label.astype(np.int64) - 1
+    out[label == 0] = IGNORE_INDEX
+    return out
+
+
+class ADE20K(_SeededDataset):
+    """ADE20K (SceneParsing, 150 classes) in the benchmark's layout.
+
+    root/ADEChallengeData2016/images/<split>/*.jpg + annotations/<split>/<same name>.png,
+    split "training" (20,210) or "validation" (2,000).
+
+    Training view: mmseg's recipe (vpd.transforms.semseg_train), 512x512.
+    Evaluation view: the image resized keeping its aspect ratio to fit (2048, 512) (short side 512
+    unless the long side would pass 2048), bilinear; `label` is the reduced label at the image's
+    ORIGINAL size, for metrics on the prediction resized back; `orig_size` is (H, W).
+    Batch evaluation samples one at a time (their sizes differ).
+    """
+
+    def __init__(self, root, split="training", train=None, crop=(512, 512), scale=(2048, 512), seed=0,
+                 skip_bad=False):
+        super().__init__(seed, skip_bad)
+        if split not in ("training", "validation"):
+            raise ValueError(f"split must be 'training' or 'validation', got {split!r}")
+        self.train = split == "training" if train is None else bool(train)
+        self.crop, self.scale = tuple(crop), tuple(scale)
+        base = os.path.join(root, "ADEChallengeData2016")
+        image_dir = os.path.join(base, "images", split)
+        ann_dir = os.path.join(base, "annotations", split)
+        layout = f"{base}/images/{split}/*.jpg and {base}/annotations/{split}/*.png"
+        _require_dir(image_dir, layout)
+        _require_dir(ann_dir, layout)
+        names = sorted(n for n in os.listdir(image_dir) if n.lower().endswith(".jpg"))
+        if not names:
+            raise FileNotFoundError(f"no .jpg images in {image_dir} (expected layout: {layout})")
+        self.images = [os.path.join(image_dir, n) for n in names]
+        self.labels = [os.path.join(ann_dir, os.path.splitext(n)[0] + ".png") for n in names]
+        _require_files(self.labels, "ADE20K annotation")
+
+    def __len__(self):
+        return len(self.images)
+
+    def load(self, index):
+        img = read_rgb(self.images[index])
+        label = reduce_ade_label(read_label_png(self.labels[index]), self.labels[index])
+        if img.shape[:2] != label.shape:
+            raise BadSampleError(f"{self.images[index]} is {img.shape[:2]} but its label is {label.shape}")
+        if self.train:
+            x, y = T.semseg_train(img, label, self.rng(index), scale=self.scale, crop=self.crop)
+            return {"image": x, "label": y, "index": index}
+        h, w = label.shape
+        x = T.to_tensor(T.resize_image(img, T.keep_ratio_size(h, w, self.scale)))
+        return {"image": x, "label": torch.from_numpy(label), "orig_size": torch.tensor([h, w]), "index": index}
+
+
+# ----------------------------------------------------------------------------- referring segmentation: RefCOCO
+
+class RefCOCO(_SeededDataset):
+    """RefCOCO / RefCOCO+ / G-Ref in the REFER (LAVT/VPD) layout, with `root` the folder holding refer/:
+
+    root/refer/data/<dataset>/refs(<split_by>).p   pickle: list of refs {image_id, ann_id, ref_id,
+                                                   split, sentences [{sent, tokens, raw, sent_id}]}
+    root/refer/data/<dataset>/instances.json       COCO images (file_name, height, width) and
+                                                   annotations (id, image_id, segmentation, bbox)
+    root/refer/data/images/mscoco/images/train2014/COCO_train2014_XXXXXXXXXXXX.jpg
+    (REFER's image folder, below its data root; pass `images=` for another place).
+
+    Training view: one sample per ref, with a sentence drawn by the (seed, epoch, index) generator;
+    image and mask resized to 512x512 (vpd.transforms.refer_resize).
+    Evaluation view: one sample per sentence of every ref; the image resized to 512x512, `mask`
+    at the ORIGINAL image size (for metrics at full resolution), `mask_resized` the 512x512
+    nearest-resized mask (the official LAVT/VPD protocol scores at that size), `orig_size` (H, W).
+    With a `tokenizer` (a callable sentence -> list of ids), `tokens` holds max_tokens ids (longer
+    lists are cut, keeping their last id, the end token for CLIP; shorter ones padded with pad_id,
+    CLIP's end-of-text 49407 by default) and `token_mask` marks the real tokens.
+    The refs pickle is read without allowing any class (vpd.masks.load_plain_pickle).
+    """
+
+    def __init__(self, root, dataset="refcoco", split_by="unc", split="train", train=None, images=None,
+                 tokenizer=None, max_tokens=40, pad_id=49407, size=(512, 512), seed=0, skip_bad=False):
+        super().__init__(seed, skip_bad)
+        self.train = split == "train" if train is None else bool(train)
+        self.tokenizer, self.max_tokens, self.pad_id, self.size = tokenizer, int(max_tokens), int(pad_id), tuple(size)
+        data_dir = os.path.join(root, "refer", "data", dataset)
+        _require_dir(data_dir, f"{root}/refer/data/{dataset}/refs({split_by}).p + instances.json (REFER)")
+        self.image_dir = images or os.path.join(root, "refer", "data", "images", "mscoco", "images", "train2014")
+        _require_dir(self.image_dir, "COCO train2014 images (COCO_train2014_XXXXXXXXXXXX.jpg)")
+        refs_file = os.path.join(data_dir, f"refs({split_by}).p")
+        inst_file = os.path.join(data_dir, "instances.json")
+        refs = load_plain_pickle(refs_file)
+        if not isinstance(refs, list):
+            raise ValueError(f"{refs_file} should hold a list of refs, got {type(refs).__name__}")
+        try:
+            with open(inst_file) as f:
+                instances = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"instances file not found: {inst_file}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read {inst_file}: {e}") from None
+        self.imgs = {im["id"]: im for im in instances["images"]}
+        self.anns = {a["id"]: a for a in instances["annotations"]}
+        available = sorted({r["split"] for r in refs})
+        self.refs = [r for r in refs if r["split"] == split]
+        if not self.refs:
+            raise ValueError(f"no refs with split {split!r} in {refs_file}; available: {available}")
+        for r in self.refs:
+            if r["ann_id"] not in self.anns or r["image_id"] not in self.imgs:
+                raise ValueError(f"{refs_file}: ref {r['ref_id']} names annotation {r['ann_id']} / image "
+                                 f"{r['image_id']} that {inst_file} does not have")
+        _require_files([self._image_path(r) for r in self.refs], "COCO image")
+        # Evaluation walks every sentence: (ref position, sentence position) pairs.
+        self.items = [(i, None) for i in range(len(self.refs))] if self.train else \
+            [(i, j) for i, r in enumerate(self.refs) for j in range(len(r["sentences"]))]
+
+    def _image_path(self, ref):
+        return os.path.join(self.image_dir, self.imgs[ref["image_id"]]["file_name"])
+
+    def __len__(self):
+        return len(self.items)
+
+    def tokenize(self, sentence):
+        ids = list(self.tokenizer(sentence))
+        if len(ids) > self.max_tokens:
+            ids = ids[:self.max_tokens - 1] + ids[-1:]
+        n = len(ids)
+        tokens = torch.full((self.max_tokens,), self.pad_id, dtype=torch.long)
+        tokens[:n] = torch.tensor(ids, dtype=torch.long)
+        return tokens, torch.arange(self.max_tokens) < n
+
+    def load(self, index):
+        ref_pos, sent_pos = self.items[index]
+        ref = self.refs[ref_pos]
+        if sent_pos is None:
+            sent_pos = int(self.rng(index).integers(len(ref["sentences"])))
+        sentence = ref["sentences"][sent_pos]["sent"]
+        img = read_rgb(self._image_path(ref))
+        info = self.imgs[ref["image_id"]]
+        try:
+            mask = segmentation_to_mask(self.anns[ref["ann_id"]]["segmentation"], info["height"], info["width"])
+        except ValueError as e:
+            raise BadSampleError(f"annotation {ref['ann_id']} of {info['file_name']}: {e}") from None
+        if img.shape[:2] != mask.shape:
+            raise BadSampleError(f"{self._image_path(ref)} is {img.shape[:2]}, instances.json says {mask.shape}")
+        x, m = T.refer_resize(img, mask, self.size)
+        sample = {"image": x, "mask": m, "sentence": sentence, "ref_id": ref["ref_id"], "index": index}
+        if not self.train:
+            sample.update(mask=torch.from_numpy(mask), mask_resized=m, orig_size=torch.tensor(mask.shape))
+        if self.tokenizer is not None:
+            sample["tokens"], sample["token_mask"] = self.tokenize(sentence)
+        return sample
+
+
+# ----------------------------------------------------------------------------- own images
+
+class ImageFolder(Dataset):
+    """Images of any size and aspect for inference, with what `undo` needs to map predictions back.
+
+    task "depth":  keep-ratio resize to fit size x size, zero-pad (in [-1, 1]) bottom/right to size x size;
+    task "semseg": keep-ratio resize to fit (4*size, size) as ADE20K evaluation does, no padding
+                   (sizes differ: batch one at a time);
+    task "refer":  resize to size x size (aspect not kept), as LAVT/VPD do.
+    Samples: image, orig_size (H, W), resized_size (h, w), pad (bottom, right), path, index.
+    """
+
+    TASKS = ("depth", "semseg", "refer")
+
+    def __init__(self, paths_or_dir, task, size=512):
+        if task not in self.TASKS:
+            raise ValueError(f"task must be one of {self.TASKS}, got {task!r}")
+        self.task, self.size = task, int(size)
+        if isinstance(paths_or_dir, (str, os.PathLike)):
+            d = os.fspath(paths_or_dir)
+            _require_dir(d, "a folder of images")
+            paths = sorted(os.path.join(d, n) for n in os.listdir(d) if n.lower().endswith(IMAGE_EXTENSIONS))
+            if not paths:
+                raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {d}")
+        else:
+            paths = [os.fspath(p) for p in paths_or_dir]
+            if not paths:
+                raise ValueError("ImageFolder needs at least one image path")
+            _require_files(paths, "image")
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        img = read_rgb(self.paths[index])
+        h, w = img.shape[:2]
+        if self.task == "refer":
+            rh, rw = self.size, self.size
+        elif self.task == "depth":
+            rh, rw = T.keep_ratio_size(h, w, (self.size, self.size))
+        else:
+            rh, rw = T.keep_ratio_size(h, w, (4 * self.size, self.size))
+        x = T.to_tensor(T.resize_image(img, (rh, rw)))
+        pad = (self.size - rh, self.size - rw) if self.task == "depth" else (0, 0)
+        x = torch.nn.functional.pad(x, (0, pad[1], 0, pad[0]), value=0.0)
+        return {"image": x, "orig_size": torch.tensor([h, w]), "resized_size": torch.tensor([rh, rw]),
+                "pad": torch.tensor(pad), "path": self.paths[index], "index": index}
+
+
+def undo(pred, meta):
+    """Map a prediction at network-input resolution back to the original image size.
+
+    pred: (..., H_in, W_in) for one image, or (B, ..., H_in, W_in) with a collated batch of meta.
+    meta: a sample of ImageFolder (or any dict with `orig_size`, `resized_size`, `pad`).
+    Floating predictions (logits, depth) are resized bilinearly, integer ones (class ids, masks)
+    by nearest neighbour. A batch returns a list (the original sizes may differ).
+    """
+    orig = torch.as_tensor(meta["orig_size"])
+    resized = torch.as_tensor(meta["resized_size"])
+    if orig.ndim == 2:
+        return [undo(pred[i], {"orig_size": orig[i], "resized_size": resized[i], "pad": None})
+                for i in range(orig.shape[0])]
+    rh, rw = int(resized[0]), int(resized[1])
+    if pred.shape[-2] < rh or pred.shape[-1] < rw:
+        raise ValueError(f"prediction {tuple(pred.shape[-2:])} is smaller than the resized image {(rh, rw)}")
+    x = pred[..., :rh, :rw]  # drop the padding
+    lead = x.shape[:-2]
+    x = x.reshape(1, -1, rh, rw)  # (1, C, h, w)
+    size = (int(orig[0]), int(orig[1]))
+    if x.is_floating_point():
+        x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    else:
+        x = torch.nn.functional.interpolate(x.float(), size=size, mode="nearest").to(pred.dtype)
+    return x.reshape(*lead, *size)
