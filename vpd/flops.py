@@ -136,8 +136,8 @@ def unet_macs(cfg, latent_hw, n_ctx=77, batch=1, out_head=True):
 def vae_encoder_layers(cfg, image_hw, batch=1):
     """Per-layer MACs of the VAE encoder (and quant_conv) on an image of size (H, W).
 
-    cfg needs ldm's fields: in_channels, ch, ch_mult, num_res_blocks, z_channels, embed_dim,
-    double_z.
+    cfg needs ldm's fields: in_channels, ch, ch_mult, num_res_blocks, z_channels, embed_dim, and
+    optionally double_z (default True: the encoder outputs mean and log-variance).
     """
     h, w = image_hw
     mult, B = tuple(cfg.ch_mult), batch
@@ -164,8 +164,8 @@ def vae_encoder_layers(cfg, image_hw, batch=1):
     layers += [Layer("encoder.mid.attn_1.q_k_v_proj_out", "attn_proj", B * 4 * hw * ch * ch),
                Layer("encoder.mid.attn_1.matmuls", "self_attn", B * 2 * hw * hw * ch)]
     layers += mid("encoder.mid.block_2")
-    z = cfg.z_channels * (2 if cfg.double_z else 1)
-    e = cfg.embed_dim * (2 if cfg.double_z else 1)
+    double = 2 if getattr(cfg, "double_z", True) else 1
+    z, e = cfg.z_channels * double, cfg.embed_dim * double
     layers += [Layer("encoder.conv_out", "conv3x3", B * conv_macs(h, w, ch, z, 3)),
                Layer("quant_conv", "conv1x1", B * conv_macs(h, w, z, e, 1))]
     return layers
