@@ -1,0 +1,274 @@
+"""The SD v1 UNet against the checkpoint layout and against diffusers' UNet2DConditionModel."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vpd.checkpoint import CheckpointError, load_checkpoint
+from vpd.unet import PREFIX, UNet, UNetConfig
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# SD v1's layout at a tiny width: 4 levels, attention at downsample factors 1, 2, 4. Two heads so
+# that a head count / head dim mix-up shows (2 heads of 16..64 channels).
+TINY = UNetConfig(model_channels=32, num_heads=2, context_dim=32)
+B, N = 2, 5  # batch, text tokens
+
+
+def random_state(cfg, seed=0):
+    """Random SD-layout weights (the zero-initialised convs of a fresh model would hide bugs)."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in UNet(cfg).state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for k, s in shapes.items():
+        if len(s) > 1:
+            w = torch.randn(s, generator=g) / s[1:].numel() ** 0.5
+        elif "norm" in k and k.endswith("weight"):
+            w = 1 + 0.1 * torch.randn(s, generator=g)
+        else:
+            w = 0.1 * torch.randn(s, generator=g)
+        state[PREFIX + k] = w
+    return state
+
+
+def inputs(h=16, w=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 4, h, w, generator=g)
+    ctx = torch.randn(B, N, TINY.context_dim, generator=g)
+    return x, torch.tensor([1.0, 500.0]), ctx
+
+
+def diffusers_unet(cfg, state):
+    """diffusers' UNet with the same weights, converted by diffusers' own single-file code."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    levels = len(cfg.channel_mult)
+    attn = [2 ** i in cfg.attention_resolutions for i in range(levels)]
+    ref = UNet2DConditionModel(
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        down_block_types=[("CrossAttnDownBlock2D" if a else "DownBlock2D") for a in attn],
+        up_block_types=[("CrossAttnUpBlock2D" if a else "UpBlock2D") for a in attn[::-1]],
+        block_out_channels=[cfg.model_channels * m for m in cfg.channel_mult],
+        layers_per_block=cfg.num_res_blocks, cross_attention_dim=cfg.context_dim,
+        attention_head_dim=cfg.num_heads,  # diffusers' SD1 configs store the head count here
+        transformer_layers_per_block=cfg.transformer_depth)
+    ref.load_state_dict(convert_ldm_unet_checkpoint(state, {"layers_per_block": cfg.num_res_blocks}), strict=True)
+    return ref.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(our UNet loaded from a .safetensors file, diffusers' UNet, the state, the file)."""
+    state = random_state(TINY)
+    path = tmp_path_factory.mktemp("unet") / "tiny.safetensors"
+    save_file(state, path)
+    return UNet.from_checkpoint(path, TINY).eval(), diffusers_unet(TINY, state), state, path
+
+
+def test_full_config_matches_sd15_checkpoint_layout():
+    info = json.loads((SHARED / "sd15_tensors.json").read_text())
+    expected = {k[len(PREFIX):]: v for k, v in info["shapes"].items() if k.startswith(PREFIX)}
+    with torch.device("meta"):
+        model = UNet(UNetConfig())
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == expected
+    assert sum(p.numel() for p in model.parameters()) == 859_520_964 == info["param_counts"][PREFIX]
+
+
+@pytest.mark.parametrize("size", [(16, 24), (16, 16)])
+def test_forward_matches_diffusers(tiny, size):
+    ours, ref, _, _ = tiny
+    x, t, ctx = inputs(*size)
+    with torch.no_grad():
+        want = ref(x, t, encoder_hidden_states=ctx).sample
+        got = ours(x, t, ctx)
+    assert got.shape == want.shape == x.shape
+    assert (got - want).abs().max() <= 1e-4 * want.std()
+
+
+def test_scalar_timestep_and_bad_inputs(tiny):
+    ours = tiny[0]
+    x, _, ctx = inputs()
+    with torch.no_grad():
+        assert torch.equal(ours(x, 1, ctx), ours(x, torch.tensor([1.0, 1.0]), ctx))
+        with pytest.raises(ValueError, match="multiple of 8"):
+            ours(x[..., :12], 1, ctx)
+        with pytest.raises(ValueError, match="context must be"):
+            ours(x, 1, ctx[..., :16])
+        with pytest.raises(ValueError, match="t must be"):
+            ours(x, torch.ones(3), ctx)
+        with pytest.raises(ValueError, match="map_blocks"):
+            ours.features(x, 1, ctx, map_blocks=("down",))
+
+
+class RecordCrossAttention:
+    """A diffusers attention processor that leaves the output to diffusers' own AttnProcessor and
+    records softmax(QK^T * scale) averaged over heads for cross-attention calls."""
+
+    def __init__(self, name, store):
+        from diffusers.models.attention_processor import AttnProcessor
+        self.name, self.store, self.inner = name, store, AttnProcessor()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, **kw):
+        if encoder_hidden_states is not None:
+            q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+            k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+            probs = attn.get_attention_scores(q, k)  # (B*heads, L, N)
+            self.store.append((self.name, probs.view(hidden_states.shape[0], attn.heads, *probs.shape[1:]).mean(1)))
+        return self.inner(attn, hidden_states, encoder_hidden_states, **kw)
+
+
+def reference_features(ref, x, t, ctx, groups, fraction):
+    """Features via hooks on diffusers' up blocks, maps via RecordCrossAttention, selected and
+    averaged per resolution the VPD way. -> (feats, maps, number of attn2 layers kept)"""
+    feats, records = {}, []
+    hooks = []
+    for i in (1, 4, 7, 11):  # ldm output_blocks.i = up_blocks[i // 3], layer i % 3
+        up = ref.up_blocks[i // 3]
+        mod = up.attentions[i % 3] if hasattr(up, "attentions") else up.resnets[i % 3]
+        hooks.append(mod.register_forward_hook(
+            lambda m, a, out, i=i: feats.__setitem__(i, out[0] if isinstance(out, tuple) else out)))
+    original = dict(ref.attn_processors)
+    ref.set_attn_processor({name: RecordCrossAttention(name, records) for name in ref.attn_processors})
+    try:
+        with torch.no_grad():
+            ref(x, t, encoder_hidden_states=ctx)
+    finally:
+        for h in hooks:
+            h.remove()
+        ref.set_attn_processor(original)
+    group_of = {"down_blocks": "input", "mid_block": "middle", "up_blocks": "output"}
+    H, W = x.shape[-2:]
+    by_size = {}
+    for name, probs in records:
+        f = next(f for f in (1, 2, 4, 8) if (H // f) * (W // f) == probs.shape[1])
+        h, w = H // f, W // f
+        if group_of[name.split(".")[0]] in groups and h * w <= fraction * H * W:
+            by_size.setdefault((h, w), []).append(probs.transpose(1, 2).reshape(B, N, h, w))
+    maps = {k: sum(v) / len(v) for k, v in by_size.items()}
+    return [feats[i] for i in (11, 7, 4, 1)], maps, sum(len(v) for v in by_size.values())
+
+
+class CountAttention(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.sdpa = self.softmax = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        self.sdpa += name == "scaled_dot_product_attention"
+        self.softmax += name == "softmax"
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("groups,fraction,sizes", [
+    (("input", "output"), 0.25, {(8, 12), (4, 6)}),  # VPD's default: 1/2 and 1/4 of the latent
+    (("input", "middle", "output"), 1.0, {(16, 24), (8, 12), (4, 6), (2, 3)}),
+    (("middle",), 0.25, {(2, 3)}),
+])
+def test_features_and_maps_match_diffusers(tiny, groups, fraction, sizes):
+    ours, ref, _, _ = tiny
+    x, t, ctx = inputs()
+    want_feats, want_maps, n_kept = reference_features(ref, x, t, ctx, groups, fraction)
+    head_calls = []
+    hooks = [m.register_forward_hook(lambda *a: head_calls.append(1)) for m in ours.out.modules()]
+    counter = CountAttention()
+    try:
+        with torch.no_grad(), counter:
+            feats, maps = ours.features(x, t, ctx, map_blocks=groups, map_max_fraction=fraction)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert head_calls == []  # the `out` head is never computed
+    assert [f.shape[1:] for f in feats] == [(32, 16, 24), (64, 8, 12), (128, 4, 6), (128, 2, 3)]
+    for got, want in zip(feats, want_feats):
+        assert (got - want).abs().max() <= 1e-4 * want.std()
+    assert set(maps) == set(want_maps) == sizes
+    for size, m in maps.items():
+        assert m.shape == (B, N, *size)
+        torch.testing.assert_close(m, want_maps[size], rtol=0, atol=1e-5)
+        torch.testing.assert_close(m.sum(1), torch.ones(B, *size), rtol=0, atol=1e-5)
+    # explicit softmax only in the kept attn2 layers; every other attention runs on SDPA
+    assert counter.softmax == n_kept and counter.sdpa == len(ref.attn_processors) - n_kept
+
+
+def test_no_maps_and_map_gradients(tiny):
+    ours = tiny[0]
+    x, t, ctx = inputs()
+    counter = CountAttention()
+    with torch.no_grad(), counter:
+        feats, maps = ours.features(x, t, ctx, keep_maps=False)
+    assert maps == {} and len(feats) == 4 and counter.softmax == 0 and counter.sdpa == 32
+    _, maps = ours.features(x, t, ctx)
+    assert all(not m.requires_grad for m in maps.values())  # detached by default, as VPD trains
+    _, maps = ours.features(x, t, ctx, detach_maps=False)
+    maps[(8, 12)].pow(2).sum().backward()
+    q = ours.output_blocks[6][1].transformer_blocks[0].attn2.to_q.weight  # an 8x12 decoder attn2
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    ours.zero_grad(set_to_none=True)
+
+
+def test_ckpt_file_loads(tiny, tmp_path):
+    ours, _, state, _ = tiny
+    path = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": {**state, "betas": torch.zeros(3)}, "global_step": 1}, path)
+    loaded = UNet.from_checkpoint(path, TINY)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    half = UNet.from_checkpoint(path, TINY, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+
+
+def test_checkpoint_errors(tiny, tmp_path):
+    _, _, state, _ = tiny
+    with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
+        UNet.from_checkpoint(tmp_path / "nowhere.safetensors", TINY)
+
+    key = PREFIX + "input_blocks.4.0.in_layers.2.weight"
+    bad = {**state, key: torch.zeros(64, 32, 3, 1)}
+    save_file(bad, tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointError, match="input_blocks.4.0.in_layers.2.weight") as e:
+        UNet.from_checkpoint(tmp_path / "bad.safetensors", TINY)
+    assert "2.x" not in str(e.value)
+    model = UNet(TINY)  # a failed load leaves a live model as it was
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError):
+        load_checkpoint(model, tmp_path / "bad.safetensors", PREFIX, TINY)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+    sd2 = random_state(UNetConfig(model_channels=32, num_heads=2, context_dim=1024))  # SD 2.x context width
+    save_file(sd2, tmp_path / "sd2.safetensors")
+    with pytest.raises(CheckpointError, match=r"Stable Diffusion 2\.x.*SD v1"):
+        UNet.from_checkpoint(tmp_path / "sd2.safetensors", TINY)
+
+
+def test_no_graph_breaks(tiny):
+    ours = tiny[0]
+    x, t, ctx = inputs()
+    torch._dynamo.reset()
+    for fn, args in [(ours, (x, t, ctx)), (ours.features, (x, 1, ctx))]:
+        report = torch._dynamo.explain(fn)(*args)
+        assert report.graph_break_count == 0, report.break_reasons
+        assert report.graph_count == 1
+    torch._dynamo.reset()
+
+
+def test_grad_checkpointing_same_gradients(tiny):
+    _, _, state, path = tiny
+    model = UNet.from_checkpoint(path, TINY).train()
+    x, t, ctx = inputs(8, 16)
+    calls = []
+    model.input_blocks[1].register_forward_pre_hook(lambda *a: calls.append(1))
+    grads = []
+    for flag in (False, True):
+        model.grad_checkpointing = flag
+        calls.clear()
+        model.zero_grad(set_to_none=True)
+        feats, maps = model.features(x, t, ctx, detach_maps=False)
+        loss = model(x, t, ctx).pow(2).mean() + sum(f.mean() for f in feats) + sum(m.pow(2).mean() for m in maps.values())
+        loss.backward()
+        assert len(calls) == (4 if flag else 2)  # two passes, each recomputed when checkpointing
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+    for k, g in grads[0].items():
+        torch.testing.assert_close(grads[1][k], g, rtol=1e-5, atol=1e-6, msg=k)
