@@ -1,0 +1,111 @@
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from vpd.masks import (counts_to_rle_string, load_plain_pickle, mask_to_polygons, polygon_to_mask, rle_decode,
+                       rle_encode, rle_string_to_counts, segmentation_to_mask)
+
+
+def test_rectangle_polygon_covers_the_pixels_whose_centres_are_inside():
+    m = polygon_to_mask([[2, 3, 10, 3, 10, 8, 2, 8]], 12, 12)
+    expected = np.zeros((12, 12), np.uint8)
+    expected[3:8, 2:10] = 1  # centres 3.5..7.5 in [3, 8], 2.5..9.5 in [2, 10]
+    np.testing.assert_array_equal(m, expected)
+
+
+def test_l_shape_and_union_of_two_polygons():
+    l_shape = [0, 0, 4, 0, 4, 2, 2, 2, 2, 4, 0, 4]
+    square = [6, 5, 8, 5, 8, 7, 6, 7]
+    m = polygon_to_mask([l_shape, square], 8, 9)
+    expected = {(r, c) for r in (0, 1) for c in range(4)} | {(r, c) for r in (2, 3) for c in (0, 1)} \
+        | {(r, c) for r in (5, 6) for c in (6, 7)}
+    assert {tuple(p) for p in np.argwhere(m)} == expected
+
+
+def test_uncompressed_rle_is_column_major_and_starts_with_background():
+    # 3x4 mask with pixels (row 1, col 0), (row 2, col 0), (row 0, col 1):
+    # column-major walk: col0 = 0 1 1, col1 = 1 0 0, col2/col3 = 0 0 0 -> runs 1, 3, 8.
+    expected = np.zeros((3, 4), np.uint8)
+    expected[1, 0] = expected[2, 0] = expected[0, 1] = 1
+    np.testing.assert_array_equal(rle_decode({"size": [3, 4], "counts": [1, 3, 8]}), expected)
+    assert rle_encode(expected, compressed=False)["counts"] == [1, 3, 8]
+    first = np.zeros((2, 2), np.uint8)
+    first[0, 0] = 1  # a mask starting with foreground gets an empty first background run
+    assert rle_encode(first, compressed=False)["counts"] == [0, 1, 3]
+
+
+def test_compressed_rle_string_by_hand():
+    # counts 5, 2, 30, 1, 3 (41 pixels). Small values are one char chr(48 + v); 30 has bit 0x10
+    # set so it needs a second group: 'n' (30 | 0x20) then '0'; from the 4th count on the stored
+    # value is the difference to two counts back: 1 - 2 = -1 -> 'O', 3 - 30 = -27 -> 'U', 'O'.
+    s = "52n0OUO"
+    assert rle_string_to_counts(s) == [5, 2, 30, 1, 3]
+    assert counts_to_rle_string([5, 2, 30, 1, 3]) == s
+    m = rle_decode({"size": [41, 1], "counts": s})
+    assert np.flatnonzero(m[:, 0]).tolist() == [5, 6, 37]
+    assert rle_encode(m)["counts"] == s
+
+
+def test_rle_round_trip_random_masks():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        h, w = rng.integers(1, 30, 2)
+        m = (rng.random((h, w)) < rng.random()).astype(np.uint8)
+        for compressed in (True, False):
+            np.testing.assert_array_equal(rle_decode(rle_encode(m, compressed)), m)
+
+
+def test_bad_rle_is_rejected():
+    with pytest.raises(ValueError, match="sum to 5"):
+        rle_decode({"size": [2, 3], "counts": [1, 4]})
+    with pytest.raises(ValueError, match="size"):
+        segmentation_to_mask({"size": [2, 3], "counts": [6]}, 3, 2)
+
+
+def test_traced_polygons_rasterise_back_and_holes_are_refused():
+    m = np.zeros((9, 10), np.uint8)
+    m[1:4, 2:6] = 1
+    m[4:7, 2:3] = 1
+    m[7, 8] = m[8, 9] = 1  # two pixels touching at a corner
+    polys = mask_to_polygons(m)
+    np.testing.assert_array_equal(polygon_to_mask(polys, 9, 10), m)
+    ring = np.zeros((6, 6), np.uint8)
+    ring[1:5, 1:5] = 1
+    ring[2:4, 2:4] = 0
+    assert mask_to_polygons(ring) is None
+
+
+def test_segmentation_dispatch():
+    poly = [[0, 0, 2, 0, 2, 2, 0, 2]]
+    m = segmentation_to_mask(poly, 3, 3)
+    assert m.sum() == 4
+    np.testing.assert_array_equal(segmentation_to_mask(rle_encode(m), 3, 3), m)
+    with pytest.raises(ValueError, match="unknown segmentation"):
+        segmentation_to_mask("oops", 3, 3)
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("echo should-not-run",))
+
+
+def test_restricted_unpickler_reads_plain_data_and_refuses_classes(tmp_path):
+    good = tmp_path / "refs(unc).p"
+    data = [{"ref_id": 1, "sentences": [{"sent": "the red box", "sent_id": 3}], "split": "train", "x": 1.5}]
+    good.write_bytes(pickle.dumps(data, protocol=2))
+    assert load_plain_pickle(good) == data
+    evil = tmp_path / "evil.p"
+    evil.write_bytes(pickle.dumps(_Boom()))
+    with pytest.raises(ValueError, match=r"evil\.p.*refusing"):
+        load_plain_pickle(evil)
+
+
+def test_truncated_pickle_names_the_file(tmp_path):
+    p = tmp_path / "refs(umd).p"
+    p.write_bytes(pickle.dumps([{"a": list(range(100))}])[:-20])
+    with pytest.raises(ValueError, match=r"refs\(umd\)\.p"):
+        load_plain_pickle(p)
+    with pytest.raises(FileNotFoundError, match="nothing.p"):
+        load_plain_pickle(tmp_path / "nothing.p")
