@@ -1,0 +1,447 @@
+"""Speed and memory of our networks next to diffusers', on the same weights and inputs.
+
+    python bench.py --size tiny --which unet_fwd                  # quick look on CPU
+    python bench.py --size full --res 256 --which unet_fwd --rounds 3
+    python bench.py --size full --res 512 --batch 2 --device cuda --dtype bf16 --which unet,vae,train
+    python bench.py --size full --device cuda --dtype bf16 --sweep-batch 2,8,16
+
+Rows (same names in the printed table and in --json):
+  unet_fwd     UNet forward (no_grad), ours vs diffusers' UNet2DConditionModel
+  unet_fwdbwd  UNet forward + backward of mean(out^2) (weight and input grads)
+  vae_enc      VAE encoder to the posterior mode (no_grad), ours vs diffusers' AutoencoderKL
+  train_<task> one VPD training step (forward, loss, backward, AdamW step); ours only
+Weights are random, drawn once for our modules (ldm's zero-initialised layers get random values
+too, so outputs are not trivially zero) and handed to diffusers through its own ldm-checkpoint
+converters, so both sides compute the same function; the script checks that before timing.
+
+ms/iter: median over all timed iterations of all rounds (each round runs `--warmup` untimed then
+`--iters` timed iterations, ours and the reference taking turns, the first alternating).
+peak MiB: memory on top of what was live before the timed iterations (weights, inputs, optimizer
+state), i.e. activations, gradients and workspaces. CUDA: max_memory_allocated minus the allocated
+memory before. CPU: peak resident set size (VmHWM, reset through /proc/self/clear_refs) minus the
+resident size before, after malloc_trim hands freed heap back to the OS; so it includes allocator
+slack, and is the median over rounds.
+TFLOP/s: analytic FLOPs (vpd/flops.py) per iteration / time; % peak: of the dense bf16 peak of the
+GPU (table below), whatever --dtype is.
+"""
+import argparse
+import ctypes
+import json
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+
+from vpd import flops
+from vpd.clip import CLIPConfig
+from vpd.model import build_model
+from vpd.optim import build_optimizer
+from vpd.unet import UNet, UNetConfig
+from vpd.vae import VAE, VAEConfig
+
+PRESETS = {
+    "full": dict(unet=UNetConfig(), vae=VAEConfig(), clip=CLIPConfig()),
+    "tiny": dict(unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=1, num_heads=4,
+                                 context_dim=32),
+                 vae=VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
+                 clip=CLIPConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)),
+}
+PEAK_BF16_TFLOPS = {"H100": 989, "H200": 989, "A100": 312}  # dense, no sparsity
+N_TEXT = {"semseg": 150, "depth": 1, "refer": 40}  # context tokens of each task (ADE20K classes, scene, sentence)
+WHICH = ("unet_fwd", "unet_fwdbwd", "vae_enc", "train")
+
+
+# ---------------------------------------------------------------------------------------------------
+# measuring
+
+class PeakMemory:
+    """Peak memory above the level at start(), in MiB (see the module docstring)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.libc = ctypes.CDLL("libc.so.6") if device.type == "cpu" else None
+
+    @staticmethod
+    def _status_kib(field):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        raise RuntimeError(f"/proc/self/status has no {field}")
+
+    def start(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.libc.malloc_trim(0)  # freed heap back to the OS, so RSS ~ live memory
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            self.base = self._status_kib("VmRSS") * 1024
+
+    def stop(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - self.base) / 2 ** 20
+        return (self._status_kib("VmHWM") * 1024 - self.base) / 2 ** 20
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(fn, device, iters, warmup):
+    """-> (list of seconds per iteration, peak MiB above the start level)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    mem = PeakMemory(device)
+    mem.start()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times, mem.stop()
+
+
+def run_pair(name, fns, flops_per_iter, batch, args, device):
+    """Time the callables of `fns` ({impl: fn}) in alternating turns -> one row per impl."""
+    times = {impl: [] for impl in fns}
+    peaks = {impl: [] for impl in fns}
+    impls = list(fns)
+    for r in range(args.rounds):
+        for impl in (impls if r % 2 == 0 else impls[::-1]):
+            t, p = measure(fns[impl], device, args.iters, args.warmup)
+            times[impl] += t
+            peaks[impl].append(p)
+    rows = []
+    for impl in impls:
+        ms = 1000 * statistics.median(times[impl])
+        tflops = flops_per_iter / (ms / 1000) / 1e12
+        rows.append(dict(name=name, impl=impl, batch=batch, ms=ms, img_s=batch / (ms / 1000),
+                         peak_mib=statistics.median(peaks[impl]), tflops=tflops,
+                         pct_peak=100 * tflops / args.peak_tflops if args.peak_tflops else None,
+                         gflop_per_iter=flops_per_iter / 1e9, ms_all=[1000 * t for t in times[impl]]))
+    if "ref" in fns:
+        ours, ref = rows
+        ours["ours_ref_ms"] = ours["ms"] / ref["ms"]
+        ours["ours_ref_mem"] = ours["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] > 0 else None
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# models
+
+def randomize_zero_weights_(module, gen):
+    """ldm zero-initialises the last conv of every block; give those weights random values (std
+    1/sqrt(fan_in)) so that every layer takes part in the output the two sides are checked on."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.ndim > 1 and not p.any():
+                p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
+
+
+def ldm_original_config(unet_cfg, vae_cfg):
+    """The ldm YAML (v1-inference.yaml layout) that diffusers reads its configs from."""
+    return {"model": {"params": {
+        "unet_config": {"params": dict(in_channels=unet_cfg.in_channels, out_channels=unet_cfg.out_channels,
+                                       model_channels=unet_cfg.model_channels,
+                                       channel_mult=list(unet_cfg.channel_mult),
+                                       num_res_blocks=unet_cfg.num_res_blocks,
+                                       attention_resolutions=list(unet_cfg.attention_resolutions),
+                                       num_heads=unet_cfg.num_heads, transformer_depth=unet_cfg.transformer_depth,
+                                       context_dim=unet_cfg.context_dim, use_linear_in_transformer=False)},
+        "first_stage_config": {"params": {"embed_dim": vae_cfg.embed_dim, "ddconfig": dict(
+            double_z=True, z_channels=vae_cfg.z_channels, resolution=256, in_channels=vae_cfg.in_channels,
+            out_ch=vae_cfg.out_ch, ch=vae_cfg.ch, ch_mult=list(vae_cfg.ch_mult),
+            num_res_blocks=vae_cfg.num_res_blocks, attn_resolutions=[], dropout=0.0)}},
+    }}}
+
+
+def diffusers_unet(ours: UNet, vae_cfg):
+    """diffusers' UNet2DConditionModel holding our UNet's weights (shared tensors, no copy)."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint,
+                                                     create_unet_diffusers_config_from_ldm)
+    ckpt = {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()}
+    config = create_unet_diffusers_config_from_ldm(ldm_original_config(ours.cfg, vae_cfg), ckpt)
+    with torch.device("meta"):
+        ref = UNet2DConditionModel(**config)
+    ref.load_state_dict(convert_ldm_unet_checkpoint(ckpt, config), strict=True, assign=True)
+    return ref
+
+
+def diffusers_vae(ours: VAE, unet_cfg):
+    """diffusers' AutoencoderKL (encoder side) holding our VAE encoder's weights."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import (convert_ldm_vae_checkpoint,
+                                                     create_vae_diffusers_config_from_ldm)
+    ckpt = {"first_stage_model." + k: v for k, v in ours.state_dict().items()}
+    config = create_vae_diffusers_config_from_ldm(ldm_original_config(unet_cfg, ours.cfg), ckpt)
+    config.pop("scaling_factor", None)
+    config["sample_size"] = 256
+    with torch.device("meta"):
+        ref = AutoencoderKL(**config)
+    del ref.decoder, ref.post_quant_conv  # encoder-only, as ours; no weights to give them
+    sd = {k: v for k, v in convert_ldm_vae_checkpoint(ckpt, config).items()
+          if not k.startswith(("decoder.", "post_quant_conv."))}
+    ref.load_state_dict(sd, strict=True, assign=True)
+    return ref
+
+
+def check_same(name, ours_out, ref_out, tol):
+    err = ((ours_out.float() - ref_out.float()).abs().max() / ref_out.float().abs().max()).item()
+    print(f"check {name}: max |ours - ref| / max |ref| = {err:.2e}")
+    if not err < tol:
+        raise RuntimeError(f"{name}: ours and diffusers disagree ({err:.2e} >= {tol}); the rows would compare "
+                           "different computations")
+    return err
+
+
+# ---------------------------------------------------------------------------------------------------
+# benchmarks
+
+def prepare(module, args, device):
+    module = module.to(device)
+    if args.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    return torch.compile(module) if args.compile else module
+
+
+def image_like(shape, args, device, gen):
+    x = torch.randn(shape, generator=gen).to(device)
+    return x.to(memory_format=torch.channels_last) if args.channels_last else x
+
+
+def bench_unet(args, device, cfgs, gen, which):
+    unet_cfg, B, lat = cfgs["unet"], args.batch, args.res // 8
+    ours = UNet(unet_cfg)
+    randomize_zero_weights_(ours, gen)
+    ours = ours.to(device)
+    ref = diffusers_unet(ours, cfgs["vae"])
+    x = image_like((B, unet_cfg.in_channels, lat, lat), args, device, gen)
+    ctx = torch.randn(B, args.ctx, unet_cfg.context_dim, generator=gen).to(device)
+    t = torch.ones(B, device=device)  # VPD's timestep
+    with torch.no_grad():
+        check = check_same("unet", ours(x, t, ctx), ref(x, t, encoder_hidden_states=ctx).sample, 1e-3)
+    if args.grad_checkpoint:
+        ours.grad_checkpointing = True
+        ref.enable_gradient_checkpointing()
+    ours, ref = prepare(ours, args, device), prepare(ref, args, device)
+    calls = {"ours": lambda: ours(x, t, ctx), "ref": lambda: ref(x, t, encoder_hidden_states=ctx).sample}
+    macs = flops.unet_macs(unet_cfg, (lat, lat), n_ctx=args.ctx, batch=B)
+    rows = []
+    if "unet_fwd" in which:
+        def fwd(f):
+            def step():
+                with torch.no_grad(), args.autocast():
+                    f()
+            return step
+        ours.eval(), ref.eval()
+        rows += run_pair("unet_fwd", {k: fwd(f) for k, f in calls.items()}, 2 * macs, B, args, device)
+    if "unet_fwdbwd" in which:
+        x_grad = x.clone().requires_grad_(True)  # input grads too, as in training (features feed a head)
+        calls = {"ours": lambda: ours(x_grad, t, ctx), "ref": lambda: ref(x_grad, t, encoder_hidden_states=ctx).sample}
+
+        def fwdbwd(f, model):
+            def step():
+                model.zero_grad(set_to_none=True)
+                x_grad.grad = None
+                with args.autocast():
+                    out = f()
+                out.float().square().mean().backward()
+            return step
+        ours.train(), ref.train()
+        rows += run_pair("unet_fwdbwd", {"ours": fwdbwd(calls["ours"], ours), "ref": fwdbwd(calls["ref"], ref)},
+                         6 * macs, B, args, device)
+    for r in rows:
+        r["check_rel_err"] = check
+    return rows
+
+
+def bench_vae(args, device, cfgs, gen):
+    vae_cfg, B = cfgs["vae"], args.batch
+    ours = VAE(vae_cfg, decoder=False)
+    randomize_zero_weights_(ours, gen)
+    ours = ours.to(device).eval()
+    ref = diffusers_vae(ours, cfgs["unet"]).eval()
+    img = image_like((B, vae_cfg.in_channels, args.res, args.res), args, device, gen).clamp(-1, 1)
+    with torch.no_grad():
+        check = check_same("vae", ours.encode(img).mode(), ref.encode(img).latent_dist.mode(), 1e-3)
+    ours, ref = prepare(ours, args, device), prepare(ref, args, device)
+    enc = {"ours": lambda: ours.encode(img).mode(), "ref": lambda: ref.encode(img).latent_dist.mode()}
+
+    def no_grad(f):
+        def step():
+            with torch.no_grad(), args.autocast():
+                f()
+        return step
+    macs = flops.vae_encoder_macs(vae_cfg, (args.res, args.res), batch=B)
+    rows = run_pair("vae_enc", {k: no_grad(f) for k, f in enc.items()}, 2 * macs, B, args, device)
+    for r in rows:
+        r["check_rel_err"] = check
+    return rows
+
+
+def train_setup(task, batch, args, device, cfgs, gen):
+    """A task model, its optimizer and one training step as a callable; -> (step, FLOPs per step)."""
+    cfg_u, cfg_v = cfgs["unet"], cfgs["vae"]
+    model = build_model(task, unet_cfg=cfg_u, vae_cfg=cfg_v, clip_cfg=cfgs["clip"])
+    randomize_zero_weights_(model.backbone, gen)
+    model = model.to(device).train()
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.backbone.unet.grad_checkpointing = args.grad_checkpoint
+    res, B = args.res, batch
+    images = image_like((B, 3, res, res), args, device, gen).clamp(-1, 1)
+    if task == "semseg":
+        K = model.class_embeddings.shape[0]
+        inputs = (images,)
+        target = torch.randint(0, K, (B, res, res), generator=gen).to(device)
+        target[:, :, : res // 8] = 255  # some ignored pixels, as ADE20K has
+    elif task == "depth":
+        inputs = (images, torch.randint(0, model.class_embeddings.shape[0], (B,), generator=gen).to(device))
+        target = (torch.rand(B, 1, res, res, generator=gen) * 10).to(device)
+    else:
+        vocab = cfgs["clip"].vocab_size
+        inputs = (images, torch.randint(0, vocab, (B, model.max_tokens), generator=gen).to(device))
+        target = torch.randint(0, 2, (B, res, res), generator=gen).to(device)
+    # the head's forward MACs, counted on this very model (its shapes depend on the task)
+    from torch.utils.flop_counter import FlopCounterMode
+    fc = FlopCounterMode(display=False, depth=None)
+    with fc, torch.no_grad():
+        model(*inputs)
+    head_macs = sum(fc.get_flop_counts()[f"{type(model).__name__}.head"].values()) // 2
+    step_flops = flops.train_step_flops(cfg_u, cfg_v, (res, res), N_TEXT[task], batch=B, head_macs=head_macs)
+    if task == "refer":  # the frozen CLIP text tower runs forward once
+        c = cfgs["clip"]
+        step_flops += 2 * flops.clip_text_macs(model.max_tokens, c.hidden_size, c.num_hidden_layers,
+                                               c.intermediate_size, batch=B)
+    opt = build_optimizer(model, lr=1e-6, weight_decay=1e-2, unet_lr_mult=0.1)
+    fwd = torch.compile(model) if args.compile else model
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with args.autocast():
+            out = fwd(*inputs)
+        model.loss(out, target).backward()
+        opt.step()
+    return step, step_flops
+
+
+def bench_train(args, device, cfgs, gen, tasks):
+    rows = []
+    for task in tasks:
+        step, step_flops = train_setup(task, args.batch, args, device, cfgs, gen)
+        rows += run_pair(f"train_{task}", {"ours": step}, step_flops, args.batch, args, device)
+        del step
+    return rows
+
+
+def sweep_batch(args, device, cfgs, gen, batches):
+    rows = []
+    for B in batches:
+        step, step_flops = train_setup("semseg", B, args, device, cfgs, gen)
+        rows += run_pair(f"train_semseg bs={B}", {"ours": step}, step_flops, B, args, device)
+        del step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# report
+
+def print_table(rows):
+    head = ["name", "impl", "ms/iter", "img/s", "peak MiB", "TFLOP/s", "% peak", "ours/ref ms", "ours/ref mem"]
+    fmt = lambda v, f: "-" if v is None else format(v, f)
+    lines = [[r["name"], r["impl"], fmt(r["ms"], ".1f"), fmt(r["img_s"], ".2f"), fmt(r["peak_mib"], ".0f"),
+              fmt(r["tflops"], ".3f"), fmt(r["pct_peak"], ".1f"), fmt(r.get("ours_ref_ms"), ".3f"),
+              fmt(r.get("ours_ref_mem"), ".3f")] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *lines)]
+    for line in [head] + lines:
+        print(" | ".join(x.ljust(w) for x, w in zip(line, widths)))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=list(PRESETS), default="tiny", help="SD v1.5 sizes, or a tiny config")
+    p.add_argument("--res", type=int, default=256, help="image size (square); the latent is res/8")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--ctx", type=int, default=77, help="text tokens of the UNet benchmark's context")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast, fp32 weights")
+    p.add_argument("--compile", action="store_true", help="torch.compile both sides")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--grad-checkpoint", action="store_true", help="recompute blocks in backward (both sides)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--iters", type=int, default=5, help="timed iterations per round")
+    p.add_argument("--warmup", type=int, default=1, help="untimed iterations before each round")
+    p.add_argument("--rounds", type=int, default=1, help="ours/ref turns (alternating who goes first)")
+    p.add_argument("--which", default="unet,vae,train",
+                   help=f"comma list of {', '.join(WHICH)}; 'unet' = unet_fwd,unet_fwdbwd; 'vae' = vae_enc; "
+                        "train or train_<task> for semseg, depth, refer")
+    p.add_argument("--sweep-batch", default="", help="comma list of batch sizes for the semseg training step")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default="", help="write the rows here")
+    args = p.parse_args(argv)
+    if args.res % 64:
+        raise SystemExit(f"--res {args.res}: must be a multiple of 64 (the UNet halves the latent 3 times)")
+    return args
+
+
+def parse_which(spec):
+    which, tasks = set(), []
+    for w in filter(None, (s.strip() for s in spec.split(","))):
+        if w == "unet":
+            which |= {"unet_fwd", "unet_fwdbwd"}
+        elif w == "vae":
+            which.add("vae_enc")
+        elif w == "train":
+            tasks += ["semseg", "depth", "refer"]
+        elif w.startswith("train_") and w[6:] in N_TEXT:
+            tasks.append(w[6:])
+        elif w in WHICH:
+            which.add(w)
+        else:
+            raise SystemExit(f"--which: unknown {w!r}; use {', '.join(WHICH)}, unet, vae or train_<semseg|depth|refer>")
+    return which, tasks
+
+
+def main(args):
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible")
+    which, tasks = parse_which(args.which)
+    batches = [int(b) for b in args.sweep_batch.split(",") if b.strip()]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    args.peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else None
+    args.autocast = lambda: torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    cfgs, gen = PRESETS[args.size], torch.Generator().manual_seed(args.seed)
+    print(f"device {name}, torch {torch.__version__}, {torch.get_num_threads()} threads, size {args.size}, "
+          f"res {args.res}, batch {args.batch}, {args.dtype}, compile {args.compile}, "
+          f"channels_last {args.channels_last}, grad_checkpoint {args.grad_checkpoint}")
+    rows = []
+    if which & {"unet_fwd", "unet_fwdbwd"}:
+        rows += bench_unet(args, device, cfgs, gen, which)
+    if "vae_enc" in which:
+        rows += bench_vae(args, device, cfgs, gen)
+    if tasks:
+        rows += bench_train(args, device, cfgs, gen, tasks)
+    if batches:
+        rows += sweep_batch(args, device, cfgs, gen, batches)
+    print_table(rows)
+    if args.json:
+        meta = {k: v for k, v in vars(args).items() if k != "autocast"}
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "torch": torch.__version__, "args": meta, "rows": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main(parse_args())
