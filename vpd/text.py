@@ -1,0 +1,137 @@
+"""Text embeddings for VPD: class names -> one CLIP vector per class, cached on disk.
+
+Recipe (VPD's depth/dump_nyu_text_embeddings.py): each name (underscores read as spaces) is put
+into the 80 ImageNet prompt templates of CLIP's zero-shot classifier; each prompt goes through the
+frozen CLIP text encoder, tokenised to 20 positions; the pooled output (final hidden state at the
+end-of-text token) is averaged over the templates. No L2 normalisation, neither per template nor
+after averaging. The causal mask makes the pooled output independent of how much padding follows
+the end-of-text token, so 20 positions only matter through truncation of very long prompts.
+The ADE20K embeddings shipped with VPD have no published recipe; this one is used for them too.
+"""
+import hashlib
+import json
+import os
+
+import torch
+
+IMAGENET_TEMPLATES = [
+    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
+    "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
+    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.",
+    "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
+    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.",
+    "a painting of a {}.", "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.",
+    "a cropped photo of a {}.", "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.",
+    "a {} in a video game.", "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.",
+    "a photo of a {}.", "the origami {}.", "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.",
+    "a origami {}.", "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.",
+    "a photo of the clean {}.", "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.",
+    "a photo of a weird {}.", "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.",
+    "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.", "a plushie {}.", "a photo of the nice {}.", "a photo of the small {}.",
+    "a photo of the weird {}.", "the cartoon {}.", "art of the {}.", "a drawing of the {}.",
+    "a photo of the large {}.", "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.",
+    "itap of a {}.", "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.",
+    "a photo of a small {}.", "a tattoo of the {}.",
+]
+
+# NYUv2 scene classes, in the order of VPD's nyu_class_list.json: a sample's scene id is its index
+# here, read off the training folder name (e.g. "kitchen_0028b" -> "kitchen"). Spelling as on disk.
+NYU_SCENES = [
+    "printer_room", "bathroom", "living_room", "study", "conference_room", "study_room", "kitchen",
+    "home_office", "bedroom", "dinette", "playroom", "indoor_balcony", "laundry_room", "basement",
+    "excercise_room", "foyer", "home_storage", "cafe", "furniture_store", "office_kitchen", "student_lounge",
+    "dining_room", "reception_room", "computer_lab", "classroom", "office", "bookstore",
+]
+
+# ADE20K SceneParse150 classes, label 1..150 (label 0, "other", is ignored), as mmseg lists them.
+ADE20K_CLASSES = [
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
+    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
+    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
+    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand",
+    "path", "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
+    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove",
+    "palm", "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
+    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
+    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle",
+    "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything",
+    "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
+    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake",
+    "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray",
+    "ashcan", "fan", "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator",
+    "glass", "clock", "flag",
+]
+
+MAX_LENGTH = 20  # VPD's FrozenCLIPEmbedder(max_length=20) for the class prompts
+
+
+def file_identity(path) -> str:
+    """A cheap identity for a checkpoint file: absolute path, size and modification time."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    st = os.stat(path)
+    return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def weights_fingerprint(module) -> str:
+    """sha256 over a module's tensor names, shapes, dtypes and bytes (a few seconds for CLIP-L)."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        if t.is_meta:
+            raise ValueError(f"cannot fingerprint {type(module).__name__}: '{name}' is on the meta device")
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{list(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _prompts(name):
+    name = name.replace("_", " ").strip()
+    return [t.format(name) for t in IMAGENET_TEMPLATES]
+
+
+@torch.no_grad()
+def compute_class_embeddings(names, clip, tokenizer, max_length=MAX_LENGTH) -> torch.Tensor:
+    """(K, D) float32 on the CPU: per name, the pooled CLIP output averaged over the 80 templates."""
+    device = next(clip.parameters()).device
+    out = []
+    for name in names:
+        ids = tokenizer(_prompts(name), max_length=max_length).to(device)  # (80, max_length)
+        _, pooled = clip(ids)  # (80, D)
+        out.append(pooled.float().mean(dim=0).cpu())
+    return torch.stack(out)
+
+
+def class_embeddings(names, clip, tokenizer, cache_dir=None, ckpt_id=None, max_length=MAX_LENGTH) -> torch.Tensor:
+    """(K, D) CLIP class embeddings for `names`, cached in `cache_dir` when one is given.
+
+    The cache file is keyed by the names, the recipe and `ckpt_id`, the identity of the text encoder's
+    weights: pass `file_identity(sd_path)` when CLIP was loaded from that file; left as None, it is
+    `weights_fingerprint(clip)`, exact but it reads every weight. A cached file is reused only when its
+    recorded names and identity both match; otherwise the embeddings are recomputed and rewritten.
+    """
+    names = list(names)
+    if not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise ValueError(f"class names must be a non-empty list of non-empty strings, got {names!r}")
+    if cache_dir is None:
+        return compute_class_embeddings(names, clip, tokenizer, max_length)
+    if ckpt_id is None:
+        ckpt_id = weights_fingerprint(clip)
+    key = {"names": names, "ckpt_id": ckpt_id, "templates": IMAGENET_TEMPLATES, "max_length": max_length}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(os.fspath(cache_dir), f"class_embeddings-{digest}.pt")
+    if os.path.isfile(path):
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        if cached.get("names") == names and cached.get("ckpt_id") == ckpt_id:
+            return cached["embeddings"]
+    emb = compute_class_embeddings(names, clip, tokenizer, max_length)
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    torch.save({"names": names, "ckpt_id": ckpt_id, "embeddings": emb}, tmp)
+    os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    return emb
