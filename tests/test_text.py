@@ -1,0 +1,107 @@
+"""Class-name embeddings: the VPD recipe (pooled CLIP output averaged over the 80 ImageNet templates,
+no normalisation) and the on-disk cache (reused, invalidated by names or checkpoint identity)."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from vpd.clip import CLIPConfig, CLIPTextModel, Tokenizer
+from vpd.text import (ADE20K_CLASSES, IMAGENET_TEMPLATES, NYU_SCENES, class_embeddings, file_identity,
+                      weights_fingerprint)
+
+TINY_CLIP = CLIPConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
+class Counting(nn.Module):
+    """A CLIP that counts its forward calls."""
+
+    def __init__(self, clip):
+        super().__init__()
+        self.clip, self.calls = clip, 0
+
+    def forward(self, ids):
+        self.calls += 1
+        return self.clip(ids)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer()
+
+
+def tiny_clip(seed=0):
+    torch.manual_seed(seed)
+    return CLIPTextModel(TINY_CLIP).eval()
+
+
+def test_name_lists():
+    assert len(IMAGENET_TEMPLATES) == len(set(IMAGENET_TEMPLATES)) == 80
+    assert all(t.count("{}") == 1 for t in IMAGENET_TEMPLATES)
+    assert IMAGENET_TEMPLATES[0] == "a bad photo of a {}." and IMAGENET_TEMPLATES[-1] == "a tattoo of the {}."
+    assert len(NYU_SCENES) == len(set(NYU_SCENES)) == 27
+    assert NYU_SCENES[:3] == ["printer_room", "bathroom", "living_room"] and NYU_SCENES[-1] == "bookstore"
+    assert len(ADE20K_CLASSES) == len(set(ADE20K_CLASSES)) == 150
+    assert (ADE20K_CLASSES[0], ADE20K_CLASSES[7], ADE20K_CLASSES[12], ADE20K_CLASSES[-1]) == (
+        "wall", "bed", "person", "flag")
+
+
+def test_embedding_is_mean_of_pooled_outputs_at_end_of_text(tok):
+    clip = tiny_clip()
+    names = ["living_room", "cafe"]
+    got = class_embeddings(names, clip, tok)
+    assert got.shape == (2, 32) and got.dtype == torch.float32
+    for name, row in zip(["living room", "cafe"], got):
+        ids = tok([t.format(name) for t in IMAGENET_TEMPLATES], max_length=77)  # long padding
+        with torch.no_grad():
+            hidden, _ = clip(ids)
+        eot = [r.tolist().index(49407) for r in ids]  # first end-of-text token
+        pooled = torch.stack([hidden[i, j] for i, j in enumerate(eot)])
+        torch.testing.assert_close(row, pooled.mean(0), rtol=1e-5, atol=1e-5)
+    # no L2 normalisation anywhere
+    assert not torch.allclose(got.norm(dim=-1), torch.ones(2))
+
+
+def test_cache_is_reused_and_invalidated(tmp_path, tok):
+    clip = Counting(tiny_clip())
+    first = class_embeddings(["kitchen", "office"], clip, tok, cache_dir=tmp_path)
+    assert clip.calls == 2 and len(os.listdir(tmp_path)) == 1
+    again = class_embeddings(["kitchen", "office"], clip, tok, cache_dir=tmp_path)
+    assert clip.calls == 2 and torch.equal(first, again)  # no CLIP call the second time
+
+    reordered = class_embeddings(["office", "kitchen"], clip, tok, cache_dir=tmp_path)
+    assert clip.calls == 4 and torch.allclose(reordered, first.flip(0), atol=1e-6)
+
+    with torch.no_grad():  # another checkpoint: same names, different weights
+        clip.clip.final_layer_norm.bias.add_(1.0)
+    changed = class_embeddings(["kitchen", "office"], clip, tok, cache_dir=tmp_path)
+    assert clip.calls == 6 and torch.allclose(changed, first + 1.0, atol=1e-5)
+    assert class_embeddings(["kitchen", "office"], clip, tok, cache_dir=tmp_path).equal(changed)
+    assert clip.calls == 6
+
+
+def test_cache_keyed_by_file_identity(tmp_path, tok):
+    ckpt = tmp_path / "sd.safetensors"
+    ckpt.write_bytes(b"x" * 10)
+    clip = Counting(tiny_clip())
+    cache = tmp_path / "cache"
+    class_embeddings(["cafe"], clip, tok, cache_dir=cache, ckpt_id=file_identity(ckpt))
+    class_embeddings(["cafe"], clip, tok, cache_dir=cache, ckpt_id=file_identity(ckpt))
+    assert clip.calls == 1
+    ckpt.write_bytes(b"y" * 11)  # the file changed
+    class_embeddings(["cafe"], clip, tok, cache_dir=cache, ckpt_id=file_identity(ckpt))
+    assert clip.calls == 2
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        file_identity(tmp_path / "nope.ckpt")
+
+
+def test_fingerprint_sees_every_weight_and_bad_names_are_refused(tok):
+    a, b = tiny_clip(0), tiny_clip(0)
+    assert weights_fingerprint(a) == weights_fingerprint(b)
+    with torch.no_grad():
+        b.encoder.layers[1].mlp.fc2.weight[0, 0] += 1e-3
+    assert weights_fingerprint(a) != weights_fingerprint(b)
+    with pytest.raises(ValueError, match="class names"):
+        class_embeddings([], a, tok)
+    with pytest.raises(ValueError, match="class names"):
+        class_embeddings(["cafe", ""], a, tok)
