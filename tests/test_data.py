@@ -1,0 +1,314 @@
+import colorsys
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from vpd import transforms as T
+from vpd.data import (ADE20K, ADE20K_CLASSES, KITTI, NYU_SCENES, NYUv2, RefCOCO, BadSampleError, ImageFolder,
+                      depth_eval_mask, undo)
+from vpd.synthetic import make_synthetic, scene_sample
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    base = tmp_path_factory.mktemp("synth")
+    return {"depth": make_synthetic(str(base / "nyu"), "depth", n=8, size=64),
+            "semseg": make_synthetic(str(base / "ade"), "semseg", n=5, size=64),
+            "refer": make_synthetic(str(base / "coco"), "refer", n=10, size=64)}
+
+
+# ----------------------------------------------------------------------------- NYUv2
+
+def test_nyu_eval_view_matches_the_written_depth_and_scene(synth):
+    ds = NYUv2(synth["depth"], split="test")
+    assert len(ds) == 2  # room 3 (images 6, 7) is the test room
+    s = ds[0]
+    assert s["image"].shape == (3, 48, 64) and s["image"].dtype == torch.float32
+    assert s["image"].min() >= -1 and s["image"].max() <= 1
+    png = np.asarray(Image.open(ds.depths[0])).astype(np.float32)
+    torch.testing.assert_close(s["depth"][0], torch.from_numpy(png / 1000.0))
+    truth = scene_sample(0, 6, 64)
+    np.testing.assert_allclose(s["depth"][0].numpy(), truth["depth"], atol=5.1e-4)
+    assert s["scene"] == truth["scene"] and NYU_SCENES[s["scene_id"]] == truth["scene"]
+    rgb = (s["image"].permute(1, 2, 0).numpy() + 1) * 127.5
+    assert np.abs(rgb - truth["rgb"]).mean() < 4  # JPEG quality 95
+
+
+def test_nyu_train_view_is_seeded_and_batches(synth):
+    ds = NYUv2(synth["depth"], crop=(32, 40), seed=1)
+    a, b = ds[1], NYUv2(synth["depth"], crop=(32, 40), seed=1)[1]
+    assert a["image"].shape == (3, 32, 40) and a["depth"].shape == (1, 32, 40)
+    torch.testing.assert_close(a["image"], b["image"])
+    ds.set_epoch(1)
+    assert not torch.equal(ds[1]["image"], a["image"])
+    assert not torch.equal(NYUv2(synth["depth"], crop=(32, 40), seed=2)[1]["image"], a["image"])
+    batch = next(iter(DataLoader(ds, batch_size=3)))
+    assert batch["image"].shape == (3, 3, 32, 40) and batch["scene_id"].dtype == torch.int64
+
+
+def test_nyu_scene_names():
+    assert NYUv2._scene_id("kitchen_0028b", "rgb_00045.jpg", "exact") == NYU_SCENES.index("kitchen")
+    assert NYUv2._scene_id("living_room_0010", "rgb_1.jpg", "exact") == NYU_SCENES.index("living_room")
+    assert NYUv2._scene_id("study_room_0004", "rgb_1.jpg", "exact") == NYU_SCENES.index("study_room")
+    # the official loader's substring match sends study_room to "study"
+    assert NYUv2._scene_id("study_room_0004", "rgb_1.jpg", "vpd") == NYU_SCENES.index("study")
+    assert len(NYU_SCENES) == 27 and len(ADE20K_CLASSES) == 150
+
+
+def test_nyu_bad_inputs(synth, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere/sync"):
+        NYUv2(str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="BTS"):
+        NYUv2(synth["depth"], list_file=str(tmp_path / "missing_list.txt"))
+    lst = tmp_path / "list.txt"
+    lst.write_text("/kitchen_0001/rgb_00001.jpg /kitchen_0001/sync_depth_00001.png 518.8\n")
+    with pytest.raises(FileNotFoundError, match="kitchen_0001/rgb_00001.jpg"):
+        NYUv2(synth["depth"], list_file=str(lst))
+
+
+def test_nyu_unreadable_files_name_the_file_and_skip_bad_counts(synth, tmp_path):
+    import shutil
+    root = tmp_path / "nyu"
+    shutil.copytree(synth["depth"], root)
+    ds = NYUv2(str(root), split="test")
+    Image.fromarray(np.full((48, 64), 7, np.uint8)).save(ds.depths[1])  # 8-bit instead of 16-bit
+    with pytest.raises(BadSampleError, match=os.path.basename(ds.depths[1]) + ".*16-bit"):
+        ds[1]
+    shutil.copy(os.path.join(synth["depth"], os.path.relpath(ds.depths[1], root)), ds.depths[1])
+    with open(ds.images[0], "r+b") as f:
+        f.truncate(200)  # a truncated JPEG
+    with pytest.raises(BadSampleError, match=os.path.basename(ds.images[0])):
+        ds[0]
+    skipping = NYUv2(str(root), split="test", skip_bad=True)
+    with pytest.warns(UserWarning, match="skipping sample 0"):
+        s = skipping[0]
+    assert s["index"] == 1 and len(skipping.bad) == 1 and os.path.basename(ds.images[0]) in skipping.bad[0]
+
+
+# ----------------------------------------------------------------------------- ADE20K
+
+def test_ade_eval_view_reduces_labels_at_original_size(synth):
+    ds = ADE20K(synth["semseg"], split="validation")
+    s = ds[0]
+    assert s["image"].shape == (3, 512, 683)  # short side 48 -> 512, long side 64 * 512 / 48 -> 683
+    assert s["label"].shape == (48, 64) and s["label"].dtype == torch.int64
+    truth = scene_sample(0, 4, 64)["classes"]  # ADE_val_00000005 is image index 4
+    label = s["label"].numpy()
+    assert ADE20K_CLASSES[0] == "wall" and ADE20K_CLASSES[3] == "floor" and ADE20K_CLASSES[5] == "ceiling"
+    assert np.all(label[truth == 0] == 0) and np.all(label[truth == 1] == 3) and np.all(label[truth == 2] == 5)
+    assert np.all(label[truth == 3] == 255)  # the poster is "other" -> ignore
+    torch.testing.assert_close(s["orig_size"], torch.tensor([48, 64]))
+
+
+def test_ade_train_view_batches(synth):
+    ds = ADE20K(synth["semseg"], seed=3)
+    batch = next(iter(DataLoader(ds, batch_size=2)))
+    assert batch["image"].shape == (2, 3, 512, 512) and batch["label"].shape == (2, 512, 512)
+    assert set(batch["label"].unique().tolist()) <= {0, 3, 5, 41, 111, 119, 255}
+
+
+def test_ade_bad_inputs(synth, tmp_path):
+    with pytest.raises(FileNotFoundError, match="ADEChallengeData2016/images/training"):
+        ADE20K(str(tmp_path))
+    import shutil
+    root = tmp_path / "ade"
+    shutil.copytree(synth["semseg"], root)
+    os.remove(root / "ADEChallengeData2016/annotations/training/ADE_train_00000002.png")
+    with pytest.raises(FileNotFoundError, match="ADE_train_00000002.png"):
+        ADE20K(str(root))
+
+
+# ----------------------------------------------------------------------------- RefCOCO
+
+def _tok(sentence):
+    return [49406] + [len(w) for w in sentence.split()] + [49407]
+
+
+def test_refcoco_eval_view_walks_every_sentence_with_exact_masks(synth):
+    ds = RefCOCO(synth["refer"], split="val", tokenizer=_tok)
+    truth = scene_sample(0, 7, 64)  # image index 7 is the only val image of ten
+    assert len(ds) == sum(len(s) for _, s in truth["refs"])
+    seen = []
+    for i in range(len(ds)):
+        s = ds[i]
+        k = next(k for k, sents in truth["refs"] if s["sentence"] in sents)
+        np.testing.assert_array_equal(s["mask"].numpy(), (truth["instances"] == k + 1).astype(np.uint8))
+        assert s["mask"].sum() > 0 and s["mask_resized"].shape == (512, 512)
+        n = len(s["sentence"].split()) + 2
+        assert s["tokens"].shape == (40,) and s["tokens"][n - 1] == 49407 and s["token_mask"].sum() == n
+        assert torch.all(s["tokens"][n:] == 49407)
+        seen.append(s["sentence"])
+    assert sorted(seen) == sorted(t for _, sents in truth["refs"] for t in sents)
+
+
+def test_refcoco_train_view_is_seeded_and_batches(synth):
+    ds = RefCOCO(synth["refer"], split="train", tokenizer=_tok, max_tokens=3, seed=0)
+    s = ds[0]
+    assert s["image"].shape == (3, 512, 512) and s["mask"].dtype == torch.uint8
+    assert s["tokens"].tolist()[-1] == 49407 and s["tokens"].tolist()[0] == 49406  # cut keeps the end token
+    picks = set()
+    for epoch in range(8):
+        ds.set_epoch(epoch)
+        picks.add(ds[0]["sentence"])
+    ds.set_epoch(0)
+    assert ds[0]["sentence"] == s["sentence"] and len(picks) >= 1
+    assert picks <= {x["sent"] for x in ds.refs[0]["sentences"]}
+    batch = next(iter(DataLoader(ds, batch_size=2)))
+    assert batch["mask"].shape == (2, 512, 512) and batch["tokens"].shape == (2, 3)
+
+
+def test_refcoco_bad_inputs(synth, tmp_path):
+    with pytest.raises(FileNotFoundError, match="refer/data/refcoco"):
+        RefCOCO(str(tmp_path))
+    import shutil
+    root = tmp_path / "coco"
+    shutil.copytree(synth["refer"], root)
+    with pytest.raises(ValueError, match="testC.*available"):
+        RefCOCO(str(root), split="testC")
+    refs = root / "refer/data/refcoco/refs(unc).p"
+    refs.write_bytes(refs.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"refs\(unc\)\.p"):
+        RefCOCO(str(root))
+
+
+# ----------------------------------------------------------------------------- KITTI
+
+def test_kitti_kb_crop_depth_scale_and_eval_mask(tmp_path):
+    h, w = 375, 1242
+    drive = "2011_09_26_drive_0002_sync"
+    img_dir = tmp_path / "2011_09_26" / drive / "image_02" / "data"
+    gt_dir = tmp_path / "data_depth_annotated" / "train" / drive / "proj_depth" / "groundtruth" / "image_02"
+    img_dir.mkdir(parents=True)
+    gt_dir.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(img_dir / "0000000005.png")
+    raw = rng.integers(0, 90 * 256, (h, w)).astype(np.uint16)
+    Image.fromarray(raw).save(gt_dir / "0000000005.png")
+    (tmp_path / "test_list.txt").write_text(
+        f"2011_09_26/{drive}/image_02/data/0000000005.png {drive}/proj_depth/groundtruth/image_02/0000000005.png 721.5377\n"
+        f"2011_09_26/{drive}/image_02/data/0000000006.png None 721.5377\n")
+    ds = KITTI(str(tmp_path), split="test")
+    assert len(ds) == 1 and ds.without_gt == 1
+    s = ds[0]
+    assert s["image"].shape == (3, 352, 1216) and s["depth"].shape == (1, 352, 1216)
+    expected = raw[375 - 352:, 13:13 + 1216].astype(np.float32) / 256.0  # bottom rows, (1242-1216)/2 = 13
+    expected[expected > 80] = 0
+    np.testing.assert_allclose(s["depth"][0].numpy(), expected)
+    mask = depth_eval_mask(s["orig_size"], "garg", kb_crop=True)
+    full = np.zeros((h, w), bool)
+    full[153:371, 44:1197] = True  # int(0.40810811*375)=153, int(0.99189189*375)=371, 44, 1197
+    np.testing.assert_array_equal(mask.numpy(), full[23:, 13:1229])
+    train = KITTI(str(tmp_path), split="train", list_file=str(tmp_path / "test_list.txt"))
+    assert train[0]["image"].shape == (3, 352, 704)
+
+
+def test_nyu_eigen_mask():
+    m = depth_eval_mask((480, 640), "nyu")
+    assert m.sum() == 426 * 560 and m[45, 41] and not m[44, 41] and not m[471, 600]
+
+
+# ----------------------------------------------------------------------------- ImageFolder
+
+def test_image_folder_and_undo(tmp_path):
+    rng = np.random.default_rng(0)
+    sizes = {"a.jpg": (30, 50), "b.png": (40, 20)}
+    for name, (h, w) in sizes.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
+    ds = ImageFolder(str(tmp_path), "depth", size=64)
+    s = ds[1]  # b.png, 40x20 -> fits 64x64 as 64x32, padded right by 32
+    assert s["image"].shape == (3, 64, 64) and s["resized_size"].tolist() == [64, 32]
+    assert s["pad"].tolist() == [0, 32] and torch.all(s["image"][:, :, 32:] == 0)
+    back = undo(s["image"], s)
+    assert back.shape == (3, 40, 20)
+    orig = torch.from_numpy(np.asarray(Image.open(tmp_path / "b.png"), dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+    assert (back - orig).abs().mean() < 0.35  # random noise, resampled twice
+    classes = torch.randint(0, 5, (64, 64))
+    assert undo(classes, s).dtype == torch.int64 and undo(classes, s).shape == (40, 20)
+    batch = next(iter(DataLoader(ImageFolder(str(tmp_path), "refer", size=32), batch_size=2)))
+    outs = undo(torch.zeros(2, 1, 32, 32), batch)
+    assert [tuple(o.shape) for o in outs] == [(1, 30, 50), (1, 40, 20)]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images.*empty"):
+        ImageFolder(str(tmp_path / "empty"), "depth")
+    with pytest.raises(ValueError, match="task"):
+        ImageFolder(str(tmp_path), "pose")
+
+
+# ----------------------------------------------------------------------------- transforms
+
+def test_semseg_augmentation_is_a_function_of_seed_epoch_index():
+    rng = np.random.default_rng(0)
+    img = rng.uniform(0, 255, (60, 80, 3)).astype(np.float32)
+    label = rng.integers(0, 5, (60, 80))
+    a = T.semseg_train(img, label, T.sample_rng(0, 0, 3))
+    b = T.semseg_train(img, label, T.sample_rng(0, 0, 3))
+    torch.testing.assert_close(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1])
+    for other in (T.sample_rng(1, 0, 3), T.sample_rng(0, 1, 3), T.sample_rng(0, 0, 4)):
+        assert not torch.equal(T.semseg_train(img, label, other)[0], a[0])
+    x, y = a
+    assert x.shape == (3, 512, 512) and y.shape == (512, 512)
+    # pad regions: where the label is 255 padding, the image is 0
+    pad_rows = (y == 255).all(dim=1)
+    assert torch.all(x[:, pad_rows] == 0)
+
+
+def test_cat_max_ratio_is_respected_when_a_crop_allows_it():
+    label = np.zeros((100, 100), np.int64)
+    label[:, 70:] = 1  # crops with left in 33..50 have both classes below 75%
+    crop = (50, 50)
+
+    def ok(box):
+        t, l = box
+        counts = np.bincount(label[t:t + 50, l:l + 50].ravel(), minlength=2)
+        return counts.max() / counts.sum() < 0.75 and (counts > 0).sum() > 1
+    with_rule = [ok(T.crop_with_cat_max_ratio(label, crop, T.sample_rng(s, 0, 0))) for s in range(200)]
+    without = [ok(T.crop_with_cat_max_ratio(label, crop, T.sample_rng(s, 0, 0), cat_max_ratio=1.0)) for s in range(200)]
+    # one try succeeds with p = 18/51; ten tries fail with p = (33/51)^10 ~ 1.3%, then an 11th free crop
+    assert np.mean(with_rule) > 0.95 and np.mean(without) < 0.5
+    ignored = label.copy()
+    ignored[:, 70:] = 255  # ignored pixels do not count as a class: the rule can never pass
+    box = T.crop_with_cat_max_ratio(ignored, crop, T.sample_rng(0, 0, 0))
+    assert 0 <= box[0] <= 50 and 0 <= box[1] <= 50
+
+
+def test_cut_depth_writes_a_full_height_stripe_of_normalised_depth():
+    img = np.zeros((20, 30, 3), np.float32)
+    depth = np.full((20, 30), 5.0, np.float32)
+    out = T.cut_depth(img, depth, np.random.default_rng(0), max_depth=10.0)
+    cols = np.flatnonzero(out[0, :, 0] > 0)
+    assert len(cols) >= 1 and np.all(np.diff(cols) == 1)
+    assert np.all(out[:, cols] == 127.5) and np.all(np.delete(out, cols, axis=1) == 0)
+
+
+def test_depth_augmentation_applies_cut_depth_on_every_fourth_index():
+    # A flat grey image stays one colour under every colour jitter (each is a per-pixel function
+    # of the value), so two distinct colours after augmentation mean a CutDepth stripe.
+    img = np.full((40, 40, 3), 100.0, np.float32)
+    depth = np.full((40, 40), 10.0, np.float32)  # written as 255
+
+    def colours(index, seed):
+        x, _ = T.depth_train(img, depth, T.sample_rng(seed, 0, index), index, (40, 40))
+        return len(torch.unique(x.reshape(3, -1), dim=1).T)
+    assert all(colours(i, s) == 2 for i in (0, 4, 8) for s in range(5))
+    assert all(colours(i, s) == 1 for i in (1, 2, 3, 5) for s in range(5))
+
+
+def test_hsv_matches_colorsys_and_round_trips():
+    rng = np.random.default_rng(0)
+    img = rng.uniform(0, 255, (4, 5, 3))
+    hsv = T.rgb_to_hsv(img)
+    ref = np.array([colorsys.rgb_to_hsv(*(p / 255)) for p in img.reshape(-1, 3)]).reshape(4, 5, 3)
+    np.testing.assert_allclose(hsv[..., 0] / 360.0, ref[..., 0], atol=1e-9)
+    np.testing.assert_allclose(hsv[..., 1:], ref[..., 1:], atol=1e-9)
+    np.testing.assert_allclose(T.hsv_to_rgb(hsv), img, atol=1e-9)
+
+
+def test_keep_ratio_size_by_hand():
+    assert T.keep_ratio_size(480, 640, (2048, 512)) == (512, 683)
+    assert T.keep_ratio_size(100, 1000, (2048, 512)) == (205, 2048)  # long side caps the factor at 2.048
