@@ -1,6 +1,5 @@
 import colorsys
 import os
-import pickle
 
 import numpy as np
 import pytest
