@@ -1,0 +1,173 @@
+"""Import of the released VPD checkpoints: official names written out from wl-zhao/VPD's module
+structure, round trips through files laid out as the released ones, and clear refusals."""
+import argparse
+
+import pytest
+import torch
+
+from test_model import TINY_CLIP, TINY_DEPTH_HEAD, TINY_UNET, TINY_VAE, tiny
+from vpd.checkpoint import CheckpointError
+from vpd.model import build_model
+from vpd.official import load_official, to_official
+
+NOISE_BUFFERS = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                 "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                 "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                 "posterior_mean_coef1", "posterior_mean_coef2"]
+BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+WB = ("weight", "bias")
+
+
+class NotAllowed:
+    """A class a weights_only load must refuse."""
+
+
+def official_file(task, state, tmp_path):
+    """Write `state` (official names) the way the released file of `task` is laid out."""
+    if task == "depth":
+        obj, name = {"model": state}, "vpd_depth.ckpt"
+    elif task == "semseg":
+        obj, name = {"meta": {"iter": 80000}, "state_dict": state}, "vpd_seg.pth"
+    else:
+        obj, name = {"model": state, "optimizer": {}, "epoch": 39, "lr_scheduler": {},
+                     "args": argparse.Namespace(lr=5e-5, token_length=40)}, "vpd_refer.pth"
+    path = tmp_path / name
+    torch.save(obj, path)
+    return path
+
+
+def released_state(task, model):
+    """Our model's tensors under the official names, with the extras the released files carry."""
+    state = to_official(model.state_dict(), task)
+    unet = "encoder.unet.unet.diffusion_model." if task == "depth" else "unet.unet.diffusion_model."
+    if task != "depth":  # the depth file had the UNet's `out` deleted; the others keep it
+        state[unet + "out.0.weight"] = torch.ones(32)
+        state[unet + "out.2.weight"] = torch.zeros(4, 32, 3, 3)
+    if task == "semseg":
+        state.update({f"sd_model.{n}": torch.rand(1000) for n in NOISE_BUFFERS})
+    return state
+
+
+def official_shapes(task):
+    with torch.device("meta"):
+        model = build_model(task)
+    return {k: list(v.shape) for k, v in to_official(model.state_dict(), task).items()}
+
+
+def test_depth_names_and_shapes_are_vpd_s():
+    s = official_shapes("depth")
+    head = {k for k in s if not k.startswith(("encoder.unet.", "encoder.encoder_vq.", "encoder.text_adapter."))}
+    want = {"encoder.gamma", "encoder.class_embeddings"}
+    want |= {f"encoder.layer1.{i}.{p}" for i in (0, 1, 3) for p in WB} | {f"encoder.layer2.0.{p}" for p in WB}
+    want |= {f"encoder.out_layer.{i}.{p}" for i in (0, 1) for p in WB}
+    want |= {f"decoder.deconv_layers.{i}.weight" for i in (0, 3, 6)}  # ConvTranspose, bias=False
+    want |= {f"decoder.deconv_layers.{i}.{p}" for i in (1, 4, 7) for p in BN}
+    want |= {f"decoder.conv_layers.0.{p}" for p in WB} | {f"decoder.conv_layers.1.{p}" for p in BN}
+    want |= {f"last_layer_depth.{i}.{p}" for i in (0, 2) for p in WB}
+    assert head == want
+    assert s["encoder.out_layer.0.weight"] == [1536, 3520, 1, 1]
+    assert s["decoder.deconv_layers.0.weight"] == [1536, 32, 2, 2]
+    assert s["decoder.conv_layers.0.weight"] == [192, 32, 3, 3] and s["last_layer_depth.2.weight"] == [1, 192, 3, 3]
+    assert s["encoder.class_embeddings"] == [27, 768] and s["encoder.gamma"] == [768]
+    assert s["encoder.text_adapter.fc.2.weight"] == [768, 768]
+    assert s["encoder.unet.unet.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"] == [320, 768]
+    assert s["encoder.encoder_vq.quant_conv.weight"] == [8, 8, 1, 1]
+    assert not any(k.startswith(("encoder.encoder_vq.decoder.", "encoder.unet.unet.diffusion_model.out.")) for k in s)
+
+
+def test_semseg_names_and_shapes_are_mmseg_s():
+    s = official_shapes("semseg")
+    assert s["neck.lateral_convs.1.conv.weight"] == [256, 790, 1, 1]
+    assert s["neck.lateral_convs.2.conv.bias"] == [256] and s["neck.fpn_convs.3.conv.weight"] == [256, 256, 3, 3]
+    heads = {k for k in s if k.startswith("decode_head.")}
+    want = {f"decode_head.scale_heads.{i}.{j}.conv.weight" for i, j in
+            [(0, 0), (1, 0), (2, 0), (2, 2), (3, 0), (3, 2), (3, 4)]}
+    want |= {f"decode_head.scale_heads.{i}.{j}.bn.{p}" for i, j in
+             [(0, 0), (1, 0), (2, 0), (2, 2), (3, 0), (3, 2), (3, 4)] for p in BN}
+    want |= {"decode_head.conv_seg.weight", "decode_head.conv_seg.bias"}
+    assert heads == want
+    assert s["decode_head.conv_seg.weight"] == [150, 256, 1, 1] and s["class_embeddings"] == [150, 768]
+    assert s["gamma"] == [768] and s["encoder_vq.encoder.conv_in.weight"] == [128, 3, 3, 3]
+
+
+def test_refer_names_and_shapes_are_lavt_s():
+    s = official_shapes("refer")
+    head = {k for k in s if k.startswith("classifier.")}
+    want = {f"classifier.conv{a}_{b}.weight" for a in (1, 2) for b in (4, 3, 2)}  # 3x3 convs, no bias
+    want |= {f"classifier.bn{a}_{b}.{p}" for a in (1, 2) for b in (4, 3, 2) for p in BN}
+    want |= {"classifier.conv1_1.weight", "classifier.conv1_1.bias"}
+    assert head == want
+    assert s["classifier.conv1_4.weight"] == [640, 2600, 3, 3] and s["classifier.conv1_3.weight"] == [640, 1320, 3, 3]
+    assert s["classifier.conv1_2.weight"] == [640, 960, 3, 3] and s["classifier.conv1_1.weight"] == [2, 640, 1, 1]
+    assert not any(k.startswith("clip.") or "text_model" in k for k in s)
+
+
+@pytest.mark.parametrize("task", ["depth", "semseg", "refer"])
+def test_released_file_round_trips_into_a_model(task, tmp_path):
+    source = tiny(task, seed=0).eval()
+    path = official_file(task, released_state(task, source), tmp_path)
+    want = {k: v for k, v in source.state_dict().items() if not k.startswith("clip.")}
+    state = load_official(path, task)
+    assert state.keys() == want.keys()
+    for k in want:
+        assert torch.equal(state[k], want[k]), k
+
+    target = tiny(task, seed=1)  # different weights, same shapes
+    load_official(path, task, model=target)
+    got = target.state_dict()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    args = {"depth": (torch.tensor([3]),), "semseg": (), "refer": (torch.randint(0, 49407, (1, 40)),)}[task]
+    if task == "refer":
+        target.clip.load_state_dict(source.clip.state_dict())  # the CLIP comes from the SD file
+    with torch.no_grad():
+        torch.testing.assert_close(target.eval()(x, *args), source(x, *args))
+
+
+def test_load_into_a_meta_model_assigns_the_tensors(tmp_path):
+    source = tiny("depth", seed=0)
+    path = official_file("depth", released_state("depth", source), tmp_path)
+    with torch.device("meta"):
+        target = build_model("depth", unet_cfg=TINY_UNET, vae_cfg=TINY_VAE, clip_cfg=TINY_CLIP, **TINY_DEPTH_HEAD)
+    load_official(path, "depth", model=target)
+    assert not any(t.is_meta for t in target.state_dict().values())
+    assert torch.equal(target.class_embeddings, source.class_embeddings)
+
+
+def test_unknown_missing_and_misshapen_names_are_refused(tmp_path):
+    model = tiny("semseg")
+    good = released_state("semseg", model)
+
+    with pytest.raises(CheckpointError, match=r"unknown names \(1\): decode_head\.extra\.weight"):
+        load_official({**good, "decode_head.extra.weight": torch.zeros(1)}, "semseg")
+
+    no_group = {k: v for k, v in good.items() if not k.startswith("decode_head.conv_seg.")}
+    with pytest.raises(CheckpointError, match=r"missing groups.*decode_head\.conv_seg\.\* -> head\.classifier\."):
+        load_official(no_group, "semseg")
+
+    missing = {k: v for k, v in good.items() if k != "decode_head.conv_seg.bias"}
+    load_official(missing, "semseg")  # the group is there: only a model can tell one tensor is missing
+    with pytest.raises(CheckpointError, match=r"missing \(1\): head\.classifier\.bias \(decode_head\.conv_seg\.bias\)"):
+        load_official(missing, "semseg", model=model)
+
+    wrong = {**good, "neck.lateral_convs.0.conv.weight": torch.zeros(16, 3, 1, 1)}
+    with pytest.raises(CheckpointError, match=r"neck\.lateral_convs\.0\.conv\.weight: file \[16, 3, 1, 1\] vs model "
+                                              r"\[16, 32, 1, 1\]"):
+        load_official(wrong, "semseg", model=model)
+
+    # a depth file is not a semseg file
+    depth = released_state("depth", tiny("depth"))
+    with pytest.raises(CheckpointError, match="unknown names"):
+        load_official(depth, "semseg")
+    with pytest.raises(ValueError, match="unknown task"):
+        load_official(good, "detection")
+
+
+def test_pickles_with_other_classes_are_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"gamma": torch.zeros(2)}, "args": NotAllowed()}, path)
+    with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
+        load_official(path, "refer")
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        load_official(tmp_path / "missing.pth", "refer")

@@ -1,0 +1,181 @@
+"""Import of the released VPD checkpoints (wl-zhao/VPD) into our task models.
+
+What each file holds (torch pickles):
+    depth  (.ckpt)  {'model': state}           names under encoder.* / decoder.* / last_layer_depth.*
+    semseg (.pth)   {'meta': ..., 'state_dict': state}   mmseg names, plus ldm's noise-schedule buffers
+    refer  (.pth)   {'model': state, 'optimizer', 'epoch', 'lr_scheduler', 'args': argparse.Namespace}
+
+Name mapping, by prefix (official -> ours); a rule without a trailing dot names one tensor:
+
+    depth                                   semseg / refer
+    encoder.unet.unet.diffusion_model. -> backbone.unet.      unet.unet.diffusion_model. -> backbone.unet.
+    encoder.encoder_vq.                -> backbone.vae.       encoder_vq.                -> backbone.vae.
+    encoder.text_adapter.              -> backbone.text_adapter.   text_adapter.         -> (same)
+    encoder.gamma                      -> backbone.gamma      gamma                      -> backbone.gamma
+    encoder.class_embeddings           -> class_embeddings    class_embeddings (semseg)  -> class_embeddings
+    encoder.layer1.                    -> head.down8.
+    encoder.layer2.                    -> head.down16.        semseg: mmseg's ConvModule wraps a conv as `.conv`
+    encoder.out_layer.                 -> head.fuse.          neck.lateral_convs.i.conv. -> head.lateral_convs.i.
+    decoder.deconv_layers.             -> head.deconv.        neck.fpn_convs.i.conv.     -> head.fpn_convs.i.
+    decoder.conv_layers.               -> head.conv.          decode_head.scale_heads.   -> head.scale_heads.
+    last_layer_depth.                  -> head.predict.       decode_head.conv_seg.      -> head.classifier.
+
+    refer (LAVT SimpleDecoding): classifier.{conv1_4, bn1_4, conv2_4, bn2_4}. -> head.fuse32.{0, 1, 3, 4}.,
+    the same for _3 -> fuse16 and _2 -> fuse8, classifier.conv1_1. -> head.classifier.
+
+Dropped on purpose: `sd_model.*` (ldm's noise-schedule buffers in the semseg file) and the UNet's
+unused `out.*` head. Any other name, or a rule that matches nothing, is an error. The refer file
+holds no CLIP: our `clip.*` comes from the SD checkpoint.
+"""
+import argparse
+import os
+
+import torch
+
+from vpd.checkpoint import CheckpointError
+
+_BACKBONE = [("unet.unet.diffusion_model.", "backbone.unet."), ("encoder_vq.", "backbone.vae."),
+             ("text_adapter.", "backbone.text_adapter."), ("gamma", "backbone.gamma")]
+
+RULES = {
+    "depth": [("encoder." + a, b) for a, b in _BACKBONE] + [
+        ("encoder.class_embeddings", "class_embeddings"),
+        ("encoder.layer1.", "head.down8."),
+        ("encoder.layer2.", "head.down16."),
+        ("encoder.out_layer.", "head.fuse."),
+        ("decoder.deconv_layers.", "head.deconv."),
+        ("decoder.conv_layers.", "head.conv."),
+        ("last_layer_depth.", "head.predict."),
+    ],
+    "semseg": _BACKBONE + [("class_embeddings", "class_embeddings")]
+    + [(f"neck.lateral_convs.{i}.conv.", f"head.lateral_convs.{i}.") for i in range(4)]
+    + [(f"neck.fpn_convs.{i}.conv.", f"head.fpn_convs.{i}.") for i in range(4)] + [
+        ("decode_head.scale_heads.", "head.scale_heads."),
+        ("decode_head.conv_seg.", "head.classifier."),
+    ],
+    "refer": _BACKBONE + [
+        (f"classifier.{layer}{level}.", f"head.{block}.{index}.")
+        for level, block in (("_4", "fuse32"), ("_3", "fuse16"), ("_2", "fuse8"))
+        for layer, index in (("conv1", 0), ("bn1", 1), ("conv2", 3), ("bn2", 4))
+    ] + [("classifier.conv1_1.", "head.classifier.")],
+}
+
+DROP = {
+    "depth": ("encoder.unet.unet.diffusion_model.out.",),
+    "semseg": ("sd_model.", "unet.unet.diffusion_model.out."),
+    "refer": ("unet.unet.diffusion_model.out.",),
+}
+
+NOT_IN_FILE = {"depth": (), "semseg": (), "refer": ("clip.",)}  # model parts the file does not carry
+
+
+def _rename(name, rules, inverse=False):
+    for official, ours in rules:
+        src, dst = (ours, official) if inverse else (official, ours)
+        if name == src or (src.endswith(".") and name.startswith(src)):
+            return dst + name[len(src):]
+    return None
+
+
+def _listing(items, n=8):
+    items = list(items)
+    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
+
+
+def _check_task(task):
+    if task not in RULES:
+        raise ValueError(f"unknown task {task!r}: one of {tuple(RULES)}")
+
+
+def read_official(src):
+    """The state dict of a released VPD file (or a dict already holding one)."""
+    if isinstance(src, dict):
+        obj = src
+    else:
+        path = os.fspath(src)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"official VPD checkpoint not found: {path}")
+        try:  # the refer file pickles its argparse.Namespace of training args: allow that class only
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    for key in ("state_dict", "model"):  # mmseg files / depth and refer files
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise CheckpointError(f"{'<dict>' if isinstance(src, dict) else src} holds no tensors")
+    return state
+
+
+def load_official(src, task, model=None):
+    """Released VPD checkpoint (path or dict) -> state dict in our names, class embeddings included.
+
+    Refuses names no rule knows and rules that match nothing. With `model` (a task model of ours,
+    possibly built on `meta`), also checks every name and shape against it and loads the tensors;
+    `clip.*` of a refer model is left as it is (the file carries no CLIP).
+    """
+    _check_task(task)
+    rules = RULES[task]
+    official = read_official(src)
+    state, unknown, used = {}, [], set()
+    for name, t in official.items():
+        if name.startswith(DROP[task]):
+            continue
+        ours = _rename(name, rules)
+        if ours is None:
+            unknown.append(name)
+            continue
+        used.add(next(r for r in rules if _rename(name, [r]) is not None))
+        state[ours] = t
+    unused = [f"{a}* -> {b}*" for a, b in rules if (a, b) not in used]
+    if unknown or unused:
+        msg = f"not a VPD {task} checkpoint as released"
+        if unknown:
+            msg += f"\n  unknown names ({len(unknown)}): {_listing(unknown)}"
+        if unused:
+            msg += f"\n  missing groups (no tensor for): {_listing(unused)}"
+        raise CheckpointError(msg)
+    if model is not None:
+        _load_into(model, state, task)
+    return state
+
+
+def _load_into(model, state, task):
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(NOT_IN_FILE[task])}
+    official = lambda k: _rename(k, RULES[task], inverse=True) or "?"
+    missing = [f"{k} ({official(k)})" for k in expected if k not in state]
+    unexpected = [f"{k} ({official(k)})" for k in state if k not in expected]
+    wrong = [f"{official(k)}: file {list(state[k].shape)} vs model {list(expected[k].shape)}"
+             for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        msg = f"VPD {task} checkpoint does not fit {type(model).__name__}"
+        if missing:
+            msg += f"\n  missing ({len(missing)}): {_listing(missing, 5)}"
+        if unexpected:
+            msg += f"\n  unexpected ({len(unexpected)}): {_listing(unexpected, 5)}"
+        if wrong:
+            msg += f"\n  wrong shape ({len(wrong)}): {_listing(wrong, 3)}"
+        raise CheckpointError(msg)
+    cast = {k: v.to(expected[k].dtype) for k, v in state.items()}
+    on_meta = any(t.is_meta for t in expected.values())
+    model.load_state_dict(cast, strict=False, assign=on_meta)
+    return model
+
+
+def to_official(state, task):
+    """Our state dict -> the released file's names (the inverse table); parts the file does not carry
+    (`clip.*`) are left out."""
+    _check_task(task)
+    out = {}
+    for k, v in state.items():
+        if k.startswith(NOT_IN_FILE[task]):
+            continue
+        name = _rename(k, RULES[task], inverse=True)
+        if name is None:
+            raise ValueError(f"'{k}' has no name in a VPD {task} checkpoint")
+        out[name] = v
+    return out
