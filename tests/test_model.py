@@ -151,6 +151,19 @@ def test_backbone_scale_latents_option():
         torch.testing.assert_close(bb.encode_images(x), bb.vae.encode(x).mean * 0.18215)
 
 
+def test_backbone_runs_the_frozen_vae_under_the_callers_autocast():
+    torch.manual_seed(0)
+    bb = VPDBackbone(TINY_UNET, TINY_VAE, text_dim=32)
+    seen = {}
+    bb.unet.input_blocks[0].register_forward_pre_hook(lambda m, a: seen.update(latent=a[0]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = bb(images(1), torch.randn(3, 32))
+    assert seen["latent"].dtype == torch.bfloat16 and not seen["latent"].requires_grad
+    assert [f.shape[1] for f in feats] == bb.feature_channels(3)
+    with torch.no_grad():
+        assert bb(images(1), torch.randn(3, 32))[0].dtype == torch.float32  # no autocast: float32
+
+
 def test_backbone_forward_has_no_graph_breaks():
     torch.manual_seed(0)
     bb = VPDBackbone(TINY_UNET, TINY_VAE, text_dim=32).eval()

@@ -8,7 +8,7 @@ import torch
 from test_model import TINY_CLIP, TINY_DEPTH_HEAD, TINY_UNET, TINY_VAE, tiny
 from vpd.checkpoint import CheckpointError
 from vpd.model import build_model
-from vpd.official import load_official, to_official
+from vpd.official import load_official, official_model, to_official
 
 NOISE_BUFFERS = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                  "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
@@ -171,3 +171,27 @@ def test_pickles_with_other_classes_are_refused(tmp_path):
         load_official(path, "refer")
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         load_official(tmp_path / "missing.pth", "refer")
+
+
+@pytest.mark.parametrize("task", ["depth", "semseg", "refer"])
+def test_official_model_is_built_from_the_file_alone(task, tmp_path):
+    source = tiny(task, seed=0).eval()
+    path = official_file(task, released_state(task, source), tmp_path)
+    sd = {"cond_stage_model.transformer.text_model." + k[len("clip."):]: v
+          for k, v in source.state_dict().items() if k.startswith("clip.")}
+    head = {"depth": TINY_DEPTH_HEAD, "semseg": {"channels": 16}, "refer": {}}[task]
+    model = official_model(path, task, sd_ckpt=sd if task == "refer" else None, unet_cfg=TINY_UNET,
+                           vae_cfg=TINY_VAE, clip_cfg=TINY_CLIP, **head).eval()
+    assert not any(t.is_meta for t in model.state_dict().values())
+    assert not any(p.requires_grad for p in model.backbone.vae.parameters())
+    if task == "refer":
+        assert model.max_tokens == 40 and not any(p.requires_grad for p in model.clip.parameters())
+    else:
+        assert torch.equal(model.class_embeddings, source.class_embeddings)
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    args = {"depth": (torch.tensor([3]),), "semseg": (), "refer": (torch.randint(0, 49407, (1, 40)),)}[task]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, *args), source(x, *args))
+    if task == "refer":
+        with pytest.raises(ValueError, match="sd_ckpt"):
+            official_model(path, task)

@@ -23,6 +23,10 @@ Name mapping, by prefix (official -> ours); a rule without a trailing dot names 
     refer (LAVT SimpleDecoding): classifier.{conv1_4, bn1_4, conv2_4, bn2_4}. -> head.fuse32.{0, 1, 3, 4}.,
     the same for _3 -> fuse16 and _2 -> fuse8, classifier.conv1_1. -> head.classifier.
 
+`official_model(path, task, sd_ckpt)` builds the whole model from a released file: everything but
+the refer model's CLIP text encoder (read from the SD file) comes from the file itself, class
+embeddings included (evaluating the released models must use those, not recomputed ones).
+
 Dropped on purpose: `sd_model.*` (ldm's noise-schedule buffers in the semseg file) and the UNet's
 unused `out.*` head. Any other name, or a rule that matches nothing, is an error. The refer file
 holds no CLIP: our `clip.*` comes from the SD checkpoint.
@@ -179,3 +183,28 @@ def to_official(state, task):
             raise ValueError(f"'{k}' has no name in a VPD {task} checkpoint")
         out[name] = v
     return out
+
+
+def official_model(src, task, sd_ckpt=None, **kw):
+    """A task model with the weights of a released VPD file. The model is built on `meta` and takes the
+    file's tensors; `sd_ckpt` (an SD v1 file) supplies the refer model's CLIP. kw goes to build_model
+    (configs, head widths); semseg's class count and refer's token count are read off the file."""
+    from vpd.clip import CLIPTextModel
+    from vpd.model import build_model
+    from vpd.unet import UNetConfig
+
+    _check_task(task)
+    if task == "refer" and sd_ckpt is None:
+        raise ValueError("the refer model needs sd_ckpt: its CLIP text encoder is not in the VPD file")
+    state = load_official(src, task)
+    if task == "refer":  # N text tokens widen the 1/32 map: conv1_4 takes C64 + (C32 + N) channels
+        cfg = kw.get("unet_cfg") or UNetConfig()
+        kw["max_tokens"] = state["head.fuse32.0.weight"].shape[1] - cfg.model_channels * sum(cfg.channel_mult[-2:])
+    else:
+        kw["class_embeddings"] = state["class_embeddings"]
+    with torch.device("meta"):
+        model = build_model(task, **kw)
+    if task == "refer":
+        model.clip = CLIPTextModel.from_checkpoint(sd_ckpt, kw.get("clip_cfg")).requires_grad_(False).eval()
+    _load_into(model, state, task)
+    return model
