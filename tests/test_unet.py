@@ -13,6 +13,9 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 # SD v1's layout at a tiny width: 4 levels, attention at downsample factors 1, 2, 4. Two heads so
 # that a head count / head dim mix-up shows (2 heads of 16..64 channels).
 TINY = UNetConfig(model_channels=32, num_heads=2, context_dim=32)
+# Two levels, one ResBlock each: enough structure for tracing and checkpointing tests, fast.
+SMALL = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
+                   num_heads=2, context_dim=32)
 B, N = 2, 5  # batch, text tokens
 
 
@@ -58,6 +61,15 @@ def diffusers_unet(cfg, state):
     return ref.eval()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: extra threads only spin and contend on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(our UNet loaded from a .safetensors file, diffusers' UNet, the state, the file)."""
@@ -100,6 +112,21 @@ def test_scalar_timestep_and_bad_inputs(tiny):
             ours(x, torch.ones(3), ctx)
         with pytest.raises(ValueError, match="map_blocks"):
             ours.features(x, 1, ctx, map_blocks=("down",))
+
+
+def test_channels_last(tiny):
+    ours = tiny[0]
+    x, t, ctx = inputs()
+    with torch.no_grad():
+        want = ours(x, t, ctx)
+        ours.to(memory_format=torch.channels_last)
+        try:
+            got = ours(x.to(memory_format=torch.channels_last), t, ctx)
+            feats, _ = ours.features(x.to(memory_format=torch.channels_last), t, ctx)
+        finally:
+            ours.to(memory_format=torch.contiguous_format)
+    assert (got - want).abs().max() <= 1e-5 * want.std()
+    assert all(f.is_contiguous(memory_format=torch.channels_last) for f in [got, *feats])
 
 
 class RecordCrossAttention:
@@ -243,9 +270,9 @@ def test_checkpoint_errors(tiny, tmp_path):
         UNet.from_checkpoint(tmp_path / "sd2.safetensors", TINY)
 
 
-def test_no_graph_breaks(tiny):
-    ours = tiny[0]
-    x, t, ctx = inputs()
+def test_no_graph_breaks():
+    ours = UNet.from_checkpoint(random_state(SMALL), SMALL).eval()
+    x, t, ctx = inputs(8, 16)
     torch._dynamo.reset()
     for fn, args in [(ours, (x, t, ctx)), (ours.features, (x, 1, ctx))]:
         report = torch._dynamo.explain(fn)(*args)
@@ -254,9 +281,8 @@ def test_no_graph_breaks(tiny):
     torch._dynamo.reset()
 
 
-def test_grad_checkpointing_same_gradients(tiny):
-    _, _, state, path = tiny
-    model = UNet.from_checkpoint(path, TINY).train()
+def test_grad_checkpointing_same_gradients():
+    model = UNet.from_checkpoint(random_state(SMALL), SMALL).train()
     x, t, ctx = inputs(8, 16)
     calls = []
     model.input_blocks[1].register_forward_pre_hook(lambda *a: calls.append(1))
@@ -266,6 +292,7 @@ def test_grad_checkpointing_same_gradients(tiny):
         calls.clear()
         model.zero_grad(set_to_none=True)
         feats, maps = model.features(x, t, ctx, detach_maps=False)
+        assert list(maps) == [(4, 8)]
         loss = model(x, t, ctx).pow(2).mean() + sum(f.mean() for f in feats) + sum(m.pow(2).mean() for m in maps.values())
         loss.backward()
         assert len(calls) == (4 if flag else 2)  # two passes, each recomputed when checkpointing

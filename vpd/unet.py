@@ -85,9 +85,10 @@ class CrossAttention(nn.Module):
         probs = None
         if keep_map:
             scale = q.shape[-1] ** -0.5
-            probs = (q @ k.transpose(-1, -2) * scale).softmax(dim=-1)  # (B, heads, L, N)
+            # softmax in float32 so the maps keep their precision under bf16 autocast
+            probs = ((q @ k.transpose(-1, -2)).float() * scale).softmax(dim=-1)  # (B, heads, L, N)
             out = probs.to(v.dtype) @ v
-            probs = probs.mean(dim=1)  # (B, L, N)
+            probs = probs.mean(dim=1)  # (B, L, N), float32
         else:
             out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(B, L, -1)  # (B, L, heads*d)
@@ -227,9 +228,9 @@ class TimestepEmbedSequential(nn.Sequential):
 class UNet(nn.Module):
     """ldm's UNetModel for SD v1: input_blocks (encoder), middle_block, output_blocks, out."""
 
-    def __init__(self, cfg: UNetConfig = UNetConfig()):
+    def __init__(self, cfg: UNetConfig = None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = cfg or UNetConfig()
         self.grad_checkpointing = False  # when training: recompute each block in the backward
         mc, emb_dim = cfg.model_channels, cfg.model_channels * 4
 
@@ -364,6 +365,6 @@ class UNet(nn.Module):
             by_size.setdefault((m.shape[-2], m.shape[-1]), []).append(m)
         out = {}
         for size, ms in by_size.items():
-            avg = torch.stack(ms).mean(dim=0)
+            avg = torch.stack(ms).mean(dim=0).to(feats[0].dtype)  # averaged in float32
             out[size] = avg.detach() if detach_maps else avg
         return feats[::-1], out
