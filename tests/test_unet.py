@@ -112,6 +112,8 @@ def test_scalar_timestep_and_bad_inputs(tiny):
             ours(x, torch.ones(3), ctx)
         with pytest.raises(ValueError, match="map_blocks"):
             ours.features(x, 1, ctx, map_blocks=("down",))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        UNet(UNetConfig(model_channels=48))
 
 
 def test_channels_last(tiny):

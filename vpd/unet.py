@@ -231,6 +231,10 @@ class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig = None):
         super().__init__()
         self.cfg = cfg = cfg or UNetConfig()
+        widths = [cfg.model_channels * m for m in cfg.channel_mult]
+        if any(w % 32 or w % cfg.num_heads for w in widths) or cfg.num_res_blocks < 1:
+            raise ValueError(f"every level's width {widths} must be a multiple of 32 (GroupNorm) and of "
+                             f"num_heads={cfg.num_heads}, and num_res_blocks >= 1: {cfg}")
         self.grad_checkpointing = False  # when training: recompute each block in the backward
         mc, emb_dim = cfg.model_channels, cfg.model_channels * 4
 
@@ -355,10 +359,11 @@ class UNet(nn.Module):
            text tokens averaged over heads, then over all kept layers of the same size. For a 64x64
            latent the defaults keep the 32x32 and 16x16 maps of the encoder and decoder, as VPD.
            Maps carry no gradient unless detach_maps=False. keep_maps=False: no maps, {}."""
+        map_blocks = (map_blocks,) if isinstance(map_blocks, str) else tuple(map_blocks)
         bad = [g for g in map_blocks if g not in MAP_BLOCKS]
         if bad:
             raise ValueError(f"map_blocks must be among {MAP_BLOCKS}, got {bad}")
-        groups = tuple(map_blocks) if keep_maps else ()
+        groups = map_blocks if keep_maps else ()
         _, feats, maps = self._run(x, t, context, groups, map_max_fraction * x.shape[-2] * x.shape[-1])
         by_size = {}
         for m in maps:
