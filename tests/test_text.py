@@ -40,7 +40,7 @@ def test_name_lists():
     assert all(t.count("{}") == 1 for t in IMAGENET_TEMPLATES)
     assert IMAGENET_TEMPLATES[0] == "a bad photo of a {}." and IMAGENET_TEMPLATES[-1] == "a tattoo of the {}."
     assert len(NYU_SCENES) == len(set(NYU_SCENES)) == 27
-    assert NYU_SCENES[:3] == ["printer_room", "bathroom", "living_room"] and NYU_SCENES[-1] == "bookstore"
+    assert list(NYU_SCENES[:3]) == ["printer_room", "bathroom", "living_room"] and NYU_SCENES[-1] == "bookstore"
     assert len(ADE20K_CLASSES) == len(set(ADE20K_CLASSES)) == 150
     assert (ADE20K_CLASSES[0], ADE20K_CLASSES[7], ADE20K_CLASSES[12], ADE20K_CLASSES[-1]) == (
         "wall", "bed", "person", "flag")
