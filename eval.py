@@ -1,0 +1,134 @@
+"""Evaluate a trained VPD model (ours or an official release) with the paper's test protocol.
+
+    python eval.py --task depth --ckpt out/depth/model.safetensors --data-root data/nyu
+    python eval.py --task semseg --ckpt vpd_seg.pth --data-root data/ade --sd-ckpt v1-5.safetensors --ms-flip
+    torchrun --nproc_per_node=8 eval.py --task refer --ckpt ... --data-root data/refer --dataset refcoco --split val
+    python eval.py --demo     # the checkpoint of `train.py --demo`
+
+semseg: mIoU / aAcc / per-class IoU, sliding window (512 crop, 341 stride), optional multi-scale +
+flip. depth: the nine metrics with the Eigen crop (NYU) or Garg crop (KITTI), flip + two shifted
+windows. refer: oIoU, mIoU, precision@0.5:0.9 over every sentence. Results on stdout and in
+<out>/metrics.json; --save-vis writes coloured predictions. Under torchrun each sample is counted
+exactly once (no DistributedSampler padding).
+"""
+import argparse
+import json
+import os
+from contextlib import nullcontext
+
+import torch
+from tqdm import tqdm
+
+from vpd import dist
+from vpd.infer import depth_predict, refer_logits, semseg_probs
+from vpd.metrics import DepthMetric, ReferMetric, SegMetric, ShardedEvalSampler
+from vpd.tasks import TASKS, build_eval, to_device
+
+MS_RATIOS = (1.0, 1.125, 1.25, 1.375, 1.5)  # VPD's multi-scale test ratios
+
+
+@torch.no_grad()
+def evaluate(model, task, dataset, device, autocast=nullcontext, max_samples=None, ms_flip=False,
+             flip=True, save_vis=None, depth_crop="eigen", max_depth=10.0):
+    """Metrics of `model` on `dataset` (its evaluation view, batch 1); each rank takes its shard."""
+    n = len(dataset) if max_samples is None else min(max_samples, len(dataset))
+    sampler = ShardedEvalSampler(n)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=2)
+    if task == "semseg":
+        k = model.num_classes
+        metric = SegMetric(k)
+    elif task == "depth":
+        metric = DepthMetric(max_depth=max_depth, crop=depth_crop)
+    else:
+        metric = ReferMetric()
+    was_training = model.training
+    model.eval()
+    for batch in tqdm(loader, desc=f"eval {task}", disable=sampler.rank != 0, dynamic_ncols=True,
+                      leave=False):
+        batch = to_device(batch, device)
+        image = batch["image"]
+        with autocast():
+            if task == "semseg":
+                label = batch["label"]
+                probs = semseg_probs(model, image, k, label.shape[-2:], scales=MS_RATIOS if ms_flip else (1.0,),
+                                     flip=ms_flip)
+                pred = probs.argmax(1)
+                metric.update(pred, label)
+            elif task == "depth":
+                pred = depth_predict(model, image, batch["scene_id"], flip=flip)
+                pred = torch.nn.functional.interpolate(pred, size=batch["depth"].shape[-2:], mode="bilinear")
+                metric.update(pred, batch["depth"])
+            else:
+                mask = batch["mask"].bool()
+                pred = refer_logits(model, image, batch["tokens"], mask.shape[-2:]).argmax(1) == 1
+                metric.update(pred, mask)
+        if save_vis:
+            _save_vis(task, save_vis, batch, pred)
+    model.train(was_training)
+    metric.reduce()
+    return metric.compute()
+
+
+def _save_vis(task, out_dir, batch, pred):
+    from vpd import vis
+    os.makedirs(out_dir, exist_ok=True)
+    name = f"{int(batch['index'][0]):06d}.png"
+    if task == "semseg":
+        vis.colorize_labels(pred[0].cpu().numpy()).save(os.path.join(out_dir, name))
+    elif task == "depth":
+        vis.colorize_depth(pred[0, 0].float().cpu().numpy()).save(os.path.join(out_dir, name))
+    else:
+        image = ((batch["image"][0].float().cpu().permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().numpy()
+        mask = torch.nn.functional.interpolate(pred[:, None].float(), size=image.shape[:2])[0, 0] > 0.5
+        vis.overlay_mask(image, mask.cpu().numpy()).save(os.path.join(out_dir, name))
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=TASKS)
+    p.add_argument("--ckpt", help="our model.safetensors, or an official VPD .ckpt/.pth")
+    p.add_argument("--demo", action="store_true", help="evaluate out/demo/model.safetensors on the synthetic set")
+    p.add_argument("--sd-ckpt", help="SD v1.x file for the frozen VAE/CLIP (default: the one training used)")
+    p.add_argument("--data-root")
+    p.add_argument("--dataset", default=None, help="depth: nyu|kitti; refer: refcoco|refcoco+|refcocog")
+    p.add_argument("--split-by", default=None)
+    p.add_argument("--split", default=None, help="refer: val, testA, testB, test, ...")
+    p.add_argument("--out", default=None)
+    p.add_argument("--ms-flip", action="store_true", help="semseg: multi-scale + flip test")
+    p.add_argument("--no-flip", action="store_true", help="depth: no flip averaging")
+    p.add_argument("--max-samples", type=int)
+    p.add_argument("--save-vis", action="store_true")
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None, help="default: bf16 on GPU, off on CPU")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    if args.demo:
+        args.ckpt = args.ckpt or os.path.join("out", "demo", "model.safetensors")
+    if args.ckpt is None:
+        p.error("--ckpt is required (or --demo)")
+    return args
+
+
+def main(args):
+    rank, world, _, device = dist.setup(args.device)
+    ev = build_eval(args, device)  # model from the checkpoint + the evaluation set
+    if args.task is None:
+        args.task = ev.task
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
+    os.makedirs(out, exist_ok=True)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp or
+                                                                         ("bf16" if device.type == "cuda" else "off")]
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+    metrics = evaluate(ev.model, ev.task, ev.dataset, device, autocast, args.max_samples, ms_flip=args.ms_flip,
+                       flip=not args.no_flip, save_vis=os.path.join(out, "vis") if args.save_vis else None,
+                       depth_crop=ev.depth_crop, max_depth=ev.max_depth)
+    if rank == 0:
+        for k, v in metrics.items():
+            print(f"{k:>10}: {v}" if not isinstance(v, float) else f"{k:>10}: {v:.4f}")
+        with open(os.path.join(out, "metrics.json"), "w") as f:
+            json.dump(dict(ckpt=os.path.abspath(args.ckpt), task=ev.task, **metrics), f, indent=1)
+        print(f"wrote {os.path.join(out, 'metrics.json')}")
+    dist.teardown()
+
+
+if __name__ == "__main__":
+    main(get_args())

@@ -1,0 +1,237 @@
+"""Train VPD on one task.
+
+    python train.py --demo                                    # tiny model, synthetic world, a few minutes on a CPU
+    torchrun --nproc_per_node=8 train.py --task semseg --sd-ckpt v1-5-pruned-emaonly.safetensors --data-root data/ade
+    python train.py --task depth --sd-ckpt ... --data-root data/nyu --batch-size 24 --micro-batch 3   # 1 GPU, accumulation
+
+Every setting of the paper's recipe is a preset below and a flag. Launched by torchrun it runs DDP
+(nccl on GPU, gloo on CPU). Checkpoints go to --out: model.safetensors (trained weights) and
+state.pt (step, optimizer, RNG, args); --resume continues exactly where a run stopped.
+"""
+import argparse
+import json
+import os
+import random
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from eval import evaluate
+from vpd import dist
+from vpd.optim import build_optimizer, lr_factor, set_lr
+from vpd.trained import load_weights, save_state, save_weights
+from vpd.sampler import GlobalBatchSampler
+from vpd.tasks import TASKS, build_task, forward_loss, to_device
+
+# The paper's recipes (VPD_NOTES "Tasks"). batch_size is the global batch of one optimizer step.
+PRESETS = {
+    "semseg": dict(lr=8e-5, weight_decay=1e-3, unet_lr_mult=0.1, iters=80_000, epochs=None, batch_size=16,
+                   crop=512, schedule="poly", power=1.0, warmup_iters=1500, min_lr_ratio=0.0, eval_every=8000),
+    "depth": dict(lr=5e-4, weight_decay=0.1, unet_lr_mult=0.01, iters=None, epochs=25, batch_size=24,
+                  crop=480, schedule="updown", power=0.9, warmup_iters=0, min_lr_ratio=3e-5 / 5e-4, eval_every=None),
+    "refer": dict(lr=5e-5, weight_decay=1e-2, unet_lr_mult=1.0, iters=None, epochs=40, batch_size=32,
+                  crop=512, schedule="poly", power=0.9, warmup_iters=0, min_lr_ratio=0.0, eval_every=None),
+}
+# --demo: a tiny random-weight model on the synthetic world, the whole pipeline in minutes on a CPU.
+DEMO = dict(iters=300, batch_size=8, micro_batch=8, lr=1e-3, unet_lr_mult=1.0, warmup_iters=0, eval_every=None,
+            log_every=10, save_every=100, demo_images=192, demo_size=128)
+DEMO_CROP = {"semseg": 128, "depth": 96, "refer": 128}  # synthetic images are 128x96
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=TASKS, help="semseg (ADE20K), depth (NYUv2 / KITTI) or refer (RefCOCO)")
+    p.add_argument("--demo", action="store_true", help="tiny random model on synthetic data (the default "
+                   "when neither --sd-ckpt nor --data-root is given)")
+    p.add_argument("--sd-ckpt", help="Stable Diffusion v1.x .safetensors or .ckpt")
+    p.add_argument("--data-root", help="dataset root in its standard layout (see README)")
+    p.add_argument("--dataset", default=None, help="depth: nyu|kitti; refer: refcoco|refcoco+|refcocog")
+    p.add_argument("--split-by", default=None, help="refer: unc (refcoco, refcoco+) or umd (refcocog)")
+    p.add_argument("--out", default=None, help="output directory (default out/<task>)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--iters", type=int, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="global batch per optimizer step")
+    p.add_argument("--micro-batch", type=int, help="images per process per forward (accumulates to --batch-size)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--unet-lr-mult", type=float)
+    p.add_argument("--warmup-iters", type=int)
+    p.add_argument("--crop", type=int)
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None,
+                   help="autocast dtype (default: bf16 on GPU, off on CPU, where bf16 is slower)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per UNet block")
+    p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--eval-every", type=int, help="steps between evaluations (always at the last step)")
+    p.add_argument("--eval-max", type=int, default=None, help="evaluate on at most this many samples")
+    p.add_argument("--save-every", type=int, default=1000)
+    p.add_argument("--text-cache", default=None, help="directory caching class embeddings (default <out>/..)")
+    args = p.parse_args(argv)
+    args.demo = args.demo or (args.sd_ckpt is None and args.data_root is None)
+    if args.task is None:
+        if not args.demo:
+            p.error("--task is required (semseg, depth or refer)")
+        args.task = "depth"
+    if not args.demo and (args.sd_ckpt is None or args.data_root is None):
+        p.error("real training needs both --sd-ckpt and --data-root (or use --demo)")
+    demo = dict(DEMO, crop=DEMO_CROP[args.task]) if args.demo else {}
+    for k, v in {**PRESETS[args.task], **demo}.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    if args.iters is None and args.epochs is None:
+        p.error("give --iters or --epochs")
+    args.out = args.out or os.path.join("out", "demo" if args.demo else args.task)
+    return args
+
+
+def main(args):
+    rank, world, _, device = dist.setup(args.device)
+    master = rank == 0
+    print0 = print if master else (lambda *a, **k: None)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        probe = os.path.join(args.out, f".write_test{rank}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"--out {args.out} is not writable: {e}")
+    state_path, weights_path = os.path.join(args.out, "state.pt"), os.path.join(args.out, "model.safetensors")
+    if args.resume and not os.path.isfile(state_path):
+        raise SystemExit(f"--resume: no checkpoint to resume from in {args.out} (expected {state_path})")
+
+    torch.manual_seed(args.seed + rank)
+    # --- task: datasets, model, evaluation (vpd/tasks.py) ---
+    task = build_task(args, device, log=print0)
+    model, train_set = task.model.to(device), task.train_set
+    if args.grad_checkpoint:
+        model.backbone.unet.grad_checkpointing = True
+    if world > 1 and device.type == "cuda":  # the paper's heads use SyncBN across GPUs
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    raw = model  # saved and evaluated; never the compiled / DDP wrapper (no _orig_mod. / module. prefixes)
+
+    micro = args.micro_batch or max(1, args.batch_size // world)
+    if args.batch_size % (micro * world):
+        raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of --micro-batch {micro} x {world} processes")
+    accum = args.batch_size // (micro * world)
+    steps_per_epoch = len(train_set) // args.batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"the training set has {len(train_set)} samples, fewer than one batch of {args.batch_size}")
+    total = args.iters or args.epochs * steps_per_epoch
+    peak = (args.epochs // 2) * steps_per_epoch if args.epochs and not args.iters else None
+
+    optimizer = build_optimizer(raw, args.lr, args.weight_decay, args.unet_lr_mult, fused=device.type == "cuda")
+    step = 0
+    if args.resume:
+        load_weights(raw, weights_path)
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        if state["args"]["task"] != args.task:
+            raise SystemExit(f"--resume: {args.out} holds a {state['args']['task']} run, not {args.task}")
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        if len(state["rng"]) != world:
+            raise SystemExit(f"--resume: {args.out} was written by {len(state['rng'])} processes, this run has {world}")
+        rng = state["rng"][rank]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        print0(f"resumed from {args.out} at step {step}")
+
+    if args.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    args.amp = args.amp or ("bf16" if device.type == "cuda" else "off")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+
+    def save():
+        rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                   cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+        rngs = dist.gather_objects(rng)  # each rank resumes its own dropout / RNG stream
+        if master:
+            meta = dict(task.meta, step=step, args=vars(args))
+            save_weights(raw, weights_path, meta)
+            save_state(dict(step=step, optimizer=optimizer.state_dict(), args=vars(args), rng=rngs), state_path)
+        dist.barrier()
+
+    def run_eval():
+        metrics = evaluate(raw, args.task, task.eval_set, device, autocast, args.eval_max,
+                           depth_crop=task.meta["depth_crop"], max_depth=getattr(raw, "max_depth", 10.0))
+        if master:
+            print0(f"step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(dict(step=step, **{f"eval/{k}": v for k, v in metrics.items()})) + "\n")
+            with open(os.path.join(args.out, "metrics.json"), "w") as f:
+                json.dump(dict(step=step, **metrics), f, indent=1)
+        return metrics
+
+    print0(f"{args.task}: {len(train_set)} training samples, {total} steps of {args.batch_size} images "
+           f"({world} processes x {micro} x {accum} accumulation), amp {args.amp}")
+    bar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True)
+    model.train()
+    loss_sum, t0, last = 0.0, time.time(), step
+    while step < total:
+        epoch = step // steps_per_epoch
+        train_set.set_epoch(epoch)  # augmentations are a function of (seed, epoch, index)
+        sampler = GlobalBatchSampler(len(train_set), micro, world, rank, accum, args.seed, epoch,
+                                     start_step=step % steps_per_epoch)
+        loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers,
+                                             pin_memory=device.type == "cuda")
+        it = iter(loader)
+        for _ in range(steps_per_epoch - step % steps_per_epoch):
+            if step >= total:
+                break
+            set_lr(optimizer, args.lr * lr_factor(step, total, args.schedule, args.warmup_iters,
+                                                   power=args.power, min_ratio=args.min_lr_ratio, peak=peak))
+            for a in range(accum):
+                batch = to_device(next(it), device)
+                sync = a == accum - 1 or world == 1
+                with (nullcontext() if sync else model.no_sync()), autocast():
+                    loss = forward_loss(model, raw, args.task, batch) / accum
+                scaler.scale(loss).backward()
+                loss_sum += loss.detach()  # no host sync per micro-step
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if step % args.log_every == 0 or step == total:
+                dt = time.time() - t0
+                loss_avg = dist.mean_over_ranks(float(loss_sum) / (step - last), device)
+                lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_scale"]
+                rec = dict(step=step, loss=loss_avg, lr=lr, ms=1000 * dt / (step - last),
+                           img_s=(step - last) * args.batch_size / dt)
+                if not np.isfinite(loss_avg):
+                    raise SystemExit(f"loss is {loss_avg} at step {step}: stopping (lower --lr or use --amp bf16)")
+                bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", img_s=f"{rec['img_s']:.1f}")
+                if master:
+                    with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                loss_sum, t0, last = 0.0, time.time(), step
+            if step % args.save_every == 0 or step == total:
+                save()
+            if step == total or (args.eval_every and step % args.eval_every == 0):
+                model.eval()
+                run_eval()
+                model.train()
+    bar.close()
+    if master:
+        from vpd.vis import plot_curves
+        plot_curves(os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "curves.png"))
+        print0(f"done: {weights_path}, {os.path.join(args.out, 'metrics.json')}, {os.path.join(args.out, 'curves.png')}")
+    dist.teardown()
+
+
+if __name__ == "__main__":
+    main(get_args())

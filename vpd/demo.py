@@ -1,0 +1,40 @@
+"""The demo world: tiny SD networks with random weights, saved in the real SD checkpoint layout.
+
+`train.py --demo` and the tests write such a file and then take exactly the code path a real
+`v1-5-pruned-emaonly.safetensors` takes; only the configs are small.
+"""
+import os
+from dataclasses import asdict
+
+import torch
+from safetensors.torch import save_file
+
+from vpd.clip import CLIPConfig, CLIPTextModel
+from vpd.unet import UNetConfig, UNet
+from vpd.vae import VAEConfig, VAE
+
+PREFIX = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+          "clip": "cond_stage_model.transformer.text_model."}
+
+TINY_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=1, num_heads=4, context_dim=32)
+TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
+TINY_CLIP = CLIPConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
+def tiny_configs():
+    return dict(unet=asdict(TINY_UNET), vae=asdict(TINY_VAE), clip=asdict(TINY_CLIP))
+
+
+def write_random_sd(path, seed=0, unet=TINY_UNET, vae=TINY_VAE, clip=TINY_CLIP):
+    """Random-weight UNet, VAE and CLIP text encoder as one SD v1 `.safetensors` file (written once)."""
+    if os.path.isfile(path):
+        return path
+    torch.manual_seed(seed)
+    state = {}
+    for name, module in (("unet", UNet(unet)), ("vae", VAE(vae)), ("clip", CLIPTextModel(clip))):
+        state.update({PREFIX[name] + k: v.contiguous() for k, v in module.state_dict().items()})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(state, tmp)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,88 @@
+"""Test-time inference of each task: what a model predicts for one full image.
+
+semseg: mmseg's sliding window (512 crops, stride 341), optional multi-scale + flip, softmax
+        averaged at the label's size. depth: VPD's flip + shifted square windows, averaged.
+refer:  one forward, logits resized to the mask's size.
+The networks take sides that are multiples of 64 (480 for depth too); other sizes are zero-padded
+here and the padding is cut off the prediction.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def pad_to(x, multiple=64):
+    """Zero-pad (B, C, H, W) on the bottom/right to multiples of `multiple`; return (x, (H, W))."""
+    h, w = x.shape[-2:]
+    ph, pw = -h % multiple, -w % multiple
+    return (F.pad(x, (0, pw, 0, ph)) if ph or pw else x), (h, w)
+
+
+def _seg_logits(model, x):
+    xp, (h, w) = pad_to(x)
+    return model(xp)[..., :h, :w]
+
+
+def slide_logits(model, image, num_classes, crop=512, stride=341):
+    """mmseg's slide inference: overlapping crops, logits summed and divided by the overlap count."""
+    b, _, H, W = image.shape
+    rows = max(H - crop + stride - 1, 0) // stride + 1
+    cols = max(W - crop + stride - 1, 0) // stride + 1
+    logits = image.new_zeros(b, num_classes, H, W, dtype=torch.float32)
+    count = image.new_zeros(1, 1, H, W, dtype=torch.float32)
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * stride + crop, H), min(c * stride + crop, W)
+            y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+            logits[:, :, y1:y2, x1:x2] += _seg_logits(model, image[:, :, y1:y2, x1:x2]).float()
+            count[:, :, y1:y2, x1:x2] += 1
+    return logits / count
+
+
+def semseg_probs(model, image, num_classes, out_size, scales=(1.0,), flip=False, crop=512, stride=341):
+    """Class probabilities (B, K, *out_size), averaged over scales (relative to `image`) and flips."""
+    probs = 0
+    for s in scales:
+        x = image if s == 1.0 else F.interpolate(image, scale_factor=s, mode="bilinear", align_corners=False)
+        for flipped in ((False, True) if flip else (False,)):
+            xi = x.flip(-1) if flipped else x
+            logits = slide_logits(model, xi, num_classes, crop, stride)
+            logits = logits.flip(-1) if flipped else logits
+            logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+            probs = probs + logits.softmax(1)
+    return probs / (len(scales) * (2 if flip else 1))
+
+
+def depth_predict(model, image, scene_ids, flip=True, windows=2):
+    """VPD's depth test: `windows` square crops along the long side (2 for 480x640: x=0 and x=160)
+    and their flips, predictions averaged where they overlap. Returns (B, 1, H, W) metres."""
+    b, _, h, w = image.shape
+    if w > h and windows > 1:
+        step = (w - h) // (windows - 1)
+        spans = [(i * step, i * step + h) for i in range(windows)]
+    else:
+        spans = [(0, w)]
+    crops = torch.cat([image[..., x1:x2] for x1, x2 in spans])  # (windows * B, 3, h, side)
+    ids = scene_ids.repeat(len(spans))
+    if flip:
+        crops, ids = torch.cat([crops, crops.flip(-1)]), torch.cat([ids, ids])
+    xp, (ch, cw) = pad_to(crops) if _needs_pad(crops) else (crops, crops.shape[-2:])
+    pred = model(xp, ids)[..., :ch, :cw].float()
+    if flip:
+        n = pred.shape[0] // 2
+        pred = (pred[:n] + pred[n:].flip(-1)) / 2
+    out = image.new_zeros(b, 1, h, w, dtype=torch.float32)
+    count = image.new_zeros(1, 1, h, w, dtype=torch.float32)
+    for i, (x1, x2) in enumerate(spans):
+        out[..., x1:x2] += pred[i * b:(i + 1) * b]
+        count[..., x1:x2] += 1
+    return out / count
+
+
+def _needs_pad(x):
+    """480 is taken as it is (VPD pads it to 512 inside the model); other sides go to multiples of 64."""
+    return any(s % 64 and s != 480 for s in x.shape[-2:])
+
+
+def refer_logits(model, image, tokens, out_size):
+    logits = model(image, tokens).float()
+    return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)

@@ -1,0 +1,169 @@
+"""What differs between the three tasks: their datasets, how a model is built and fed, its loss.
+
+train.py, eval.py and predict.py stay task-agnostic by going through these functions. The demo
+(`--demo`) writes a tiny random SD checkpoint and a synthetic dataset, then takes the same paths.
+"""
+import os
+from dataclasses import asdict
+from types import SimpleNamespace
+
+import torch
+from safetensors import safe_open
+
+from vpd import data
+from vpd.clip import CLIPConfig, Tokenizer
+from vpd.model import TASKS, build_model
+from vpd.trained import load_weights, read_meta
+from vpd.unet import UNetConfig
+from vpd.vae import VAEConfig
+
+# Where each task's data comes from, said in every "missing data" error.
+SOURCES = {
+    "semseg": "ADE20K: http://sceneparsing.csail.mit.edu (ADEChallengeData2016.zip), unzipped under --data-root",
+    "depth": "NYUv2: the BTS/VPD 'sync' training set and official_splits/test, with train_list.txt and "
+             "test_list.txt (BTS's nyudepthv2_*_files_with_gt.txt) under --data-root; KITTI: the Eigen split",
+    "refer": "RefCOCO: refer/data/<dataset>/refs(<split_by>).p and instances.json from the REFER toolkit, "
+             "COCO train2014 images under refer/data/images/mscoco/images/train2014",
+}
+DEMO_HEADS = {"semseg": dict(channels=32), "depth": dict(fuse_channels=64, deconv_channels=16, out_channels=32),
+              "refer": dict(hidden=32)}
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def forward_loss(model, raw, task, batch):
+    """Training loss of one batch. `model` may be the DDP/compiled wrapper; `raw` has `.loss`."""
+    if task == "semseg":
+        return raw.loss(model(batch["image"]), batch["label"])
+    if task == "depth":
+        return raw.loss(model(batch["image"], batch["scene_id"]), batch["depth"])
+    return raw.loss(model(batch["image"], batch["tokens"]), batch["mask"].long())
+
+
+def datasets(task, root, crop, seed=0, dataset=None, split_by=None, split=None, demo=False):
+    """(train_set, eval_set) of `task` under `root`; a clear error when the layout is not there."""
+    try:
+        if task == "depth" and (dataset or "nyu") == "kitti":
+            return (data.KITTI(root, "train", crop=(crop, crop * 2), seed=seed),
+                    data.KITTI(root, split or "test", train=False))
+        if task == "depth":
+            return (data.NYUv2(root, "train", crop=(crop, crop), seed=seed),
+                    data.NYUv2(root, "test", train=False))
+        if task == "semseg":
+            scale = (4 * crop, crop)  # (2048, 512) for the paper's 512 crops
+            return (data.ADE20K(root, "training", crop=(crop, crop), scale=scale, seed=seed),
+                    data.ADE20K(root, "validation", train=False, scale=scale))
+        tok = Tokenizer().encode
+        kw = dict(dataset=dataset or "refcoco", split_by=split_by or ("umd" if dataset == "refcocog" else "unc"),
+                  tokenizer=tok, max_tokens=77 if dataset == "refcocog" else 40, size=(crop, crop))
+        return (data.RefCOCO(root, split="train", seed=seed, **kw),
+                data.RefCOCO(root, split=split or "val", train=False, **kw))
+    except FileNotFoundError as e:
+        if demo:
+            raise
+        raise SystemExit(f"{e}\n--data-root {root} does not hold the {task} data in its standard layout. "
+                         f"Get it from {SOURCES[task]}.") from None
+
+
+def make_demo_files(out, task, n, size, seed=0):
+    """A tiny random SD checkpoint and a synthetic dataset under `out`; returns (sd_ckpt, data_root)."""
+    from vpd.demo import write_random_sd
+    from vpd.synthetic import make_synthetic
+    sd = write_random_sd(os.path.join(out, "tiny_sd.safetensors"), seed=seed)
+    root = os.path.join(out, f"synthetic_{task}")
+    if not os.path.isdir(root):
+        make_synthetic(root + ".tmp", task, n, seed=seed, size=size)
+        os.replace(root + ".tmp", root)
+    return sd, root
+
+
+def _configs(demo):
+    from vpd.demo import TINY_CLIP, TINY_UNET, TINY_VAE
+    return (TINY_UNET, TINY_VAE, TINY_CLIP) if demo else (UNetConfig(), VAEConfig(), CLIPConfig())
+
+
+def model_kwargs(task, train_set, demo, dataset=None):
+    kw = dict(DEMO_HEADS[task]) if demo else {}
+    if task == "depth":
+        kw["max_depth"] = train_set.max_depth
+    if task == "refer":
+        kw["max_tokens"] = 77 if dataset == "refcocog" else 40
+    return kw
+
+
+def build_task(args, device, log=print):
+    """Datasets and model of a training run, plus the metadata saved with its checkpoints."""
+    if args.demo:
+        args.sd_ckpt, args.data_root = make_demo_files(args.out, args.task, args.demo_images, args.demo_size,
+                                                       args.seed)
+    if not os.path.isfile(args.sd_ckpt):
+        raise SystemExit(f"--sd-ckpt {args.sd_ckpt}: no such file. Download Stable Diffusion v1.5 "
+                         "(v1-5-pruned-emaonly.safetensors) and pass its path.")
+    train_set, eval_set = datasets(args.task, args.data_root, args.crop, args.seed, args.dataset, args.split_by,
+                                   demo=args.demo)
+    unet_cfg, vae_cfg, clip_cfg = _configs(args.demo)
+    kw = model_kwargs(args.task, train_set, args.demo, args.dataset)
+    log(f"building the {args.task} model from {args.sd_ckpt}")
+    cache = args.text_cache or os.path.join(os.path.dirname(os.path.abspath(args.out)), "text_cache")
+    model = build_model(args.task, args.sd_ckpt, unet_cfg, vae_cfg, clip_cfg, cache_dir=cache, **kw)
+    meta = dict(task=args.task, sd_ckpt=os.path.abspath(args.sd_ckpt), demo=args.demo, dataset=args.dataset,
+                unet=asdict(unet_cfg), vae=asdict(vae_cfg), clip=asdict(clip_cfg), model_kwargs=kw,
+                depth_crop=depth_crop(args.task, args.dataset, args.demo))
+    return SimpleNamespace(model=model, train_set=train_set, eval_set=eval_set, meta=meta)
+
+
+def depth_crop(task, dataset, demo):
+    if task != "depth" or demo:
+        return None
+    return "garg" if dataset == "kitti" else "eigen"
+
+
+def _cfg(cls, d):
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def load_model(ckpt, task=None, sd_ckpt=None):
+    """A model for evaluation / prediction from our `model.safetensors` (rebuilt from its metadata +
+    the frozen parts of its SD file) or from an official VPD release. Returns (model, meta)."""
+    if not os.path.isfile(ckpt):
+        raise SystemExit(f"--ckpt {ckpt}: no such file")
+    meta = read_meta(ckpt)
+    if meta is None:  # an official VPD checkpoint
+        if task is None:
+            raise SystemExit("--task is required for an official VPD checkpoint")
+        from vpd.official import official_model
+        try:
+            model = official_model(ckpt, task, sd_ckpt=sd_ckpt)
+        except ValueError as e:
+            raise SystemExit(f"--ckpt {ckpt}: {e}") from None
+        return model, dict(task=task, demo=False, dataset=None, depth_crop=depth_crop(task, None, False))
+    if task is not None and meta["task"] != task:
+        raise SystemExit(f"--ckpt {ckpt} is a {meta['task']} model, not {task}")
+    sd = sd_ckpt or meta["sd_ckpt"]
+    if not os.path.isfile(sd):
+        raise SystemExit(f"the SD checkpoint {sd} (frozen VAE/CLIP of this model) is not there: pass --sd-ckpt")
+    with safe_open(ckpt, framework="pt") as f:  # the model's own text embeddings, not recomputed
+        emb = f.get_tensor("class_embeddings") if "class_embeddings" in f.keys() else None
+    model = build_model(meta["task"], sd, _cfg(UNetConfig, meta["unet"]), _cfg(VAEConfig, meta["vae"]),
+                        _cfg(CLIPConfig, meta["clip"]), class_embeddings=emb, **meta["model_kwargs"])
+    return load_weights(model, ckpt), meta
+
+
+def build_eval(args, device):
+    """Model + evaluation set for eval.py."""
+    model, meta = load_model(args.ckpt, args.task, args.sd_ckpt)
+    task = meta["task"]
+    root = args.data_root
+    if root is None and meta.get("demo"):
+        root = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"synthetic_{task}")
+    if root is None:
+        raise SystemExit("--data-root is required")
+    crop = 512 if task != "depth" else 480
+    if meta.get("demo"):
+        crop = meta["args"]["crop"]
+    _, eval_set = datasets(task, root, crop, dataset=args.dataset or meta.get("dataset"), split_by=args.split_by,
+                           split=args.split, demo=meta.get("demo", False))
+    return SimpleNamespace(model=model.to(device), task=task, dataset=eval_set, depth_crop=meta.get("depth_crop"),
+                           max_depth=getattr(model, "max_depth", 10.0))
