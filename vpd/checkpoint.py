@@ -42,6 +42,13 @@ def _open(src):
     return list(obj), lambda k: tuple(obj[k].shape), lambda k: obj[k]
 
 
+def tensor_shapes(src, prefix=""):
+    """{name: shape} of the tensors under `prefix` in `src` (full names), without reading their data
+    from a .safetensors file."""
+    names, get_shape, _ = _open(src)
+    return {k: get_shape(k) for k in names if k.startswith(prefix)}
+
+
 def _describe(src):
     return "<state dict>" if isinstance(src, dict) else os.fspath(src)
 

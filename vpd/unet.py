@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vpd.checkpoint import CheckpointError, _open, load_checkpoint
+from vpd.checkpoint import CheckpointError, load_checkpoint, tensor_shapes
 
 PREFIX = "model.diffusion_model."
 MAP_BLOCKS = ("input", "middle", "output")
@@ -291,13 +291,13 @@ class UNet(nn.Module):
         try:
             load_checkpoint(model, src, PREFIX, cfg, dtype=dtype)
         except CheckpointError:
-            names, get_shape, _ = _open(src)
             to_k = PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-            if to_k in names and get_shape(to_k)[-1] == 1024 and cfg.context_dim != 1024:
+            shape = tensor_shapes(src, to_k).get(to_k)
+            if shape is not None and shape[-1] == 1024 and cfg.context_dim != 1024:
                 where = "<state dict>" if isinstance(src, dict) else os.fspath(src)
                 raise CheckpointError(
                     f"{where} looks like a Stable Diffusion 2.x UNet (cross-attention context 1024, {to_k} "
-                    f"has shape {list(get_shape(to_k))}); this is the SD v1 UNet, config {cfg}") from None
+                    f"has shape {list(shape)}); this is the SD v1 UNet, config {cfg}") from None
             raise
         return model
 
