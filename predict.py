@@ -1,0 +1,264 @@
+"""Predict depth, semantic segmentation or a referred object's mask on your own images.
+
+    python predict.py --task depth --ckpt out/depth/model.safetensors photo.jpg            # -> predictions/
+    python predict.py --task depth --ckpt vpd_depth.ckpt --sd-ckpt v1-5-pruned-emaonly.safetensors \
+        --scene kitchen my_photos/
+    python predict.py --task semseg --ckpt out/semseg/model.safetensors a.jpg b.png --out seg/
+    python predict.py --task refer --ckpt out/refer/model.safetensors street.jpg --text "the man on the left"
+
+Inputs are image files and folders of images (jpg, png, ...; any size and aspect). Every output PNG
+has the input image's own size and is named after it (<name> = the file name without extension):
+
+  depth   <name>_depth.png         16-bit depth in millimetres (x 1/256 m instead for models whose
+                                   maximum depth exceeds 65.5 m, e.g. KITTI; the log says which)
+          <name>_depth_color.png   the same, colourised (near = blue, far = red, per image)
+  semseg  <name>_semseg.png        class colours (the ADE20K palette of vpd/vis.py)
+          <name>_semseg_ids.png    class ids 0..K-1 (ADE20K: class i is ADE20K_CLASSES[i])
+  refer   <name>_refer.png         the image with the referred object tinted red
+          <name>_refer_mask.png    the object's mask: 255 on the object, 0 elsewhere
+
+How each task sees an image (vpd/data.py ImageFolder, vpd/infer.py):
+  depth   resized, aspect kept, to fit --size x --size (default 640: NYU's 480x640 frames keep
+          their training scale). A landscape image at most twice as wide as tall gets VPD's NYU
+          test: two square windows at its left and right ends, plus flips (--no-flip), averaged;
+          any other image is predicted whole, plus its flip.
+          VPD's depth model is conditioned on one of NYUv2's 27 scene types. --scene picks it
+          (default living_room: the generic room of mixed furniture at middle distances, and one
+          of NYUv2's most frequent scenes). Every prediction thus uses a text input the model was
+          trained with; try the scene nearest to your photo.
+  semseg  resized, aspect kept, to short side --size (default 512, as ADE20K's test), 512 sliding
+          windows with stride 341, logits resized to the image's size.
+  refer   resized to --size x --size (default 512, aspect not kept, as in training).
+Models from `train.py --demo` default to their training crop as --size.
+"""
+import argparse
+import math
+import os
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from vpd import vis
+from vpd.data import IMAGE_EXTENSIONS, NYU_SCENES, BadSampleError, ImageFolder, undo
+from vpd.dist import setup
+from vpd.infer import depth_predict, refer_logits, semseg_probs
+from vpd.model import TASKS
+from vpd.trained import read_meta
+
+SIZES = {"depth": 640, "semseg": 512, "refer": 512}  # see the docstring: --size per task
+DEFAULT_SCENE = "living_room"
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="+", help="image files and/or folders of images")
+    p.add_argument("--task", choices=TASKS, help="depth, semseg or refer (read from our own checkpoints; "
+                   "required for an official VPD file)")
+    p.add_argument("--ckpt", required=True, help="our model.safetensors, or an official VPD .ckpt/.pth")
+    p.add_argument("--sd-ckpt", help="SD v1.x file for the frozen VAE/CLIP (default: the one training used)")
+    p.add_argument("--text", help="refer: the referring expression, e.g. \"the man on the left\"")
+    p.add_argument("--scene", default=None, help=f"depth: NYUv2 scene type (default {DEFAULT_SCENE}); one of "
+                   + ", ".join(NYU_SCENES))
+    p.add_argument("--size", type=int, help="network input size (see above; default per task)")
+    p.add_argument("--no-flip", action="store_true", help="depth: no flip averaging")
+    p.add_argument("--out", default="predictions", help="output folder (default predictions/)")
+    p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None,
+                   help="autocast dtype (default: bf16 on GPU, off on CPU)")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- checks before the model loads
+
+def image_paths(inputs):
+    """Files and folders -> image file paths (a folder gives its images, sorted, not its subfolders)."""
+    paths = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(item, n) for n in os.listdir(item) if n.lower().endswith(IMAGE_EXTENSIONS))
+            if not found:
+                raise SystemExit(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {item}")
+            paths += found
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            raise SystemExit(f"image not found: {item}")
+    for path in paths:  # read the headers now: a bad file stops us before the (slow) model load
+        try:
+            with Image.open(path):
+                pass
+        except (OSError, SyntaxError, ValueError) as e:
+            raise SystemExit(f"cannot read image {path}: {e}") from None
+    stems = {}
+    for path in paths:  # outputs are named after the file: two inputs must not share a name
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem in stems and os.path.abspath(stems[stem]) != os.path.abspath(path):
+            raise SystemExit(f"{stems[stem]} and {path} would write the same output names ({stem}_*.png): "
+                             "rename one or predict them into different --out folders")
+        stems[stem] = path
+    return list(dict.fromkeys(stems.values()))  # each file once
+
+
+def resolve_task(args):
+    """The task of this run: --task, or the one our checkpoint's metadata names."""
+    if not os.path.isfile(args.ckpt):
+        raise SystemExit(f"--ckpt {args.ckpt}: no such file")
+    try:
+        meta = read_meta(args.ckpt) or {}
+    except ValueError as e:
+        raise SystemExit(f"--ckpt {e}") from None
+    task = args.task or meta.get("task")
+    if task is None:
+        raise SystemExit(f"--task is required for {args.ckpt} (an official VPD checkpoint)")
+    return task, meta
+
+
+def check_options(args, task):
+    if task == "refer":
+        if args.text is None:
+            raise SystemExit('--text is required for the refer task, e.g. --text "the man on the left"')
+        if not args.text.strip():
+            raise SystemExit("--text is empty")
+    elif args.text is not None:
+        raise SystemExit(f"--text is only for the refer task, not {task}")
+    if task == "depth":
+        scene = (args.scene or DEFAULT_SCENE).strip().lower().replace(" ", "_")
+        if scene not in NYU_SCENES:
+            raise SystemExit(f"--scene {args.scene!r} is not an NYUv2 scene type; one of: {', '.join(NYU_SCENES)}")
+        args.scene = scene
+    elif args.scene is not None:
+        raise SystemExit(f"--scene is only for the depth task, not {task}")
+    if args.no_flip and task != "depth":
+        raise SystemExit(f"--no-flip is only for the depth task, not {task}")
+    if args.size is not None and args.size < 32:
+        raise SystemExit(f"--size {args.size} is too small (at least 32)")
+
+
+def default_size(task, meta):
+    if meta.get("demo"):
+        return int(meta["args"]["crop"])  # demo images are tiny: the training crop
+    if task == "depth" and meta.get("dataset") == "kitti":
+        return 1216  # KITTI's benchmark crop width
+    return SIZES[task]
+
+
+# ----------------------------------------------------------------------------- prediction of one image
+
+def depth_windows(h, w):
+    """VPD's two windows for landscape images up to 2:1 (they then cover it); the whole image otherwise."""
+    return 2 if h < w <= 2 * h else 1
+
+
+def predict_depth(model, sample, scene_id, flip):
+    """-> (H, W) metres at the original size."""
+    rh, rw = sample["resized_size"].tolist()
+    x = sample["image"][None, :, :rh, :rw]  # (1, 3, h, w): the image without ImageFolder's padding
+    ids = torch.tensor([scene_id], device=x.device)
+    pred = depth_predict(model, x, ids, flip=flip, windows=depth_windows(rh, rw))  # (1, 1, h, w)
+    return undo(pred[0, 0], sample)
+
+
+def predict_semseg(model, sample, crop):
+    """-> (H, W) int64 class ids at the original size."""
+    k = model.head.classifier.out_channels
+    size = tuple(sample["orig_size"].tolist())
+    probs = semseg_probs(model, sample["image"][None], k, size, crop=crop, stride=math.ceil(crop * 2 / 3))
+    return probs[0].argmax(0)
+
+
+def predict_refer(model, sample, tokens):
+    """-> (H, W) bool mask at the original size."""
+    size = tuple(sample["orig_size"].tolist())
+    return refer_logits(model, sample["image"][None], tokens, size)[0].argmax(0) == 1
+
+
+# ----------------------------------------------------------------------------- writing PNGs
+
+def save_depth(depth_m, path, units_per_metre):
+    """(H, W) metres -> 16-bit PNG of depth * units_per_metre (1000: millimetres)."""
+    d = np.rint(depth_m.astype(np.float64) * units_per_metre)
+    if not np.isfinite(d).all() or d.min() < 0 or d.max() > 65535:
+        raise ValueError(f"depth in [{depth_m.min():.4g}, {depth_m.max():.4g}] m does not fit a 16-bit PNG "
+                         f"at {units_per_metre} units per metre")
+    Image.fromarray(d.astype(np.uint16)).save(path)
+
+
+def save_outputs(task, out, stem, pred, image_path, depth_units=1000):
+    """The PNGs of one image (see the module docstring); returns their paths."""
+    base = os.path.join(out, stem)
+    pred = pred.cpu().numpy()
+    if task == "depth":
+        paths = [base + "_depth.png", base + "_depth_color.png"]
+        save_depth(pred, paths[0], depth_units)
+        vis.colorize_depth(pred).save(paths[1])
+    elif task == "semseg":
+        paths = [base + "_semseg.png", base + "_semseg_ids.png"]
+        vis.colorize_labels(pred).save(paths[0])
+        Image.fromarray(pred.astype(np.uint8 if pred.max() < 256 else np.uint16)).save(paths[1])
+    else:
+        paths = [base + "_refer.png", base + "_refer_mask.png"]
+        with Image.open(image_path) as im:
+            rgb = np.asarray(im.convert("RGB"))
+        vis.overlay_mask(rgb, pred).save(paths[0])
+        Image.fromarray(pred.astype(np.uint8) * 255).save(paths[1])
+    return paths
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(args):
+    task, meta = resolve_task(args)
+    check_options(args, task)
+    paths = image_paths(args.images)
+    size = args.size or default_size(task, meta)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out {args.out}: cannot create the folder ({e})") from None
+    _, _, _, device = setup(args.device)
+
+    from vpd.tasks import load_model  # after the checks: building the model is the slow part
+    model, _ = load_model(args.ckpt, args.task, args.sd_ckpt)
+    model = model.to(device).eval()
+    amp = args.amp or ("bf16" if device.type == "cuda" else "off")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+    if task == "depth":
+        scene_id = NYU_SCENES.index(args.scene)
+        if model.class_embeddings.shape[0] != len(NYU_SCENES):
+            raise SystemExit(f"--ckpt {args.ckpt} has {model.class_embeddings.shape[0]} scene embeddings, "
+                             f"not NYUv2's {len(NYU_SCENES)}: --scene cannot name one")
+        depth_units = 1000 if model.max_depth * 1000 <= 65535 else 256
+        print(f"depth: scene {args.scene}, PNGs in 1/{depth_units} m")
+    if task == "refer":
+        from vpd.clip import Tokenizer
+        tokens = Tokenizer()(args.text, max_length=model.max_tokens).to(device)  # (1, max_tokens)
+
+    train_crop = int(meta["args"]["crop"]) if meta.get("demo") else 512  # semseg's sliding window
+    dataset = ImageFolder(paths, task, size)
+    written = 0
+    with torch.inference_mode(), autocast:
+        for i in tqdm(range(len(dataset)), desc=f"predict {task}", unit="img", dynamic_ncols=True):
+            try:
+                sample = dataset[i]
+            except BadSampleError as e:
+                raise SystemExit(str(e)) from None
+            sample = {k: v.to(device) if torch.is_tensor(v) else v for k, v in sample.items()}
+            if task == "depth":
+                pred = predict_depth(model, sample, scene_id, flip=not args.no_flip).float()
+            elif task == "semseg":
+                pred = predict_semseg(model, sample, crop=train_crop)
+            else:
+                pred = predict_refer(model, sample, tokens)
+            stem = os.path.splitext(os.path.basename(sample["path"]))[0]
+            save_outputs(task, args.out, stem, pred, sample["path"], depth_units if task == "depth" else 1000)
+            written += 1
+    print(f"wrote the {task} predictions of {written} image(s) to {args.out}")
+
+
+if __name__ == "__main__":
+    main(get_args())

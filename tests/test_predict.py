@@ -1,0 +1,245 @@
+"""predict.py on tiny random models saved the way train.py saves them (model.safetensors + the SD file
+it names): outputs have each input's own odd, non-square size and hold what the model predicts,
+recomputed here by hand from the model (windows, flips, padding, resizing); bad inputs stop with a
+message naming the problem."""
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # predict.py is a script at the repository root
+import predict  # noqa: E402
+from vpd.clip import Tokenizer  # noqa: E402
+from vpd.data import NYU_SCENES, ImageFolder  # noqa: E402
+from vpd.demo import TINY_CLIP, TINY_UNET, TINY_VAE, tiny_configs, write_random_sd  # noqa: E402
+from vpd.model import build_model  # noqa: E402
+from vpd.tasks import load_model, model_kwargs  # noqa: E402
+from vpd.trained import save_weights  # noqa: E402
+
+SIZE = 64  # --size of every run here: the networks see at most 64x128
+CROPS = {"depth": 64, "semseg": 128, "refer": 64}  # the "training crop" in each checkpoint's metadata
+H, W = 77, 131  # odd, non-square test images
+
+
+def wake(model, seed):
+    """Random values for zero-initialised weights (SD's zero convs), so every path carries signal."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1 and p.abs().max() == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def write_image(path, h, w, seed):
+    """A smooth gradient plus noise: predictions vary across the image."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([255 * yy / h, 255 * xx / w, 128 + 0 * xx], -1)
+    img = np.clip(base + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(img).save(path)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions run fastest on one thread, and the test machine's cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    sd = write_random_sd(str(root / "tiny_sd.safetensors"))
+    imgs = root / "images"
+    imgs.mkdir()
+    wide = write_image(str(imgs / "wide.png"), H, W, 0)
+    tall = write_image(str(imgs / "tall.jpg"), W, H, 1)
+    return SimpleNamespace(root=root, sd=sd, images=str(imgs), wide=wide, tall=tall, ckpts={})
+
+
+def checkpoint(world, task):
+    """A tiny `task` model written as train.py writes it (trained weights + metadata naming the SD file)."""
+    if task in world.ckpts:
+        return world.ckpts[task]
+    torch.manual_seed(0)
+    kw = model_kwargs(task, SimpleNamespace(max_depth=10.0), demo=True)
+    emb = {"depth": torch.randn(len(NYU_SCENES), TINY_UNET.context_dim), "semseg": torch.randn(150, 32)}.get(task)
+    model = wake(build_model(task, world.sd, TINY_UNET, TINY_VAE, TINY_CLIP, class_embeddings=emb, **kw), 0).eval()
+    if task == "depth":  # VPD's decoder starts at N(0, 0.001): a flat 5 m; torch's default init varies
+        for m in model.head.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                m.reset_parameters()
+    if task == "refer":  # centre the mask logits on the test image so that both classes appear
+        x = ImageFolder([world.wide], "refer", SIZE)[0]["image"][None]
+        with torch.no_grad():
+            logits = model(x, Tokenizer()("the man", max_length=model.max_tokens))
+            model.head.classifier.bias[1] -= (logits[0, 1] - logits[0, 0]).median()
+    meta = dict(task=task, sd_ckpt=world.sd, demo=True, dataset=None, **tiny_configs(), model_kwargs=kw,
+                depth_crop=None, args=dict(crop=CROPS[task]))
+    path = str(world.root / f"{task}.safetensors")
+    save_weights(model, path, meta)
+    world.ckpts[task] = path
+    return path
+
+
+def run(*argv):
+    predict.main(predict.get_args([str(a) for a in argv]))
+
+
+def error_of(*argv):
+    with pytest.raises(SystemExit) as e:
+        run(*argv)
+    assert isinstance(e.value.code, str), "must exit with a message (status 1), not a bare code"
+    return e.value.code
+
+
+def png(path):
+    with Image.open(path) as im:
+        return im.mode, np.asarray(im)
+
+
+# --- each task: sizes and values ------------------------------------------------------------
+
+def test_depth_png_is_uint16_mm_of_the_models_prediction(world, tmp_path):
+    ckpt = checkpoint(world, "depth")
+    run("--ckpt", ckpt, "--size", SIZE, "--scene", "kitchen", "--out", tmp_path, world.images)
+    model, _ = load_model(ckpt)
+    model.eval()
+    sid = torch.tensor([NYU_SCENES.index("kitchen")])
+
+    def f(x):  # the model on one square window, zero-padded to 64, with its flip averaged in
+        h, w = x.shape[-2:]
+        a = model(F.pad(x, (0, 64 - w, 0, 64 - h)), sid)[..., :h, :w]
+        b = model(F.pad(x.flip(-1), (0, 64 - w, 0, 64 - h)), sid)[..., :h, :w]
+        return (a + b.flip(-1)) / 2
+
+    for name, (h, w) in (("wide", (H, W)), ("tall", (W, H))):
+        path = world.wide if name == "wide" else world.tall
+        x = ImageFolder([path], "depth", SIZE)[0]["image"][None]
+        with torch.no_grad():
+            if name == "wide":  # 77x131 -> 38x64: VPD's two windows, at x=0 and x=26, averaged on overlap
+                img = x[..., :38, :64]
+                left, right = f(img[..., :38]), f(img[..., 26:])
+                ref = torch.zeros(1, 1, 38, 64)
+                cnt = torch.zeros(1, 1, 38, 64)
+                ref[..., :38] += left
+                ref[..., 26:] += right
+                cnt[..., :38] += 1
+                cnt[..., 26:] += 1
+                ref = ref / cnt
+            else:  # 131x77 -> 64x38: portrait, one whole-image window
+                ref = f(x[..., :64, :38])
+        ref = F.interpolate(ref, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+        mode, mm = png(tmp_path / f"{name}_depth.png")
+        assert mode == "I;16" and mm.dtype == np.uint16 and mm.shape == (h, w)
+        assert np.abs(mm.astype(np.float64) - ref * 1000).max() <= 0.5 + 1e-2
+        assert mm.std() > 0  # the prediction varies across the image
+        mode, color = png(tmp_path / f"{name}_depth_color.png")
+        assert mode == "RGB" and color.shape == (h, w, 3)
+
+
+def test_depth_scene_changes_the_prediction(world, tmp_path):
+    ckpt = checkpoint(world, "depth")
+    for scene in ("kitchen", "bedroom"):
+        run("--ckpt", ckpt, "--size", SIZE, "--scene", scene, "--no-flip", "--out", tmp_path / scene, world.wide)
+    assert not np.array_equal(png(tmp_path / "kitchen" / "wide_depth.png")[1],
+                              png(tmp_path / "bedroom" / "wide_depth.png")[1])
+
+
+def test_semseg_ids_and_palette_at_the_image_size(world, tmp_path):
+    ckpt = checkpoint(world, "semseg")
+    run("--task", "semseg", "--ckpt", ckpt, "--size", SIZE, "--out", tmp_path, world.wide, world.tall)
+    model, _ = load_model(ckpt)
+    model.eval()
+    for name, (h, w) in (("wide", (H, W)), ("tall", (W, H))):
+        path = world.wide if name == "wide" else world.tall
+        x = ImageFolder([path], "semseg", SIZE)[0]["image"][None]
+        rh, rw = x.shape[-2:]
+        assert min(rh, rw) == SIZE and max(rh, rw) <= CROPS["semseg"]  # one sliding window covers it
+        with torch.no_grad():
+            logits = model(F.pad(x, (0, -rw % 64, 0, -rh % 64)))[..., :rh, :rw]
+        ref = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)[0].argmax(0).numpy()
+        mode, ids = png(tmp_path / f"{name}_semseg_ids.png")
+        assert mode == "L" and ids.shape == (h, w)
+        assert ids.max() < 150 and len(np.unique(ids)) > 1
+        assert (ids == ref).mean() > 0.999  # ties aside, the argmax of the model's logits
+        mode, color = png(tmp_path / f"{name}_semseg.png")
+        assert mode == "RGB" and color.shape == (h, w, 3)
+        from vpd.vis import ADE20K_PALETTE
+        assert np.array_equal(color, ADE20K_PALETTE[ids])
+
+
+def test_refer_mask_is_binary_and_matches_the_model(world, tmp_path):
+    ckpt = checkpoint(world, "refer")
+    run("--ckpt", ckpt, "--size", SIZE, "--text", "the man", "--out", tmp_path, world.wide)
+    model, _ = load_model(ckpt)
+    model.eval()
+    x = ImageFolder([world.wide], "refer", SIZE)[0]["image"][None]
+    assert x.shape[-2:] == (SIZE, SIZE)
+    # CLIP ids of "the man": <start>, "the</w>" 518, "man</w>" 786, <end>, then <end> padding
+    tokens = torch.full((1, model.max_tokens), 49407)
+    tokens[0, :3] = torch.tensor([49406, 518, 786])
+    with torch.no_grad():
+        logits = F.interpolate(model(x, tokens), size=(H, W), mode="bilinear", align_corners=False)
+    ref = (logits[0].argmax(0) == 1).numpy()
+    mode, mask = png(tmp_path / "wide_refer_mask.png")
+    assert mode == "L" and mask.shape == (H, W) and set(np.unique(mask)) == {0, 255}
+    assert ((mask == 255) == ref).mean() > 0.999
+    mode, overlay = png(tmp_path / "wide_refer.png")
+    original = np.asarray(Image.open(world.wide).convert("RGB"))
+    assert mode == "RGB" and overlay.shape == (H, W, 3)
+    assert np.array_equal(overlay[mask == 0], original[mask == 0])  # untouched off the mask
+    assert not np.array_equal(overlay[mask == 255], original[mask == 255])
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+def test_missing_and_unreadable_images(world, tmp_path):
+    ckpt = checkpoint(world, "depth")
+    missing = tmp_path / "nope.jpg"
+    assert f"image not found: {missing}" in error_of("--ckpt", ckpt, "--out", tmp_path, missing)
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    assert f"cannot read image {text}" in error_of("--ckpt", ckpt, "--out", tmp_path, text)
+    truncated = tmp_path / "cut.png"  # a valid header, the pixel data cut off: fails when decoded
+    data = open(world.wide, "rb").read()
+    truncated.write_bytes(data[:len(data) // 2])
+    assert f"cannot read image {truncated}" in error_of("--ckpt", ckpt, "--size", SIZE, "--out", tmp_path / "o",
+                                                        truncated)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert f"no images" in error_of("--ckpt", ckpt, "--out", tmp_path, empty)
+
+
+def test_option_errors(world, tmp_path):
+    depth, refer = checkpoint(world, "depth"), checkpoint(world, "refer")
+    assert "--text is required" in error_of("--ckpt", refer, "--out", tmp_path, world.wide)
+    assert "--text is only for the refer task" in error_of("--ckpt", depth, "--text", "a cat", world.wide)
+    err = error_of("--ckpt", depth, "--scene", "garage", world.wide)
+    assert "'garage' is not an NYUv2 scene type" in err and "living_room" in err
+    assert "depth model, not semseg" in error_of("--task", "semseg", "--ckpt", depth, "--out", tmp_path, world.wide)
+    assert f"--ckpt {tmp_path / 'x.safetensors'}: no such file" in error_of("--ckpt", tmp_path / "x.safetensors",
+                                                                             world.wide)
+    other = tmp_path / "b"
+    other.mkdir()
+    write_image(str(other / "wide.jpg"), 8, 8, 2)
+    assert "would write the same output names" in error_of("--ckpt", depth, world.wide, other)
+
+
+def test_cli_exits_nonzero_without_traceback(world, tmp_path):
+    ckpt = checkpoint(world, "depth")
+    p = subprocess.run([sys.executable, "predict.py", "--ckpt", ckpt, "--scene", "garage", world.wide],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert "'garage' is not an NYUv2 scene type" in p.stderr and "Traceback" not in p.stderr
