@@ -1,8 +1,7 @@
 """Predict depth, semantic segmentation or a referred object's mask on your own images.
 
     python predict.py --task depth --ckpt out/depth/model.safetensors photo.jpg            # -> predictions/
-    python predict.py --task depth --ckpt vpd_depth.ckpt --sd-ckpt v1-5-pruned-emaonly.safetensors \
-        --scene kitchen my_photos/
+    python predict.py --task depth --ckpt vpd_depth.ckpt --sd-ckpt v1-5.safetensors --scene kitchen photos/
     python predict.py --task semseg --ckpt out/semseg/model.safetensors a.jpg b.png --out seg/
     python predict.py --task refer --ckpt out/refer/model.safetensors street.jpg --text "the man on the left"
 

@@ -219,7 +219,7 @@ def test_missing_and_unreadable_images(world, tmp_path):
                                                         truncated)
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert f"no images" in error_of("--ckpt", ckpt, "--out", tmp_path, empty)
+    assert "no images" in error_of("--ckpt", ckpt, "--out", tmp_path, empty)
 
 
 def test_option_errors(world, tmp_path):
