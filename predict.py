@@ -41,10 +41,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from vpd import vis
+from vpd.clip import Tokenizer
 from vpd.data import IMAGE_EXTENSIONS, NYU_SCENES, BadSampleError, ImageFolder, undo
 from vpd.dist import setup
 from vpd.infer import depth_predict, refer_logits, semseg_probs
 from vpd.model import TASKS
+from vpd.tasks import load_model
 from vpd.trained import read_meta
 
 SIZES = {"depth": 640, "semseg": 512, "refer": 512}  # see the docstring: --size per task
@@ -219,7 +221,6 @@ def main(args):
         raise SystemExit(f"--out {args.out}: cannot create the folder ({e})") from None
     _, _, _, device = setup(args.device)
 
-    from vpd.tasks import load_model  # after the checks: building the model is the slow part
     model, _ = load_model(args.ckpt, args.task, args.sd_ckpt)
     model = model.to(device).eval()
     amp = args.amp or ("bf16" if device.type == "cuda" else "off")
@@ -234,7 +235,6 @@ def main(args):
         depth_units = 1000 if model.max_depth * 1000 <= 65535 else 256
         print(f"depth: scene {args.scene}, PNGs in 1/{depth_units} m")
     if task == "refer":
-        from vpd.clip import Tokenizer
         tokens = Tokenizer()(args.text, max_length=model.max_tokens).to(device)  # (1, max_tokens)
 
     train_crop = int(meta["args"]["crop"]) if meta.get("demo") else 512  # semseg's sliding window
