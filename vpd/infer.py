@@ -3,8 +3,8 @@
 semseg: mmseg's sliding window (512 crops, stride 341), optional multi-scale + flip, softmax
         averaged at the label's size. depth: VPD's flip + shifted square windows, averaged.
 refer:  one forward, logits resized to the mask's size.
-The networks take sides that are multiples of 64 (480 for depth too); other sizes are zero-padded
-here and the padding is cut off the prediction.
+The segmentation networks take sides that are multiples of 64, the depth network multiples of 32
+(it pads 480 to 512 itself); other sizes are zero-padded here and the padding is cut off the prediction.
 """
 import torch
 import torch.nn.functional as F
@@ -54,18 +54,23 @@ def semseg_probs(model, image, num_classes, out_size, scales=(1.0,), flip=False,
 
 def depth_predict(model, image, scene_ids, flip=True, windows=2):
     """VPD's depth test: `windows` square crops along the long side (2 for 480x640: x=0 and x=160)
-    and their flips, predictions averaged where they overlap. Returns (B, 1, H, W) metres."""
+    and their flips, predictions averaged where they overlap. Returns (B, 1, H, W) metres.
+    Images wider than `windows` squares need more windows (KITTI: ceil(W / H))."""
     b, _, h, w = image.shape
+    if w > h and windows * h < w:
+        raise ValueError(f"{windows} windows of {h}x{h} cannot cover a {h}x{w} image: use at least {-(-w // h)}")
     if w > h and windows > 1:
-        step = (w - h) // (windows - 1)
-        spans = [(i * step, i * step + h) for i in range(windows)]
+        starts = [i * (w - h) // (windows - 1) for i in range(windows)]  # the last window ends at w
+        spans = [(x1, x1 + h) for x1 in starts]
     else:
         spans = [(0, w)]
     crops = torch.cat([image[..., x1:x2] for x1, x2 in spans])  # (windows * B, 3, h, side)
     ids = scene_ids.repeat(len(spans))
     if flip:
         crops, ids = torch.cat([crops, crops.flip(-1)]), torch.cat([ids, ids])
-    xp, (ch, cw) = pad_to(crops) if _needs_pad(crops) else (crops, crops.shape[-2:])
+    # the depth model pads sides that are multiples of 32 to 64 itself and crops its fused 1/32 map
+    # back (VPD: 480 -> 512), as in training; only other sides are zero-padded here
+    xp, (ch, cw) = pad_to(crops, 32)
     pred = model(xp, ids)[..., :ch, :cw].float()
     if flip:
         n = pred.shape[0] // 2
@@ -76,11 +81,6 @@ def depth_predict(model, image, scene_ids, flip=True, windows=2):
         out[..., x1:x2] += pred[i * b:(i + 1) * b]
         count[..., x1:x2] += 1
     return out / count
-
-
-def _needs_pad(x):
-    """480 is taken as it is (VPD pads it to 512 inside the model); other sides go to multiples of 64."""
-    return any(s % 64 and s != 480 for s in x.shape[-2:])
 
 
 def refer_logits(model, image, tokens, out_size):

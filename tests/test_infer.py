@@ -1,0 +1,162 @@
+"""Test-time inference bookkeeping (vpd/infer.py) with fake models whose outputs are known by hand."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from vpd.infer import depth_predict, pad_to, refer_logits, semseg_probs, slide_logits
+
+
+class Pointwise(nn.Module):
+    """A 1x1 conv: translation-equivariant, so windows of any placement agree with the whole image."""
+
+    def __init__(self, k=5):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, k, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Recorder(nn.Module):
+    """Records the top-left (row, col) of every window, read from coordinate channels of the image."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append((int(x[0, 0, 0, 0]), int(x[0, 1, 0, 0]), tuple(x.shape[-2:])))
+        return torch.ones(x.shape[0], 2, *x.shape[-2:])
+
+
+def coords(h, w):
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                            indexing="ij")
+    return torch.stack([ys, xs, torch.zeros(h, w)])[None]  # (1, 3, h, w)
+
+
+def test_pad_to_pads_bottom_right_and_reports_size():
+    x = torch.ones(1, 3, 50, 64)
+    xp, size = pad_to(x, 32)
+    assert xp.shape == (1, 3, 64, 64) and size == (50, 64)
+    assert xp[..., :50, :].eq(1).all() and xp[..., 50:, :].eq(0).all()
+    same = torch.ones(1, 3, 64, 128)
+    assert pad_to(same)[0] is same  # nothing to pad: the input itself
+
+
+def test_slide_windows_follow_mmseg_grid():
+    # H=100, W=150, crop 64, stride 43: mmseg's grid has (100-64+42)//43+1 = 2 rows and
+    # (150-64+42)//43+1 = 3 columns; windows are shifted back inside the image at the far edges
+    rec = Recorder()
+    out = slide_logits(rec, coords(100, 150), 2, crop=64, stride=43)
+    assert sorted(rec.seen) == sorted((y, x, (64, 64)) for y in (0, 36) for x in (0, 43, 86))
+    assert torch.allclose(out, torch.ones_like(out))  # overlap counts divide out exactly
+
+
+def test_slide_equals_whole_image_for_translation_equivariant_model():
+    model = Pointwise()
+    image = torch.randn(2, 3, 100, 150)
+    with torch.no_grad():
+        whole = model(image)
+        slid = slide_logits(model, image, 5, crop=64, stride=43)
+    assert torch.allclose(slid, whole, atol=1e-5)
+
+
+def test_small_image_is_padded_and_cut():
+    model = Pointwise()
+    image = torch.randn(1, 3, 40, 50)  # smaller than a crop, and not a multiple of 64
+    with torch.no_grad():
+        out = slide_logits(model, image, 5, crop=512, stride=341)
+    assert out.shape == (1, 5, 40, 50)
+    assert torch.allclose(out, model(image), atol=1e-5)
+
+
+def test_semseg_flip_and_output_size():
+    model = Pointwise()
+    image = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        plain = semseg_probs(model, image, 5, (64, 96))
+        flipped = semseg_probs(model, image, 5, (64, 96), flip=True)
+        expected = model(image).softmax(1)
+        resized = semseg_probs(model, image, 5, (32, 48))
+    assert torch.allclose(plain, expected, atol=1e-5)
+    assert torch.allclose(flipped, expected, atol=1e-5)  # a wrong un-flip would mirror the map
+    assert resized.shape == (1, 5, 32, 48)
+    ms = semseg_probs(model, image, 5, (64, 96), scales=(1.0, 1.5), flip=True)
+    assert ms.shape == (1, 5, 64, 96) and torch.allclose(ms.sum(1), torch.ones(1, 64, 96), atol=1e-5)
+
+
+class DepthFake(nn.Module):
+    """Depth fakes: 'image' returns channel 0, 'column' the column index inside the crop it is given,
+    'scene' the scene id; each records the input sizes."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode, self.sizes = mode, []
+
+    def forward(self, x, ids):
+        self.sizes.append(tuple(x.shape[-2:]))
+        b, _, h, w = x.shape
+        if self.mode == "image":
+            return x[:, :1].clone()
+        if self.mode == "column":
+            return torch.arange(w, dtype=torch.float32).expand(b, 1, h, w).clone()
+        return ids.float().view(b, 1, 1, 1).expand(b, 1, h, w).clone()
+
+
+def test_depth_windows_and_flip_reproduce_a_pointwise_map():
+    image = torch.rand(2, 3, 96, 128)
+    fake = DepthFake("image")
+    out = depth_predict(fake, image, torch.tensor([1, 2]), flip=True)
+    assert out.shape == (2, 1, 96, 128)
+    assert torch.allclose(out, image[:, :1], atol=1e-6)
+    assert fake.sizes == [(96, 96)]  # one call: 2 windows x 2 images x (plain, flipped)
+
+
+def test_depth_window_averaging_by_hand():
+    # windows [0, 96) and [32, 128) of a 96x128 image; the fake returns the crop-local column
+    h, w, s = 96, 128, 32
+    out = depth_predict(DepthFake("column"), torch.zeros(1, 3, h, w), torch.tensor([0]), flip=False)
+    c = np.arange(w, dtype=np.float64)
+    total = np.where(c < h, c, 0) + np.where(c >= s, c - s, 0)
+    count = (c < h).astype(float) + (c >= s)
+    assert np.allclose(out[0, 0, 5].numpy(), total / count)
+    # with the flip, local column k and its mirror h-1-k average to (h-1)/2 everywhere
+    flipped = depth_predict(DepthFake("column"), torch.zeros(1, 3, h, w), torch.tensor([0]), flip=True)
+    assert torch.allclose(flipped, torch.full_like(flipped, (h - 1) / 2))
+
+
+def test_depth_scene_ids_follow_their_images_and_padding_is_cut():
+    fake = DepthFake("scene")
+    out = depth_predict(fake, torch.zeros(2, 3, 48, 64), torch.tensor([3, 7]), flip=True)
+    assert out[0].eq(3).all() and out[1].eq(7).all()
+    assert fake.sizes == [(64, 64)]  # 48 is padded to a multiple of 32, then cut off again
+    fake = DepthFake("scene")
+    depth_predict(fake, torch.zeros(1, 3, 480, 640), torch.tensor([0]))
+    assert fake.sizes == [(480, 480)]  # 480 goes as it is: the model pads it to 512 itself
+
+
+def test_depth_portrait_image_is_one_window():
+    image = torch.rand(1, 3, 64, 48)
+    out = depth_predict(DepthFake("image"), image, torch.tensor([0]), flip=True)
+    assert torch.allclose(out, image[:, :1], atol=1e-6)
+
+
+def test_refer_logits_resized_to_the_mask():
+    model = lambda x, tokens: torch.zeros(x.shape[0], 2, *x.shape[-2:])  # noqa: E731
+    out = refer_logits(model, torch.zeros(1, 3, 64, 64), torch.zeros(1, 40, dtype=torch.long), (30, 50))
+    assert out.shape == (1, 2, 30, 50)
+
+
+@pytest.mark.parametrize("windows", [4, 5])
+def test_depth_windows_cover_every_column(windows):
+    image = torch.rand(1, 3, 32, 100)  # (100 - 32) is not a multiple of windows - 1 = 3 or 4
+    out = depth_predict(DepthFake("image"), image, torch.tensor([0]), flip=False, windows=windows)
+    assert torch.isfinite(out).all() and torch.allclose(out, image[:, :1], atol=1e-6)
+
+
+def test_depth_too_few_windows_is_an_error():
+    with pytest.raises(ValueError, match="at least 4"):
+        depth_predict(DepthFake("image"), torch.rand(1, 3, 32, 100), torch.tensor([0]), windows=2)
