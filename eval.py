@@ -13,6 +13,7 @@ exactly once (no DistributedSampler padding).
 """
 import argparse
 import json
+import math
 import os
 from contextlib import nullcontext
 
@@ -20,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from vpd import dist
+from vpd.data import ADE20K_CLASSES
 from vpd.infer import depth_predict, refer_logits, semseg_probs
 from vpd.metrics import DepthMetric, ReferMetric, SegMetric, ShardedEvalSampler
 from vpd.tasks import TASKS, build_eval, to_device
@@ -29,13 +31,14 @@ MS_RATIOS = (1.0, 1.125, 1.25, 1.375, 1.5)  # VPD's multi-scale test ratios
 
 @torch.no_grad()
 def evaluate(model, task, dataset, device, autocast=nullcontext, max_samples=None, ms_flip=False,
-             flip=True, save_vis=None, depth_crop="eigen", max_depth=10.0):
-    """Metrics of `model` on `dataset` (its evaluation view, batch 1); each rank takes its shard."""
+             flip=True, save_vis=None, depth_crop="eigen", max_depth=10.0, workers=2):
+    """Metrics of `model` on `dataset` (its evaluation view, batch 1); each rank takes its shard of
+    the first `max_samples` samples, and the metric sums are added over ranks at the end."""
     n = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     sampler = ShardedEvalSampler(n)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=2)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=workers)
     if task == "semseg":
-        k = model.num_classes
+        k = num_classes(model)
         metric = SegMetric(k)
     elif task == "depth":
         metric = DepthMetric(max_depth=max_depth, crop=depth_crop)
@@ -55,7 +58,8 @@ def evaluate(model, task, dataset, device, autocast=nullcontext, max_samples=Non
                 pred = probs.argmax(1)
                 metric.update(pred, label)
             elif task == "depth":
-                pred = depth_predict(model, image, batch["scene_id"], flip=flip)
+                windows = max(2, math.ceil(image.shape[-1] / image.shape[-2]))  # 2 for NYU's 480x640
+                pred = depth_predict(model, image, batch["scene_id"], flip=flip, windows=windows)
                 pred = torch.nn.functional.interpolate(pred, size=batch["depth"].shape[-2:], mode="bilinear")
                 metric.update(pred, batch["depth"])
             else:
@@ -67,6 +71,23 @@ def evaluate(model, task, dataset, device, autocast=nullcontext, max_samples=Non
     model.train(was_training)
     metric.reduce()
     return metric.compute()
+
+
+def num_classes(model):
+    """Classes a segmentation model predicts (its final 1x1 conv's outputs)."""
+    k = getattr(model, "num_classes", None)
+    return k if k is not None else model.head.classifier.out_channels
+
+
+def format_metrics(metrics, class_names=None):
+    """Scalar metrics one per line; per-class IoU (semseg) for the classes that occur."""
+    lines = [f"{k:>10}: {v:.4f}" for k, v in metrics.items() if isinstance(v, float)]
+    if "IoU" in metrics:
+        names = class_names or [str(i) for i in range(len(metrics["IoU"]))]
+        seen = [(names[i], v) for i, v in enumerate(metrics["IoU"]) if v == v]  # NaN: class never seen
+        lines.append(f"per-class IoU ({len(seen)} classes seen):")
+        lines += [f"{name:>24}: {v:.2f}" for name, v in seen]
+    return "\n".join(lines)
 
 
 def _save_vis(task, out_dir, batch, pred):
@@ -100,6 +121,7 @@ def get_args(argv=None):
     p.add_argument("--save-vis", action="store_true")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None, help="default: bf16 on GPU, off on CPU")
     p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=2, help="data loader processes")
     args = p.parse_args(argv)
     if args.demo:
         args.ckpt = args.ckpt or os.path.join("out", "demo", "model.safetensors")
@@ -110,22 +132,32 @@ def get_args(argv=None):
 
 def main(args):
     rank, world, _, device = dist.setup(args.device)
-    ev = build_eval(args, device)  # model from the checkpoint + the evaluation set
+    try:
+        ev = build_eval(args, device)  # model from the checkpoint + the evaluation set
+    except (ValueError, FileNotFoundError) as e:  # unreadable or mismatched files: say which, no traceback
+        raise SystemExit(f"{type(e).__name__}: {e}") from None
     if args.task is None:
         args.task = ev.task
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write_test{rank}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"--out {out} is not writable: {e}")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp or
                                                                          ("bf16" if device.type == "cuda" else "off")]
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
     metrics = evaluate(ev.model, ev.task, ev.dataset, device, autocast, args.max_samples, ms_flip=args.ms_flip,
                        flip=not args.no_flip, save_vis=os.path.join(out, "vis") if args.save_vis else None,
-                       depth_crop=ev.depth_crop, max_depth=ev.max_depth)
+                       depth_crop=ev.depth_crop, max_depth=ev.max_depth, workers=args.workers)
     if rank == 0:
-        for k, v in metrics.items():
-            print(f"{k:>10}: {v}" if not isinstance(v, float) else f"{k:>10}: {v:.4f}")
+        n = len(ev.dataset) if args.max_samples is None else min(args.max_samples, len(ev.dataset))
+        print(f"{ev.task} on {n} samples ({world} processes), {args.ckpt}")
+        print(format_metrics(metrics, ADE20K_CLASSES if ev.task == "semseg" else None))
         with open(os.path.join(out, "metrics.json"), "w") as f:
-            json.dump(dict(ckpt=os.path.abspath(args.ckpt), task=ev.task, **metrics), f, indent=1)
+            json.dump(dict(ckpt=os.path.abspath(args.ckpt), task=ev.task, samples=n, **metrics), f, indent=1)
         print(f"wrote {os.path.join(out, 'metrics.json')}")
     dist.teardown()
 

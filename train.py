@@ -25,7 +25,8 @@ from vpd import dist
 from vpd.optim import build_optimizer, lr_factor, set_lr
 from vpd.trained import load_weights, save_state, save_weights
 from vpd.sampler import GlobalBatchSampler
-from vpd.tasks import TASKS, build_task, forward_loss, to_device
+from vpd.tasks import TASKS, baseline_model, build_task, forward_loss, to_device
+from vpd.vis import plot_curves
 
 # The paper's recipes (VPD_NOTES "Tasks"). batch_size is the global batch of one optimizer step.
 PRESETS = {
@@ -37,7 +38,7 @@ PRESETS = {
                   crop=512, schedule="poly", power=0.9, warmup_iters=0, min_lr_ratio=0.0, eval_every=None),
 }
 # --demo: a tiny random-weight model on the synthetic world, the whole pipeline in minutes on a CPU.
-DEMO = dict(iters=300, batch_size=8, micro_batch=8, lr=1e-3, unet_lr_mult=1.0, warmup_iters=0, eval_every=None,
+DEMO = dict(iters=300, batch_size=8, lr=1e-3, unet_lr_mult=1.0, warmup_iters=0, eval_every=None,
             log_every=10, save_every=100, demo_images=192, demo_size=128)
 DEMO_CROP = {"semseg": 128, "depth": 96, "refer": 128}  # synthetic images are 128x96
 
@@ -73,6 +74,8 @@ def get_args(argv=None):
     p.add_argument("--eval-every", type=int, help="steps between evaluations (always at the last step)")
     p.add_argument("--eval-max", type=int, default=None, help="evaluate on at most this many samples")
     p.add_argument("--save-every", type=int, default=1000)
+    p.add_argument("--stop-after", type=int, default=None, help="end the run after this step, having saved a "
+                   "checkpoint (the schedule still spans --iters; continue later with --resume)")
     p.add_argument("--text-cache", default=None, help="directory caching class embeddings (default <out>/..)")
     args = p.parse_args(argv)
     args.demo = args.demo or (args.sd_ckpt is None and args.data_root is None)
@@ -104,12 +107,24 @@ def main(args):
     except OSError as e:
         raise SystemExit(f"--out {args.out} is not writable: {e}")
     state_path, weights_path = os.path.join(args.out, "state.pt"), os.path.join(args.out, "model.safetensors")
-    if args.resume and not os.path.isfile(state_path):
-        raise SystemExit(f"--resume: no checkpoint to resume from in {args.out} (expected {state_path})")
+    log_path = os.path.join(args.out, "log.jsonl")
+    state = None
+    if args.resume:
+        if not (os.path.isfile(state_path) and os.path.isfile(weights_path)):
+            raise SystemExit(f"--resume: no checkpoint to resume from in {args.out} "
+                             f"(expected {state_path} and {weights_path})")
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        if state["args"]["task"] != args.task:
+            raise SystemExit(f"--resume: {args.out} holds a {state['args']['task']} run, not {args.task}")
+        if len(state["ranks"]) != world:
+            raise SystemExit(f"--resume: {args.out} was written by {len(state['ranks'])} processes, this run has {world}")
 
     torch.manual_seed(args.seed + rank)
     # --- task: datasets, model, evaluation (vpd/tasks.py) ---
-    task = build_task(args, device, log=print0)
+    try:
+        task = build_task(args, device, log=print0)
+    except (ValueError, FileNotFoundError) as e:  # bad files / configs: say which, without a traceback
+        raise SystemExit(f"{type(e).__name__}: {e}") from None
     model, train_set = task.model.to(device), task.train_set
     if args.grad_checkpoint:
         model.backbone.unet.grad_checkpointing = True
@@ -125,72 +140,89 @@ def main(args):
     if steps_per_epoch == 0:
         raise SystemExit(f"the training set has {len(train_set)} samples, fewer than one batch of {args.batch_size}")
     total = args.iters or args.epochs * steps_per_epoch
+    stop = min(total, args.stop_after or total)
     peak = (args.epochs // 2) * steps_per_epoch if args.epochs and not args.iters else None
 
+    args.amp = args.amp or ("bf16" if device.type == "cuda" else "off")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     optimizer = build_optimizer(raw, args.lr, args.weight_decay, args.unet_lr_mult, fused=device.type == "cuda")
-    step = 0
-    if args.resume:
-        load_weights(raw, weights_path)
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if state["args"]["task"] != args.task:
-            raise SystemExit(f"--resume: {args.out} holds a {state['args']['task']} run, not {args.task}")
+    step, loss_sum, last = 0, 0.0, 0  # loss_sum: this rank's loss since the last log line at step `last`
+    if state is not None:
+        try:
+            load_weights(raw, weights_path)
+        except ValueError as e:
+            raise SystemExit(f"--resume: {e}") from None
         optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-        if len(state["rng"]) != world:
-            raise SystemExit(f"--resume: {args.out} was written by {len(state['rng'])} processes, this run has {world}")
-        rng = state["rng"][rank]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if device.type == "cuda" and rng.get("cuda") is not None:
-            torch.cuda.set_rng_state(rng["cuda"], device)
+        scaler.load_state_dict(state["scaler"])
+        step, last = state["step"], state["last_log"]
+        mine = state["ranks"][rank]
+        loss_sum = mine["loss_sum"]
+        torch.set_rng_state(mine["torch"])
+        np.random.set_state(mine["numpy"])
+        random.setstate(mine["python"])
+        if device.type == "cuda" and mine.get("cuda") is not None:
+            torch.cuda.set_rng_state(mine["cuda"], device)
+        if master and os.path.isfile(log_path):  # drop lines a crashed run wrote after this checkpoint
+            with open(log_path) as f:
+                keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            with open(log_path, "w") as f:
+                f.writelines(keep)
         print0(f"resumed from {args.out} at step {step}")
 
     if args.compile:
         model = torch.compile(model)
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    args.amp = args.amp or ("bf16" if device.type == "cuda" else "off")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
     def save():
-        rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-                   cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-        rngs = dist.gather_objects(rng)  # each rank resumes its own dropout / RNG stream
+        mine = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                    cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    loss_sum=float(loss_sum))
+        ranks = dist.gather_objects(mine)  # each rank resumes its own RNG streams and loss window
         if master:
-            meta = dict(task.meta, step=step, args=vars(args))
-            save_weights(raw, weights_path, meta)
-            save_state(dict(step=step, optimizer=optimizer.state_dict(), args=vars(args), rng=rngs), state_path)
+            save_weights(raw, weights_path, dict(task.meta, step=step, args=vars(args)))
+            save_state(dict(step=step, last_log=last, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                            args=vars(args), ranks=ranks), state_path)
         dist.barrier()
 
     def run_eval():
-        metrics = evaluate(raw, args.task, task.eval_set, device, autocast, args.eval_max,
+        metrics = evaluate(raw, args.task, task.eval_set, device, autocast, args.eval_max, workers=args.workers,
                            depth_crop=task.meta["depth_crop"], max_depth=getattr(raw, "max_depth", 10.0))
+        baseline = None
+        if args.demo and step == total:  # the demo shows what training bought over a trivial predictor
+            base_model, base_name = baseline_model(args.task, train_set)
+            baseline = evaluate(base_model.to(device), args.task, task.eval_set, device, nullcontext, args.eval_max,
+                                workers=args.workers, depth_crop=task.meta["depth_crop"])
         if master:
-            print0(f"step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
-            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(dict(step=step, **{f"eval/{k}": v for k, v in metrics.items()})) + "\n")
+            print0(format_metrics(metrics, baseline, f"step {step}", base_name if baseline else None))
+            with open(log_path, "a") as f:
+                f.write(json.dumps(dict(step=step, **{f"eval/{k}": v for k, v in metrics.items()
+                                                      if isinstance(v, float)})) + "\n")
             with open(os.path.join(args.out, "metrics.json"), "w") as f:
-                json.dump(dict(step=step, **metrics), f, indent=1)
+                json.dump(dict(step=step, **metrics, **({"baseline": dict(name=base_name, **baseline)}
+                                                        if baseline else {})), f, indent=1)
         return metrics
 
     print0(f"{args.task}: {len(train_set)} training samples, {total} steps of {args.batch_size} images "
            f"({world} processes x {micro} x {accum} accumulation), amp {args.amp}")
     bar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True)
     model.train()
-    loss_sum, t0, last = 0.0, time.time(), step
-    while step < total:
+    t0 = time.time()
+    while step < stop:
         epoch = step // steps_per_epoch
         train_set.set_epoch(epoch)  # augmentations are a function of (seed, epoch, index)
         sampler = GlobalBatchSampler(len(train_set), micro, world, rank, accum, args.seed, epoch,
                                      start_step=step % steps_per_epoch)
+        # its own generator: creating a loader must not draw from the global RNG (dropout), or a
+        # resumed run, which creates one more loader, would drift from the uninterrupted one
         loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers,
-                                             pin_memory=device.type == "cuda")
+                                             pin_memory=device.type == "cuda",
+                                             generator=torch.Generator().manual_seed(args.seed))
         it = iter(loader)
         for _ in range(steps_per_epoch - step % steps_per_epoch):
-            if step >= total:
+            if step >= stop:
                 break
             set_lr(optimizer, args.lr * lr_factor(step, total, args.schedule, args.warmup_iters,
                                                    power=args.power, min_ratio=args.min_lr_ratio, peak=peak))
@@ -216,21 +248,30 @@ def main(args):
                     raise SystemExit(f"loss is {loss_avg} at step {step}: stopping (lower --lr or use --amp bf16)")
                 bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", img_s=f"{rec['img_s']:.1f}")
                 if master:
-                    with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+                    with open(log_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")
                 loss_sum, t0, last = 0.0, time.time(), step
-            if step % args.save_every == 0 or step == total:
+            if step % args.save_every == 0 or step in (total, stop):
                 save()
             if step == total or (args.eval_every and step % args.eval_every == 0):
                 model.eval()
                 run_eval()
                 model.train()
     bar.close()
-    if master:
-        from vpd.vis import plot_curves
-        plot_curves(os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "curves.png"))
+    if master and step < total:
+        print0(f"stopped after step {step} of {total} (--stop-after): continue with --resume --out {args.out}")
+    elif master:
+        plot_curves(log_path, os.path.join(args.out, "curves.png"))
         print0(f"done: {weights_path}, {os.path.join(args.out, 'metrics.json')}, {os.path.join(args.out, 'curves.png')}")
     dist.teardown()
+
+
+def format_metrics(metrics, baseline=None, title="", baseline_name=None):
+    """The scalar metrics as a table, with a baseline's column beside them when given."""
+    names = [k for k, v in metrics.items() if isinstance(v, float)]
+    head = f"{title:<12}{'model':>10}" + (f"   baseline: {baseline_name}" if baseline else "")
+    rows = [f"{k:<12}{metrics[k]:>10.4f}" + (f"{baseline[k]:>13.4f}" if baseline else "") for k in names]
+    return "\n".join([head] + rows)
 
 
 if __name__ == "__main__":

@@ -55,3 +55,7 @@ def gather_objects(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def rank():
+    return dist.get_rank() if is_dist() else 0

@@ -9,8 +9,9 @@ from types import SimpleNamespace
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
-from vpd import data
+from vpd import data, dist
 from vpd.clip import CLIPConfig, Tokenizer
 from vpd.model import TASKS, build_model
 from vpd.trained import load_weights, read_meta
@@ -60,22 +61,24 @@ def datasets(task, root, crop, seed=0, dataset=None, split_by=None, split=None, 
                   tokenizer=tok, max_tokens=77 if dataset == "refcocog" else 40, size=(crop, crop))
         return (data.RefCOCO(root, split="train", seed=seed, **kw),
                 data.RefCOCO(root, split=split or "val", train=False, **kw))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         if demo:
             raise
         raise SystemExit(f"{e}\n--data-root {root} does not hold the {task} data in its standard layout. "
                          f"Get it from {SOURCES[task]}.") from None
 
 
-def make_demo_files(out, task, n, size, seed=0):
-    """A tiny random SD checkpoint and a synthetic dataset under `out`; returns (sd_ckpt, data_root)."""
+def make_demo_files(out, task, n, size, seed=0, sd_ckpt=None, data_root=None):
+    """A tiny random SD checkpoint and a synthetic dataset under `out` (each written once, and only
+    when not given); returns (sd_ckpt, data_root)."""
     from vpd.demo import write_random_sd
     from vpd.synthetic import make_synthetic
-    sd = write_random_sd(os.path.join(out, "tiny_sd.safetensors"), seed=seed)
-    root = os.path.join(out, f"synthetic_{task}")
-    if not os.path.isdir(root):
-        make_synthetic(root + ".tmp", task, n, seed=seed, size=size)
-        os.replace(root + ".tmp", root)
+    sd = sd_ckpt or write_random_sd(os.path.join(out, "tiny_sd.safetensors"), seed=seed)
+    root = data_root or os.path.join(out, f"synthetic_{task}")
+    if data_root is None and not os.path.isdir(root):
+        tmp = f"{root}.tmp{os.getpid()}"
+        make_synthetic(tmp, task, n, seed=seed, size=size)
+        os.replace(tmp, root)
     return sd, root
 
 
@@ -96,8 +99,12 @@ def model_kwargs(task, train_set, demo, dataset=None):
 def build_task(args, device, log=print):
     """Datasets and model of a training run, plus the metadata saved with its checkpoints."""
     if args.demo:
+        if dist.rank() == 0:  # under torchrun rank 0 writes the files while the others wait
+            make_demo_files(args.out, args.task, args.demo_images, args.demo_size, args.seed, args.sd_ckpt,
+                            args.data_root)
+        dist.barrier()
         args.sd_ckpt, args.data_root = make_demo_files(args.out, args.task, args.demo_images, args.demo_size,
-                                                       args.seed)
+                                                       args.seed, args.sd_ckpt, args.data_root)
     if not os.path.isfile(args.sd_ckpt):
         raise SystemExit(f"--sd-ckpt {args.sd_ckpt}: no such file. Download Stable Diffusion v1.5 "
                          "(v1-5-pruned-emaonly.safetensors) and pass its path.")
@@ -109,6 +116,7 @@ def build_task(args, device, log=print):
     cache = args.text_cache or os.path.join(os.path.dirname(os.path.abspath(args.out)), "text_cache")
     model = build_model(args.task, args.sd_ckpt, unet_cfg, vae_cfg, clip_cfg, cache_dir=cache, **kw)
     meta = dict(task=args.task, sd_ckpt=os.path.abspath(args.sd_ckpt), demo=args.demo, dataset=args.dataset,
+                data_root=os.path.abspath(args.data_root),
                 unet=asdict(unet_cfg), vae=asdict(vae_cfg), clip=asdict(clip_cfg), model_kwargs=kw,
                 depth_crop=depth_crop(args.task, args.dataset, args.demo))
     return SimpleNamespace(model=model, train_set=train_set, eval_set=eval_set, meta=meta)
@@ -157,7 +165,7 @@ def build_eval(args, device):
     task = meta["task"]
     root = args.data_root
     if root is None and meta.get("demo"):
-        root = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"synthetic_{task}")
+        root = meta["data_root"]  # the synthetic set the demo trained on
     if root is None:
         raise SystemExit("--data-root is required")
     crop = 512 if task != "depth" else 480
@@ -167,3 +175,51 @@ def build_eval(args, device):
                            split=args.split, demo=meta.get("demo", False))
     return SimpleNamespace(model=model.to(device), task=task, dataset=eval_set, depth_crop=meta.get("depth_crop"),
                            max_depth=getattr(model, "max_depth", 10.0))
+
+
+class ConstantDepth(nn.Module):
+    """Depth baseline: the same depth at every pixel."""
+
+    def __init__(self, depth: float):
+        super().__init__()
+        self.depth = float(depth)
+
+    def forward(self, images, scene_ids):
+        return images.new_full((images.shape[0], 1, *images.shape[-2:]), self.depth)
+
+
+class ConstantClass(nn.Module):
+    """Segmentation baseline: the same class at every pixel (logit 1 for it, 0 for the others)."""
+
+    def __init__(self, num_classes: int, cls: int):
+        super().__init__()
+        self.num_classes, self.cls = num_classes, cls
+
+    def forward(self, images, tokens=None):
+        logits = images.new_zeros(images.shape[0], self.num_classes, *images.shape[-2:])
+        logits[:, self.cls] = 1
+        return logits
+
+
+def baseline_model(task, train_set, max_samples=256):
+    """A trivial predictor fitted to (up to `max_samples` of) the training set, and its name.
+    depth: the mean training depth everywhere; semseg: the most frequent training class everywhere;
+    refer: the whole image as the target."""
+    n = min(len(train_set), max_samples)
+    if task == "depth":
+        total, count = 0.0, 0
+        for i in range(n):
+            d = train_set[i]["depth"]
+            total, count = total + d[d > 0].double().sum().item(), count + int((d > 0).sum())
+        if count == 0:
+            raise ValueError("the training set has no valid depth pixel")
+        return ConstantDepth(total / count), f"mean depth {total / count:.3f} m"
+    if task == "semseg":
+        k = len(data.ADE20K_CLASSES)
+        hist = torch.zeros(k, dtype=torch.int64)
+        for i in range(n):
+            label = train_set[i]["label"]
+            hist += torch.bincount(label[label != data.IGNORE_INDEX].flatten(), minlength=k)[:k]
+        cls = int(hist.argmax())
+        return ConstantClass(k, cls), f"always '{data.ADE20K_CLASSES[cls]}'"
+    return ConstantClass(2, 1), "whole image"

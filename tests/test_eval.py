@@ -1,0 +1,188 @@
+"""The evaluation loop of eval.py (`evaluate`): fake models and crafted samples with metrics by hand."""
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eval import evaluate, format_metrics
+from vpd.metrics import NYU_EIGEN_CROP
+from vpd.tasks import ConstantClass, ConstantDepth
+
+CPU = torch.device("cpu")
+
+
+def run(model, task, samples, **kw):
+    return evaluate(model, task, samples, CPU, workers=0, **kw)
+
+
+# ----------------------------------------------------------------------------- semseg
+
+K = 4
+
+
+class LabelFromImage(nn.Module):
+    """Pointwise fake: class round(10 * channel 0), so the image can carry the answer."""
+    num_classes = K
+
+    def forward(self, x):
+        cls = (x[:, 0] * 10).round().long().clamp(0, K - 1)
+        return 10.0 * F.one_hot(cls, K).permute(0, 3, 1, 2).float()
+
+
+def seg_sample(label, index, pred=None):
+    pred = label.clamp(max=K - 1) if pred is None else pred  # ignore pixels (255) -> class 3 in the image
+    image = torch.stack([pred.float() / 10, torch.zeros_like(label, dtype=torch.float32),
+                         torch.zeros_like(label, dtype=torch.float32)])
+    return {"image": image, "label": label, "index": index}
+
+
+def seg_labels():
+    a = torch.ones(4, 4, dtype=torch.int64)
+    a[:, 2:] = 2
+    b = torch.ones(4, 4, dtype=torch.int64)
+    b[0] = 255  # an ignored row
+    return a, b
+
+
+def test_semseg_ground_truth_model_is_perfect_and_ignore_is_ignored():
+    a, b = seg_labels()
+    wrong_on_ignored = b.clamp(max=K - 1)  # predicts class 3 on the ignored row
+    m = run(LabelFromImage(), "semseg", [seg_sample(a, 0), seg_sample(b, 1, wrong_on_ignored)])
+    assert m["mIoU"] == 100 and m["aAcc"] == 100 and m["mAcc"] == 100
+    assert math.isnan(m["IoU"][0]) and math.isnan(m["IoU"][3])  # in neither ground truth nor prediction
+
+
+def test_semseg_constant_model_by_hand():
+    a, b = seg_labels()
+    m = run(ConstantClass(K, 1), "semseg", [seg_sample(a, 0), seg_sample(b, 1)])
+    # class 1: I = 8 + 12, label area 20, predicted area 16 + 12 (ignored row excluded) -> U = 28
+    # class 2: I = 0, U = 8 (its label area)
+    assert m["IoU"][1] == pytest.approx(100 * 20 / 28) and m["IoU"][2] == 0
+    assert m["mIoU"] == pytest.approx(100 * (20 / 28) / 2)
+    assert m["aAcc"] == pytest.approx(100 * 20 / 28)
+    assert m["mAcc"] == pytest.approx(50.0)
+
+
+def test_semseg_label_at_another_size_than_the_image():
+    # ADE20K's evaluation view: the image is resized, the label stays at the original size
+    label = torch.ones(6, 10, dtype=torch.int64)
+    image = torch.full((3, 12, 20), 0.1)  # class 1 everywhere, at twice the size
+    m = run(LabelFromImage(), "semseg", [{"image": image, "label": label, "index": 0}])
+    assert m["mIoU"] == 100
+
+
+def test_semseg_max_samples_counts_only_those():
+    a, b = seg_labels()
+    m = run(ConstantClass(K, 1), "semseg", [seg_sample(a, 0), seg_sample(b, 1)], max_samples=1)
+    assert m["IoU"][1] == pytest.approx(100 * 8 / 16)  # image a only: I 8, U 16
+
+
+# ----------------------------------------------------------------------------- depth
+
+class DepthFromImage(nn.Module):
+    """Pointwise fake: depth = 5 * (channel 0 + 1)."""
+
+    def forward(self, x, scene_ids):
+        return 5 * (x[:, :1] + 1)
+
+
+def depth_sample(gt, pred, index=0):
+    image = (pred / 5 - 1).expand(3, -1, -1).clone()
+    return {"image": image, "depth": gt[None].clone(), "scene_id": 0, "index": index}
+
+
+def test_depth_eigen_crop_and_invalid_pixels():
+    torch.manual_seed(0)
+    gt = 0.5 + 9 * torch.rand(480, 640)
+    pred = gt.clone()
+    t, b, l, r = NYU_EIGEN_CROP
+    pred[:t] = pred[b:] = 9.9  # wrong outside the Eigen crop only
+    pred[:, :l] = pred[:, r:] = 9.9
+    gt[100:120, 100:140] = 0  # no measurement: a wrong prediction there does not count
+    pred[100:120, 100:140] = 0.01
+    m = run(DepthFromImage(), "depth", [depth_sample(gt, pred)], depth_crop="eigen")
+    assert m["d1"] == 1 and m["abs_rel"] < 1e-5 and m["rmse"] < 1e-4
+    m = run(DepthFromImage(), "depth", [depth_sample(gt, pred)], depth_crop=None)
+    assert m["d1"] < 0.9 and m["rmse"] > 1  # the same prediction without the crop
+
+
+def test_depth_constant_model_by_hand():
+    gt = torch.ones(32, 48)
+    gt[:, 24:] = 2.0
+    m = run(ConstantDepth(1.5), "depth", [depth_sample(gt, gt)], depth_crop=None)
+    lg = [math.log(1.5), math.log(0.75)]  # log pred - log gt on the two halves
+    assert m["d1"] == 0 and m["d2"] == 1 and m["d3"] == 1  # ratios 1.5 and 4/3
+    assert m["abs_rel"] == pytest.approx((0.5 + 0.25) / 2)
+    assert m["sq_rel"] == pytest.approx((0.25 + 0.125) / 2)
+    assert m["rmse"] == pytest.approx(0.5)
+    assert m["rmse_log"] == pytest.approx(math.sqrt((lg[0] ** 2 + lg[1] ** 2) / 2))
+    assert m["log10"] == pytest.approx((abs(math.log10(1.5)) + abs(math.log10(0.75))) / 2)
+    mean_sq, mean = (lg[0] ** 2 + lg[1] ** 2) / 2, (lg[0] + lg[1]) / 2
+    assert m["silog"] == pytest.approx(math.sqrt(mean_sq - 0.5 * mean ** 2))
+
+
+def test_depth_metrics_average_over_images():
+    gt = torch.ones(32, 48)
+    perfect = depth_sample(gt, gt)
+    off = depth_sample(gt, 2 * gt, index=1)  # abs_rel 1, rmse 1 on this image
+    m = run(DepthFromImage(), "depth", [perfect, off], depth_crop=None, flip=False)
+    assert m["abs_rel"] == pytest.approx(0.5, abs=1e-6) and m["rmse"] == pytest.approx(0.5, abs=1e-6)
+    assert m["d1"] == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------- refer
+
+class MaskFromImage(nn.Module):
+    """Fake: target where channel 0 > 0."""
+
+    def forward(self, x, tokens):
+        fg = (x[:, 0] > 0).float()
+        return torch.stack([1 - fg, fg], 1) * 10
+
+
+def refer_sample(gt, pred, index):
+    image = torch.stack([pred.float() * 2 - 1] * 3)
+    return {"image": image, "mask": gt.to(torch.uint8), "tokens": torch.zeros(40, dtype=torch.long),
+            "index": index}
+
+
+def test_refer_metrics_by_hand():
+    z = torch.zeros(16, 16, dtype=torch.bool)
+    square = z.clone()
+    square[4:12, 4:12] = True
+    half = z.clone()
+    half[4:12, 4:8] = True
+    samples = [refer_sample(square, square, 0),  # IoU 1
+               refer_sample(z, z, 1),  # both empty: IoU 0 (LAVT), nothing added to the sums
+               refer_sample(square, half, 2)]  # IoU 32 / 64
+    m = run(MaskFromImage(), "refer", samples)
+    assert m["oIoU"] == pytest.approx(100 * (64 + 32) / (64 + 64))
+    assert m["mIoU"] == pytest.approx(100 * 1.5 / 3)
+    assert m["P@0.5"] == pytest.approx(100 * 2 / 3)
+    assert all(m[f"P@{t}"] == pytest.approx(100 / 3) for t in (0.6, 0.7, 0.8, 0.9))
+
+
+def test_refer_whole_image_baseline():
+    square = torch.zeros(16, 16, dtype=torch.bool)
+    square[:4] = True
+    m = run(ConstantClass(2, 1), "refer", [refer_sample(square, square, 0)])
+    assert m["oIoU"] == pytest.approx(100 * 64 / 256)
+
+
+# ----------------------------------------------------------------------------- visualisations, printing
+
+def test_save_vis_writes_one_png_per_sample(tmp_path):
+    a, b = seg_labels()
+    run(LabelFromImage(), "semseg", [seg_sample(a, 3), seg_sample(b, 7)], save_vis=str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["000003.png", "000007.png"]
+    gt = torch.ones(32, 48)
+    run(DepthFromImage(), "depth", [depth_sample(gt, gt, index=5)], depth_crop=None, save_vis=str(tmp_path / "d"))
+    assert os.listdir(tmp_path / "d") == ["000005.png"]
+
+
+def test_format_metrics_lists_seen_classes():
+    text = format_metrics({"mIoU": 50.0, "IoU": [float("nan"), 25.0, 75.0]}, ["a", "b", "c"])
+    assert "mIoU: 50.0000" in text and "2 classes seen" in text and "b: 25.00" in text and " a:" not in text
