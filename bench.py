@@ -14,13 +14,16 @@ Weights are random, drawn once for our modules (ldm's zero-initialised layers ge
 too, so outputs are not trivially zero) and handed to diffusers through its own ldm-checkpoint
 converters, so both sides compute the same function; the script checks that before timing.
 
-ms/iter: median over all timed iterations of all rounds (each round runs `--warmup` untimed then
-`--iters` timed iterations, ours and the reference taking turns, the first alternating).
-peak MiB: memory on top of what was live before the timed iterations (weights, inputs, optimizer
+ms/iter: median over all timed iterations (`--rounds` x `--iters`, after `--warmup` untimed ones);
+ours and the reference take turns iteration by iteration, the first alternating. The JSON also
+holds the median of the back-to-back ratios (`ours_ref_ms_paired`), steadier on a shared machine.
+peak MiB: memory on top of what was live before the iteration (weights, inputs, optimizer
 state), i.e. activations, gradients and workspaces. CUDA: max_memory_allocated minus the allocated
 memory before. CPU: peak resident set size (VmHWM, reset through /proc/self/clear_refs) minus the
 resident size before, after malloc_trim hands freed heap back to the OS; so it includes allocator
-slack, and is the median over rounds.
+slack. Measured in one extra iteration per round; the median over rounds.
+tensor MiB: the peak of the bytes held by tensors created during one more iteration (TensorPeak):
+exact and allocator-independent on any device, blind to workspaces an op frees before returning.
 TFLOP/s: analytic FLOPs (vpd/flops.py) per iteration / time; % peak: of the dense bf16 peak of the
 GPU (table below), whatever --dtype is.
 """
@@ -29,9 +32,12 @@ import ctypes
 import json
 import statistics
 import time
+import weakref
 from contextlib import nullcontext
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from vpd import flops
 from vpd.clip import CLIPConfig
@@ -93,44 +99,90 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def measure(fn, device, iters, warmup):
-    """-> (list of seconds per iteration, peak MiB above the start level)."""
-    for _ in range(warmup):
-        fn()
+def timed(fn, device):
+    t0 = time.perf_counter()
+    fn()
     sync(device)
+    return time.perf_counter() - t0
+
+
+def peak_of(fn, device):
     mem = PeakMemory(device)
     mem.start()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
+    fn()
+    return mem.stop()
+
+
+class TensorPeak(TorchDispatchMode):
+    """Peak bytes of the tensors created while active and still alive, exactly: every op's output
+    storages are counted until Python frees them (a storage keeps its Python object while it
+    lives). Allocator-independent, so it settles small differences the RSS figure blurs; it does
+    not see workspaces an op allocates and frees inside itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.now, self.peak = {}, 0, 0
+
+    def _free(self, key):
+        self.now -= self.live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # views and in-place results share an input's storage: nothing new was allocated
+        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                if id(st) not in self.live and id(st) not in inputs:
+                    self.live[id(st)] = st.nbytes()
+                    self.now += st.nbytes()
+                    weakref.finalize(st, self._free, id(st))
+        self.peak = max(self.peak, self.now)
+        return out
+
+
+def tensor_peak_of(fn):
+    with TensorPeak() as tp:
         fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return times, mem.stop()
+    return tp.peak / 2 ** 20
 
 
 def run_pair(name, fns, flops_per_iter, batch, args, device):
-    """Time the callables of `fns` ({impl: fn}) in alternating turns -> one row per impl."""
-    times = {impl: [] for impl in fns}
-    peaks = {impl: [] for impl in fns}
+    """Time the callables of `fns` ({impl: fn}) -> one row per impl.
+
+    Ours and the reference take turns iteration by iteration (who goes first alternates), so a
+    slowdown from other work on the machine hits both alike; memory is measured in a separate
+    iteration per impl and round."""
     impls = list(fns)
+    for impl in impls:
+        for _ in range(args.warmup):
+            fns[impl]()
+    sync(device)
+    times = {impl: [] for impl in impls}
+    peaks = {impl: [] for impl in impls}
+    tensor_peaks = {impl: tensor_peak_of(fns[impl]) for impl in impls}
     for r in range(args.rounds):
         for impl in (impls if r % 2 == 0 else impls[::-1]):
-            t, p = measure(fns[impl], device, args.iters, args.warmup)
-            times[impl] += t
-            peaks[impl].append(p)
+            peaks[impl].append(peak_of(fns[impl], device))
+        for i in range(args.iters):
+            for impl in (impls if (r * args.iters + i) % 2 == 0 else impls[::-1]):
+                times[impl].append(timed(fns[impl], device))
     rows = []
     for impl in impls:
         ms = 1000 * statistics.median(times[impl])
         tflops = flops_per_iter / (ms / 1000) / 1e12
         rows.append(dict(name=name, impl=impl, batch=batch, ms=ms, img_s=batch / (ms / 1000),
-                         peak_mib=statistics.median(peaks[impl]), tflops=tflops,
+                         peak_mib=statistics.median(peaks[impl]), tensor_mib=tensor_peaks[impl], tflops=tflops,
                          pct_peak=100 * tflops / args.peak_tflops if args.peak_tflops else None,
-                         gflop_per_iter=flops_per_iter / 1e9, ms_all=[1000 * t for t in times[impl]]))
+                         gflop_per_iter=flops_per_iter / 1e9, ms_min=1000 * min(times[impl]),
+                         ms_all=[1000 * t for t in times[impl]], peak_mib_all=peaks[impl]))
     if "ref" in fns:
         ours, ref = rows
         ours["ours_ref_ms"] = ours["ms"] / ref["ms"]
+        # median of the ratios of back-to-back iterations: the steadiest figure on a busy machine
+        ours["ours_ref_ms_paired"] = statistics.median(a / b for a, b in zip(times["ours"], times["ref"]))
         ours["ours_ref_mem"] = ours["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] > 0 else None
+        ours["ours_ref_tensor_mem"] = ours["tensor_mib"] / ref["tensor_mib"] if ref["tensor_mib"] > 0 else None
     return rows
 
 
@@ -358,11 +410,13 @@ def sweep_batch(args, device, cfgs, gen, batches):
 # report
 
 def print_table(rows):
-    head = ["name", "impl", "ms/iter", "img/s", "peak MiB", "TFLOP/s", "% peak", "ours/ref ms", "ours/ref mem"]
+    head = ["name", "impl", "ms/iter", "min ms", "img/s", "peak MiB", "tensor MiB", "TFLOP/s", "% peak",
+            "ours/ref ms", "ours/ref mem", "ours/ref tensor"]
     fmt = lambda v, f: "-" if v is None else format(v, f)
-    lines = [[r["name"], r["impl"], fmt(r["ms"], ".1f"), fmt(r["img_s"], ".2f"), fmt(r["peak_mib"], ".0f"),
-              fmt(r["tflops"], ".3f"), fmt(r["pct_peak"], ".1f"), fmt(r.get("ours_ref_ms"), ".3f"),
-              fmt(r.get("ours_ref_mem"), ".3f")] for r in rows]
+    lines = [[r["name"], r["impl"], fmt(r["ms"], ".1f"), fmt(r["ms_min"], ".1f"), fmt(r["img_s"], ".2f"),
+              fmt(r["peak_mib"], ".0f"), fmt(r["tensor_mib"], ".1f"), fmt(r["tflops"], ".3f"),
+              fmt(r["pct_peak"], ".1f"), fmt(r.get("ours_ref_ms"), ".3f"), fmt(r.get("ours_ref_mem"), ".3f"),
+              fmt(r.get("ours_ref_tensor_mem"), ".3f")] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
     for line in [head] + lines:
         print(" | ".join(x.ljust(w) for x, w in zip(line, widths)))
@@ -380,12 +434,13 @@ def parse_args(argv=None):
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute blocks in backward (both sides)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--iters", type=int, default=5, help="timed iterations per round")
-    p.add_argument("--warmup", type=int, default=1, help="untimed iterations before each round")
-    p.add_argument("--rounds", type=int, default=1, help="ours/ref turns (alternating who goes first)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
+    p.add_argument("--rounds", type=int, default=1, help="rounds of one memory iteration + --iters timed ones")
     p.add_argument("--which", default="unet,vae,train",
                    help=f"comma list of {', '.join(WHICH)}; 'unet' = unet_fwd,unet_fwdbwd; 'vae' = vae_enc; "
                         "train or train_<task> for semseg, depth, refer")
     p.add_argument("--sweep-batch", default="", help="comma list of batch sizes for the semseg training step")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="write the rows here")
     args = p.parse_args(argv)
@@ -417,6 +472,8 @@ def main(args):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible")
     which, tasks = parse_which(args.which)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.sweep_batch.split(",") if b.strip()]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     args.peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
