@@ -23,7 +23,8 @@ memory before. CPU: peak resident set size (VmHWM, reset through /proc/self/clea
 resident size before, after malloc_trim hands freed heap back to the OS; so it includes allocator
 slack. Measured in one extra iteration per round; the median over rounds.
 tensor MiB: the peak of the bytes held by tensors created during one more iteration (TensorPeak):
-exact and allocator-independent on any device, blind to workspaces an op frees before returning.
+exact and allocator-independent on any device, blind to workspaces an op frees before returning;
+not measured with --compile.
 TFLOP/s: analytic FLOPs (vpd/flops.py) per iteration / time; % peak: of the dense bf16 peak of the
 GPU (table below), whatever --dtype is.
 """
@@ -160,7 +161,8 @@ def run_pair(name, fns, flops_per_iter, batch, args, device):
     sync(device)
     times = {impl: [] for impl in impls}
     peaks = {impl: [] for impl in impls}
-    tensor_peaks = {impl: tensor_peak_of(fns[impl]) for impl in impls}
+    # a dispatch mode would make compiled graphs recompile or fall back: not measured with --compile
+    tensor_peaks = {impl: None if args.compile else tensor_peak_of(fns[impl]) for impl in impls}
     for r in range(args.rounds):
         for impl in (impls if r % 2 == 0 else impls[::-1]):
             peaks[impl].append(peak_of(fns[impl], device))
@@ -182,7 +184,7 @@ def run_pair(name, fns, flops_per_iter, batch, args, device):
         # median of the ratios of back-to-back iterations: the steadiest figure on a busy machine
         ours["ours_ref_ms_paired"] = statistics.median(a / b for a, b in zip(times["ours"], times["ref"]))
         ours["ours_ref_mem"] = ours["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] > 0 else None
-        ours["ours_ref_tensor_mem"] = ours["tensor_mib"] / ref["tensor_mib"] if ref["tensor_mib"] > 0 else None
+        ours["ours_ref_tensor_mem"] = ours["tensor_mib"] / ref["tensor_mib"] if ref["tensor_mib"] else None
     return rows
 
 
@@ -475,6 +477,9 @@ def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.sweep_batch.split(",") if b.strip()]
+    if (tasks and args.batch == 1 or 1 in batches) and args.res < 128:
+        raise SystemExit(f"--res {args.res} with batch 1: the heads' BatchNorm sees a single 1x1 value at "
+                         "1/64 of the image in training; use --res 128 or more, or a larger batch")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     args.peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     dtype = torch.bfloat16 if args.dtype == "bf16" else None
