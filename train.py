@@ -65,7 +65,8 @@ def get_args(argv=None):
     p.add_argument("--crop", type=int)
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None,
                    help="autocast dtype (default: bf16 on GPU, off on CPU, where bf16 is slower)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model (backend: inductor, or e.g. aot_eager, which needs no C++ compiler)")
     p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per UNet block")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--workers", type=int, default=4)
@@ -172,7 +173,7 @@ def main(args):
         print0(f"resumed from {args.out} at step {step}")
 
     if args.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, backend=args.compile)
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 

@@ -1,0 +1,199 @@
+"""train.py end to end on a tiny random model and the synthetic world: loss falls, DDP = accumulation,
+exact resume, AMP / compile, distributed eval, rank-0-only output, clear errors on bad input."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import eval as eval_script
+import train
+from vpd.demo import write_random_sd
+from vpd.synthetic import make_synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+STEPS = 16  # optimizer steps of the loss / resume runs
+LOSS_CROP = {"depth": 64, "semseg": 64, "refer": 64}  # the loss runs' crops; other depth runs use 32
+LOSS_RUN = ["--iters", STEPS, "--batch-size", 4, "--lr", 2e-3, "--log-every", 2]  # a log line per 2 steps
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny random SD file and a small synthetic dataset per task, shared by every run here."""
+    base = tmp_path_factory.mktemp("train")
+    sd = write_random_sd(str(base / "sd.safetensors"))
+    roots = {t: make_synthetic(str(base / f"data_{t}"), t, n, size=size)
+             for t, n, size in (("depth", 16, 96), ("semseg", 10, 64), ("refer", 10, 64))}
+    return dict(base=base, sd=sd, roots=roots, runs={})
+
+
+def flags(world, task, out, *extra, crop=None):
+    crop = crop or (32 if task == "depth" else 64)
+    return ["--demo", "--task", task, "--sd-ckpt", world["sd"], "--data-root", world["roots"][task], "--out", str(out),
+            "--text-cache", str(world["base"] / "text_cache"), "--crop", str(crop), "--workers", "0",
+            "--log-every", "1", "--eval-max", "3", "--seed", "0", *map(str, extra)]
+
+
+def train_here(argv):
+    train.main(train.get_args(argv))
+
+
+def records(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(out):
+    return [(r["step"], r["loss"], r["lr"]) for r in records(out) if "loss" in r]
+
+
+def params(out):
+    """The saved trained weights without batch-norm statistics (those follow rank 0's micro-batches
+    under DDP, all micro-batches under accumulation: by design not comparable)."""
+    state = load_file(os.path.join(out, "model.safetensors"))
+    return {k: v for k, v in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+
+
+def loss_run(world, task):
+    """One uninterrupted run per task, shared by the loss and resume tests."""
+    if task not in world["runs"]:
+        out = world["base"] / f"run_{task}"
+        train_here(flags(world, task, out, *LOSS_RUN, crop=LOSS_CROP[task]))
+        world["runs"][task] = out
+    return world["runs"][task]
+
+
+@pytest.mark.parametrize("task", ["depth", "semseg", "refer"])
+def test_loss_falls(world, task):
+    out = loss_run(world, task)
+    rec = losses(out)
+    assert [s for s, _, _ in rec] == list(range(2, STEPS + 1, 2))
+    first, last = [sum(l for _, l, _ in rec[i]) / 2 for i in (slice(0, 2), slice(-2, None))]  # 4 steps each
+    assert last < 0.8 * first, (task, [round(l, 3) for _, l, _ in rec])
+    evals = [r for r in records(out) if "loss" not in r]
+    assert len(evals) == 1 and evals[0]["step"] == STEPS
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["step"] == STEPS and "baseline" in metrics  # the demo compares with a trivial predictor
+    assert os.path.getsize(os.path.join(out, "curves.png")) > 0
+    assert not any(k.startswith(("_orig_mod.", "module.", "backbone.vae.")) for k in load_file(
+        os.path.join(out, "model.safetensors")))
+
+
+def test_resume_reproduces_the_uninterrupted_run(world):
+    # semseg: its head has dropout, so the resumed RNG streams matter too. Stopping at step 7 of
+    # 2-step epochs (8 training images, batch 4) and 2-step log windows resumes mid-epoch and
+    # mid-window: the data order, the dropout RNG and the half-summed loss must all carry over.
+    ref = loss_run(world, "semseg")
+    out = world["base"] / "resumed"
+    args = flags(world, "semseg", out, *LOSS_RUN, crop=LOSS_CROP["semseg"])
+    train_here(args + ["--stop-after", "7"])
+    assert [s for s, _, _ in losses(out)] == [2, 4, 6]
+    assert not os.path.exists(os.path.join(out, "metrics.json"))  # stopped before the end: no eval
+    with open(os.path.join(out, "log.jsonl"), "a") as f:  # a line a crashed run wrote after its checkpoint
+        f.write(json.dumps(dict(step=8, loss=123.0, lr=0.0)) + "\n")
+    train_here(args + ["--resume"])
+    assert losses(out) == losses(ref)
+    a, b = params(out), params(ref)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def torchrun(script, argv, log_dir):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "--redirects", "3", "--log-dir", str(log_dir), script, *argv]
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+    def read(rank, stream):
+        (path,) = glob.glob(os.path.join(str(log_dir), "**", str(rank), f"{stream}.log"), recursive=True)
+        return open(path).read()
+    return read
+
+
+def test_ddp_equals_accumulation_and_distributed_eval(world):
+    """2 processes x 1 micro-batch of 2 == 1 process x 2 accumulated micro-batches of 2, to float
+    tolerance; the 2-process eval (odd sample count) equals the 1-process one; only rank 0 prints."""
+    common = ["--iters", 3, "--batch-size", 4, "--micro-batch", 2, "--eval-max", 3]
+    one = world["base"] / "one_process"
+    train_here(flags(world, "depth", one, *common))
+    two = world["base"] / "two_processes"
+    read = torchrun("train.py", flags(world, "depth", two, *common), world["base"] / "logs_train")
+
+    a, b = params(one), params(two)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    for (s1, l1, r1), (s2, l2, r2) in zip(losses(one), losses(two), strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4) and r1 == r2  # the loss of the global batch
+
+    assert "step 3" in read(0, "stdout") and "3/3" in read(0, "stderr")  # rank 0: metrics and the bar
+    assert read(1, "stdout") == "" and "%|" not in read(1, "stderr")  # no bar, no print on rank 1
+
+    # eval.py on the 2-process checkpoint: 1 process, then 2 (3 samples: 2 on rank 0, 1 on rank 1)
+    ckpt = str(two / "model.safetensors")
+    ev = ["--ckpt", ckpt, "--max-samples", 3, "--workers", 0]
+    eval_script.main(eval_script.get_args([str(x) for x in ev + ["--out", world["base"] / "eval1"]]))
+    read = torchrun("eval.py", [str(x) for x in ev + ["--out", world["base"] / "eval2"]], world["base"] / "logs_eval")
+    assert read(1, "stdout") == ""
+    m1 = json.load(open(world["base"] / "eval1" / "metrics.json"))
+    m2 = json.load(open(world["base"] / "eval2" / "metrics.json"))
+    m_train = json.load(open(two / "metrics.json"))
+    assert m1["samples"] == m2["samples"] == 3
+    for k in ("d1", "abs_rel", "rmse", "silog"):
+        assert m2[k] == pytest.approx(m1[k], rel=1e-9) and m_train[k] == pytest.approx(m1[k], rel=1e-6)
+
+
+@pytest.mark.parametrize("flag", [["--amp", "bf16"], ["--compile", "aot_eager"], ["--grad-checkpoint"]])
+def test_amp_compile_grad_checkpoint_run(world, flag):
+    out = world["base"] / f"flag{flag[-1].strip('-')}"
+    train_here(flags(world, "depth", out, "--iters", 2, "--batch-size", 2, "--eval-max", 1, *flag))
+    rec = losses(out)
+    assert len(rec) == 2 and all(l == l and l < 10 for _, l, _ in rec)
+    assert not any(k.startswith("_orig_mod.") for k in load_file(os.path.join(out, "model.safetensors")))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def bad_cases(world, tmp):
+    """(argv, words the error must contain) for each kind of bad input."""
+    depth_ckpt = str(loss_run(world, "depth") / "model.safetensors")
+    empty = tmp / "empty"
+    empty.mkdir()
+    a_file = tmp / "a_file"
+    a_file.write_text("x")
+    sd = world["sd"]
+    return {
+        "task": (["train.py", "--task", "segmentation"], ["invalid choice", "segmentation"]),
+        "ckpt of another task": (["eval.py", "--task", "semseg", "--ckpt", depth_ckpt], ["depth model, not semseg"]),
+        "data layout": (["train.py", "--task", "depth", "--sd-ckpt", sd, "--data-root", str(empty), "--out",
+                         str(tmp / "o1")], ["does not hold the depth data", "NYUv2"]),
+        "sd file": (["train.py", "--task", "depth", "--sd-ckpt", str(tmp / "nope.safetensors"), "--data-root",
+                     str(empty), "--out", str(tmp / "o2")], ["nope.safetensors", "Download Stable Diffusion"]),
+        "out": (flags(world, "depth", a_file / "out"), ["not writable"]),
+        "resume nothing": (flags(world, "depth", empty, "--resume"), ["no checkpoint to resume from"]),
+        "resume other task": (flags(world, "semseg", loss_run(world, "depth"), "--resume"), ["holds a depth run"]),
+        "eval ckpt": (["eval.py", "--ckpt", str(tmp / "missing.safetensors")], ["missing.safetensors", "no such file"]),
+        "eval garbage": (["eval.py", "--ckpt", str(a_file) + ".safetensors"], ["not a readable"]),
+    }
+
+
+def test_bad_input_is_a_clear_error(world, tmp_path):
+    (tmp_path / "a_file.safetensors").write_text("not safetensors")
+    cases = bad_cases(world, tmp_path)
+    procs = {}
+    for name, (argv, _) in cases.items():
+        argv = argv if argv[0].endswith(".py") else ["train.py", *argv]
+        procs[name] = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=ENV, text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for name, p in procs.items():
+        out, err = p.communicate(timeout=300)
+        assert p.returncode != 0, name
+        assert "Traceback" not in err, (name, err[-2000:])
+        for word in cases[name][1]:
+            assert word in err, (name, word, err[-2000:])
