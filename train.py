@@ -69,12 +69,12 @@ def get_args(argv=None):
                    help="torch.compile the model (backend: inductor, or e.g. aot_eager, which needs no C++ compiler)")
     p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per UNet block")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=int, help="data loader processes per training process (default: up to 4)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--log-every", type=int, help="steps per log line (default 50)")
     p.add_argument("--eval-every", type=int, help="steps between evaluations (always at the last step)")
     p.add_argument("--eval-max", type=int, default=None, help="evaluate on at most this many samples")
-    p.add_argument("--save-every", type=int, default=1000)
+    p.add_argument("--save-every", type=int, help="steps between checkpoints (default 1000; always at the end)")
     p.add_argument("--stop-after", type=int, default=None, help="end the run after this step, having saved a "
                    "checkpoint (the schedule still spans --iters; continue later with --resume)")
     p.add_argument("--text-cache", default=None, help="directory caching class embeddings (default <out>/..)")
@@ -87,7 +87,8 @@ def get_args(argv=None):
     if not args.demo and (args.sd_ckpt is None or args.data_root is None):
         p.error("real training needs both --sd-ckpt and --data-root (or use --demo)")
     demo = dict(DEMO, crop=DEMO_CROP[args.task]) if args.demo else {}
-    for k, v in {**PRESETS[args.task], **demo}.items():
+    common = dict(log_every=50, save_every=1000, workers=min(4, os.cpu_count() or 1))
+    for k, v in {**common, **PRESETS[args.task], **demo}.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     if args.iters is None and args.epochs is None:
