@@ -47,7 +47,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=TASKS, help="semseg (ADE20K), depth (NYUv2 / KITTI) or refer (RefCOCO)")
     p.add_argument("--demo", action="store_true", help="tiny random model on synthetic data (the default "
-                   "when neither --sd-ckpt nor --data-root is given)")
+                   "when neither --sd-ckpt nor --data-root is given; with --demo, a given tiny-config --sd-ckpt "
+                   "or synthetic --data-root is used instead of writing one into --out)")
     p.add_argument("--sd-ckpt", help="Stable Diffusion v1.x .safetensors or .ckpt")
     p.add_argument("--data-root", help="dataset root in its standard layout (see README)")
     p.add_argument("--dataset", default=None, help="depth: nyu|kitti; refer: refcoco|refcoco+|refcocog")
