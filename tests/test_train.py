@@ -197,3 +197,26 @@ def test_bad_input_is_a_clear_error(world, tmp_path):
         assert "Traceback" not in err, (name, err[-2000:])
         for word in cases[name][1]:
             assert word in err, (name, word, err[-2000:])
+
+
+# ----------------------------------------------------------------------------- weight files
+
+class Toy(torch.nn.Module):
+    def __init__(self, width=3):
+        super().__init__()
+        self.backbone = torch.nn.Module()
+        self.backbone.vae = torch.nn.Linear(2, 2)  # frozen part: not saved
+        self.head = torch.nn.Linear(2, width)
+
+
+def test_weights_file_holds_trained_parts_and_checks_shapes(tmp_path):
+    from vpd.trained import load_weights, read_meta, save_weights
+    path = str(tmp_path / "w.safetensors")
+    src = Toy()
+    save_weights(src, path, {"task": "depth"})
+    assert sorted(load_file(path)) == ["head.bias", "head.weight"] and read_meta(path) == {"task": "depth"}
+    dst = load_weights(Toy(), path)
+    assert torch.equal(dst.head.weight, src.head.weight)
+    with pytest.raises(ValueError, match="shapes differ"):
+        load_weights(Toy(width=4), path)
+    assert read_meta(str(tmp_path / "official.pth")) is None  # not ours: no metadata to read

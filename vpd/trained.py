@@ -51,5 +51,9 @@ def load_weights(model, path):
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise ValueError(f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})" for k, v in state.items() if v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(f"{path} does not fit this model: shapes differ for {wrong[:5]}")
     model.load_state_dict(state, strict=False)
     return model
