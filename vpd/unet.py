@@ -155,7 +155,8 @@ class SpatialTransformer(nn.Module):
         x_in = x
         x = self.proj_in(self.norm(x))
         C = x.shape[1]
-        x = x.flatten(2).transpose(1, 2)  # (B, HW, C); a free view for channels_last input
+        x = x.flatten(2).transpose(1, 2).contiguous()  # (B, HW, C); free for channels_last input, and
+        # the later LayerNorm / linears run faster on a contiguous copy than on the strided view
         maps = []
         for block in self.transformer_blocks:
             x, probs = block(x, context, keep_map)

@@ -64,6 +64,7 @@ class AttnBlock(nn.Module):
         h = self.norm(x)
         # (B, C, H, W) -> (B, 1, HW, C): one head whose width is the whole channel dim
         q, k, v = (t(h).flatten(2).transpose(1, 2).unsqueeze(1) for t in (self.q, self.k, self.v))
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # strided views send SDPA to its slow math path
         h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
         h = h.squeeze(1).transpose(1, 2).reshape(B, C, H, W)
         return x + self.proj_out(h)
