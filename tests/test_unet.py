@@ -61,15 +61,6 @@ def diffusers_unet(cfg, state):
     return ref.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: extra threads only spin and contend on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(our UNet loaded from a .safetensors file, diffusers' UNet, the state, the file)."""
