@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpd.clip import CLIPConfig, CLIPTextModel, Tokenizer
+from vpd.clip import CLIPTextModel, Tokenizer
 from vpd.heads import DepthHead, FPNSegHead, ReferHead
 from vpd.unet import UNet, UNetConfig
 from vpd.vae import VAE, VAEConfig
