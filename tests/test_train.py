@@ -107,8 +107,12 @@ def test_resume_reproduces_the_uninterrupted_run(world):
 def torchrun(script, argv, log_dir):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "--redirects", "3", "--log-dir", str(log_dir), script, *argv]
-    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for attempt in range(2):  # a port taken by another job on the machine between pick and bind: once more
+        p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        if p.returncode == 0 or "address already in use" not in (p.stdout + p.stderr).lower():
+            break
+    logs = "".join(open(f).read()[-2000:] for f in glob.glob(os.path.join(str(log_dir), "**", "*.log"), recursive=True))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:] + logs
 
     def read(rank, stream):
         (path,) = glob.glob(os.path.join(str(log_dir), "**", str(rank), f"{stream}.log"), recursive=True)
