@@ -115,8 +115,8 @@ def torchrun(script, argv, log_dir):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:] + logs
 
     def read(rank, stream):
-        (path,) = glob.glob(os.path.join(str(log_dir), "**", str(rank), f"{stream}.log"), recursive=True)
-        return open(path).read()
+        paths = glob.glob(os.path.join(str(log_dir), "**", str(rank), f"{stream}.log"), recursive=True)
+        return open(max(paths, key=os.path.getmtime)).read()  # the last attempt's
     return read
 
 
