@@ -16,7 +16,7 @@ from vpd.demo import write_random_sd
 from vpd.synthetic import make_synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+ENV = dict(os.environ, PYTHONPATH=ROOT)  # OMP_NUM_THREADS comes from conftest.py
 STEPS = 16  # optimizer steps of the loss / resume runs
 LOSS_CROP = {"depth": 64, "semseg": 64, "refer": 64}  # the loss runs' crops; other depth runs use 32
 LOSS_RUN = ["--iters", STEPS, "--batch-size", 4, "--lr", 2e-3, "--log-every", 2]  # a log line per 2 steps
