@@ -47,7 +47,8 @@ def datasets(task, root, crop, seed=0, dataset=None, split_by=None, split=None, 
     """(train_set, eval_set) of `task` under `root`; a clear error when the layout is not there."""
     try:
         if task == "depth" and (dataset or "nyu") == "kitti":
-            return (data.KITTI(root, "train", crop=(crop, crop * 2), seed=seed),
+            side = min(crop, 352)  # KITTI frames are 352 high after the kb crop: 352x704 by default
+            return (data.KITTI(root, "train", crop=(side, 2 * side), seed=seed),
                     data.KITTI(root, split or "test", train=False))
         if task == "depth":
             return (data.NYUv2(root, "train", crop=(crop, crop), seed=seed),
