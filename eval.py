@@ -31,9 +31,11 @@ MS_RATIOS = (1.0, 1.125, 1.25, 1.375, 1.5)  # VPD's multi-scale test ratios
 
 @torch.no_grad()
 def evaluate(model, task, dataset, device, autocast=nullcontext, max_samples=None, ms_flip=False,
-             flip=True, save_vis=None, depth_crop="eigen", max_depth=10.0, workers=2):
+             flip=True, save_vis=None, depth_crop="eigen", max_depth=10.0, workers=2, refer_full_res=False):
     """Metrics of `model` on `dataset` (its evaluation view, batch 1); each rank takes its shard of
-    the first `max_samples` samples, and the metric sums are added over ranks at the end."""
+    the first `max_samples` samples, and the metric sums are added over ranks at the end.
+    refer: scored against `mask_resized` (the mask at the network's input size, as LAVT / VPD
+    score), or with refer_full_res against `mask` at the original image size."""
     n = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     sampler = ShardedEvalSampler(n)
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=workers)
@@ -63,7 +65,7 @@ def evaluate(model, task, dataset, device, autocast=nullcontext, max_samples=Non
                 pred = torch.nn.functional.interpolate(pred, size=batch["depth"].shape[-2:], mode="bilinear")
                 metric.update(pred, batch["depth"])
             else:
-                mask = batch["mask"].bool()
+                mask = batch["mask" if refer_full_res else "mask_resized"].bool()
                 pred = refer_logits(model, image, batch["tokens"], mask.shape[-2:]).argmax(1) == 1
                 metric.update(pred, mask)
         if save_vis:
@@ -117,6 +119,8 @@ def get_args(argv=None):
     p.add_argument("--out", default=None)
     p.add_argument("--ms-flip", action="store_true", help="semseg: multi-scale + flip test")
     p.add_argument("--no-flip", action="store_true", help="depth: no flip averaging")
+    p.add_argument("--refer-full-res", action="store_true",
+                   help="refer: score masks at the original image size, not at the 512x512 input size")
     p.add_argument("--max-samples", type=int)
     p.add_argument("--save-vis", action="store_true")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None, help="default: bf16 on GPU, off on CPU")
@@ -151,7 +155,8 @@ def main(args):
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
     metrics = evaluate(ev.model, ev.task, ev.dataset, device, autocast, args.max_samples, ms_flip=args.ms_flip,
                        flip=not args.no_flip, save_vis=os.path.join(out, "vis") if args.save_vis else None,
-                       depth_crop=ev.depth_crop, max_depth=ev.max_depth, workers=args.workers)
+                       depth_crop=ev.depth_crop, max_depth=ev.max_depth, workers=args.workers,
+                       refer_full_res=args.refer_full_res)
     if rank == 0:
         n = len(ev.dataset) if args.max_samples is None else min(args.max_samples, len(ev.dataset))
         print(f"{ev.task} on {n} samples ({world} processes), {args.ckpt}")

@@ -145,8 +145,8 @@ class MaskFromImage(nn.Module):
 
 def refer_sample(gt, pred, index):
     image = torch.stack([pred.float() * 2 - 1] * 3)
-    return {"image": image, "mask": gt.to(torch.uint8), "tokens": torch.zeros(40, dtype=torch.long),
-            "index": index}
+    return {"image": image, "mask": gt.to(torch.uint8), "mask_resized": gt.to(torch.uint8),
+            "tokens": torch.zeros(40, dtype=torch.long), "index": index}
 
 
 def test_refer_metrics_by_hand():
@@ -163,6 +163,18 @@ def test_refer_metrics_by_hand():
     assert m["mIoU"] == pytest.approx(100 * 1.5 / 3)
     assert m["P@0.5"] == pytest.approx(100 * 2 / 3)
     assert all(m[f"P@{t}"] == pytest.approx(100 / 3) for t in (0.6, 0.7, 0.8, 0.9))
+
+
+def test_refer_scores_at_input_size_unless_full_res():
+    gt = torch.zeros(16, 16, dtype=torch.bool)
+    gt[:, :8] = True
+    sample = refer_sample(gt, gt, 0)
+    big = torch.zeros(32, 32, dtype=torch.uint8)
+    big[:, :4] = 1  # the original-size mask disagrees with the prediction
+    sample["mask"] = big
+    assert run(MaskFromImage(), "refer", [sample])["oIoU"] == pytest.approx(100)
+    m = run(MaskFromImage(), "refer", [sample], refer_full_res=True)
+    assert m["oIoU"] == pytest.approx(100 * 4 / 16)  # prediction upsampled: left half; truth: left 4 columns
 
 
 def test_refer_whole_image_baseline():
