@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU session behind the README's GPU figures: correctness checks, then the benchmarks.
+# The GPU run behind the README's GPU figures: correctness checks, then the benchmarks.
 # Usage (repo root, on a CUDA machine): OUT=results bash tools/gpu_run.sh
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 OUT=${OUT:-gpu_results}; mkdir -p "$OUT"
