@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind the README's GPU figures, in parts that each fit a 10-minute call
 # (tables in $OUT/*.txt; at most 8 files come back from a device call):
-#   OUT=results bash tools/gpu_run.sh eager      # flash/bf16/compile checks, eager benchmarks, DDP demo (~8 min)
+#   OUT=results bash tools/gpu_run.sh eager      # flash/bf16/compile checks, eager benchmarks, DDP demo (~9 min)
 #   OUT=results bash tools/gpu_run.sh compiled   # the compiled bf16 semseg training step at batch 16 (~4.5 min)
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 OUT=${OUT:-gpu_results}; mkdir -p "$OUT"
@@ -9,7 +9,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 B="python3 bench.py --size full --res 512 --device cuda"
 case "${1:-eager}" in
 eager)
-  timeout 150 python3 tools/gpu_check.py 2>&1 | tee "$OUT/check.txt"
+  timeout 270 python3 tools/gpu_check.py 2>&1 | tee "$OUT/check.txt"
   timeout 75 $B --batch 8 --dtype bf16 --which unet --iters 10 --warmup 3 2>&1 | tee "$OUT/unet_bf16.txt"
   timeout 60 $B --batch 2 --dtype fp32 --which unet_fwdbwd,train_semseg --iters 5 --warmup 2 2>&1 | tee "$OUT/eager_fp32.txt"
   timeout 80 $B --dtype bf16 --which "" --sweep-batch 2,8,16 --iters 5 --warmup 2 2>&1 | tee "$OUT/sweep_bf16.txt"
