@@ -42,6 +42,7 @@ from torch.utils._pytree import tree_leaves
 
 from vpd import flops
 from vpd.clip import CLIPConfig
+from vpd.demo import TINY_CLIP, TINY_UNET, TINY_VAE
 from vpd.model import build_model
 from vpd.optim import build_optimizer
 from vpd.unet import UNet, UNetConfig
@@ -49,10 +50,7 @@ from vpd.vae import VAE, VAEConfig
 
 PRESETS = {
     "full": dict(unet=UNetConfig(), vae=VAEConfig(), clip=CLIPConfig()),
-    "tiny": dict(unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=1, num_heads=4,
-                                 context_dim=32),
-                 vae=VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
-                 clip=CLIPConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)),
+    "tiny": dict(unet=TINY_UNET, vae=TINY_VAE, clip=TINY_CLIP),  # the demo's configs
 }
 PEAK_BF16_TFLOPS = {"H100": 989, "H200": 989, "A100": 312}  # dense, no sparsity
 N_TEXT = {"semseg": 150, "depth": 1, "refer": 40}  # context tokens of each task (ADE20K classes, scene, sentence)
