@@ -72,3 +72,16 @@ def test_linear_weight_fits_1x1_conv():
     assert torch.equal(m.weight[:, :, 0, 0], w)
     with pytest.raises(CheckpointError, match="wrong shape"):
         load_checkpoint(m, {"p.weight": torch.randn(4, 3), "p.bias": b}, "p.")
+
+
+def test_modules_loaded_from_a_dict_own_their_tensors():
+    state = sd_layout(toy())
+    with torch.device("meta"):
+        a, b = toy(), toy()
+    load_checkpoint(a, state, "model.x.")
+    load_checkpoint(b, state, "model.x.")
+    with torch.no_grad():
+        a[0].weight.add_(1.0)  # an optimizer step on one model
+    assert torch.equal(b[0].weight, state["model.x.0.weight"])  # neither the other model nor the dict moves
+    assert not torch.equal(a[0].weight, state["model.x.0.weight"])
+    assert a[0].weight.data_ptr() != state["model.x.0.weight"].data_ptr()

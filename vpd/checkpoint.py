@@ -72,9 +72,11 @@ def load_checkpoint(module: nn.Module, src, prefix: str, cfg=None, ignore=(), dt
     `src`: a `.safetensors` path, a torch checkpoint path (tensors at the top level or under
     `state_dict`) or a dict of tensors. Names under `prefix` that start with one of `ignore` are
     passed over (e.g. `embeddings.position_ids`). A module built on the `meta` device gets the
-    checkpoint's tensors assigned (no second copy in memory). A 2-d linear weight is accepted for a
-    1x1 conv of the same size. Raises CheckpointError naming the
-    first offending keys and the config expected; the module is untouched when it raises.
+    file's tensors assigned (no second copy in memory); from a dict it gets copies, so that it never
+    shares storage with the caller's tensors (or with another module loaded from the same dict).
+    A live module keeps its own dtype (its parameters are copied into). A 2-d linear weight is
+    accepted for a 1x1 conv of the same size. Raises CheckpointError naming the first offending keys
+    and the config expected; the module is untouched when it raises.
     """
     names, get_shape, get_tensor = _open(src)
     ours = {k[len(prefix):]: k for k in names if k.startswith(prefix)}
@@ -99,7 +101,8 @@ def load_checkpoint(module: nn.Module, src, prefix: str, cfg=None, ignore=(), dt
         if cfg is not None:
             msg += f"\n  expected config: {cfg}"
         raise CheckpointError(msg)
-    state = {k: get_tensor(ours[k]).to(dtype if expected[k].is_floating_point() else expected[k].dtype)
+    copy = isinstance(src, dict)  # a file's tensors are fresh; a dict's belong to the caller
+    state = {k: get_tensor(ours[k]).to(dtype if expected[k].is_floating_point() else expected[k].dtype, copy=copy)
              .reshape(expected[k].shape) for k in expected}
     on_meta = any(t.is_meta for t in expected.values())
     module.load_state_dict(state, strict=True, assign=on_meta)
