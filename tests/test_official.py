@@ -135,6 +135,21 @@ def test_load_into_a_meta_model_assigns_the_tensors(tmp_path):
     assert torch.equal(target.class_embeddings, source.class_embeddings)
 
 
+def test_a_model_loaded_from_a_dict_owns_its_tensors():
+    released = released_state("depth", tiny("depth", seed=0))
+    key = "encoder.out_layer.0.weight"
+    before = released[key].clone()
+    with torch.device("meta"):
+        target = build_model("depth", unet_cfg=TINY_UNET, vae_cfg=TINY_VAE, clip_cfg=TINY_CLIP, **TINY_DEPTH_HEAD)
+    load_official(released, "depth", model=target)
+    built = official_model(released, "depth", unet_cfg=TINY_UNET, vae_cfg=TINY_VAE, clip_cfg=TINY_CLIP,
+                           **TINY_DEPTH_HEAD)
+    with torch.no_grad():  # an optimizer step on each model
+        target.head.fuse[0].weight.add_(1.0)
+        built.head.fuse[0].weight.add_(1.0)
+    assert torch.equal(released[key], before)  # the caller's dict does not move
+
+
 def test_unknown_missing_and_misshapen_names_are_refused(tmp_path):
     model = tiny("semseg")
     good = released_state("semseg", model)

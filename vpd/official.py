@@ -144,11 +144,12 @@ def load_official(src, task, model=None):
             msg += f"\n  missing groups (no tensor for): {_listing(unused)}"
         raise CheckpointError(msg)
     if model is not None:
-        _load_into(model, state, task)
+        _load_into(model, state, task, copy=isinstance(src, dict))
     return state
 
 
-def _load_into(model, state, task):
+def _load_into(model, state, task, copy=False):
+    """copy: give the model its own tensors (the state's belong to a caller's dict)."""
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith(NOT_IN_FILE[task])}
     official = lambda k: _rename(k, RULES[task], inverse=True) or "?"
     missing = [f"{k} ({official(k)})" for k in expected if k not in state]
@@ -164,7 +165,7 @@ def _load_into(model, state, task):
         if wrong:
             msg += f"\n  wrong shape ({len(wrong)}): {_listing(wrong, 3)}"
         raise CheckpointError(msg)
-    cast = {k: v.to(expected[k].dtype) for k, v in state.items()}
+    cast = {k: v.to(expected[k].dtype, copy=copy) for k, v in state.items()}
     on_meta = any(t.is_meta for t in expected.values())
     model.load_state_dict(cast, strict=False, assign=on_meta)
     return model
@@ -206,5 +207,5 @@ def official_model(src, task, sd_ckpt=None, **kw):
         model = build_model(task, **kw)
     if task == "refer":
         model.clip = CLIPTextModel.from_checkpoint(sd_ckpt, kw.get("clip_cfg")).requires_grad_(False).eval()
-    _load_into(model, state, task)
+    _load_into(model, state, task, copy=isinstance(src, dict))
     return model
