@@ -63,6 +63,11 @@ def test_not_a_checkpoint(tmp_path):
         load_checkpoint(toy(), junk, "model.x.")
     with pytest.raises(CheckpointError, match="no tensors under 'model.x.'"):
         load_checkpoint(toy(), {"vae.w": torch.zeros(1)}, "model.x.")
+    nested = tmp_path / "vpd_depth.ckpt"  # tensors one level down, as in a released VPD file
+    torch.save({"model": sd_layout(toy()), "optimizer": {}}, nested)
+    with pytest.raises(CheckpointError, match=r"no tensors at its top level or under 'state_dict' "
+                                              r"\(its keys: model, optimizer\)"):
+        load_checkpoint(toy(), nested, "model.x.")
 
 
 def test_linear_weight_fits_1x1_conv():

@@ -36,8 +36,11 @@ def _open(src):
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # ldm / Lightning files keep the tensors under `state_dict`
-    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} holds no tensors: not a model checkpoint")
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
+    if not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} has no tensors at its top level or under 'state_dict' "
+                              f"(its keys: {_listing([str(k) for k in obj])})")
     obj = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     return list(obj), lambda k: tuple(obj[k].shape), lambda k: obj[k]
 
