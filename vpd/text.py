@@ -39,7 +39,7 @@ IMAGENET_TEMPLATES = [
     "a photo of a small {}.", "a tattoo of the {}.",
 ]
 
-MAX_LENGTH = 20  # VPD's FrozenCLIPEmbedder(max_length=20) for the class prompts
+MAX_LENGTH = 20  # the script's FrozenCLIPEmbedderContext(max_length=20) for the class prompts
 
 
 def file_identity(path) -> str:
