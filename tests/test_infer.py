@@ -160,3 +160,12 @@ def test_depth_windows_cover_every_column(windows):
 def test_depth_too_few_windows_is_an_error():
     with pytest.raises(ValueError, match="at least 4"):
         depth_predict(DepthFake("image"), torch.rand(1, 3, 32, 100), torch.tensor([0]), windows=2)
+
+
+def test_depth_one_window_is_the_whole_image():
+    # predict.py's choice for images wider than 2:1: one forward over the whole (padded) image
+    image = torch.rand(1, 3, 32, 100)
+    fake = DepthFake("column")
+    out = depth_predict(fake, image, torch.tensor([0]), flip=False, windows=1)
+    assert fake.sizes == [(32, 128)]  # 100 padded to a multiple of 32, in one piece
+    assert torch.equal(out[0, 0, 0], torch.arange(100, dtype=torch.float32))

@@ -148,6 +148,22 @@ def test_depth_scene_changes_the_prediction(world, tmp_path):
                               png(tmp_path / "bedroom" / "wide_depth.png")[1])
 
 
+def test_depth_panorama_is_predicted_whole(world, tmp_path):
+    # wider than 2:1 -> one forward over the whole image (and its flip), not VPD's two windows
+    ckpt = checkpoint(world, "depth")
+    pano = write_image(str(tmp_path / "pano.png"), 20, 150, 3)  # -> 9x64 at --size 64
+    run("--ckpt", ckpt, "--size", SIZE, "--no-flip", "--out", tmp_path, pano)
+    model, _ = load_model(ckpt)
+    model.eval()
+    x = ImageFolder([pano], "depth", SIZE)[0]["image"][None, :, :9, :64]
+    with torch.no_grad():
+        ref = model(F.pad(x, (0, 0, 0, 32 - 9)), torch.tensor([NYU_SCENES.index("living_room")]))[..., :9, :]
+    ref = F.interpolate(ref, size=(20, 150), mode="bilinear", align_corners=False)[0, 0].numpy()
+    mode, mm = png(tmp_path / "pano_depth.png")
+    assert mode == "I;16" and mm.shape == (20, 150)
+    assert np.abs(mm.astype(np.float64) - ref * 1000).max() <= 0.5 + 1e-2
+
+
 def test_semseg_ids_and_palette_at_the_image_size(world, tmp_path):
     ckpt = checkpoint(world, "semseg")
     run("--task", "semseg", "--ckpt", ckpt, "--size", SIZE, "--out", tmp_path, world.wide, world.tall)

@@ -55,9 +55,11 @@ def semseg_probs(model, image, num_classes, out_size, scales=(1.0,), flip=False,
 def depth_predict(model, image, scene_ids, flip=True, windows=2):
     """VPD's depth test: `windows` square crops along the long side (2 for 480x640: x=0 and x=160)
     and their flips, predictions averaged where they overlap. Returns (B, 1, H, W) metres.
-    Images wider than `windows` squares need more windows (KITTI: ceil(W / H))."""
+    windows=1 predicts the whole image in one piece; more windows must cover it (KITTI: ceil(W / H))."""
     b, _, h, w = image.shape
-    if w > h and windows * h < w:
+    if windows < 1:
+        raise ValueError(f"windows must be >= 1, got {windows}")
+    if w > h and 1 < windows and windows * h < w:
         raise ValueError(f"{windows} windows of {h}x{h} cannot cover a {h}x{w} image: use at least {-(-w // h)}")
     if w > h and windows > 1:
         starts = [i * (w - h) // (windows - 1) for i in range(windows)]  # the last window ends at w
