@@ -106,6 +106,19 @@ def _save_vis(task, out_dir, batch, pred):
         vis.overlay_mask(image, mask.cpu().numpy()).save(os.path.join(out_dir, name))
 
 
+def count(at_least):
+    """argparse type: an int >= at_least (0 or a negative count would divide by zero or do nothing)."""
+    def parse(text):
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if n < at_least:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {at_least}, got {n}")
+        return n
+    return parse
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=TASKS)
@@ -121,11 +134,11 @@ def get_args(argv=None):
     p.add_argument("--no-flip", action="store_true", help="depth: no flip averaging")
     p.add_argument("--refer-full-res", action="store_true",
                    help="refer: score masks at the original image size, not at the 512x512 input size")
-    p.add_argument("--max-samples", type=int)
+    p.add_argument("--max-samples", type=count(1))
     p.add_argument("--save-vis", action="store_true")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None, help="default: bf16 on GPU, off on CPU")
     p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, default=2, help="data loader processes")
+    p.add_argument("--workers", type=count(0), default=2, help="data loader processes")
     args = p.parse_args(argv)
     if args.demo:
         args.ckpt = args.ckpt or os.path.join("out", "demo", "model.safetensors")

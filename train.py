@@ -20,7 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from eval import evaluate
+from eval import count, evaluate
 from vpd import dist
 from vpd.optim import build_optimizer, lr_factor, set_lr
 from vpd.trained import load_weights, save_state, save_weights
@@ -41,6 +41,7 @@ PRESETS = {
 DEMO = dict(iters=300, batch_size=8, lr=1e-3, unet_lr_mult=1.0, warmup_iters=0, eval_every=None,
             log_every=10, save_every=100, demo_images=192, demo_size=128)
 DEMO_CROP = {"semseg": 128, "depth": 96, "refer": 128}  # synthetic images are 128x96
+CROP_MULTIPLE = {"semseg": 64, "depth": 32, "refer": 64}  # the side lengths each network takes
 
 
 def get_args(argv=None):
@@ -55,28 +56,28 @@ def get_args(argv=None):
     p.add_argument("--split-by", default=None, help="refer: unc (refcoco, refcoco+) or umd (refcocog)")
     p.add_argument("--out", default=None, help="output directory (default out/<task>)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    p.add_argument("--iters", type=int, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="global batch per optimizer step")
-    p.add_argument("--micro-batch", type=int, help="images per process per forward (accumulates to --batch-size)")
+    p.add_argument("--iters", type=count(1), help="optimizer steps (overrides --epochs)")
+    p.add_argument("--epochs", type=count(1))
+    p.add_argument("--batch-size", type=count(1), help="global batch per optimizer step")
+    p.add_argument("--micro-batch", type=count(1), help="images per process per forward (accumulates to --batch-size)")
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--unet-lr-mult", type=float)
-    p.add_argument("--warmup-iters", type=int)
-    p.add_argument("--crop", type=int)
+    p.add_argument("--warmup-iters", type=count(0))
+    p.add_argument("--crop", type=count(1))
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None,
                    help="autocast dtype (default: bf16 on GPU, off on CPU, where bf16 is slower)")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the model (backend: inductor, or e.g. aot_eager, which needs no C++ compiler)")
     p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per UNet block")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
-    p.add_argument("--workers", type=int, help="data loader processes per training process (default: up to 4)")
+    p.add_argument("--workers", type=count(0), help="data loader processes per training process (default: up to 4)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, help="steps per log line (default 50)")
-    p.add_argument("--eval-every", type=int, help="steps between evaluations (always at the last step)")
-    p.add_argument("--eval-max", type=int, default=None, help="evaluate on at most this many samples")
-    p.add_argument("--save-every", type=int, help="steps between checkpoints (default 1000; always at the end)")
-    p.add_argument("--stop-after", type=int, default=None, help="end the run after this step, having saved a "
+    p.add_argument("--log-every", type=count(1), help="steps per log line (default 50)")
+    p.add_argument("--eval-every", type=count(1), help="steps between evaluations (always at the last step)")
+    p.add_argument("--eval-max", type=count(1), default=None, help="evaluate on at most this many samples")
+    p.add_argument("--save-every", type=count(1), help="steps between checkpoints (default 1000; always at the end)")
+    p.add_argument("--stop-after", type=count(1), default=None, help="end the run after this step, having saved a "
                    "checkpoint (the schedule still spans --iters; continue later with --resume)")
     p.add_argument("--text-cache", default=None, help="directory caching class embeddings (default <out>/..)")
     args = p.parse_args(argv)
@@ -94,6 +95,9 @@ def get_args(argv=None):
             setattr(args, k, v)
     if args.iters is None and args.epochs is None:
         p.error("give --iters or --epochs")
+    if args.crop % CROP_MULTIPLE[args.task]:
+        p.error(f"--crop {args.crop}: the {args.task} network takes sides that are multiples of "
+                f"{CROP_MULTIPLE[args.task]}")
     args.out = args.out or os.path.join("out", "demo" if args.demo else args.task)
     return args
 
@@ -122,6 +126,12 @@ def main(args):
         if len(state["ranks"]) != world:
             raise SystemExit(f"--resume: {args.out} was written by {len(state['ranks'])} processes, this run has {world}")
 
+    micro = args.micro_batch or args.batch_size // world
+    if micro == 0 or args.batch_size % (micro * world):
+        raise SystemExit(f"--batch-size {args.batch_size} does not split evenly over {world} processes"
+                         + (f" x --micro-batch {args.micro_batch}" if args.micro_batch else ""))
+    accum = args.batch_size // (micro * world)
+
     torch.manual_seed(args.seed + rank)
     # --- task: datasets, model, evaluation (vpd/tasks.py) ---
     try:
@@ -135,10 +145,6 @@ def main(args):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     raw = model  # saved and evaluated; never the compiled / DDP wrapper (no _orig_mod. / module. prefixes)
 
-    micro = args.micro_batch or max(1, args.batch_size // world)
-    if args.batch_size % (micro * world):
-        raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of --micro-batch {micro} x {world} processes")
-    accum = args.batch_size // (micro * world)
     steps_per_epoch = len(train_set) // args.batch_size
     if steps_per_epoch == 0:
         raise SystemExit(f"the training set has {len(train_set)} samples, fewer than one batch of {args.batch_size}")

@@ -224,3 +224,30 @@ def test_weights_file_holds_trained_parts_and_checks_shapes(tmp_path):
     with pytest.raises(ValueError, match="shapes differ"):
         load_weights(Toy(width=4), path)
     assert read_meta(str(tmp_path / "official.pth")) is None  # not ours: no metadata to read
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--batch-size", "0"], ["--batch-size", ">= 1, got 0"]),
+    (["--iters", "0"], ["--iters", ">= 1, got 0"]),  # was: silently 25 epochs instead
+    (["--log-every", "0"], ["--log-every", ">= 1"]),  # was: ZeroDivisionError at the first step
+    (["--iters", "-3"], ["--iters", ">= 1, got -3"]),
+    (["--max-samples", "0"], ["--max-samples", ">= 1"]),  # eval.py
+    (["--workers", "x"], ["--workers", "expected an integer, got 'x'"]),
+    (["--task", "semseg", "--crop", "100"], ["--crop 100", "multiples of 64"]),
+    (["--task", "depth", "--crop", "100"], ["--crop 100", "multiples of 32"]),
+])
+def test_bad_numbers_are_argument_errors(argv, words, capsys):
+    script = eval_script if "--max-samples" in argv else train
+    with pytest.raises(SystemExit) as e:
+        script.get_args(["--demo", *argv])
+    assert e.value.code == 2  # argparse's usage error, before anything is built
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err, (word, err)
+
+
+def test_batch_that_does_not_split_stops_before_the_model_is_built(tmp_path):
+    args = train.get_args(["--demo", "--out", str(tmp_path), "--batch-size", "3", "--micro-batch", "2"])
+    with pytest.raises(SystemExit, match="--batch-size 3 does not split evenly over 1 processes x --micro-batch 2"):
+        train.main(args)
+    assert not os.path.exists(tmp_path / "tiny_sd.safetensors")  # nothing written or built yet
