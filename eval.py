@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from vpd import dist
-from vpd.data import ADE20K_CLASSES
+from vpd.data import ADE20K_CLASSES, error_line
 from vpd.infer import depth_predict, refer_logits, semseg_probs
 from vpd.metrics import DepthMetric, ReferMetric, SegMetric, ShardedEvalSampler
 from vpd.tasks import TASKS, build_eval, to_device
@@ -166,10 +166,13 @@ def main(args):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp or
                                                                          ("bf16" if device.type == "cuda" else "off")]
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
-    metrics = evaluate(ev.model, ev.task, ev.dataset, device, autocast, args.max_samples, ms_flip=args.ms_flip,
-                       flip=not args.no_flip, save_vis=os.path.join(out, "vis") if args.save_vis else None,
-                       depth_crop=ev.depth_crop, max_depth=ev.max_depth, workers=args.workers,
-                       refer_full_res=args.refer_full_res)
+    try:
+        metrics = evaluate(ev.model, ev.task, ev.dataset, device, autocast, args.max_samples, ms_flip=args.ms_flip,
+                           flip=not args.no_flip, save_vis=os.path.join(out, "vis") if args.save_vis else None,
+                           depth_crop=ev.depth_crop, max_depth=ev.max_depth, workers=args.workers,
+                           refer_full_res=args.refer_full_res)
+    except ValueError as e:  # an unreadable file (BadSampleError), or no valid ground truth
+        raise SystemExit(error_line(e)) from None
     if rank == 0:
         n = len(ev.dataset) if args.max_samples is None else min(args.max_samples, len(ev.dataset))
         print(f"{ev.task} on {n} samples ({world} processes), {args.ckpt}")
@@ -181,4 +184,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    try:
+        main(get_args())
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted") from None

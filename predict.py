@@ -260,4 +260,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    try:
+        main(get_args())
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted") from None

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from eval import count, evaluate
 from vpd import dist
+from vpd.data import error_line
 from vpd.optim import build_optimizer, lr_factor, set_lr
 from vpd.trained import load_weights, save_state, save_weights
 from vpd.sampler import GlobalBatchSampler
@@ -185,7 +186,10 @@ def main(args):
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    saved = step if state is not None else None  # the step of the checkpoint in --out
+
     def save():
+        nonlocal saved
         mine = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
                     cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                     loss_sum=float(loss_sum))
@@ -195,10 +199,28 @@ def main(args):
             save_state(dict(step=step, last_log=last, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                             args=vars(args), ranks=ranks), state_path)
         dist.barrier()
+        saved = step
+
+    def stopped(what):
+        """One line for a run that ends early, and how it can go on."""
+        bar.close()  # the message on a line of its own
+        where = (f"the checkpoint in {args.out} is at step {saved}: continue with --resume" if saved is not None
+                 else "no checkpoint was written yet")
+        return f"{what} in step {step + 1}; {where}"
+
+    def next_batch(it):
+        try:
+            return next(it)
+        except ValueError as e:  # a file or a setting the data cannot take (BadSampleError included)
+            raise SystemExit(stopped(error_line(e))) from None
 
     def run_eval():
-        metrics = evaluate(raw, args.task, task.eval_set, device, autocast, args.eval_max, workers=args.workers,
-                           depth_crop=task.meta["depth_crop"], max_depth=getattr(raw, "max_depth", 10.0))
+        try:
+            metrics = evaluate(raw, args.task, task.eval_set, device, autocast, args.eval_max, workers=args.workers,
+                               depth_crop=task.meta["depth_crop"], max_depth=getattr(raw, "max_depth", 10.0))
+        except ValueError as e:  # an unreadable evaluation file, or no valid ground truth
+            raise SystemExit(f"evaluation after step {step}: {error_line(e)} (the checkpoint in {args.out} is "
+                             f"at step {saved}: eval.py evaluates it)") from None
         baseline = None
         if args.demo and step == total:  # the demo shows what training bought over a trivial predictor
             base_model, base_name = baseline_model(args.task, train_set)
@@ -219,53 +241,56 @@ def main(args):
     bar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True)
     model.train()
     t0 = time.time()
-    while step < stop:
-        epoch = step // steps_per_epoch
-        train_set.set_epoch(epoch)  # augmentations are a function of (seed, epoch, index)
-        sampler = GlobalBatchSampler(len(train_set), micro, world, rank, accum, args.seed, epoch,
-                                     start_step=step % steps_per_epoch)
-        # its own generator: creating a loader must not draw from the global RNG (dropout), or a
-        # resumed run, which creates one more loader, would drift from the uninterrupted one
-        loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers,
-                                             pin_memory=device.type == "cuda",
-                                             generator=torch.Generator().manual_seed(args.seed))
-        it = iter(loader)
-        for _ in range(steps_per_epoch - step % steps_per_epoch):
-            if step >= stop:
-                break
-            set_lr(optimizer, args.lr * lr_factor(step, total, args.schedule, args.warmup_iters,
-                                                   power=args.power, min_ratio=args.min_lr_ratio, peak=peak))
-            for a in range(accum):
-                batch = to_device(next(it), device)
-                sync = a == accum - 1 or world == 1
-                with (nullcontext() if sync else model.no_sync()), autocast():
-                    loss = forward_loss(model, raw, args.task, batch) / accum
-                scaler.scale(loss).backward()
-                loss_sum += loss.detach()  # no host sync per micro-step
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            if step % args.log_every == 0 or step == total:
-                dt = time.time() - t0
-                loss_avg = dist.mean_over_ranks(float(loss_sum) / (step - last), device)
-                lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_scale"]
-                rec = dict(step=step, loss=loss_avg, lr=lr, ms=1000 * dt / (step - last),
-                           img_s=(step - last) * args.batch_size / dt)
-                if not np.isfinite(loss_avg):
-                    raise SystemExit(f"loss is {loss_avg} at step {step}: stopping (lower --lr or use --amp bf16)")
-                bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", img_s=f"{rec['img_s']:.1f}")
-                if master:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
-                loss_sum, t0, last = 0.0, time.time(), step
-            if step % args.save_every == 0 or step in (total, stop):
-                save()
-            if step == total or (args.eval_every and step % args.eval_every == 0):
-                model.eval()
-                run_eval()
-                model.train()
+    try:
+        while step < stop:
+            epoch = step // steps_per_epoch
+            train_set.set_epoch(epoch)  # augmentations are a function of (seed, epoch, index)
+            sampler = GlobalBatchSampler(len(train_set), micro, world, rank, accum, args.seed, epoch,
+                                         start_step=step % steps_per_epoch)
+            # its own generator: creating a loader must not draw from the global RNG (dropout), or a
+            # resumed run, which creates one more loader, would drift from the uninterrupted one
+            loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers,
+                                                 pin_memory=device.type == "cuda",
+                                                 generator=torch.Generator().manual_seed(args.seed))
+            it = iter(loader)
+            for _ in range(steps_per_epoch - step % steps_per_epoch):
+                if step >= stop:
+                    break
+                set_lr(optimizer, args.lr * lr_factor(step, total, args.schedule, args.warmup_iters,
+                                                       power=args.power, min_ratio=args.min_lr_ratio, peak=peak))
+                for a in range(accum):
+                    batch = to_device(next_batch(it), device)
+                    sync = a == accum - 1 or world == 1
+                    with (nullcontext() if sync else model.no_sync()), autocast():
+                        loss = forward_loss(model, raw, args.task, batch) / accum
+                    scaler.scale(loss).backward()
+                    loss_sum += loss.detach()  # no host sync per micro-step
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(1)
+                if step % args.log_every == 0 or step == total:
+                    dt = time.time() - t0
+                    loss_avg = dist.mean_over_ranks(float(loss_sum) / (step - last), device)
+                    lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_scale"]
+                    rec = dict(step=step, loss=loss_avg, lr=lr, ms=1000 * dt / (step - last),
+                               img_s=(step - last) * args.batch_size / dt)
+                    if not np.isfinite(loss_avg):
+                        raise SystemExit(f"loss is {loss_avg} at step {step}: stopping (lower --lr or use --amp bf16)")
+                    bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", img_s=f"{rec['img_s']:.1f}")
+                    if master:
+                        with open(log_path, "a") as f:
+                            f.write(json.dumps(rec) + "\n")
+                    loss_sum, t0, last = 0.0, time.time(), step
+                if step % args.save_every == 0 or step in (total, stop):
+                    save()
+                if step == total or (args.eval_every and step % args.eval_every == 0):
+                    model.eval()
+                    run_eval()
+                    model.train()
+    except KeyboardInterrupt:
+        raise SystemExit(stopped("interrupted")) from None
     bar.close()
     if master and step < total:
         print0(f"stopped after step {step} of {total} (--stop-after): continue with --resume --out {args.out}")
@@ -284,4 +309,7 @@ def format_metrics(metrics, baseline=None, title="", baseline_name=None):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    try:
+        main(get_args())
+    except KeyboardInterrupt:  # before training started (the loop says which checkpoint there is)
+        raise SystemExit("interrupted") from None

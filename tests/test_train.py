@@ -251,3 +251,47 @@ def test_batch_that_does_not_split_stops_before_the_model_is_built(tmp_path):
     with pytest.raises(SystemExit, match="--batch-size 3 does not split evenly over 1 processes x --micro-batch 2"):
         train.main(args)
     assert not os.path.exists(tmp_path / "tiny_sd.safetensors")  # nothing written or built yet
+
+
+def test_ctrl_c_and_unreadable_file_end_in_one_line_naming_the_checkpoint(world, tmp_path, monkeypatch):
+    calls = []
+
+    def interrupt_third(model, raw, task, batch):  # Ctrl-C arrives during the third step's forward
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return forward_loss(model, raw, task, batch)
+
+    from vpd.tasks import forward_loss
+    monkeypatch.setattr(train, "forward_loss", interrupt_third)
+    out = tmp_path / "interrupted"
+    with pytest.raises(SystemExit) as e:
+        train_here(flags(world, "depth", out, "--iters", 5, "--batch-size", 2, "--save-every", 1))
+    assert e.value.code == f"interrupted in step 3; the checkpoint in {out} is at step 2: continue with --resume"
+    assert torch.load(out / "state.pt", weights_only=False)["step"] == 2
+    monkeypatch.undo()
+
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(world["roots"]["depth"], root)
+    bad = sorted(glob.glob(str(root / "sync" / "*" / "rgb_*.jpg")))
+    for path in bad:  # every training image truncated: the first batch meets one
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[:len(data) // 3])
+    argv = flags(world, "depth", tmp_path / "bad_file", "--iters", 2, "--batch-size", 2)
+    argv[argv.index("--data-root") + 1] = str(root)
+    for workers in ("0", "1"):  # a loader worker's error comes back with its traceback as the message
+        argv[argv.index("--workers") + 1] = workers
+        with pytest.raises(SystemExit) as e:
+            train_here(argv)
+        msg = e.value.code
+        assert "\n" not in msg and msg.startswith(f"cannot read image {root}") and ".jpg" in msg, msg
+        assert msg.endswith("in step 1; no checkpoint was written yet"), msg
+
+    for path in glob.glob(str(root / "official_splits" / "test" / "*" / "rgb_*.jpg")):
+        open(path, "wb").write(b"not a jpeg")
+    ckpt = loss_run(world, "depth") / "model.safetensors"
+    with pytest.raises(SystemExit) as e:  # eval.py: the same one line, through its 2 loader workers
+        eval_script.main(eval_script.get_args(["--ckpt", str(ckpt), "--data-root", str(root), "--out",
+                                               str(tmp_path / "ev")]))
+    assert "\n" not in e.value.code and e.value.code.startswith(f"cannot read image {root}"), e.value.code

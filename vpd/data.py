@@ -64,6 +64,15 @@ class BadSampleError(ValueError):
     """A file of one sample cannot be read or has the wrong format."""
 
 
+def error_line(e):
+    """One line for an exception raised while loading data. A DataLoader worker's exception comes back
+    with the worker's traceback as its message ("Caught ... Original Traceback ... <type>: <message>")."""
+    lines = str(e).strip().splitlines()
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        return lines[-1].split(": ", 1)[-1]
+    return " ".join(lines) or type(e).__name__
+
+
 # ----------------------------------------------------------------------------- file readers
 
 def read_rgb(path):
