@@ -24,7 +24,7 @@ from eval import count, evaluate
 from vpd import dist
 from vpd.data import error_line
 from vpd.optim import build_optimizer, lr_factor, set_lr
-from vpd.trained import load_weights, save_state, save_weights
+from vpd.trained import load_weights, read_meta, save_state, save_weights
 from vpd.sampler import GlobalBatchSampler
 from vpd.tasks import TASKS, baseline_model, build_task, forward_loss, to_device
 from vpd.vis import plot_curves
@@ -43,6 +43,9 @@ DEMO = dict(iters=300, batch_size=8, lr=1e-3, unet_lr_mult=1.0, warmup_iters=0, 
             log_every=10, save_every=100, demo_images=192, demo_size=128)
 DEMO_CROP = {"semseg": 128, "depth": 96, "refer": 128}  # synthetic images are 128x96
 CROP_MULTIPLE = {"semseg": 64, "depth": 32, "refer": 64}  # the side lengths each network takes
+# Settings that shape a run's trajectory: --resume must continue with the values it was started with.
+RUN_SETTINGS = ("task", "iters", "epochs", "batch_size", "lr", "weight_decay", "unet_lr_mult", "warmup_iters",
+                "crop", "seed", "dataset", "split_by", "schedule", "power", "min_lr_ratio", "demo_images", "demo_size")
 
 
 def get_args(argv=None):
@@ -121,11 +124,26 @@ def main(args):
         if not (os.path.isfile(state_path) and os.path.isfile(weights_path)):
             raise SystemExit(f"--resume: no checkpoint to resume from in {args.out} "
                              f"(expected {state_path} and {weights_path})")
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=False)
+            weights_step = (read_meta(weights_path) or {}).get("step")
+        except Exception as e:  # noqa: BLE001 (a truncated or foreign file: say which)
+            raise SystemExit(f"--resume: cannot read the checkpoint in {args.out}: {type(e).__name__}: {e}") from None
         if state["args"]["task"] != args.task:
             raise SystemExit(f"--resume: {args.out} holds a {state['args']['task']} run, not {args.task}")
         if len(state["ranks"]) != world:
             raise SystemExit(f"--resume: {args.out} was written by {len(state['ranks'])} processes, this run has {world}")
+        if weights_step != state["step"]:  # the two files are written one after the other
+            raise SystemExit(f"--resume: {weights_path} is from step {weights_step} but {state_path} from step "
+                             f"{state['step']} (a crash between the two writes): the weights and optimizer differ")
+        changed = [k for k in RUN_SETTINGS if state["args"].get(k) != getattr(args, k, None)]
+        if changed:
+            raise SystemExit("--resume: the run in {} was started with {}; pass the same values".format(
+                args.out, ", ".join(f"--{k.replace('_', '-')} {state['args'].get(k)} (not {getattr(args, k, None)})"
+                                    for k in changed)))
+    elif os.path.isfile(state_path):
+        raise SystemExit(f"--out {args.out} holds the checkpoint of an earlier run: continue it with --resume, "
+                         "or give another --out")
 
     micro = args.micro_batch or args.batch_size // world
     if micro == 0 or args.batch_size % (micro * world):

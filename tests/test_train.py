@@ -295,3 +295,32 @@ def test_ctrl_c_and_unreadable_file_end_in_one_line_naming_the_checkpoint(world,
         eval_script.main(eval_script.get_args(["--ckpt", str(ckpt), "--data-root", str(root), "--out",
                                                str(tmp_path / "ev")]))
     assert "\n" not in e.value.code and e.value.code.startswith(f"cannot read image {root}"), e.value.code
+
+
+def test_resume_keeps_the_runs_settings_and_checkpoint_pairs(world, tmp_path):
+    ref = loss_run(world, "semseg")  # a finished 16-step run
+    args = flags(world, "semseg", ref, *LOSS_RUN, crop=LOSS_CROP["semseg"])
+    # a fresh run into a folder with a checkpoint would overwrite it (and append to its log)
+    with pytest.raises(SystemExit, match="holds the checkpoint of an earlier run: continue it with --resume"):
+        train_here(args)
+    # a changed schedule or batch on --resume was silently taken (the demo's default --iters 300 too)
+    changed = list(args)
+    changed[changed.index("--iters") + 1] = "20"
+    with pytest.raises(SystemExit, match=r"started with --iters 16 \(not 20\); pass the same values"):
+        train_here(changed + ["--resume"])
+    # model.safetensors and state.pt of different steps (a crash between the two renames)
+    import shutil
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    out = tmp_path / "pair"
+    shutil.copytree(ref, out)
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["vpd"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"vpd": json.dumps(dict(meta, step=18))})
+    args[args.index("--out") + 1] = str(out)
+    with pytest.raises(SystemExit, match="model.safetensors is from step 18 but .*state.pt from step 16"):
+        train_here(args + ["--resume"])
+    (out / "state.pt").write_bytes(b"truncated")
+    with pytest.raises(SystemExit, match="--resume: cannot read the checkpoint in"):
+        train_here(args + ["--resume"])
