@@ -192,9 +192,9 @@ def main(args):
         random.setstate(mine["python"])
         if device.type == "cuda" and mine.get("cuda") is not None:
             torch.cuda.set_rng_state(mine["cuda"], device)
-        if master and os.path.isfile(log_path):  # drop lines a crashed run wrote after this checkpoint
-            with open(log_path) as f:
-                keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        if master and os.path.isfile(log_path):  # drop lines a crashed run wrote after this checkpoint,
+            with open(log_path) as f:            # and a last one without its newline, torn by the crash
+                keep = [line for line in f if line.strip() and line.endswith("\n") and json.loads(line)["step"] <= step]
             with open(log_path, "w") as f:
                 f.writelines(keep)
         print0(f"resumed from {args.out} at step {step}")

@@ -96,6 +96,7 @@ def test_resume_reproduces_the_uninterrupted_run(world):
     assert not os.path.exists(os.path.join(out, "metrics.json"))  # stopped before the end: no eval
     with open(os.path.join(out, "log.jsonl"), "a") as f:  # a line a crashed run wrote after its checkpoint
         f.write(json.dumps(dict(step=8, loss=123.0, lr=0.0)) + "\n")
+        f.write('{"step": 9, "loss": 1')  # and the torn end of a line it was writing when killed
     train_here(args + ["--resume"])
     assert losses(out) == losses(ref)
     a, b = params(out), params(ref)
