@@ -21,9 +21,9 @@ import torch
 from tqdm import tqdm
 
 from vpd import dist
-from vpd.data import ADE20K_CLASSES, error_line
+from vpd.data import ADE20K_CLASSES, depth_eval_mask, error_line
 from vpd.infer import depth_predict, refer_logits, semseg_probs
-from vpd.metrics import DepthMetric, ReferMetric, SegMetric, ShardedEvalSampler
+from vpd.metrics import KITTI_CROPS, DepthMetric, ReferMetric, SegMetric, ShardedEvalSampler
 from vpd.tasks import TASKS, build_eval, to_device
 
 MS_RATIOS = (1.0, 1.125, 1.25, 1.375, 1.5)  # VPD's multi-scale test ratios
@@ -63,7 +63,7 @@ def evaluate(model, task, dataset, device, autocast=nullcontext, max_samples=Non
                 windows = max(2, math.ceil(image.shape[-1] / image.shape[-2]))  # 2 for NYU's 480x640
                 pred = depth_predict(model, image, batch["scene_id"], flip=flip, windows=windows)
                 pred = torch.nn.functional.interpolate(pred, size=batch["depth"].shape[-2:], mode="bilinear")
-                metric.update(pred, batch["depth"])
+                metric.update(pred, batch["depth"], region=kitti_region(batch, depth_crop))
             else:
                 mask = batch["mask" if refer_full_res else "mask_resized"].bool()
                 pred = refer_logits(model, image, batch["tokens"], mask.shape[-2:]).argmax(1) == 1
@@ -73,6 +73,17 @@ def evaluate(model, task, dataset, device, autocast=nullcontext, max_samples=Non
     model.train(was_training)
     metric.reduce()
     return metric.compute()
+
+
+def kitti_region(batch, crop):
+    """KITTI's Garg / Eigen crop in the frame of the KB-cropped map (fractions of the ORIGINAL image, as
+    BTS/VPD score on the full frame); None for maps whose crop DepthMetric takes from their own size."""
+    if crop not in KITTI_CROPS or "orig_size" not in batch:
+        return None
+    if len(batch["orig_size"]) != 1:
+        raise ValueError("KITTI evaluation takes one image per batch")
+    name = "eigen" if crop == "kitti_eigen" else crop  # vpd.data's name of KITTI's Eigen crop
+    return depth_eval_mask(batch["orig_size"][0].tolist(), name, kb_crop=True)
 
 
 def num_classes(model):

@@ -133,6 +133,20 @@ def test_depth_metrics_average_over_images():
     assert m["d1"] == pytest.approx(0.5)
 
 
+def test_kitti_garg_crop_is_taken_on_the_original_frame():
+    # KITTI's eval view is the 352x1216 KB crop of a 375x1242 frame; BTS/VPD put the Garg crop at
+    # fractions of the full frame: rows 153:371, cols 44:1197 there, i.e. rows 130:348, cols 31:1184 here
+    gt = torch.full((352, 1216), 2.0)
+    gt[130:348, 31:1184] = 1.0  # a constant 1 m prediction is exact inside the crop only
+    sample = {"image": torch.zeros(3, 352, 1216), "depth": gt[None], "orig_size": torch.tensor([375, 1242]),
+              "scene_id": 0, "index": 0}
+    m = run(ConstantDepth(1.0), "depth", [sample], depth_crop="garg", max_depth=80.0)
+    assert m["abs_rel"] == 0 and m["d1"] == 1
+    gt[347, 600] = 2.0  # one pixel of the crop's last row
+    m = run(ConstantDepth(1.0), "depth", [sample], depth_crop="garg", max_depth=80.0)
+    assert m["abs_rel"] == pytest.approx(0.5 / (218 * 1153))
+
+
 # ----------------------------------------------------------------------------- refer
 
 class MaskFromImage(nn.Module):

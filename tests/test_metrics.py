@@ -176,6 +176,19 @@ def test_depth_rejects_bad_input():
         DepthMetric().compute()
     with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
         DepthMetric(crop=None).update(torch.ones(1, 2, 3, 3), torch.ones(1, 2, 3, 3))
+    with pytest.raises(ValueError, match=r"region must be a bool \(2, 3\) mask"):
+        DepthMetric(crop=None).update(torch.ones(2, 3), torch.ones(2, 3), region=torch.ones(3, 2, dtype=torch.bool))
+
+
+def test_depth_region_replaces_the_crop():
+    gt = torch.ones(4, 6)
+    pred = torch.full((4, 6), 2.0)
+    pred[:, :2] = 1.0  # exact in the first two columns only
+    region = torch.zeros(4, 6, dtype=torch.bool)
+    region[:, :2] = True
+    m = DepthMetric(crop=None)
+    m.update(pred, gt, region=region)
+    assert m.compute()["abs_rel"] == 0
 
 
 def np_depth_reference(pred, gt, lo, hi):

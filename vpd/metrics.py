@@ -168,16 +168,22 @@ class DepthMetric(_Sums):
         return mask
 
     @torch.no_grad()
-    def update(self, pred, gt):
-        """pred, gt: depth in metres, one image (H, W) or a batch (B, H, W) / (B, 1, H, W)."""
+    def update(self, pred, gt, region=None):
+        """pred, gt: depth in metres, one image (H, W) or a batch (B, H, W) / (B, 1, H, W).
+        region: an (H, W) bool mask of the scored pixels instead of the crop's, for maps whose crop is
+        not a function of their own size (KITTI's KB-cropped maps: vpd.data.depth_eval_mask)."""
         self._check_open()
         _check_maps(pred, gt, ("pred", "gt"), (2, 3, 4))
         if pred.dim() == 4 and pred.shape[1] != 1:
             raise ValueError(f"a 4-d depth batch must be (B, 1, H, W), got {tuple(pred.shape)}")
         h, w = pred.shape[-2:]
+        if region is None:
+            region = self.crop_mask(h, w)
+        elif tuple(region.shape) != (h, w) or region.dtype != torch.bool:
+            raise ValueError(f"region must be a bool ({h}, {w}) mask, got {region.dtype} {tuple(region.shape)}")
         gt = gt.detach().reshape(-1, h, w).cpu()  # (B, H, W)
         # range test in gt's own dtype, as VPD: a float32 gt of 1e-3 equals min_depth and is left out
-        valid = (gt > self.min_depth) & (gt < self.max_depth) & self.crop_mask(h, w)
+        valid = (gt > self.min_depth) & (gt < self.max_depth) & region.cpu()
         gt = gt.double()
         pred = pred.detach().reshape(-1, h, w).double().cpu()
         pred = pred.nan_to_num(nan=self.min_depth, posinf=self.max_depth, neginf=self.min_depth)
