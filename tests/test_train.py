@@ -325,3 +325,16 @@ def test_resume_keeps_the_runs_settings_and_checkpoint_pairs(world, tmp_path):
     (out / "state.pt").write_bytes(b"truncated")
     with pytest.raises(SystemExit, match="--resume: cannot read the checkpoint in"):
         train_here(args + ["--resume"])
+
+
+def test_dataset_names_are_checked(world):
+    from vpd.tasks import datasets
+    root = world["roots"]["depth"]
+    with pytest.raises(SystemExit, match="--dataset 'nuy' is not a depth dataset: nyu, kitti"):
+        datasets("depth", root, 32, dataset="nuy")  # was: NYUv2 without a word
+    with pytest.raises(SystemExit, match="--dataset 'refcoco' is not a semseg dataset"):
+        datasets("semseg", world["roots"]["semseg"], 64, dataset="refcoco")  # was: ignored
+    with pytest.raises(SystemExit, match="--dataset kitti: the depth model is conditioned on NYUv2 scene types"):
+        datasets("depth", root, 32, dataset="kitti")  # was: a KeyError 'scene_id' at the first step
+    train_set, _ = datasets("depth", root, 32, dataset="nyu")
+    assert "scene_id" in train_set[0]

@@ -26,6 +26,7 @@ SOURCES = {
     "refer": "RefCOCO: refer/data/<dataset>/refs(<split_by>).p and instances.json from the REFER toolkit, "
              "COCO train2014 images under refer/data/images/mscoco/images/train2014",
 }
+DATASETS = {"semseg": ("ade20k",), "depth": ("nyu", "kitti"), "refer": ("refcoco", "refcoco+", "refcocog")}
 DEMO_HEADS = {"semseg": dict(channels=32), "depth": dict(fuse_channels=64, deconv_channels=16, out_channels=32),
               "refer": dict(hidden=32)}
 
@@ -45,11 +46,14 @@ def forward_loss(model, raw, task, batch):
 
 def datasets(task, root, crop, seed=0, dataset=None, split_by=None, split=None, demo=False):
     """(train_set, eval_set) of `task` under `root`; a clear error when the layout is not there."""
+    if dataset is not None and dataset not in DATASETS[task]:
+        raise SystemExit(f"--dataset {dataset!r} is not a {task} dataset: {', '.join(DATASETS[task])}")
+    if task == "depth" and dataset == "kitti":
+        # data.KITTI reads the Eigen split, but its samples carry no text condition: the depth model
+        # takes one of NYUv2's 27 scene types per image, and none of them describes a street
+        raise SystemExit("--dataset kitti: the depth model is conditioned on NYUv2 scene types, which KITTI "
+                         "images have none of; only NYUv2 depth is supported")
     try:
-        if task == "depth" and (dataset or "nyu") == "kitti":
-            side = min(crop, 352)  # KITTI frames are 352 high after the kb crop: 352x704 by default
-            return (data.KITTI(root, "train", crop=(side, 2 * side), seed=seed),
-                    data.KITTI(root, split or "test", train=False))
         if task == "depth":
             return (data.NYUv2(root, "train", crop=(crop, crop), seed=seed),
                     data.NYUv2(root, "test", train=False))
