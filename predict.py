@@ -28,7 +28,8 @@ How each task sees an image (vpd/data.py ImageFolder, vpd/infer.py):
   semseg  resized, aspect kept, to short side --size (default 512, as ADE20K's test), 512 sliding
           windows with stride 341, logits resized to the image's size.
   refer   resized to --size x --size (default 512, aspect not kept, as in training).
-Models from `train.py --demo` default to their training crop as --size.
+Our semseg and refer models default to their training crop (512 in the paper's recipes) as --size
+and semseg window, as do demo depth models.
 """
 import argparse
 import math
@@ -139,8 +140,8 @@ def check_options(args, task):
 
 
 def default_size(task, meta):
-    if meta.get("demo"):
-        return int(meta["args"]["crop"])  # demo images are tiny: the training crop
+    if meta.get("demo") or (task != "depth" and "args" in meta):
+        return int(meta["args"]["crop"])  # the scale training saw (semseg: short side, refer: side)
     if task == "depth" and meta.get("dataset") == "kitti":
         return 1216  # KITTI's benchmark crop width
     return SIZES[task]
@@ -237,7 +238,7 @@ def main(args):
     if task == "refer":
         tokens = Tokenizer()(args.text, max_length=model.max_tokens).to(device)  # (1, max_tokens)
 
-    train_crop = int(meta["args"]["crop"]) if meta.get("demo") else 512  # semseg's sliding window
+    train_crop = int(meta["args"]["crop"]) if "args" in meta else 512  # semseg's sliding window
     dataset = ImageFolder(paths, task, size)
     written = 0
     with torch.inference_mode(), autocast:

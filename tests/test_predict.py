@@ -250,3 +250,10 @@ def test_cli_exits_nonzero_without_traceback(world, tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0
     assert "'garage' is not an NYUv2 scene type" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_default_size_follows_the_training_crop():
+    trained = {"demo": False, "args": {"crop": 384}}
+    assert predict.default_size("refer", trained) == 384 and predict.default_size("semseg", trained) == 384
+    assert predict.default_size("depth", trained) == 640  # depth crops at NYU's scale: not a resize
+    assert predict.default_size("semseg", {}) == 512  # an official release: the paper's

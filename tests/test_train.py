@@ -338,3 +338,18 @@ def test_dataset_names_are_checked(world):
         datasets("depth", root, 32, dataset="kitti")  # was: a KeyError 'scene_id' at the first step
     train_set, _ = datasets("depth", root, 32, dataset="nyu")
     assert "scene_id" in train_set[0]
+
+
+def test_eval_uses_the_training_crop(world, tmp_path):
+    # a semseg model trained at --crop 64 is evaluated at the scale it trained and was evaluated at
+    # during training, (256, 64), by eval.py too (it took the paper's (2048, 512) unless --demo)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from vpd.tasks import build_eval
+    ckpt = tmp_path / "model.safetensors"
+    with safe_open(str(loss_run(world, "semseg") / "model.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["vpd"])
+        save_file({k: f.get_tensor(k) for k in f.keys()}, str(ckpt), metadata={"vpd": json.dumps(dict(meta, demo=False))})
+    args = eval_script.get_args(["--ckpt", str(ckpt), "--data-root", world["roots"]["semseg"]])
+    ev = build_eval(args, torch.device("cpu"))
+    assert meta["args"]["crop"] == 64 and ev.dataset.scale == (256, 64)

@@ -173,9 +173,8 @@ def build_eval(args, device):
         root = meta["data_root"]  # the synthetic set the demo trained on
     if root is None:
         raise SystemExit("--data-root is required")
-    crop = 512 if task != "depth" else 480
-    if meta.get("demo"):
-        crop = meta["args"]["crop"]
+    # the input size training used (its own evaluation too); official releases: the paper's
+    crop = meta["args"]["crop"] if "args" in meta else (480 if task == "depth" else 512)
     _, eval_set = datasets(task, root, crop, dataset=args.dataset or meta.get("dataset"), split_by=args.split_by,
                            split=args.split, demo=meta.get("demo", False))
     return SimpleNamespace(model=model.to(device), task=task, dataset=eval_set, depth_crop=meta.get("depth_crop"),
