@@ -311,3 +311,16 @@ def test_hsv_matches_colorsys_and_round_trips():
 def test_keep_ratio_size_by_hand():
     assert T.keep_ratio_size(480, 640, (2048, 512)) == (512, 683)
     assert T.keep_ratio_size(100, 1000, (2048, 512)) == (205, 2048)  # long side caps the factor at 2.048
+
+
+def test_refer_resize_matches_pil_as_lavt_and_vpd_resize():
+    # VPD's refer/transforms.py resizes PIL images with torchvision: the image by PIL's (antialiased)
+    # bilinear, the "P"-mode mask by PIL's nearest; Pillow is the independent reference here
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (61, 90, 3), dtype=np.uint8)
+    mask = (rng.random((61, 90)) > 0.5).astype(np.uint8)
+    x, m = T.refer_resize(img.astype(np.float32), mask, (40, 70))  # down in both sides
+    ref = np.asarray(Image.fromarray(img).resize((70, 40), Image.BILINEAR)).astype(np.float32)
+    assert np.abs(((x.permute(1, 2, 0) + 1) * 127.5).numpy() - ref).max() <= 1.01  # PIL rounds to uint8
+    ref_mask = np.asarray(Image.fromarray(mask, mode="L").convert("P").resize((70, 40), Image.BILINEAR))
+    np.testing.assert_array_equal(m.numpy(), ref_mask)

@@ -551,7 +551,7 @@ class ImageFolder(Dataset):
             rh, rw = T.keep_ratio_size(h, w, (self.size, self.size))
         else:
             rh, rw = T.keep_ratio_size(h, w, (4 * self.size, self.size))
-        x = T.to_tensor(T.resize_image(img, (rh, rw)))
+        x = T.to_tensor(T.resize_image(img, (rh, rw), antialias=self.task == "refer"))  # as in training
         pad = (self.size - rh, self.size - rw) if self.task == "depth" else (0, 0)
         x = torch.nn.functional.pad(x, (0, pad[1], 0, pad[0]), value=0.0)
         return {"image": x, "orig_size": torch.tensor([h, w]), "resized_size": torch.tensor([rh, rw]),

@@ -8,7 +8,9 @@ Images travel as float32 (H, W, 3) arrays in [0, 255] (RGB); `to_tensor` makes t
 (3, H, W) in [-1, 1] (x / 127.5 - 1). Photometric steps clip to [0, 255] but do not round to
 uint8 in between (mmseg/albumentations do; the difference is below one grey level per step).
 Resizing follows OpenCV's INTER_LINEAR / INTER_NEAREST (no antialiasing), as mmseg and
-albumentations use, via torch's bilinear (align_corners=False) and legacy nearest.
+albumentations use, via torch's bilinear (align_corners=False) and legacy nearest; the referring
+pipeline follows PIL instead (LAVT/VPD resize PIL images with torchvision): antialiased bilinear
+and pixel-centre nearest (torch's "nearest-exact").
 """
 import numpy as np
 import torch
@@ -28,19 +30,20 @@ def to_tensor(img):
 
 # ----------------------------------------------------------------------------- geometry
 
-def resize_image(img, size):
-    """Bilinear resize of an (H, W, C) or (H, W) float array to size = (h, w)."""
+def resize_image(img, size, antialias=False):
+    """Bilinear resize of an (H, W, C) or (H, W) float array to size = (h, w) (antialias: as PIL)."""
     x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))
     x = x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None]  # (1, C, H, W)
-    x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=antialias)
     x = x[0, 0] if img.ndim == 2 else x[0].permute(1, 2, 0)
     return x.numpy()
 
 
-def resize_nearest(arr, size):
-    """Nearest resize of an (H, W) label/mask/depth array to size = (h, w), dtype kept."""
+def resize_nearest(arr, size, exact=False):
+    """Nearest resize of an (H, W) label/mask/depth array to size = (h, w), dtype kept; OpenCV's
+    source pixel floor(x * scale), or with exact=True PIL's floor((x + 0.5) * scale)."""
     x = torch.from_numpy(np.ascontiguousarray(arr).astype(np.float32))[None, None]
-    x = F.interpolate(x, size=tuple(size), mode="nearest")[0, 0].numpy()
+    x = F.interpolate(x, size=tuple(size), mode="nearest-exact" if exact else "nearest")[0, 0].numpy()
     return x.astype(arr.dtype)
 
 
@@ -201,6 +204,8 @@ def depth_train(img, depth, rng, index, crop=(480, 480), max_depth=10.0):
 # ----------------------------------------------------------------------------- referring segmentation
 
 def refer_resize(img, mask, size=(512, 512)):
-    """LAVT/VPD: resize image (bilinear) and mask (nearest) to `size`, no aspect kept, no flip
-    (a flip would swap "left" and "right" in the sentence)."""
-    return to_tensor(resize_image(img, size)), torch.from_numpy(resize_nearest(mask, size))
+    """LAVT/VPD: resize image (PIL bilinear) and mask (PIL nearest: torchvision resizes the "P"-mode
+    mask with bilinear asked, which PIL does by nearest for palette images) to `size`, no aspect
+    kept, no flip (a flip would swap "left" and "right" in the sentence)."""
+    return (to_tensor(resize_image(img, size, antialias=True)),
+            torch.from_numpy(resize_nearest(mask, size, exact=True)))
