@@ -353,3 +353,25 @@ def test_eval_uses_the_training_crop(world, tmp_path):
     args = eval_script.get_args(["--ckpt", str(ckpt), "--data-root", world["roots"]["semseg"]])
     ev = build_eval(args, torch.device("cpu"))
     assert meta["args"]["crop"] == 64 and ev.dataset.scale == (256, 64)
+
+
+def test_official_depth_model_is_evaluated_with_vpds_scene_ids(world, tmp_path, monkeypatch):
+    # VPD's NYU loader gives an image the first of its 27 names contained in "<dir>_<file>": the
+    # released model saw study_room images as "study"; evaluating it must feed the same ids
+    import shutil
+    import vpd.tasks
+    from vpd.data import NYU_SCENES
+    root = tmp_path / "nyu"
+    shutil.copytree(world["roots"]["depth"], root)
+    test_dir = root / "official_splits" / "test"
+    first = sorted(os.listdir(test_dir))[0]
+    os.rename(test_dir / first, test_dir / "study_room")
+    lines = (root / "test_list.txt").read_text().replace(f"/{first}/", "/study_room/")
+    (root / "test_list.txt").write_text(lines)
+    official = dict(task="depth", demo=False, dataset=None, depth_crop="eigen", official=True)
+    for meta, scene in ((official, "study"), (dict(official, official=False), "study_room")):
+        monkeypatch.setattr(vpd.tasks, "load_model", lambda *a, meta=meta: (torch.nn.Identity(), meta))
+        args = eval_script.get_args(["--ckpt", "vpd_depth.ckpt", "--data-root", str(root)])
+        ev = vpd.tasks.build_eval(args, torch.device("cpu"))
+        ids = {NYU_SCENES[i] for i, s in zip(ev.dataset.scene_ids, lines.split("\n")) if "/study_room/" in s}
+        assert ids == {scene}

@@ -44,8 +44,9 @@ def forward_loss(model, raw, task, batch):
     return raw.loss(model(batch["image"], batch["tokens"]), batch["mask"].long())
 
 
-def datasets(task, root, crop, seed=0, dataset=None, split_by=None, split=None, demo=False):
-    """(train_set, eval_set) of `task` under `root`; a clear error when the layout is not there."""
+def datasets(task, root, crop, seed=0, dataset=None, split_by=None, split=None, demo=False, scene_match="exact"):
+    """(train_set, eval_set) of `task` under `root`; a clear error when the layout is not there.
+    scene_match: how NYUv2 images get their scene type (data.NYUv2; "vpd" as the released model saw them)."""
     if dataset is not None and dataset not in DATASETS[task]:
         raise SystemExit(f"--dataset {dataset!r} is not a {task} dataset: {', '.join(DATASETS[task])}")
     if task == "depth" and dataset == "kitti":
@@ -55,8 +56,8 @@ def datasets(task, root, crop, seed=0, dataset=None, split_by=None, split=None, 
                          "images have none of; only NYUv2 depth is supported")
     try:
         if task == "depth":
-            return (data.NYUv2(root, "train", crop=(crop, crop), seed=seed),
-                    data.NYUv2(root, "test", train=False))
+            return (data.NYUv2(root, "train", crop=(crop, crop), seed=seed, scene_match=scene_match),
+                    data.NYUv2(root, "test", train=False, scene_match=scene_match))
         if task == "semseg":
             scale = (4 * crop, crop)  # (2048, 512) for the paper's 512 crops
             return (data.ADE20K(root, "training", crop=(crop, crop), scale=scale, seed=seed),
@@ -151,7 +152,7 @@ def load_model(ckpt, task=None, sd_ckpt=None):
             model = official_model(ckpt, task, sd_ckpt=sd_ckpt)
         except ValueError as e:
             raise SystemExit(f"--ckpt {ckpt}: {e}") from None
-        return model, dict(task=task, demo=False, dataset=None, depth_crop=depth_crop(task, None, False))
+        return model, dict(task=task, demo=False, dataset=None, depth_crop=depth_crop(task, None, False), official=True)
     if task is not None and meta["task"] != task:
         raise SystemExit(f"--ckpt {ckpt} is a {meta['task']} model, not {task}")
     sd = sd_ckpt or meta["sd_ckpt"]
@@ -175,8 +176,10 @@ def build_eval(args, device):
         raise SystemExit("--data-root is required")
     # the input size training used (its own evaluation too); official releases: the paper's
     crop = meta["args"]["crop"] if "args" in meta else (480 if task == "depth" else 512)
+    # the released depth model was trained with VPD's substring scene match (study_room -> study)
     _, eval_set = datasets(task, root, crop, dataset=args.dataset or meta.get("dataset"), split_by=args.split_by,
-                           split=args.split, demo=meta.get("demo", False))
+                           split=args.split, demo=meta.get("demo", False),
+                           scene_match="vpd" if meta.get("official") else "exact")
     return SimpleNamespace(model=model.to(device), task=task, dataset=eval_set, depth_crop=meta.get("depth_crop"),
                            max_depth=getattr(model, "max_depth", 10.0))
 
