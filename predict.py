@@ -139,6 +139,15 @@ def check_options(args, task):
         raise SystemExit(f"--size {args.size} is too small (at least 32)")
 
 
+def scene_index(scene, official):
+    """Row of the depth model's scene embeddings for an NYUv2 scene name. The released VPD model was
+    trained with its loader's substring match (the first name contained: study_room -> study,
+    office_kitchen -> kitchen), so its rows for such names never saw an image."""
+    if official:
+        return next(i for i, s in enumerate(NYU_SCENES) if s in scene)
+    return NYU_SCENES.index(scene)
+
+
 def default_size(task, meta):
     if meta.get("demo") or (task != "depth" and "args" in meta):
         return int(meta["args"]["crop"])  # the scale training saw (semseg: short side, refer: side)
@@ -222,14 +231,14 @@ def main(args):
         raise SystemExit(f"--out {args.out}: cannot create the folder ({e})") from None
     _, _, _, device = setup(args.device)
 
-    model, _ = load_model(args.ckpt, args.task, args.sd_ckpt)
+    model, loaded = load_model(args.ckpt, args.task, args.sd_ckpt)
     model = model.to(device).eval()
     amp = args.amp or ("bf16" if device.type == "cuda" else "off")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 
     if task == "depth":
-        scene_id = NYU_SCENES.index(args.scene)
+        scene_id = scene_index(args.scene, loaded.get("official", False))
         if model.class_embeddings.shape[0] != len(NYU_SCENES):
             raise SystemExit(f"--ckpt {args.ckpt} has {model.class_embeddings.shape[0]} scene embeddings, "
                              f"not NYUv2's {len(NYU_SCENES)}: --scene cannot name one")

@@ -257,3 +257,11 @@ def test_default_size_follows_the_training_crop():
     assert predict.default_size("refer", trained) == 384 and predict.default_size("semseg", trained) == 384
     assert predict.default_size("depth", trained) == 640  # depth crops at NYU's scale: not a resize
     assert predict.default_size("semseg", {}) == 512  # an official release: the paper's
+
+
+def test_official_depth_model_gets_the_scene_rows_it_was_trained_with():
+    assert predict.scene_index("study_room", official=False) == NYU_SCENES.index("study_room")
+    assert predict.scene_index("study_room", official=True) == NYU_SCENES.index("study")
+    assert predict.scene_index("office_kitchen", official=True) == NYU_SCENES.index("kitchen")
+    assert predict.scene_index("home_office", official=True) == NYU_SCENES.index("home_office")
+    assert all(predict.scene_index(s, official=False) == i for i, s in enumerate(NYU_SCENES))
