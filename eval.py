@@ -166,6 +166,10 @@ def main(args):
         raise SystemExit(f"{type(e).__name__}: {e}") from None
     if args.task is None:
         args.task = ev.task
+    for flag, task in (("ms_flip", "semseg"), ("no_flip", "depth"), ("refer_full_res", "refer"), ("split", "refer"),
+                       ("split_by", "refer")):
+        if getattr(args, flag) and ev.task != task:  # would be ignored without a word
+            raise SystemExit(f"--{flag.replace('_', '-')} is only for the {task} task, not {ev.task}")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
     try:
         os.makedirs(out, exist_ok=True)

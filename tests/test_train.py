@@ -375,3 +375,11 @@ def test_official_depth_model_is_evaluated_with_vpds_scene_ids(world, tmp_path, 
         ev = vpd.tasks.build_eval(args, torch.device("cpu"))
         ids = {NYU_SCENES[i] for i, s in zip(ev.dataset.scene_ids, lines.split("\n")) if "/study_room/" in s}
         assert ids == {scene}
+
+
+def test_eval_flags_of_another_task_are_refused(world, tmp_path):
+    ckpt = str(loss_run(world, "depth") / "model.safetensors")
+    for flag in (["--ms-flip"], ["--refer-full-res"], ["--split", "testA"]):
+        args = eval_script.get_args(["--ckpt", ckpt, "--out", str(tmp_path), *flag])
+        with pytest.raises(SystemExit, match=f"{flag[0]} is only for the .* task, not depth"):
+            eval_script.main(args)
