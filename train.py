@@ -222,8 +222,8 @@ def main(args):
     def stopped(what):
         """One line for a run that ends early, and how it can go on."""
         bar.close()  # the message on a line of its own
-        where = (f"the checkpoint in {args.out} is at step {saved}: continue with --resume" if saved is not None
-                 else "no checkpoint was written yet")
+        where = (f"the checkpoint in {args.out} is at step {saved}: continue with the same flags and --resume"
+                 if saved is not None else "no checkpoint was written yet")
         return f"{what} in step {step + 1}; {where}"
 
     def next_batch(it):
@@ -311,7 +311,7 @@ def main(args):
         raise SystemExit(stopped("interrupted")) from None
     bar.close()
     if master and step < total:
-        print0(f"stopped after step {step} of {total} (--stop-after): continue with --resume --out {args.out}")
+        print0(f"stopped after step {step} of {total} (--stop-after): continue with the same flags and --resume")
     elif master:
         plot_curves(log_path, os.path.join(args.out, "curves.png"))
         print0(f"done: {weights_path}, {os.path.join(args.out, 'metrics.json')}, {os.path.join(args.out, 'curves.png')}")

@@ -268,7 +268,8 @@ def test_ctrl_c_and_unreadable_file_end_in_one_line_naming_the_checkpoint(world,
     out = tmp_path / "interrupted"
     with pytest.raises(SystemExit) as e:
         train_here(flags(world, "depth", out, "--iters", 5, "--batch-size", 2, "--save-every", 1))
-    assert e.value.code == f"interrupted in step 3; the checkpoint in {out} is at step 2: continue with --resume"
+    assert e.value.code == (f"interrupted in step 3; the checkpoint in {out} is at step 2: "
+                            "continue with the same flags and --resume")
     assert torch.load(out / "state.pt", weights_only=False)["step"] == 2
     monkeypatch.undo()
 
