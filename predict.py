@@ -32,7 +32,6 @@ Our semseg and refer models default to their training crop (512 in the paper's r
 and semseg window, as do demo depth models.
 """
 import argparse
-import math
 import os
 from contextlib import nullcontext
 
@@ -176,7 +175,7 @@ def predict_semseg(model, sample, crop):
     """-> (H, W) int64 class ids at the original size."""
     k = model.head.classifier.out_channels
     size = tuple(sample["orig_size"].tolist())
-    probs = semseg_probs(model, sample["image"][None], k, size, crop=crop, stride=math.ceil(crop * 2 / 3))
+    probs = semseg_probs(model, sample["image"][None], k, size, crop=crop, stride=crop * 2 // 3)  # 512 -> 341
     return probs[0].argmax(0)
 
 

@@ -265,3 +265,17 @@ def test_official_depth_model_gets_the_scene_rows_it_was_trained_with():
     assert predict.scene_index("office_kitchen", official=True) == NYU_SCENES.index("kitchen")
     assert predict.scene_index("home_office", official=True) == NYU_SCENES.index("home_office")
     assert all(predict.scene_index(s, official=False) == i for i, s in enumerate(NYU_SCENES))
+
+
+def test_semseg_sliding_window_stride_is_mmsegs(monkeypatch):
+    seen = {}
+
+    def fake_probs(model, image, k, size, crop, stride):
+        seen.update(crop=crop, stride=stride)
+        return torch.zeros(1, k, *size)
+
+    monkeypatch.setattr(predict, "semseg_probs", fake_probs)
+    model = SimpleNamespace(head=SimpleNamespace(classifier=torch.nn.Conv2d(4, 150, 1)))
+    sample = {"image": torch.zeros(3, 8, 8), "orig_size": torch.tensor([8, 8])}
+    predict.predict_semseg(model, sample, crop=512)
+    assert seen == {"crop": 512, "stride": 341}  # VPD's test_cfg: crop (512, 512), stride (341, 341)
