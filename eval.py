@@ -5,9 +5,9 @@
     torchrun --nproc_per_node=8 eval.py --task refer --ckpt ... --data-root data/refer --dataset refcoco --split val
     python eval.py --demo     # the checkpoint of `train.py --demo`
 
-semseg: mIoU / aAcc / per-class IoU, sliding window (512 crop, 341 stride), optional multi-scale +
-flip. depth: the nine metrics with the Eigen crop (NYU) or Garg crop (KITTI), flip + two shifted
-windows. refer: oIoU, mIoU, precision@0.5:0.9 over every sentence. Results on stdout and in
+semseg: mIoU / aAcc / per-class IoU, sliding windows of the training crop (512, stride 341), optional
+multi-scale + flip. depth: the nine metrics with the Eigen crop (NYU) or Garg crop (KITTI), flip + two
+shifted windows. refer: oIoU, mIoU, precision@0.5:0.9 over every sentence. Results on stdout and in
 <out>/metrics.json; --save-vis writes coloured predictions. Under torchrun each sample is counted
 exactly once (no DistributedSampler padding).
 """
@@ -31,9 +31,11 @@ MS_RATIOS = (1.0, 1.125, 1.25, 1.375, 1.5)  # VPD's multi-scale test ratios
 
 @torch.no_grad()
 def evaluate(model, task, dataset, device, autocast=nullcontext, max_samples=None, ms_flip=False,
-             flip=True, save_vis=None, depth_crop="eigen", max_depth=10.0, workers=2, refer_full_res=False):
+             flip=True, save_vis=None, depth_crop="eigen", max_depth=10.0, workers=2, refer_full_res=False,
+             seg_crop=512):
     """Metrics of `model` on `dataset` (its evaluation view, batch 1); each rank takes its shard of
     the first `max_samples` samples, and the metric sums are added over ranks at the end.
+    semseg: sliding windows of seg_crop (the training crop) with stride 2/3 of it (512: 341, as mmseg).
     refer: scored against `mask_resized` (the mask at the network's input size, as LAVT / VPD
     score), or with refer_full_res against `mask` at the original image size."""
     n = len(dataset) if max_samples is None else min(max_samples, len(dataset))
@@ -56,7 +58,7 @@ def evaluate(model, task, dataset, device, autocast=nullcontext, max_samples=Non
             if task == "semseg":
                 label = batch["label"]
                 probs = semseg_probs(model, image, k, label.shape[-2:], scales=MS_RATIOS if ms_flip else (1.0,),
-                                     flip=ms_flip)
+                                     flip=ms_flip, crop=seg_crop, stride=seg_crop * 2 // 3)
                 pred = probs.argmax(1)
                 metric.update(pred, label)
             elif task == "depth":
@@ -185,7 +187,7 @@ def main(args):
         metrics = evaluate(ev.model, ev.task, ev.dataset, device, autocast, args.max_samples, ms_flip=args.ms_flip,
                            flip=not args.no_flip, save_vis=os.path.join(out, "vis") if args.save_vis else None,
                            depth_crop=ev.depth_crop, max_depth=ev.max_depth, workers=args.workers,
-                           refer_full_res=args.refer_full_res)
+                           refer_full_res=args.refer_full_res, seg_crop=ev.crop)
     except ValueError as e:  # an unreadable file (BadSampleError), or no valid ground truth
         raise SystemExit(error_line(e)) from None
     if rank == 0:

@@ -235,7 +235,8 @@ def main(args):
     def run_eval():
         try:
             metrics = evaluate(raw, args.task, task.eval_set, device, autocast, args.eval_max, workers=args.workers,
-                               depth_crop=task.meta["depth_crop"], max_depth=getattr(raw, "max_depth", 10.0))
+                               depth_crop=task.meta["depth_crop"], max_depth=getattr(raw, "max_depth", 10.0),
+                               seg_crop=args.crop)
         except ValueError as e:  # an unreadable evaluation file, or no valid ground truth
             raise SystemExit(f"evaluation after step {step}: {error_line(e)} (the checkpoint in {args.out} is "
                              f"at step {saved}: eval.py evaluates it)") from None

@@ -212,3 +212,20 @@ def test_save_vis_writes_one_png_per_sample(tmp_path):
 def test_format_metrics_lists_seen_classes():
     text = format_metrics({"mIoU": 50.0, "IoU": [float("nan"), 25.0, 75.0]}, ["a", "b", "c"])
     assert "mIoU: 50.0000" in text and "2 classes seen" in text and "b: 25.00" in text and " a:" not in text
+
+
+def test_semseg_windows_are_the_training_crop():
+    # a 40x100 image with 32-pixel windows (stride 21): 2 rows x 5 columns, each window seen once
+    sizes = []
+
+    class Recorder(LabelFromImage):
+        def forward(self, x):
+            sizes.append(tuple(x.shape[-2:]))
+            return super().forward(x)
+
+    label = torch.ones(40, 100, dtype=torch.int64)
+    m = run(Recorder(), "semseg", [seg_sample(label, 0)], seg_crop=32)
+    assert m["mIoU"] == 100 and len(sizes) == 2 * 5  # (40-32+20)//21+1 = 2, (100-32+20)//21+1 = 5
+    sizes.clear()
+    run(Recorder(), "semseg", [seg_sample(label, 0)])  # the paper's 512 window covers it whole
+    assert len(sizes) == 1

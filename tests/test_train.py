@@ -353,7 +353,7 @@ def test_eval_uses_the_training_crop(world, tmp_path):
         save_file({k: f.get_tensor(k) for k in f.keys()}, str(ckpt), metadata={"vpd": json.dumps(dict(meta, demo=False))})
     args = eval_script.get_args(["--ckpt", str(ckpt), "--data-root", world["roots"]["semseg"]])
     ev = build_eval(args, torch.device("cpu"))
-    assert meta["args"]["crop"] == 64 and ev.dataset.scale == (256, 64)
+    assert meta["args"]["crop"] == 64 and ev.dataset.scale == (256, 64) and ev.crop == 64  # and its windows
 
 
 def test_official_depth_model_is_evaluated_with_vpds_scene_ids(world, tmp_path, monkeypatch):

@@ -181,7 +181,7 @@ def build_eval(args, device):
                            split=args.split, demo=meta.get("demo", False),
                            scene_match="vpd" if meta.get("official") else "exact")
     return SimpleNamespace(model=model.to(device), task=task, dataset=eval_set, depth_crop=meta.get("depth_crop"),
-                           max_depth=getattr(model, "max_depth", 10.0))
+                           max_depth=getattr(model, "max_depth", 10.0), crop=crop)
 
 
 class ConstantDepth(nn.Module):
