@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from vpd import vis
 from vpd.clip import Tokenizer
-from vpd.data import IMAGE_EXTENSIONS, NYU_SCENES, BadSampleError, ImageFolder, undo
+from vpd.data import IMAGE_EXTENSIONS, KITTI_SCENES, NYU_SCENES, BadSampleError, ImageFolder, undo
 from vpd.dist import setup
 from vpd.infer import depth_predict, refer_logits, semseg_probs
 from vpd.model import TASKS
@@ -126,10 +126,11 @@ def check_options(args, task):
     elif args.text is not None:
         raise SystemExit(f"--text is only for the refer task, not {task}")
     if task == "depth":
-        scene = (args.scene or DEFAULT_SCENE).strip().lower().replace(" ", "_")
-        if scene not in NYU_SCENES:
-            raise SystemExit(f"--scene {args.scene!r} is not an NYUv2 scene type; one of: {', '.join(NYU_SCENES)}")
-        args.scene = scene
+        if args.scene is not None:
+            scene = args.scene.strip().lower().replace(" ", "_")
+            if scene not in NYU_SCENES:
+                raise SystemExit(f"--scene {args.scene!r} is not an NYUv2 scene type; one of: {', '.join(NYU_SCENES)}")
+            args.scene = scene
     elif args.scene is not None:
         raise SystemExit(f"--scene is only for the depth task, not {task}")
     if args.no_flip and task != "depth":
@@ -236,11 +237,17 @@ def main(args):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 
-    if task == "depth":
+    if task == "depth" and loaded.get("dataset") == "kitti":  # one text condition for every KITTI frame
+        if args.scene is not None:
+            raise SystemExit(f"--scene: {args.ckpt} is a KITTI model, conditioned on one scene only")
+        args.scene, scene_id = KITTI_SCENES[0], 0
+    elif task == "depth":
+        args.scene = args.scene or DEFAULT_SCENE
         scene_id = scene_index(args.scene, loaded.get("official", False))
         if model.class_embeddings.shape[0] != len(NYU_SCENES):
             raise SystemExit(f"--ckpt {args.ckpt} has {model.class_embeddings.shape[0]} scene embeddings, "
                              f"not NYUv2's {len(NYU_SCENES)}: --scene cannot name one")
+    if task == "depth":
         depth_units = 1000 if model.max_depth * 1000 <= 65535 else 256
         print(f"depth: scene {args.scene}, PNGs in 1/{depth_units} m")
     if task == "refer":

@@ -335,8 +335,8 @@ def test_dataset_names_are_checked(world):
         datasets("depth", root, 32, dataset="nuy")  # was: NYUv2 without a word
     with pytest.raises(SystemExit, match="--dataset 'refcoco' is not a semseg dataset"):
         datasets("semseg", world["roots"]["semseg"], 64, dataset="refcoco")  # was: ignored
-    with pytest.raises(SystemExit, match="--dataset kitti: the depth model is conditioned on NYUv2 scene types"):
-        datasets("depth", root, 32, dataset="kitti")  # was: a KeyError 'scene_id' at the first step
+    with pytest.raises(SystemExit, match="does not hold the depth data"):
+        datasets("depth", root, 32, dataset="kitti")  # an NYUv2 root is no KITTI root
     train_set, _ = datasets("depth", root, 32, dataset="nyu")
     assert "scene_id" in train_set[0]
 

@@ -56,6 +56,8 @@ ADE20K_CLASSES = (
     "glass", "clock", "flag",
 )
 
+# KITTI has no scene types; its frames all get this one text condition (VPD's depth model takes one).
+KITTI_SCENES = ("street",)
 IGNORE_INDEX = 255
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -348,7 +350,8 @@ class KITTI(_SeededDataset):
             x, d = T.depth_train(img, depth, self.rng(index), index, self.crop, self.max_depth)
         else:
             x, d = T.to_tensor(img), torch.from_numpy(np.ascontiguousarray(depth))[None]
-        return {"image": x, "depth": d, "orig_size": torch.tensor([h, w]), "index": index}
+        return {"image": x, "depth": d, "orig_size": torch.tensor([h, w]), "scene": KITTI_SCENES[0], "scene_id": 0,
+                "index": index}
 
 
 # ----------------------------------------------------------------------------- semantic segmentation: ADE20K

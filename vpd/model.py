@@ -240,13 +240,13 @@ class VPDRefer(nn.Module):
 
 
 def build_model(task, sd_ckpt=None, unet_cfg=None, vae_cfg=None, clip_cfg=None, class_embeddings=None,
-                cache_dir=None, **kw):
+                cache_dir=None, class_names=None, **kw):
     """A task model ("semseg", "depth" or "refer").
 
     sd_ckpt: an SD v1 file to take the UNet, VAE encoder (and for refer the CLIP text encoder) from;
     None builds random weights from the configs (the tiny demo). class_embeddings (K, D) for
-    semseg / depth: None computes them from the ADE20K / NYUv2 names with the file's CLIP (cached in
-    `cache_dir`), or, with no file, draws random ones. kw goes to the task model (num_classes,
+    semseg / depth: None computes them from `class_names` (default the ADE20K / NYUv2 names) with the
+    file's CLIP (cached in `cache_dir`), or, with no file, draws random ones. kw goes to the task model (num_classes,
     max_depth, max_tokens, head widths...).
     """
     from vpd import text as T
@@ -266,7 +266,7 @@ def build_model(task, sd_ckpt=None, unet_cfg=None, vae_cfg=None, clip_cfg=None, 
     if task == "refer":
         return VPDRefer(backbone, clip_model(), **kw)
     if class_embeddings is None:
-        names = T.ADE20K_CLASSES if task == "semseg" else T.NYU_SCENES
+        names = class_names or (T.ADE20K_CLASSES if task == "semseg" else T.NYU_SCENES)
         if sd_ckpt is not None:
             ckpt_id = None if isinstance(sd_ckpt, dict) else T.file_identity(sd_ckpt)
             class_embeddings = T.class_embeddings(names, clip_model(), Tokenizer(), cache_dir=cache_dir,

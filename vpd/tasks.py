@@ -49,12 +49,11 @@ def datasets(task, root, crop, seed=0, dataset=None, split_by=None, split=None, 
     scene_match: how NYUv2 images get their scene type (data.NYUv2; "vpd" as the released model saw them)."""
     if dataset is not None and dataset not in DATASETS[task]:
         raise SystemExit(f"--dataset {dataset!r} is not a {task} dataset: {', '.join(DATASETS[task])}")
-    if task == "depth" and dataset == "kitti":
-        # data.KITTI reads the Eigen split, but its samples carry no text condition: the depth model
-        # takes one of NYUv2's 27 scene types per image, and none of them describes a street
-        raise SystemExit("--dataset kitti: the depth model is conditioned on NYUv2 scene types, which KITTI "
-                         "images have none of; only NYUv2 depth is supported")
     try:
+        if task == "depth" and dataset == "kitti":
+            side = min(crop, data.KB_CROP[0])  # frames are 352 high after the KB crop: 352x704 by default
+            return (data.KITTI(root, "train", crop=(side, 2 * side), seed=seed),
+                    data.KITTI(root, split or "test", train=False))
         if task == "depth":
             return (data.NYUv2(root, "train", crop=(crop, crop), seed=seed, scene_match=scene_match),
                     data.NYUv2(root, "test", train=False, scene_match=scene_match))
@@ -120,7 +119,8 @@ def build_task(args, device, log=print):
     kw = model_kwargs(args.task, train_set, args.demo, args.dataset)
     log(f"building the {args.task} model from {args.sd_ckpt}")
     cache = args.text_cache or os.path.join(os.path.dirname(os.path.abspath(args.out)), "text_cache")
-    model = build_model(args.task, args.sd_ckpt, unet_cfg, vae_cfg, clip_cfg, cache_dir=cache, **kw)
+    names = data.KITTI_SCENES if args.dataset == "kitti" else None  # None: the task's own (NYUv2 / ADE20K)
+    model = build_model(args.task, args.sd_ckpt, unet_cfg, vae_cfg, clip_cfg, cache_dir=cache, class_names=names, **kw)
     meta = dict(task=args.task, sd_ckpt=os.path.abspath(args.sd_ckpt), demo=args.demo, dataset=args.dataset,
                 data_root=os.path.abspath(args.data_root),
                 unet=asdict(unet_cfg), vae=asdict(vae_cfg), clip=asdict(clip_cfg), model_kwargs=kw,
