@@ -24,7 +24,8 @@ from vpd import dist
 from vpd.data import ADE20K_CLASSES, depth_eval_mask, error_line
 from vpd.infer import depth_predict, refer_logits, semseg_probs
 from vpd.metrics import KITTI_CROPS, DepthMetric, ReferMetric, SegMetric, ShardedEvalSampler
-from vpd.tasks import TASKS, build_eval, to_device
+from vpd.model import TASKS
+from vpd.tasks import build_eval, demo_out, to_device
 
 MS_RATIOS = (1.0, 1.125, 1.25, 1.375, 1.5)  # VPD's multi-scale test ratios
 
@@ -154,7 +155,7 @@ def get_args(argv=None):
     p.add_argument("--workers", type=count(0), default=2, help="data loader processes")
     args = p.parse_args(argv)
     if args.demo:
-        args.ckpt = args.ckpt or os.path.join("out", "demo", "model.safetensors")
+        args.ckpt = args.ckpt or os.path.join(demo_out(args.task or "depth"), "model.safetensors")
     if args.ckpt is None:
         p.error("--ckpt is required (or --demo)")
     return args

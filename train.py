@@ -26,7 +26,8 @@ from vpd.data import error_line
 from vpd.optim import build_optimizer, lr_factor, set_lr
 from vpd.trained import load_weights, read_meta, save_state, save_weights
 from vpd.sampler import GlobalBatchSampler
-from vpd.tasks import TASKS, baseline_model, build_task, forward_loss, to_device
+from vpd.model import TASKS
+from vpd.tasks import baseline_model, build_task, demo_out, forward_loss, to_device
 from vpd.vis import plot_curves
 
 # The paper's recipes (VPD_NOTES "Tasks"). batch_size is the global batch of one optimizer step.
@@ -102,7 +103,7 @@ def get_args(argv=None):
     if args.crop % CROP_MULTIPLE[args.task]:
         p.error(f"--crop {args.crop}: the {args.task} network takes sides that are multiples of "
                 f"{CROP_MULTIPLE[args.task]}")
-    args.out = args.out or os.path.join("out", "demo" if args.demo else args.task)
+    args.out = args.out or (demo_out(args.task) if args.demo else os.path.join("out", args.task))
     return args
 
 

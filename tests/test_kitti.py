@@ -1,6 +1,5 @@
 """KITTI depth end to end: a small Eigen-split layout, training, evaluation and prediction."""
 import json
-import os
 
 import numpy as np
 import pytest

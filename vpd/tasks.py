@@ -13,7 +13,7 @@ from torch import nn
 
 from vpd import data, dist
 from vpd.clip import CLIPConfig, Tokenizer
-from vpd.model import TASKS, build_model
+from vpd.model import build_model
 from vpd.trained import load_weights, read_meta
 from vpd.unet import UNetConfig
 from vpd.vae import VAEConfig
@@ -71,6 +71,11 @@ def datasets(task, root, crop, seed=0, dataset=None, split_by=None, split=None, 
             raise
         raise SystemExit(f"{e}\n--data-root {root} does not hold the {task} data in its standard layout. "
                          f"Get it from {SOURCES[task]}.") from None
+
+
+def demo_out(task):
+    """Where `--demo` writes by default: out/demo for the depth demo, out/demo_<task> for the others."""
+    return os.path.join("out", "demo" if task == "depth" else f"demo_{task}")
 
 
 def make_demo_files(out, task, n, size, seed=0, sd_ckpt=None, data_root=None):
