@@ -40,7 +40,7 @@ def _open(src):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
     if not any(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} has no tensors at its top level or under 'state_dict' "
-                              f"(its keys: {_listing([str(k) for k in obj])})")
+                              f"(its keys: {listing([str(k) for k in obj])})")
     obj = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     return list(obj), lambda k: tuple(obj[k].shape), lambda k: obj[k]
 
@@ -56,9 +56,22 @@ def _describe(src):
     return "<state dict>" if isinstance(src, dict) else os.fspath(src)
 
 
-def _listing(items, n=5):
-    head = ", ".join(items[:n])
-    return head + (f", ... ({len(items)} in all)" if len(items) > n else "")
+def listing(items, n=5):
+    """The first `n` of `items`, comma-separated, with the count when there are more."""
+    items = list(items)
+    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
+
+
+def mismatch_lines(missing, unexpected, wrong):
+    """The lines of a load error naming the first missing, unexpected and wrong-shape tensors."""
+    msg = ""
+    if missing:
+        msg += f"\n  missing ({len(missing)}): {listing(missing)}"
+    if unexpected:
+        msg += f"\n  unexpected ({len(unexpected)}): {listing(unexpected)}"
+    if wrong:
+        msg += f"\n  wrong shape ({len(wrong)}): {listing(wrong, 3)}"
+    return msg
 
 
 def _fits(file_shape, model_shape):
@@ -94,13 +107,7 @@ def load_checkpoint(module: nn.Module, src, prefix: str, cfg=None, ignore=(), dt
         if not ours:
             msg = f"{_describe(src)} has no tensors under '{prefix}': not a checkpoint holding a {what}"
         else:
-            msg = f"{_describe(src)} does not match {what}"
-            if missing:
-                msg += f"\n  missing ({len(missing)}): {_listing(missing)}"
-            if unexpected:
-                msg += f"\n  unexpected ({len(unexpected)}): {_listing(unexpected)}"
-            if wrong:
-                msg += f"\n  wrong shape ({len(wrong)}): {_listing(wrong, 3)}"
+            msg = f"{_describe(src)} does not match {what}" + mismatch_lines(missing, unexpected, wrong)
         if cfg is not None:
             msg += f"\n  expected config: {cfg}"
         raise CheckpointError(msg)

@@ -36,7 +36,7 @@ import os
 
 import torch
 
-from vpd.checkpoint import CheckpointError
+from vpd.checkpoint import CheckpointError, listing, mismatch_lines
 
 _BACKBONE = [("unet.unet.diffusion_model.", "backbone.unet."), ("encoder_vq.", "backbone.vae."),
              ("text_adapter.", "backbone.text_adapter."), ("gamma", "backbone.gamma")]
@@ -81,9 +81,6 @@ def _rename(name, rules, inverse=False):
     return None
 
 
-def _listing(items, n=8):
-    items = list(items)
-    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
 def _check_task(task):
@@ -139,9 +136,9 @@ def load_official(src, task, model=None):
     if unknown or unused:
         msg = f"not a VPD {task} checkpoint as released"
         if unknown:
-            msg += f"\n  unknown names ({len(unknown)}): {_listing(unknown)}"
+            msg += f"\n  unknown names ({len(unknown)}): {listing(unknown, 8)}"
         if unused:
-            msg += f"\n  missing groups (no tensor for): {_listing(unused)}"
+            msg += f"\n  missing groups (no tensor for): {listing(unused, 8)}"
         raise CheckpointError(msg)
     if model is not None:
         _load_into(model, state, task, copy=isinstance(src, dict))
@@ -157,14 +154,8 @@ def _load_into(model, state, task, copy=False):
     wrong = [f"{official(k)}: file {list(state[k].shape)} vs model {list(expected[k].shape)}"
              for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
-        msg = f"VPD {task} checkpoint does not fit {type(model).__name__}"
-        if missing:
-            msg += f"\n  missing ({len(missing)}): {_listing(missing, 5)}"
-        if unexpected:
-            msg += f"\n  unexpected ({len(unexpected)}): {_listing(unexpected, 5)}"
-        if wrong:
-            msg += f"\n  wrong shape ({len(wrong)}): {_listing(wrong, 3)}"
-        raise CheckpointError(msg)
+        raise CheckpointError(f"VPD {task} checkpoint does not fit {type(model).__name__}"
+                              + mismatch_lines(missing, unexpected, wrong))
     cast = {k: v.to(expected[k].dtype, copy=copy) for k, v in state.items()}
     on_meta = any(t.is_meta for t in expected.values())
     model.load_state_dict(cast, strict=False, assign=on_meta)
