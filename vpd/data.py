@@ -181,7 +181,24 @@ def nyu_scene(scene_dir):
     return re.sub(r"_\d{4}[a-z]?$", "", scene_dir)
 
 
-class NYUv2(_SeededDataset):
+class _DepthDataset(_SeededDataset):
+    """What NYUv2 and KITTI share: an RGB + 16-bit depth PNG pair per sample, and the depth recipe."""
+
+    def _read_pair(self, index, units_per_metre):
+        img = read_rgb(self.images[index])
+        depth = read_depth_png(self.depths[index], units_per_metre)
+        if img.shape[:2] != depth.shape:
+            raise BadSampleError(f"{self.images[index]} is {img.shape[:2]} but its depth map is {depth.shape}")
+        return img, depth
+
+    def _depth_view(self, img, depth, index):
+        """(image, depth) tensors: the training recipe, or the map as it is for evaluation."""
+        if self.train:
+            return T.depth_train(img, depth, self.rng(index), index, self.crop, self.max_depth)
+        return T.to_tensor(img), torch.from_numpy(np.ascontiguousarray(depth))[None]
+
+
+class NYUv2(_DepthDataset):
     """NYU Depth v2 in the BTS/VPD layout.
 
     root/sync/<scene>_<NNNN>[a-z]/rgb_XXXXX.jpg + sync_depth_XXXXX.png   (train, 24,231 in BTS's list)
@@ -239,14 +256,7 @@ class NYUv2(_SeededDataset):
         return len(self.images)
 
     def load(self, index):
-        img = read_rgb(self.images[index])
-        depth = read_depth_png(self.depths[index], 1000.0)
-        if img.shape[:2] != depth.shape:
-            raise BadSampleError(f"{self.images[index]} is {img.shape[:2]} but its depth map is {depth.shape}")
-        if self.train:
-            x, d = T.depth_train(img, depth, self.rng(index), index, self.crop, self.max_depth)
-        else:
-            x, d = T.to_tensor(img), torch.from_numpy(depth)[None]
+        x, d = self._depth_view(*self._read_pair(index, 1000.0), index)
         return {"image": x, "depth": d, "scene": self.scenes[index], "scene_id": self.scene_ids[index],
                 "index": index}
 
@@ -290,7 +300,7 @@ def depth_eval_mask(size, crop, kb_crop=False):
     return torch.from_numpy(mask)
 
 
-class KITTI(_SeededDataset):
+class KITTI(_DepthDataset):
     """KITTI depth, Eigen split, in the BTS layout.
 
     root/<date>/<drive>/image_02/data/XXXXXXXXXX.png                      (KITTI raw)
@@ -338,18 +348,12 @@ class KITTI(_SeededDataset):
         return len(self.images)
 
     def load(self, index):
-        img = read_rgb(self.images[index])
-        depth = read_depth_png(self.depths[index], 256.0)
-        if img.shape[:2] != depth.shape:
-            raise BadSampleError(f"{self.images[index]} is {img.shape[:2]} but its depth map is {depth.shape}")
+        img, depth = self._read_pair(index, 256.0)
         depth[depth > self.max_depth] = 0.0
         h, w = depth.shape
         t, l = kb_crop_box(h, w)
         img, depth = img[t:t + KB_CROP[0], l:l + KB_CROP[1]], depth[t:t + KB_CROP[0], l:l + KB_CROP[1]]
-        if self.train:
-            x, d = T.depth_train(img, depth, self.rng(index), index, self.crop, self.max_depth)
-        else:
-            x, d = T.to_tensor(img), torch.from_numpy(np.ascontiguousarray(depth))[None]
+        x, d = self._depth_view(img, depth, index)
         return {"image": x, "depth": d, "orig_size": torch.tensor([h, w]), "scene": KITTI_SCENES[0], "scene_id": 0,
                 "index": index}
 
