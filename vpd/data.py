@@ -87,32 +87,29 @@ def read_rgb(path):
         raise BadSampleError(f"cannot read image {path}: {e}") from None
 
 
-def read_depth_png(path, units_per_metre):
-    """16-bit depth PNG -> float32 (H, W) metres (0 stays 0 = no measurement)."""
+def _read_png(path, what, modes, expected):
+    """A single-channel PNG as an array, refusing other modes (e.g. an 8-bit depth map)."""
     try:
         with Image.open(path) as im:
             im.load()
             mode = im.mode
             arr = np.asarray(im)
     except (OSError, SyntaxError, ValueError) as e:
-        raise BadSampleError(f"cannot read depth map {path}: {e}") from None
-    if mode not in ("I;16", "I;16B", "I;16L", "I"):
-        raise BadSampleError(f"depth map {path} has PIL mode {mode}, expected a 16-bit single-channel PNG")
+        raise BadSampleError(f"cannot read {what} {path}: {e}") from None
+    if mode not in modes:
+        raise BadSampleError(f"{what} {path} has PIL mode {mode}, expected {expected}")
+    return arr
+
+
+def read_depth_png(path, units_per_metre):
+    """16-bit depth PNG -> float32 (H, W) metres (0 stays 0 = no measurement)."""
+    arr = _read_png(path, "depth map", ("I;16", "I;16B", "I;16L", "I"), "a 16-bit single-channel PNG")
     return arr.astype(np.float32) / units_per_metre
 
 
 def read_label_png(path):
     """8-bit label PNG -> uint8 (H, W)."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            arr = np.asarray(im)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BadSampleError(f"cannot read label map {path}: {e}") from None
-    if mode not in ("L", "P"):
-        raise BadSampleError(f"label map {path} has PIL mode {mode}, expected an 8-bit single-channel PNG")
-    return arr.astype(np.uint8)
+    return _read_png(path, "label map", ("L", "P"), "an 8-bit single-channel PNG").astype(np.uint8)
 
 
 def _require_dir(path, layout):
