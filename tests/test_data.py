@@ -324,3 +324,16 @@ def test_refer_resize_matches_pil_as_lavt_and_vpd_resize():
     assert np.abs(((x.permute(1, 2, 0) + 1) * 127.5).numpy() - ref).max() <= 1.01  # PIL rounds to uint8
     ref_mask = np.asarray(Image.fromarray(mask, mode="L").convert("P").resize((70, 40), Image.BILINEAR))
     np.testing.assert_array_equal(m.numpy(), ref_mask)
+
+
+def test_photometric_hue_shift_range_is_mmsegs():
+    # mmseg draws the hue shift with numpy's randint(-18, 18): -18..17, never +18
+    from vpd.transforms import photometric_distortion, rgb_to_hsv
+    img = np.full((1, 1, 3), (200.0, 50.0, 50.0), np.float32)  # saturated red, hue 0
+    shifts = set()
+    for seed in range(400):
+        out = photometric_distortion(img, np.random.default_rng(seed), brightness_delta=0, contrast=(1, 1),
+                                     saturation=(1, 1))
+        hue = float(rgb_to_hsv(out)[0, 0, 0])
+        shifts.add(round(((hue + 180) % 360 - 180) / 2))
+    assert min(shifts) == -18 and max(shifts) == 17

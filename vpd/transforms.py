@@ -117,7 +117,7 @@ def photometric_distortion(img, rng, brightness_delta=32, contrast=(0.5, 1.5), s
         img = hsv_to_rgb(hsv)
     if rng.integers(2):
         hsv = rgb_to_hsv(img)
-        hsv[..., 0] += 2.0 * rng.integers(-hue_delta, hue_delta + 1)
+        hsv[..., 0] += 2.0 * rng.integers(-hue_delta, hue_delta)  # mmseg's randint: -18..17
         img = hsv_to_rgb(hsv)
     if not contrast_first and rng.integers(2):
         img = np.clip(img * rng.uniform(*contrast), 0, 255)
