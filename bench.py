@@ -42,7 +42,7 @@ from torch.utils._pytree import tree_leaves
 
 from vpd import flops
 from vpd.clip import CLIPConfig
-from vpd.demo import TINY_CLIP, TINY_UNET, TINY_VAE
+from vpd.demo import TINY_CLIP, TINY_UNET, TINY_VAE, wake_zero_weights_
 from vpd.model import build_model
 from vpd.optim import build_optimizer
 from vpd.unet import UNet, UNetConfig
@@ -189,15 +189,6 @@ def run_pair(name, fns, flops_per_iter, batch, args, device):
 # ---------------------------------------------------------------------------------------------------
 # models
 
-def randomize_zero_weights_(module, gen):
-    """ldm zero-initialises the last conv of every block; give those weights random values (std
-    1/sqrt(fan_in)) so that every layer takes part in the output the two sides are checked on."""
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.ndim > 1 and not p.any():
-                p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
-
-
 def ldm_original_config(unet_cfg, vae_cfg):
     """The ldm YAML (v1-inference.yaml layout) that diffusers reads its configs from."""
     return {"model": {"params": {
@@ -273,7 +264,7 @@ def image_like(shape, args, device, gen):
 def bench_unet(args, device, cfgs, gen, which):
     unet_cfg, B, lat = cfgs["unet"], args.batch, args.res // 8
     ours = UNet(unet_cfg)
-    randomize_zero_weights_(ours, gen)
+    wake_zero_weights_(ours, gen)
     ours = ours.to(device)
     ref = diffusers_unet(ours, cfgs["vae"])
     x = image_like((B, unet_cfg.in_channels, lat, lat), args, device, gen)
@@ -319,7 +310,7 @@ def bench_unet(args, device, cfgs, gen, which):
 def bench_vae(args, device, cfgs, gen):
     vae_cfg, B = cfgs["vae"], args.batch
     ours = VAE(vae_cfg, decoder=False)
-    randomize_zero_weights_(ours, gen)
+    wake_zero_weights_(ours, gen)
     ours = ours.to(device).eval()
     ref = diffusers_vae(ours, cfgs["unet"]).eval()
     img = image_like((B, vae_cfg.in_channels, args.res, args.res), args, device, gen).clamp(-1, 1)
@@ -344,7 +335,7 @@ def train_setup(task, batch, args, device, cfgs, gen):
     """A task model, its optimizer and one training step as a callable; -> (step, FLOPs per step)."""
     cfg_u, cfg_v = cfgs["unet"], cfgs["vae"]
     model = build_model(task, unet_cfg=cfg_u, vae_cfg=cfg_v, clip_cfg=cfgs["clip"])
-    randomize_zero_weights_(model.backbone, gen)
+    wake_zero_weights_(model.backbone, gen)
     model = model.to(device).train()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)

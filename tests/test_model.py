@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from vpd.clip import CLIPConfig, CLIPTextModel
+from vpd.demo import wake_zero_weights_
 from vpd.model import TASKS, TextAdapter, VPDBackbone, VPDDepth, VPDRefer, VPDSeg, build_model
 from vpd.unet import UNetConfig
 from vpd.vae import VAEConfig
@@ -19,14 +20,8 @@ TINY_DEPTH_HEAD = dict(fuse_channels=32, deconv_channels=8, out_channels=16)
 
 
 def wake(module, seed=0):
-    """Give zero-initialised weights (SD's zero_module convs, head outputs) random values, so every
-    path carries signal and gradient."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.ndim > 1 and p.abs().max() == 0:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return module
+    """The model with SD's zero-initialised weights given random values (every path carries signal)."""
+    return wake_zero_weights_(module, torch.Generator().manual_seed(seed), std=0.05)
 
 
 def tiny(task, seed=0, **kw):

@@ -18,7 +18,7 @@ sys.path.insert(0, REPO)  # predict.py is a script at the repository root
 import predict  # noqa: E402
 from vpd.clip import Tokenizer  # noqa: E402
 from vpd.data import NYU_SCENES, ImageFolder  # noqa: E402
-from vpd.demo import TINY_CLIP, TINY_UNET, TINY_VAE, tiny_configs, write_random_sd  # noqa: E402
+from vpd.demo import TINY_CLIP, TINY_UNET, TINY_VAE, tiny_configs, wake_zero_weights_, write_random_sd  # noqa: E402
 from vpd.model import build_model  # noqa: E402
 from vpd.tasks import load_model, model_kwargs  # noqa: E402
 from vpd.trained import save_weights  # noqa: E402
@@ -28,14 +28,9 @@ CROPS = {"depth": 64, "semseg": 128, "refer": 64}  # the "training crop" in each
 H, W = 77, 131  # odd, non-square test images
 
 
-def wake(model, seed):
-    """Random values for zero-initialised weights (SD's zero convs), so every path carries signal."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim > 1 and p.abs().max() == 0:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
+def wake(module, seed=0):
+    """The model with SD's zero-initialised weights given random values (every path carries signal)."""
+    return wake_zero_weights_(module, torch.Generator().manual_seed(seed), std=0.05)
 
 
 def write_image(path, h, w, seed):

@@ -38,3 +38,14 @@ def write_random_sd(path, seed=0, unet=TINY_UNET, vae=TINY_VAE, clip=TINY_CLIP):
     save_file(state, tmp)
     os.replace(tmp, path)
     return path
+
+
+def wake_zero_weights_(module, generator, std=None):
+    """Random values N(0, std) for the weights SD initialises to zero (ldm's zero_module convs, head
+    outputs), so every path of a random model carries signal and gradient; std defaults to
+    1/sqrt(fan_in)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.ndim > 1 and not p.any():
+                p.copy_(torch.randn(p.shape, generator=generator) * (std or p[0].numel() ** -0.5))
+    return module
