@@ -188,22 +188,13 @@ def predict_refer(model, sample, tokens):
 
 # ----------------------------------------------------------------------------- writing PNGs
 
-def save_depth(depth_m, path, units_per_metre):
-    """(H, W) metres -> 16-bit PNG of depth * units_per_metre (1000: millimetres)."""
-    d = np.rint(depth_m.astype(np.float64) * units_per_metre)
-    if not np.isfinite(d).all() or d.min() < 0 or d.max() > 65535:
-        raise ValueError(f"depth in [{depth_m.min():.4g}, {depth_m.max():.4g}] m does not fit a 16-bit PNG "
-                         f"at {units_per_metre} units per metre")
-    Image.fromarray(d.astype(np.uint16)).save(path)
-
-
 def save_outputs(task, out, stem, pred, image_path, depth_units=1000):
     """The PNGs of one image (see the module docstring); returns their paths."""
     base = os.path.join(out, stem)
     pred = pred.cpu().numpy()
     if task == "depth":
         paths = [base + "_depth.png", base + "_depth_color.png"]
-        save_depth(pred, paths[0], depth_units)
+        vis.save_depth_png16(pred, paths[0], depth_units)
         vis.colorize_depth(pred).save(paths[1])
     elif task == "semseg":
         paths = [base + "_semseg.png", base + "_semseg_ids.png"]

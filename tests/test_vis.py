@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vpd.vis import (ADE20K_PALETTE, DEPTH_LUT, colorize_depth, colorize_labels, load_depth_png16,
+from vpd.data import BadSampleError, read_depth_png
+from vpd.vis import (ADE20K_PALETTE, DEPTH_LUT, colorize_depth, colorize_labels,
                      overlay_mask, plot_curves, save_depth_png16)
 
 
@@ -76,13 +77,17 @@ def test_depth_png16_round_trip_to_the_millimetre(tmp_path):
         raw = np.asarray(img)
     assert raw.dtype == np.uint16 and raw.shape == (17, 23)
     assert (raw == np.rint(depth * 1000)).all()
-    assert np.abs(load_depth_png16(path) - depth).max() <= 0.0005 + 1e-6
+    assert np.abs(read_depth_png(path, 1000) - depth).max() <= 0.0005 + 1e-6
     with pytest.raises(ValueError, match="65.535"):
         save_depth_png16(np.full((2, 2), 70.0), tmp_path / "x.png")
     with pytest.raises(ValueError, match="NaN"):
         save_depth_png16(np.full((2, 2), np.nan), tmp_path / "x.png")
-    with pytest.raises(FileNotFoundError):
-        load_depth_png16(tmp_path / "missing.png")
+    with pytest.raises(BadSampleError, match="missing.png"):
+        read_depth_png(tmp_path / "missing.png", 1000)
+    save_depth_png16(np.full((2, 2), 70.0), tmp_path / "k.png", units_per_metre=256)  # KITTI units: 0..255.996 m
+    assert (read_depth_png(tmp_path / "k.png", 256) == 70.0).all()
+    with pytest.raises(ValueError, match="holds 0 to 255.996 m"):
+        save_depth_png16(np.full((2, 2), 300.0), tmp_path / "k.png", units_per_metre=256)
 
 
 def records():

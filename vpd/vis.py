@@ -111,27 +111,18 @@ def overlay_mask(image, mask, color=(255, 0, 0), alpha=0.5):
     return Image.fromarray(np.rint(out).astype(np.uint8))
 
 
-def save_depth_png16(depth_m, path):
-    """Write (H, W) depth in metres as a 16-bit PNG of whole millimetres (0..65.535 m, 0 = no depth)."""
+def save_depth_png16(depth_m, path, units_per_metre=1000):
+    """Write (H, W) depth in metres as a 16-bit PNG of depth * units_per_metre (1000: whole
+    millimetres, 0..65.535 m; 256: KITTI's convention, 0..255.996 m), 0 = no depth."""
     d = _array(depth_m, "depth_m").astype(np.float64)
     _check_2d(d, "depth_m")
     if not np.isfinite(d).all():
         raise ValueError("depth_m holds NaN or inf; a uint16 PNG cannot store them")
-    mm = np.rint(d * 1000)
-    if mm.size and (mm.min() < 0 or mm.max() > 65535):
-        raise ValueError(f"depth_m spans [{d.min():.4g}, {d.max():.4g}] m; a uint16 PNG of millimetres "
-                         "holds 0 to 65.535 m")
-    Image.fromarray(mm.astype(np.uint16)).save(path, format="PNG")
-
-
-def load_depth_png16(path):
-    """Read a 16-bit millimetre PNG back as float32 metres."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"depth PNG not found: {path}")
-    with Image.open(path) as img:
-        if img.mode not in ("I;16", "I"):
-            raise ValueError(f"{path} is a {img.mode} image, not a 16-bit depth PNG")
-        return np.asarray(img).astype(np.float32) / 1000
+    units = np.rint(d * units_per_metre)
+    if units.size and (units.min() < 0 or units.max() > 65535):
+        raise ValueError(f"depth_m spans [{d.min():.4g}, {d.max():.4g}] m; a uint16 PNG of 1/{units_per_metre} m "
+                         f"holds 0 to {65535 / units_per_metre:g} m")
+    Image.fromarray(units.astype(np.uint16)).save(path, format="PNG")
 
 
 def _read_jsonl(path):
