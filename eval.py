@@ -43,7 +43,7 @@ def evaluate(model, task, dataset, device, autocast=nullcontext, max_samples=Non
     sampler = ShardedEvalSampler(n)
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=workers)
     if task == "semseg":
-        k = num_classes(model)
+        k = model.num_classes
         metric = SegMetric(k)
     elif task == "depth":
         metric = DepthMetric(max_depth=max_depth, crop=depth_crop)
@@ -87,12 +87,6 @@ def kitti_region(batch, crop):
         raise ValueError("KITTI evaluation takes one image per batch")
     name = "eigen" if crop == "kitti_eigen" else crop  # vpd.data's name of KITTI's Eigen crop
     return depth_eval_mask(batch["orig_size"][0].tolist(), name, kb_crop=True)
-
-
-def num_classes(model):
-    """Classes a segmentation model predicts (its final 1x1 conv's outputs)."""
-    k = getattr(model, "num_classes", None)
-    return k if k is not None else model.head.classifier.out_channels
 
 
 def format_metrics(metrics, class_names=None):

@@ -270,7 +270,7 @@ def test_semseg_sliding_window_stride_is_mmsegs(monkeypatch):
         return torch.zeros(1, k, *size)
 
     monkeypatch.setattr(predict, "semseg_probs", fake_probs)
-    model = SimpleNamespace(head=SimpleNamespace(classifier=torch.nn.Conv2d(4, 150, 1)))
+    model = SimpleNamespace(num_classes=150)
     sample = {"image": torch.zeros(3, 8, 8), "orig_size": torch.tensor([8, 8])}
     predict.predict_semseg(model, sample, crop=512)
     assert seen == {"crop": 512, "stride": 341}  # VPD's test_cfg: crop (512, 512), stride (341, 341)

@@ -147,8 +147,9 @@ class VPDSeg(nn.Module):
             raise ValueError(f"class_embeddings must be (K, D), got {tuple(class_embeddings.shape)}")
         self.backbone = backbone
         self.register_buffer("class_embeddings", class_embeddings.detach().clone())
-        num_classes = num_classes or class_embeddings.shape[0]
-        self.head = FPNSegHead(backbone.feature_channels(class_embeddings.shape[0]), num_classes, channels, dropout)
+        self.num_classes = num_classes or class_embeddings.shape[0]
+        self.head = FPNSegHead(backbone.feature_channels(class_embeddings.shape[0]), self.num_classes, channels,
+                               dropout)
 
     def forward(self, images):
         """images (B, 3, H, W) in [-1, 1], H and W multiples of 64 -> logits (B, K, H, W)."""
