@@ -247,7 +247,7 @@ def main(args):
             baseline = evaluate(base_model.to(device), args.task, task.eval_set, device, nullcontext, args.eval_max,
                                 workers=args.workers, depth_crop=task.meta["depth_crop"])
         if master:
-            print0(format_metrics(metrics, baseline, f"step {step}", base_name if baseline else None))
+            print0(side_by_side(metrics, baseline, f"step {step}", base_name if baseline else None))
             with open(log_path, "a") as f:
                 f.write(json.dumps(dict(step=step, **{f"eval/{k}": v for k, v in metrics.items()
                                                       if isinstance(v, float)})) + "\n")
@@ -320,7 +320,7 @@ def main(args):
     dist.teardown()
 
 
-def format_metrics(metrics, baseline=None, title="", baseline_name=None):
+def side_by_side(metrics, baseline=None, title="", baseline_name=None):
     """The scalar metrics as a table, with a baseline's column beside them when given."""
     names = [k for k, v in metrics.items() if isinstance(v, float)]
     head = f"{title:<12}{'model':>10}" + (f"   baseline: {baseline_name}" if baseline else "")
