@@ -292,3 +292,17 @@ def test_grad_checkpointing_same_gradients():
         grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
     for k, g in grads[0].items():
         torch.testing.assert_close(grads[1][k], g, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_forward_holds_no_more_tensor_memory_than_diffusers(tiny):
+    # exact peak of live activation bytes (bench.TensorPeak), not RSS: allocator-independent, so
+    # a decoder that kept its joined skip input alive through a whole block would show here
+    from bench import TensorPeak
+    ours, ref, _, _ = tiny
+    x, t, ctx = inputs(32, 32)
+    peaks = []
+    for f in (lambda: ours(x, t, ctx), lambda: ref(x, t, encoder_hidden_states=ctx).sample):
+        with torch.no_grad(), TensorPeak() as tp:
+            f()
+        peaks.append(tp.peak)
+    assert 0 < peaks[0] <= peaks[1], peaks

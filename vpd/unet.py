@@ -209,11 +209,23 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
+def join(parts):
+    """Concatenate a list of maps on channels and empty the list, dropping its references."""
+    x = torch.cat(parts, dim=1)
+    parts.clear()
+    return x
+
+
 class TimestepEmbedSequential(nn.Sequential):
     """A UNet block: passes the timestep embedding to ResBlocks and the context to transformers."""
 
     def forward(self, x, emb, context, keep_map=False):
-        """-> (x, list of the block's cross-attention maps; empty unless keep_map)."""
+        """-> (x, list of the block's cross-attention maps; empty unless keep_map).
+
+        x may be a list of maps to join on channels (a decoder block's input and its skip). The
+        list is emptied once joined, so no caller's frame keeps the parts alive, and the joined
+        map is freed as soon as the first layer has read it."""
+        x = join(x) if isinstance(x, list) else x
         maps = []
         for layer in self:
             if isinstance(layer, ResBlock):
@@ -320,12 +332,14 @@ class UNet(nn.Module):
 
     def _block(self, block, h, emb, context, keep_map):
         if self.grad_checkpointing and self.training:
+            # the recomputation calls the block again with these arguments: a list would be empty
+            h = join(h) if isinstance(h, list) else h
             return checkpoint(block, h, emb, context, keep_map, use_reentrant=False)
         return block(h, emb, context, keep_map)
 
-    def _run(self, x, t, context, map_blocks=(), max_map_hw=0.0):
+    def _run(self, x, t, context, map_blocks=(), max_map_hw=0.0, keep_feats=False):
         """The UNet up to (not including) `out`.
-        -> (last hidden state, VPD features coarsest first, kept cross-attention maps)."""
+        -> (last hidden state, VPD features coarsest first (when keep_feats), kept cross-attention maps)."""
         t = self._check_inputs(x, t, context)
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))
         keep = lambda group, h: group in map_blocks and h.shape[-2] * h.shape[-1] <= max_map_hw
@@ -337,10 +351,11 @@ class UNet(nn.Module):
         h, m = self._block(self.middle_block, h, emb, context, keep("middle", h))
         maps += m
         for i, block in enumerate(self.output_blocks):
-            h = torch.cat([h, skips.pop()], dim=1)
-            h, m = self._block(block, h, emb, context, keep("output", h))
+            keep_map, parts = keep("output", h), [h, skips.pop()]
+            del h  # `parts` holds the only references; the block empties it once joined
+            h, m = self._block(block, parts, emb, context, keep_map)
             maps += m
-            if i in self.feature_blocks:
+            if keep_feats and i in self.feature_blocks:
                 feats.append(h)
         return h, feats, maps
 
@@ -365,7 +380,8 @@ class UNet(nn.Module):
         if bad:
             raise ValueError(f"map_blocks must be among {MAP_BLOCKS}, got {bad}")
         groups = map_blocks if keep_maps else ()
-        _, feats, maps = self._run(x, t, context, groups, map_max_fraction * x.shape[-2] * x.shape[-1])
+        _, feats, maps = self._run(x, t, context, groups, map_max_fraction * x.shape[-2] * x.shape[-1],
+                                   keep_feats=True)
         by_size = {}
         for m in maps:
             by_size.setdefault((m.shape[-2], m.shape[-1]), []).append(m)
