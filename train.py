@@ -75,6 +75,8 @@ def get_args(argv=None):
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the model (backend: inductor, or e.g. aot_eager, which needs no C++ compiler)")
     p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per UNet block")
+    p.add_argument("--channels-last", action="store_true",
+                   help="NHWC memory layout for the convolutions (what GPU bf16 convolution kernels read natively)")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--workers", type=count(0), help="data loader processes per training process (default: up to 4)")
     p.add_argument("--seed", type=int, default=0)
@@ -161,6 +163,8 @@ def main(args):
     model, train_set = task.model.to(device), task.train_set
     if args.grad_checkpoint:
         model.backbone.unet.grad_checkpointing = True
+    if args.channels_last:  # the weights' layout is enough: each convolution's output follows it
+        model = model.to(memory_format=torch.channels_last)
     if world > 1 and device.type == "cuda":  # the paper's heads use SyncBN across GPUs
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     raw = model  # saved and evaluated; never the compiled / DDP wrapper (no _orig_mod. / module. prefixes)

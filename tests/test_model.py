@@ -167,6 +167,19 @@ def test_backbone_forward_has_no_graph_breaks():
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
+def test_backbone_keeps_channels_last():
+    # the maps joined to the features follow the features' layout, so every head conv reads NHWC
+    torch.manual_seed(0)
+    bb = VPDBackbone(TINY_UNET, TINY_VAE, text_dim=32).eval()
+    x, text = images(2), torch.randn(3, 32)
+    with torch.no_grad():
+        want = bb(x, text)
+        got = bb.to(memory_format=torch.channels_last)(x, text)
+    assert len(got) == 4 and all(g.is_contiguous(memory_format=torch.channels_last) for g in got)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
 def test_sd_feature_channels_and_blocks():
     with torch.device("meta"):
         seg = VPDBackbone()

@@ -163,6 +163,25 @@ def test_amp_compile_grad_checkpoint_run(world, flag):
     assert not any(k.startswith("_orig_mod.") for k in load_file(os.path.join(out, "model.safetensors")))
 
 
+def test_channels_last_trains_the_same(world, monkeypatch):
+    # a layout change only: the same losses up to the convolution kernels' summation order
+    layouts = []
+
+    def recording(model, raw, task, batch):  # the layout the training step actually ran in
+        layouts.append(all(m.weight.is_contiguous(memory_format=torch.channels_last)
+                           for m in raw.modules() if isinstance(m, torch.nn.Conv2d)))
+        return forward_loss(model, raw, task, batch)
+    forward_loss = train.forward_loss
+    monkeypatch.setattr(train, "forward_loss", recording)
+    outs = [world["base"] / f"layout{i}" for i in range(2)]
+    for out, extra in zip(outs, ([], ["--channels-last"])):
+        train_here(flags(world, "semseg", out, "--iters", 3, "--batch-size", 2, "--eval-max", 1, *extra))
+    assert layouts == [False] * 3 + [True] * 3
+    a, b = [[l for _, l, _ in losses(out)] for out in outs]
+    assert len(a) == 3 and a == pytest.approx(b, rel=1e-4)
+    assert params(outs[1]).keys() == params(outs[0]).keys()
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def bad_cases(world, tmp):

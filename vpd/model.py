@@ -124,7 +124,10 @@ class VPDBackbone(nn.Module):
         out = []
         for f in feats:
             m = maps.pop((f.shape[-2], f.shape[-1]), None)
-            out.append(f if m is None else torch.cat([f, m.to(f.dtype)], dim=1))
+            if m is not None:  # in f's dtype and memory layout, so the joined map keeps both
+                fmt = torch.channels_last if f.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+                f = torch.cat([f, m.to(f.dtype, memory_format=fmt)], dim=1)
+            out.append(f)
         if maps:
             raise RuntimeError(f"attention maps of sizes {sorted(maps)} match no feature map")
         return out
