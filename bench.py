@@ -365,7 +365,7 @@ def train_setup(task, batch, args, device, cfgs, gen):
         c = cfgs["clip"]
         step_flops += 2 * flops.clip_text_macs(model.max_tokens, c.hidden_size, c.num_hidden_layers,
                                                c.intermediate_size, batch=B)
-    opt = build_optimizer(model, lr=1e-6, weight_decay=1e-2, unet_lr_mult=0.1)
+    opt = build_optimizer(model, lr=1e-6, weight_decay=1e-2, unet_lr_mult=0.1, fused=device.type == "cuda")  # as train.py
     fwd = torch.compile(model) if args.compile else model
 
     def step():
