@@ -253,7 +253,7 @@ def prepare(module, args, device):
     module = module.to(device)
     if args.channels_last:
         module = module.to(memory_format=torch.channels_last)
-    return torch.compile(module) if args.compile else module
+    return torch.compile(module, mode=args.compile_mode) if args.compile else module
 
 
 def image_like(shape, args, device, gen):
@@ -266,17 +266,21 @@ def bench_unet(args, device, cfgs, gen, which):
     ours = UNet(unet_cfg)
     wake_zero_weights_(ours, gen)
     ours = ours.to(device)
-    ref = diffusers_unet(ours, cfgs["vae"])
     x = image_like((B, unet_cfg.in_channels, lat, lat), args, device, gen)
     ctx = torch.randn(B, args.ctx, unet_cfg.context_dim, generator=gen).to(device)
     t = torch.ones(B, device=device)  # VPD's timestep
-    with torch.no_grad():
-        check = check_same("unet", ours(x, t, ctx), ref(x, t, encoder_hidden_states=ctx).sample, 1e-3)
-    if args.grad_checkpoint:
-        ours.grad_checkpointing = True
-        ref.enable_gradient_checkpointing()
-    ours, ref = prepare(ours, args, device), prepare(ref, args, device)
-    calls = {"ours": lambda: ours(x, t, ctx), "ref": lambda: ref(x, t, encoder_hidden_states=ctx).sample}
+    ours.grad_checkpointing = args.grad_checkpoint
+    check, ref = None, None
+    if not args.no_ref:
+        ref = diffusers_unet(ours, cfgs["vae"])
+        with torch.no_grad():
+            check = check_same("unet", ours(x, t, ctx), ref(x, t, encoder_hidden_states=ctx).sample, 1e-3)
+        if args.grad_checkpoint:
+            ref.enable_gradient_checkpointing()
+        ref = prepare(ref, args, device)
+    ours = prepare(ours, args, device)
+    models = {"ours": ours, "ref": ref} if ref is not None else {"ours": ours}
+    call = {"ours": lambda m, x: m(x, t, ctx), "ref": lambda m, x: m(x, t, encoder_hidden_states=ctx).sample}
     macs = flops.unet_macs(unet_cfg, (lat, lat), n_ctx=args.ctx, batch=B)
     rows = []
     if "unet_fwd" in which:
@@ -285,23 +289,24 @@ def bench_unet(args, device, cfgs, gen, which):
                 with torch.no_grad(), args.autocast():
                     f()
             return step
-        ours.eval(), ref.eval()
-        rows += run_pair("unet_fwd", {k: fwd(f) for k, f in calls.items()}, 2 * macs, B, args, device)
+        for m in models.values():
+            m.eval()
+        rows += run_pair("unet_fwd", {k: fwd(lambda k=k, m=m: call[k](m, x)) for k, m in models.items()},
+                         2 * macs, B, args, device)
     if "unet_fwdbwd" in which:
         x_grad = x.clone().requires_grad_(True)  # input grads too, as in training (features feed a head)
-        calls = {"ours": lambda: ours(x_grad, t, ctx), "ref": lambda: ref(x_grad, t, encoder_hidden_states=ctx).sample}
 
-        def fwdbwd(f, model):
+        def fwdbwd(impl, model):
             def step():
                 model.zero_grad(set_to_none=True)
                 x_grad.grad = None
                 with args.autocast():
-                    out = f()
+                    out = call[impl](model, x_grad)
                 out.float().square().mean().backward()
             return step
-        ours.train(), ref.train()
-        rows += run_pair("unet_fwdbwd", {"ours": fwdbwd(calls["ours"], ours), "ref": fwdbwd(calls["ref"], ref)},
-                         6 * macs, B, args, device)
+        for m in models.values():
+            m.train()
+        rows += run_pair("unet_fwdbwd", {k: fwdbwd(k, m) for k, m in models.items()}, 6 * macs, B, args, device)
     for r in rows:
         r["check_rel_err"] = check
     return rows
@@ -312,12 +317,17 @@ def bench_vae(args, device, cfgs, gen):
     ours = VAE(vae_cfg, decoder=False)
     wake_zero_weights_(ours, gen)
     ours = ours.to(device).eval()
-    ref = diffusers_vae(ours, cfgs["unet"]).eval()
     img = image_like((B, vae_cfg.in_channels, args.res, args.res), args, device, gen).clamp(-1, 1)
-    with torch.no_grad():
-        check = check_same("vae", ours.encode(img).mode(), ref.encode(img).latent_dist.mode(), 1e-3)
-    ours, ref = prepare(ours, args, device), prepare(ref, args, device)
-    enc = {"ours": lambda: ours.encode(img).mode(), "ref": lambda: ref.encode(img).latent_dist.mode()}
+    check = None
+    if not args.no_ref:
+        ref = diffusers_vae(ours, cfgs["unet"]).eval()
+        with torch.no_grad():
+            check = check_same("vae", ours.encode(img).mode(), ref.encode(img).latent_dist.mode(), 1e-3)
+        ref = prepare(ref, args, device)
+    ours = prepare(ours, args, device)
+    enc = {"ours": lambda: ours.encode(img).mode()}
+    if not args.no_ref:
+        enc["ref"] = lambda: ref.encode(img).latent_dist.mode()
 
     def no_grad(f):
         def step():
@@ -366,7 +376,7 @@ def train_setup(task, batch, args, device, cfgs, gen):
         step_flops += 2 * flops.clip_text_macs(model.max_tokens, c.hidden_size, c.num_hidden_layers,
                                                c.intermediate_size, batch=B)
     opt = build_optimizer(model, lr=1e-6, weight_decay=1e-2, unet_lr_mult=0.1, fused=device.type == "cuda")  # as train.py
-    fwd = torch.compile(model) if args.compile else model
+    fwd = torch.compile(model, mode=args.compile_mode) if args.compile else model
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -421,6 +431,10 @@ def parse_args(argv=None):
     p.add_argument("--ctx", type=int, default=77, help="text tokens of the UNet benchmark's context")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast, fp32 weights")
     p.add_argument("--compile", action="store_true", help="torch.compile both sides")
+    p.add_argument("--compile-mode", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile's mode (reduce-overhead: CUDA graphs, against launch overhead)")
+    p.add_argument("--no-ref", action="store_true", help="time ours only (no diffusers models are built)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute blocks in backward (both sides)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -435,6 +449,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="write the rows here")
     args = p.parse_args(argv)
+    if args.compile_mode and not args.compile:
+        raise SystemExit("--compile-mode needs --compile")
     if args.res % 64:
         raise SystemExit(f"--res {args.res}: must be a multiple of 64 (the UNet halves the latent 3 times)")
     return args
@@ -476,7 +492,8 @@ def main(args):
     cfgs, gen = PRESETS[args.size], torch.Generator().manual_seed(args.seed)
     print(f"device {name}, torch {torch.__version__}, {torch.get_num_threads()} threads, size {args.size}, "
           f"res {args.res}, batch {args.batch}, {args.dtype}, compile {args.compile}, "
-          f"channels_last {args.channels_last}, grad_checkpoint {args.grad_checkpoint}")
+          f"channels_last {args.channels_last}, grad_checkpoint {args.grad_checkpoint}"
+          + (f", compile mode {args.compile_mode}" if args.compile_mode else ""))
     rows = []
     if which & {"unet_fwd", "unet_fwdbwd"}:
         rows += bench_unet(args, device, cfgs, gen, which)
