@@ -2,7 +2,9 @@
 # The GPU runs behind the README's GPU figures, in parts that each fit a 10-minute call
 # (tables in $OUT/*.txt; at most 8 files come back from a device call):
 #   OUT=results bash tools/gpu_run.sh eager      # flash/bf16/compile checks, eager benchmarks, DDP demo (~9 min)
-#   OUT=results bash tools/gpu_run.sh compiled   # the compiled bf16 semseg training step at batch 16 (~4.5 min)
+#   OUT=results bash tools/gpu_run.sh compiled   # compiled bf16 at batch 16, NHWC: semseg step, UNet fwd+bwd (~9 min)
+#   OUT=results bash tools/gpu_run.sh graphs     # the semseg step at batch 2 under CUDA graphs (reduce-overhead, ~5 min)
+# Compiling the full model takes minutes (about 4 on an H200), so each compiled row has a long timeout.
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 OUT=${OUT:-gpu_results}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
@@ -15,6 +17,9 @@ eager)
   timeout 80 $B --dtype bf16 --which "" --sweep-batch 2,8,16 --iters 5 --warmup 2 2>&1 | tee "$OUT/sweep_bf16.txt"
   timeout 60 torchrun --nproc_per_node=1 train.py --demo --iters 20 --log-every 5 --eval-max 8 --device cuda --out /tmp/demo_gpu 2>&1 | tail -15 | tee "$OUT/demo_train.txt" ;;
 compiled)
-  timeout 320 $B --batch 16 --dtype bf16 --compile --which train_semseg --iters 5 --warmup 2 --json "$OUT/compiled_semseg16.json" 2>&1 | tee "$OUT/compiled_semseg16.txt" ;;
-*) echo "usage: bash tools/gpu_run.sh eager|compiled" >&2; exit 2 ;;
+  timeout 300 $B --batch 16 --dtype bf16 --compile --channels-last --which train_semseg --iters 5 --warmup 2 --json "$OUT/compiled_semseg16.json" 2>&1 | tee "$OUT/compiled_semseg16.txt"
+  timeout 240 $B --batch 16 --dtype bf16 --compile --channels-last --no-ref --which unet_fwdbwd --iters 5 --warmup 2 --json "$OUT/compiled_unet16.json" 2>&1 | tee "$OUT/compiled_unet16.txt" ;;
+graphs)
+  timeout 300 $B --batch 2 --dtype bf16 --compile --compile-mode reduce-overhead --channels-last --which train_semseg --iters 10 --warmup 3 --json "$OUT/graphs_semseg2.json" 2>&1 | tee "$OUT/graphs_semseg2.txt" ;;
+*) echo "usage: bash tools/gpu_run.sh eager|compiled|graphs" >&2; exit 2 ;;
 esac
