@@ -318,16 +318,15 @@ def bench_vae(args, device, cfgs, gen):
     wake_zero_weights_(ours, gen)
     ours = ours.to(device).eval()
     img = image_like((B, vae_cfg.in_channels, args.res, args.res), args, device, gen).clamp(-1, 1)
-    check = None
+    check, enc = None, {}
     if not args.no_ref:
         ref = diffusers_vae(ours, cfgs["unet"]).eval()
         with torch.no_grad():
             check = check_same("vae", ours.encode(img).mode(), ref.encode(img).latent_dist.mode(), 1e-3)
         ref = prepare(ref, args, device)
-    ours = prepare(ours, args, device)
-    enc = {"ours": lambda: ours.encode(img).mode()}
-    if not args.no_ref:
         enc["ref"] = lambda: ref.encode(img).latent_dist.mode()
+    ours = prepare(ours, args, device)
+    enc = {"ours": lambda: ours.encode(img).mode(), **enc}  # ours first: the rows' order
 
     def no_grad(f):
         def step():
