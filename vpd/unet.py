@@ -352,7 +352,7 @@ class UNet(nn.Module):
         maps += m
         for i, block in enumerate(self.output_blocks):
             keep_map, parts = keep("output", h), [h, skips.pop()]
-            del h  # `parts` holds the only references; the block empties it once joined
+            del h  # from here the loop refers to the two maps only through `parts`, which the block empties
             h, m = self._block(block, parts, emb, context, keep_map)
             maps += m
             if keep_feats and i in self.feature_blocks:
