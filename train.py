@@ -74,6 +74,9 @@ def get_args(argv=None):
                    help="autocast dtype (default: bf16 on GPU, off on CPU, where bf16 is slower)")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the model (backend: inductor, or e.g. aot_eager, which needs no C++ compiler)")
+    p.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"], default=None,
+                   help="inductor's mode; reduce-overhead replays CUDA graphs, against the launch overhead of "
+                        "small per-GPU batches")
     p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per UNet block")
     p.add_argument("--channels-last", action="store_true",
                    help="NHWC memory layout for the convolutions (what GPU bf16 convolution kernels read natively)")
@@ -88,6 +91,8 @@ def get_args(argv=None):
                    "checkpoint (the schedule still spans --iters; continue later with --resume)")
     p.add_argument("--text-cache", default=None, help="directory caching class embeddings (default <out>/..)")
     args = p.parse_args(argv)
+    if args.compile_mode and args.compile != "inductor":
+        p.error("--compile-mode is inductor's: give it with --compile (inductor)")
     args.demo = args.demo or (args.sd_ckpt is None and args.data_root is None)
     if args.task is None:
         if not args.demo:
@@ -205,7 +210,7 @@ def main(args):
         print0(f"resumed from {args.out} at step {step}")
 
     if args.compile:
-        model = torch.compile(model, backend=args.compile)
+        model = torch.compile(model, backend=args.compile, mode=args.compile_mode)
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 

@@ -163,6 +163,20 @@ def test_amp_compile_grad_checkpoint_run(world, flag):
     assert not any(k.startswith("_orig_mod.") for k in load_file(os.path.join(out, "model.safetensors")))
 
 
+def test_compile_mode_reaches_torch_compile(world, monkeypatch):
+    # inductor itself needs a C++ compiler here: the mode is recorded, the model compiled with aot_eager
+    seen, compile_ = [], torch.compile
+
+    def recording(model, backend, mode):
+        seen.append((backend, mode))
+        return compile_(model, backend="aot_eager")
+    monkeypatch.setattr(torch, "compile", recording)
+    out = world["base"] / "compile_mode"
+    train_here(flags(world, "depth", out, "--iters", 1, "--batch-size", 2, "--eval-max", 1,
+                     "--compile", "--compile-mode", "reduce-overhead"))
+    assert seen == [("inductor", "reduce-overhead")] and len(losses(out)) == 1
+
+
 def test_channels_last_trains_the_same(world, monkeypatch):
     # a layout change only: the same losses up to the convolution kernels' summation order
     layouts = []
@@ -200,6 +214,8 @@ def bad_cases(world, tmp):
         "sd file": (["train.py", "--task", "depth", "--sd-ckpt", str(tmp / "nope.safetensors"), "--data-root",
                      str(empty), "--out", str(tmp / "o2")], ["nope.safetensors", "Download Stable Diffusion"]),
         "out": (flags(world, "depth", a_file / "out"), ["not writable"]),
+        "compile mode": (flags(world, "depth", tmp / "o3", "--compile", "aot_eager", "--compile-mode", "reduce-overhead"),
+                         ["--compile-mode", "inductor"]),
         "resume nothing": (flags(world, "depth", empty, "--resume"), ["no checkpoint to resume from"]),
         "resume other task": (flags(world, "semseg", loss_run(world, "depth"), "--resume"), ["holds a depth run"]),
         "eval ckpt": (["eval.py", "--ckpt", str(tmp / "missing.safetensors")], ["missing.safetensors", "no such file"]),
