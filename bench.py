@@ -38,6 +38,7 @@ import weakref
 from contextlib import nullcontext
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -172,6 +173,8 @@ def run_pair(name, fns, flops_per_iter, batch, args, device):
         for i in range(args.iters):
             for impl in (impls if (r * args.iters + i) % 2 == 0 else impls[::-1]):
                 times[impl].append(timed(fns[impl], device))
+    if args.profile:
+        profile_into(args.profile, name, fns, device)
     rows = []
     for impl in impls:
         ms = 1000 * statistics.median(times[impl])
@@ -190,6 +193,20 @@ def run_pair(name, fns, flops_per_iter, batch, args, device):
         ours["ours_ref_mem"] = ours["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] else None
         ours["ours_ref_tensor_mem"] = ours["tensor_mib"] / ref["tensor_mib"] if ref["tensor_mib"] else None
     return rows
+
+
+def profile_into(path, name, fns, device):
+    """One more iteration per impl under torch.profiler; its busiest kernels appended to `path`."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    for impl, fn in fns.items():
+        with torch.profiler.profile(activities=activities) as prof:
+            fn()
+            sync(device)
+        table = prof.key_averages().table(sort_by=f"self_{device.type}_time_total", row_limit=40, max_name_column_width=80)
+        with open(path, "a") as f:
+            f.write(f"== {name} / {impl}\n{table}\n")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -442,6 +459,12 @@ def parse_args(argv=None):
     p.add_argument("--no-ref", action="store_true", help="time ours only (no diffusers models are built)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute blocks in backward (both sides)")
+    p.add_argument("--sdpa", choices=["default", "cudnn"], default="default",
+                   help="attention kernels' priority: cudnn tries cuDNN's fused attention first (CUDA), "
+                        "default keeps PyTorch's order (flash first)")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="let cuDNN time its convolution algorithms on the first call of each shape (CUDA)")
+    p.add_argument("--profile", default="", help="append a torch.profiler table of one more iteration per row here")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--iters", type=int, default=5, help="timed iterations per round")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
@@ -456,6 +479,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.compile_mode and not args.compile:
         raise SystemExit("--compile-mode needs --compile")
+    if (args.sdpa != "default" or args.cudnn_benchmark) and args.device != "cuda":
+        raise SystemExit("--sdpa cudnn and --cudnn-benchmark choose cuDNN kernels: they need --device cuda")
     if args.res % 64:
         raise SystemExit(f"--res {args.res}: must be a multiple of 64 (the UNet halves the latent 3 times)")
     return args
@@ -498,7 +523,22 @@ def main(args):
     print(f"device {name}, torch {torch.__version__}, {torch.get_num_threads()} threads, size {args.size}, "
           f"res {args.res}, batch {args.batch}, {args.dtype}, compile {args.compile}, "
           f"channels_last {args.channels_last}, grad_checkpoint {args.grad_checkpoint}"
-          + (f", compile mode {args.compile_mode}" if args.compile_mode else ""))
+          + (f", compile mode {args.compile_mode}" if args.compile_mode else "")
+          + (f", sdpa {args.sdpa}, cudnn benchmark {args.cudnn_benchmark}" if device.type == "cuda" else ""))
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    # compiled graphs pick their attention kernel while tracing: the priority holds for the whole run
+    with sdpa_kernel(order, set_priority=True) if args.sdpa == "cudnn" else nullcontext():
+        rows = run_rows(args, device, cfgs, gen, which, tasks, batches)
+    print_table(rows)
+    if args.json:
+        meta = {k: v for k, v in vars(args).items() if k != "autocast"}
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "torch": torch.__version__, "args": meta, "rows": rows}, f, indent=1)
+    return rows
+
+
+def run_rows(args, device, cfgs, gen, which, tasks, batches):
     rows = []
     if which & {"unet_fwd", "unet_fwdbwd"}:
         rows += bench_unet(args, device, cfgs, gen, which)
@@ -508,11 +548,6 @@ def main(args):
         rows += bench_train(args, device, cfgs, gen, tasks)
     if batches:
         rows += sweep_batch(args, device, cfgs, gen, batches)
-    print_table(rows)
-    if args.json:
-        meta = {k: v for k, v in vars(args).items() if k != "autocast"}
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "args": meta, "rows": rows}, f, indent=1)
     return rows
 
 

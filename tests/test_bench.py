@@ -24,7 +24,18 @@ def test_bench_rows_and_json(tmp_path, no_ref):
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(rows))
 
 
+def test_bench_profile_appends_a_table_per_row(tmp_path):
+    out = tmp_path / "profile.txt"
+    argv = ["--size", "tiny", "--res", "128", "--which", "unet_fwd,vae_enc", "--iters", "1", "--warmup", "0",
+            "--profile", str(out)]
+    bench.main(bench.parse_args(argv))
+    text = out.read_text()
+    heads = [line for line in text.splitlines() if line.startswith("== ")]
+    assert heads == ["== unet_fwd / ours", "== unet_fwd / ref", "== vae_enc / ours", "== vae_enc / ref"]
+    assert "aten::convolution" in text and "aten::_scaled_dot_product" in text
+
+
 def test_bench_refuses_bad_flags():
-    for argv in (["--compile-mode", "reduce-overhead"], ["--res", "100"]):
+    for argv in (["--compile-mode", "reduce-overhead"], ["--res", "100"], ["--sdpa", "cudnn"], ["--cudnn-benchmark"]):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)

@@ -4,6 +4,8 @@
 #   OUT=results bash tools/gpu_run.sh eager      # flash/bf16/compile checks, eager benchmarks, DDP demo (~9 min)
 #   OUT=results bash tools/gpu_run.sh compiled   # compiled bf16 at batch 16, NHWC: semseg step, UNet fwd+bwd (~9 min)
 #   OUT=results bash tools/gpu_run.sh graphs     # the semseg step at batch 2 under CUDA graphs (reduce-overhead, ~5 min)
+#   OUT=results bash tools/gpu_run.sh kernels    # compiled UNet fwd+bwd, batch 16: cuDNN attention / conv autotuning (~8 min)
+#   OUT=results bash tools/gpu_run.sh breakdown  # compiled VAE encoder alone; a kernel profile of the semseg step (~7 min)
 # Compiling the full model takes minutes (about 4 on an H200), so each compiled row has a long timeout.
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 OUT=${OUT:-gpu_results}; mkdir -p "$OUT"
@@ -21,5 +23,14 @@ compiled)
   timeout 240 $B --batch 16 --dtype bf16 --compile --channels-last --no-ref --which unet_fwdbwd --iters 5 --warmup 2 --json "$OUT/compiled_unet16.json" 2>&1 | tee "$OUT/compiled_unet16.txt" ;;
 graphs)
   timeout 300 $B --batch 2 --dtype bf16 --compile --compile-mode reduce-overhead --channels-last --which train_semseg --iters 10 --warmup 3 --json "$OUT/graphs_semseg2.json" 2>&1 | tee "$OUT/graphs_semseg2.txt" ;;
-*) echo "usage: bash tools/gpu_run.sh eager|compiled|graphs" >&2; exit 2 ;;
+kernels)  # the same run three times on one machine; the FX graph cache makes the later compiles shorter
+  U="$B --batch 16 --dtype bf16 --compile --channels-last --no-ref --which unet_fwdbwd --iters 5 --warmup 2"
+  timeout 220 $U --json "$OUT/unet16_default.json" 2>&1 | tee "$OUT/unet16_default.txt"
+  timeout 180 $U --sdpa cudnn --json "$OUT/unet16_sdpa_cudnn.json" 2>&1 | tee "$OUT/unet16_sdpa_cudnn.txt"
+  timeout 150 $U --cudnn-benchmark --json "$OUT/unet16_cudnn_benchmark.json" 2>&1 | tee "$OUT/unet16_cudnn_benchmark.txt" ;;
+breakdown)  # where the semseg step's time goes beyond the UNet (240 ms against 124 ms at batch 16)
+  timeout 120 $B --batch 16 --dtype bf16 --compile --channels-last --no-ref --which vae_enc --iters 5 --warmup 2 2>&1 | tee "$OUT/vae16.txt"
+  timeout 300 $B --batch 16 --dtype bf16 --compile --channels-last --which train_semseg --iters 3 --warmup 2 \
+    --profile "$OUT/profile_semseg16.txt" 2>&1 | tee "$OUT/semseg16.txt" ;;
+*) echo "usage: bash tools/gpu_run.sh eager|compiled|graphs|kernels|breakdown" >&2; exit 2 ;;
 esac
