@@ -33,11 +33,13 @@ import argparse
 import ctypes
 import json
 import statistics
+import sys
 import time
 import weakref
 from contextlib import nullcontext
 
 import torch
+from torch._dynamo.utils import counters
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -156,6 +158,11 @@ def run_pair(name, fns, flops_per_iter, batch, args, device):
     slowdown from other work on the machine hits both alike; memory is measured in a separate
     iteration per impl and round."""
     impls = list(fns)
+    # a CUDA graph's replay allocates nothing (its memory pool was filled at capture, during warm-up),
+    # so the allocator's peak would miss its activations: not measured under CUDA graphs. Inductor
+    # runs a graph it cannot capture as it is, quietly: the skips are counted into the row.
+    graphs = args.compile and args.compile_mode in CUDA_GRAPH_MODES and device.type == "cuda"
+    skips_before = counters["inductor"]["cudagraph_skips"]
     for impl in impls:
         for _ in range(args.warmup):
             fns[impl]()
@@ -164,9 +171,6 @@ def run_pair(name, fns, flops_per_iter, batch, args, device):
     peaks = {impl: [] for impl in impls}
     # a dispatch mode would make compiled graphs recompile or fall back: not measured with --compile
     tensor_peaks = {impl: None if args.compile else tensor_peak_of(fns[impl]) for impl in impls}
-    # a CUDA graph's replay allocates nothing (its memory pool was filled at capture, during warm-up),
-    # so the allocator's peak would miss its activations: not measured under CUDA graphs
-    graphs = args.compile and args.compile_mode in CUDA_GRAPH_MODES and device.type == "cuda"
     for r in range(args.rounds):
         for impl in (impls if r % 2 == 0 else impls[::-1]):
             peaks[impl].append(None if graphs else peak_of(fns[impl], device))
@@ -175,6 +179,10 @@ def run_pair(name, fns, flops_per_iter, batch, args, device):
                 times[impl].append(timed(fns[impl], device))
     if args.profile:
         profile_into(args.profile, name, fns, device)
+    skips = counters["inductor"]["cudagraph_skips"] - skips_before
+    if graphs and skips:
+        print(f"warning: {name}: inductor skipped CUDA graphs {skips} time(s); TORCH_LOGS=cudagraphs says why",
+              file=sys.stderr)
     rows = []
     for impl in impls:
         ms = 1000 * statistics.median(times[impl])
@@ -184,7 +192,8 @@ def run_pair(name, fns, flops_per_iter, batch, args, device):
                          tensor_mib=tensor_peaks[impl], tflops=tflops,
                          pct_peak=100 * tflops / args.peak_tflops if args.peak_tflops else None,
                          gflop_per_iter=flops_per_iter / 1e9, ms_min=1000 * min(times[impl]),
-                         ms_all=[1000 * t for t in times[impl]], peak_mib_all=peaks[impl]))
+                         ms_all=[1000 * t for t in times[impl]], peak_mib_all=peaks[impl],
+                         cudagraph_skips=skips if graphs else None))
     if "ref" in fns:
         ours, ref = rows
         ours["ours_ref_ms"] = ours["ms"] / ref["ms"]
