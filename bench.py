@@ -213,7 +213,8 @@ def profile_into(path, name, fns, device):
         with torch.profiler.profile(activities=activities) as prof:
             fn()
             sync(device)
-        table = prof.key_averages().table(sort_by=f"self_{device.type}_time_total", row_limit=40, max_name_column_width=80)
+        table = prof.key_averages().table(sort_by=f"self_{device.type}_time_total", row_limit=40,
+                                          max_name_column_width=80)
         with open(path, "a") as f:
             f.write(f"== {name} / {impl}\n{table}\n")
 
