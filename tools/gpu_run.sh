@@ -4,8 +4,9 @@
 #   OUT=results bash tools/gpu_run.sh eager      # flash/bf16/compile checks, eager benchmarks, DDP demo (~9 min)
 #   OUT=results bash tools/gpu_run.sh compiled   # compiled bf16 at batch 16, NHWC: semseg step, UNet fwd+bwd (~9 min)
 #   OUT=results bash tools/gpu_run.sh graphs     # the semseg step at batch 2 under CUDA graphs (reduce-overhead, ~5 min)
-#   OUT=results bash tools/gpu_run.sh kernels    # compiled UNet fwd+bwd, batch 16: cuDNN attention / conv autotuning (~8 min)
-#   OUT=results bash tools/gpu_run.sh breakdown  # compiled VAE encoder alone; a kernel profile of the semseg step (~7 min)
+#   OUT=results bash tools/gpu_run.sh kernels    # compiled UNet fwd+bwd, batch 16: cuDNN attention / conv autotuning (~5 min)
+#   OUT=results bash tools/gpu_run.sh breakdown  # compiled VAE encoder alone; a kernel profile of the semseg step (~4 min)
+#   OUT=results bash tools/gpu_run.sh sweep      # compiled NHWC semseg step at batch 2 and 8: speed and peak memory (~6 min)
 # Compiling the full model takes minutes (about 4 on an H200), so each compiled row has a long timeout.
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 OUT=${OUT:-gpu_results}; mkdir -p "$OUT"
@@ -32,5 +33,8 @@ breakdown)  # where the semseg step's time goes beyond the UNet (240 ms against 
   timeout 120 $B --batch 16 --dtype bf16 --compile --channels-last --no-ref --which vae_enc --iters 5 --warmup 2 2>&1 | tee "$OUT/vae16.txt"
   timeout 300 $B --batch 16 --dtype bf16 --compile --channels-last --which train_semseg --iters 3 --warmup 2 \
     --profile "$OUT/profile_semseg16.txt" 2>&1 | tee "$OUT/semseg16.txt" ;;
-*) echo "usage: bash tools/gpu_run.sh eager|compiled|graphs|kernels|breakdown" >&2; exit 2 ;;
+sweep)
+  timeout 450 $B --dtype bf16 --compile --channels-last --which "" --sweep-batch 2,8 --iters 5 --warmup 2 \
+    --json "$OUT/compiled_sweep.json" 2>&1 | tee "$OUT/compiled_sweep.txt" ;;
+*) echo "usage: bash tools/gpu_run.sh eager|compiled|graphs|kernels|breakdown|sweep" >&2; exit 2 ;;
 esac
