@@ -90,3 +90,38 @@ def test_modules_loaded_from_a_dict_own_their_tensors():
     assert torch.equal(b[0].weight, state["model.x.0.weight"])  # neither the other model nor the dict moves
     assert not torch.equal(a[0].weight, state["model.x.0.weight"])
     assert a[0].weight.data_ptr() != state["model.x.0.weight"].data_ptr()
+
+
+def test_ckpt_with_lightning_objects_loads_and_other_objects_are_refused(tmp_path, monkeypatch):
+    # ldm's SD v1 .ckpt files carry Lightning's ModelCheckpoint callback state next to the weights
+    import sys
+    import types
+
+    import numpy as np
+    module = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+
+    class ModelCheckpoint:
+        def __init__(self):
+            self.best_model_score = torch.tensor(0.5)
+    ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = module.__name__, "ModelCheckpoint"
+    module.ModelCheckpoint = ModelCheckpoint
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    state = sd_layout(toy())
+    path = tmp_path / "sd.ckpt"
+    torch.save({"state_dict": state, "global_step": np.int64(470000),
+                "callbacks": {ModelCheckpoint: {"best_model_score": None}, "obj": ModelCheckpoint()}}, path)
+    monkeypatch.undo()  # the reader has no Lightning installed
+    with torch.device("meta"):
+        m = toy()
+    load_checkpoint(m, path, "model.x.")
+    assert all(torch.equal(v, state["model.x." + k]) for k, v in m.state_dict().items())
+
+    torch.save({"state_dict": state, "hook": Hook()}, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match="test_checkpoint.Hook"):
+        load_checkpoint(toy(), tmp_path / "other.ckpt", "model.x.")
+
+
+class Hook:
+    """A class no weights-only load should construct."""

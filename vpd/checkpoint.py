@@ -6,6 +6,7 @@ the VAE and CLIP tensors of a 4 GB file into memory. Shapes are checked against 
 single tensor is copied, so a bad file leaves nothing half-loaded.
 """
 import os
+import pickle
 
 import torch
 from torch import nn
@@ -13,6 +14,43 @@ from torch import nn
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded into the module asked for."""
+
+
+# Globals that Lightning and numpy leave next to the weights in ldm's .ckpt files (SD v1's hold the
+# state of Lightning's ModelCheckpoint callback, a numpy global_step in some): read as inert stand-ins.
+INERT_GLOBALS = ("pytorch_lightning.", "lightning.", "numpy.dtype", "numpy.dtypes.",
+                 "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar")
+
+
+class _Inert:
+    """What an inert global unpickles to: it takes any arguments and state, and keeps none of them."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def _torch_load(path):
+    """A torch pickle under weights_only (no code from the file runs); Lightning / numpy objects in it
+    become inert stand-ins, any other non-tensor global is refused with torch's full message."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            if not names or not all(n.startswith(INERT_GLOBALS) for n in names):
+                raise
+            stand_ins = [(type(n.rsplit(".", 1)[-1], (_Inert,), {}), n) for n in names]
+            with torch.serialization.safe_globals(stand_ins):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())})") from None
 
 
 def _open(src):
@@ -29,11 +67,7 @@ def _open(src):
         except Exception as e:
             raise CheckpointError(f"{path} is not a readable .safetensors file ({e})") from None
         return list(f.keys()), lambda k: tuple(f.get_slice(k).get_shape()), f.get_tensor
-    try:  # .ckpt / .pt / .pth: a torch pickle; weights_only refuses arbitrary code
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    obj = _torch_load(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # ldm / Lightning files keep the tensors under `state_dict`
     if not isinstance(obj, dict):
@@ -82,8 +116,9 @@ def _fits(file_shape, model_shape):
         len(file_shape) == 2 and strip(model_shape) == tuple(file_shape))
 
 
-def load_checkpoint(module: nn.Module, src, prefix: str, cfg=None, ignore=(), dtype=torch.float32):
+def load_checkpoint(module: nn.Module, src, prefix: str, cfg=None, ignore=(), dtype=torch.float32, flat=False):
     """Load the tensors named `prefix + <module key>` from `src` into `module`, strictly.
+    flat: the file names them `prefix + <module key without its dots>`, as ldm's EMA copies.
 
     `src`: a `.safetensors` path, a torch checkpoint path (tensors at the top level or under
     `state_dict`) or a dict of tensors. Names under `prefix` that start with one of `ignore` are
@@ -95,16 +130,18 @@ def load_checkpoint(module: nn.Module, src, prefix: str, cfg=None, ignore=(), dt
     and the config expected; the module is untouched when it raises.
     """
     names, get_shape, get_tensor = _open(src)
-    ours = {k[len(prefix):]: k for k in names if k.startswith(prefix)}
-    ours = {k: v for k, v in ours.items() if not k.startswith(tuple(ignore))} if ignore else ours
+    under = [k for k in names if k.startswith(prefix) and not k[len(prefix):].startswith(tuple(ignore))]
     expected = module.state_dict()
+    name_of = {k: prefix + (k.replace(".", "") if flat else k) for k in expected}
+    in_file, wanted = set(under), set(name_of.values())
+    ours = {k: n for k, n in name_of.items() if n in in_file}
     missing = [k for k in expected if k not in ours]
-    unexpected = [k for k in ours if k not in expected]
+    unexpected = [k[len(prefix):] for k in under if k not in wanted]
     wrong = [f"{k}: file {list(get_shape(ours[k]))} vs model {list(expected[k].shape)}"
              for k in expected if k in ours and not _fits(get_shape(ours[k]), expected[k].shape)]
     if missing or unexpected or wrong:
         what = type(module).__name__
-        if not ours:
+        if not under:
             msg = f"{_describe(src)} has no tensors under '{prefix}': not a checkpoint holding a {what}"
         else:
             msg = f"{_describe(src)} does not match {what}" + mismatch_lines(missing, unexpected, wrong)
