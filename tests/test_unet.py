@@ -240,6 +240,26 @@ def test_ckpt_file_loads(tiny, tmp_path):
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())
 
 
+def test_ema_weights_are_preferred_when_the_file_has_both(tiny, tmp_path):
+    # v1-5-pruned holds the training weights under model.diffusion_model.* and their EMA under
+    # model_ema.<name without dots> (ldm's LitEma); -emaonly holds the EMA as model.diffusion_model.*
+    ours, _, state, _ = tiny
+    ema = random_state(TINY, seed=7)
+    both = {**state, "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(5),
+            **{"model_ema." + k.removeprefix("model.").replace(".", ""): v for k, v in ema.items()}}
+    save_file(both, tmp_path / "pruned.safetensors")
+    loaded = UNet.from_checkpoint(tmp_path / "pruned.safetensors", TINY)
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, ema[PREFIX + k]), k
+    training = UNet.from_checkpoint(tmp_path / "pruned.safetensors", TINY, ema=False)
+    for k, v in training.state_dict().items():
+        assert torch.equal(v, state[PREFIX + k]), k
+    del both["model_ema.diffusion_modelout2bias"]
+    save_file(both, tmp_path / "partial.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing \(1\): out.2.bias"):
+        UNet.from_checkpoint(tmp_path / "partial.safetensors", TINY)
+
+
 def test_checkpoint_errors(tiny, tmp_path):
     _, _, state, _ = tiny
     with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):

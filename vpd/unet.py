@@ -20,6 +20,9 @@ from torch.utils.checkpoint import checkpoint
 from vpd.checkpoint import CheckpointError, load_checkpoint, tensor_shapes
 
 PREFIX = "model.diffusion_model."
+# ldm's EMA copy, in files that also hold the training weights (v1-5-pruned, not -emaonly): each
+# parameter's name without its dots, e.g. model_ema.diffusion_modelinput_blocks00weight.
+EMA_PREFIX = "model_ema.diffusion_model"
 MAP_BLOCKS = ("input", "middle", "output")
 
 
@@ -296,13 +299,16 @@ class UNet(nn.Module):
             len(self.output_blocks) - 1,)
 
     @classmethod
-    def from_checkpoint(cls, src, cfg=None, dtype=torch.float32):
-        """Build on `meta` and load `model.diffusion_model.*` of an SD v1 file strictly."""
+    def from_checkpoint(cls, src, cfg=None, dtype=torch.float32, ema=True):
+        """Build on `meta` and load `model.diffusion_model.*` of an SD v1 file strictly. A file that
+        also holds EMA weights gives those (ema=True): they are what the -emaonly release holds as
+        `model.diffusion_model.*`, the weights VPD starts from."""
         cfg = cfg or UNetConfig()
         with torch.device("meta"):
             model = cls(cfg)
+        use_ema = ema and bool(tensor_shapes(src, EMA_PREFIX))
         try:
-            load_checkpoint(model, src, PREFIX, cfg, dtype=dtype)
+            load_checkpoint(model, src, EMA_PREFIX if use_ema else PREFIX, cfg, dtype=dtype, flat=use_ema)
         except CheckpointError:
             to_k = PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
             shape = tensor_shapes(src, to_k).get(to_k)
