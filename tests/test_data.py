@@ -54,6 +54,10 @@ def test_nyu_scene_names():
     assert NYUv2._scene_id("kitchen_0028b", "rgb_00045.jpg", "exact") == NYU_SCENES.index("kitchen")
     assert NYUv2._scene_id("living_room_0010", "rgb_1.jpg", "exact") == NYU_SCENES.index("living_room")
     assert NYUv2._scene_id("study_room_0004", "rgb_1.jpg", "exact") == NYU_SCENES.index("study_room")
+    # the standard train list's two office recordings outside the <scene>_<NNNN> pattern
+    for d in ("nyu_office_0", "nyu_office_1"):
+        assert NYUv2._scene_id(d, "rgb_00001.jpg", "exact") == NYU_SCENES.index("office")
+        assert NYUv2._scene_id(d, "rgb_00001.jpg", "vpd") == NYU_SCENES.index("office")
     # the official loader's substring match sends study_room to "study"
     assert NYUv2._scene_id("study_room_0004", "rgb_1.jpg", "vpd") == NYU_SCENES.index("study")
     assert len(NYU_SCENES) == 27 and len(ADE20K_CLASSES) == 150

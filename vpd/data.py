@@ -174,8 +174,9 @@ class _SeededDataset(Dataset):
 # ----------------------------------------------------------------------------- depth: NYUv2
 
 def nyu_scene(scene_dir):
-    """NYU scene directory -> scene type: 'kitchen_0028b' -> 'kitchen', 'living_room_0010' -> 'living_room'."""
-    return re.sub(r"_\d{4}[a-z]?$", "", scene_dir)
+    """NYU scene directory -> scene type: 'kitchen_0028b' -> 'kitchen', 'living_room_0010' -> 'living_room',
+    and the two office recordings of the standard train list, 'nyu_office_0' / 'nyu_office_1' -> 'office'."""
+    return re.sub(r"^nyu_|_\d+[a-z]?$", "", scene_dir)
 
 
 class _DepthDataset(_SeededDataset):
