@@ -192,7 +192,7 @@ class _DepthDataset(_SeededDataset):
     def _depth_view(self, img, depth, index):
         """(image, depth) tensors: the training recipe, or the map as it is for evaluation."""
         if self.train:
-            return T.depth_train(img, depth, self.rng(index), index, self.crop, self.max_depth)
+            return T.depth_train(img, depth, self.rng(index), self.crop, self.max_depth)
         return T.to_tensor(img), torch.from_numpy(np.ascontiguousarray(depth))[None]
 
 

@@ -168,8 +168,9 @@ def cut_depth(img, depth, rng, max_depth, p=0.75):
     return img
 
 
-def depth_train(img, depth, rng, index, crop=(480, 480), max_depth=10.0):
-    """VPD's NYU recipe (albumentations defaults): CutDepth on every 4th sample index, then
+def depth_train(img, depth, rng, crop=(480, 480), max_depth=10.0):
+    """VPD's NYU recipe (albumentations defaults): CutDepth on a quarter of the samples (drawn per
+    sample and epoch; the official loader takes every 4th sample each worker loads), then
     HorizontalFlip(p=.5), RandomCrop, RandomBrightnessContrast(0.2, 0.2, p=.5),
     RandomGamma(80-120, p=.5), HueSaturationValue(hue 20, sat 30, val 20, p=.5).
 
@@ -179,7 +180,7 @@ def depth_train(img, depth, rng, index, crop=(480, 480), max_depth=10.0):
     if h < crop[0] or w < crop[1]:
         raise ValueError(f"image {h}x{w} is smaller than the crop {crop[0]}x{crop[1]}")
     img = img.astype(np.float32)
-    if index % 4 == 0:
+    if rng.random() < 0.25:
         img = cut_depth(img, depth, rng, max_depth)
     if rng.random() < 0.5:
         img, depth = img[:, ::-1], depth[:, ::-1]
