@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from vpd import vis
 from vpd.clip import Tokenizer
-from vpd.data import IMAGE_EXTENSIONS, KITTI_SCENES, NYU_SCENES, BadSampleError, ImageFolder, undo
+from vpd.data import IMAGE_EXTENSIONS, KITTI_SCENES, NYU_SCENES, BadSampleError, ImageFolder, read_rgb, undo
 from vpd.dist import setup
 from vpd.infer import depth_predict, refer_logits, semseg_probs
 from vpd.model import TASKS
@@ -202,8 +202,7 @@ def save_outputs(task, out, stem, pred, image_path, depth_units=1000):
         Image.fromarray(pred.astype(np.uint8 if pred.max() < 256 else np.uint16)).save(paths[1])
     else:
         paths = [base + "_refer.png", base + "_refer_mask.png"]
-        with Image.open(image_path) as im:
-            rgb = np.asarray(im.convert("RGB"))
+        rgb = read_rgb(image_path, upright=True).astype(np.uint8)  # as the mask was predicted
         vis.overlay_mask(rgb, pred).save(paths[0])
         Image.fromarray(pred.astype(np.uint8) * 255).save(paths[1])
     return paths

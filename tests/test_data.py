@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from vpd import transforms as T
 from vpd.data import (ADE20K, ADE20K_CLASSES, KITTI, NYU_SCENES, NYUv2, RefCOCO, BadSampleError, ImageFolder,
-                      depth_eval_mask, undo)
+                      depth_eval_mask, read_rgb, undo)
 from vpd.synthetic import make_synthetic, scene_sample
 
 
@@ -216,6 +216,22 @@ def test_nyu_eigen_mask():
 
 
 # ----------------------------------------------------------------------------- ImageFolder
+
+def test_image_folder_turns_photos_upright_and_refuses_16_bit_images(tmp_path):
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :10] = 255  # a white band on the stored image's left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: shown rotated 90 degrees clockwise
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    s = ImageFolder([str(tmp_path / "phone.jpg")], "refer", size=32)[0]
+    assert s["orig_size"].tolist() == [40, 20]  # as viewers show it
+    top, bottom = s["image"][:, :8].mean(), s["image"][:, -8:].mean()
+    assert top > 0.9 and bottom < -0.9  # the band's side turned to the top
+    assert read_rgb(tmp_path / "phone.jpg").shape == (20, 40, 3)  # datasets keep the stored pixels
+    Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(tmp_path / "deep.png")
+    with pytest.raises(BadSampleError, match="16/32-bit"):
+        ImageFolder([str(tmp_path / "deep.png")], "depth", size=32)[0]
+
 
 def test_image_folder_and_undo(tmp_path):
     rng = np.random.default_rng(0)

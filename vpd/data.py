@@ -20,7 +20,7 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from vpd import transforms as T
@@ -77,12 +77,16 @@ def error_line(e):
 
 # ----------------------------------------------------------------------------- file readers
 
-def read_rgb(path):
-    """Image file -> float32 (H, W, 3) RGB in [0, 255]."""
+def read_rgb(path, upright=False):
+    """Image file -> float32 (H, W, 3) RGB in [0, 255]. upright: turned as the file's EXIF orientation
+    says, as viewers show a phone photo (datasets keep the stored pixels: their labels refer to those)."""
     try:
         with Image.open(path) as im:
             im.load()  # decode now so a truncated file fails here
-            return np.asarray(im.convert("RGB"), dtype=np.float32)
+            if im.mode in ("I", "F") or im.mode.startswith("I;16"):  # convert("RGB") would clip at 255
+                raise ValueError(f"a 16/32-bit single-channel image (mode {im.mode}) is not a photo: "
+                                 "give 8-bit RGB or grey")
+            return np.asarray((ImageOps.exif_transpose(im) if upright else im).convert("RGB"), dtype=np.float32)
     except (OSError, SyntaxError, ValueError) as e:
         raise BadSampleError(f"cannot read image {path}: {e}") from None
 
@@ -548,7 +552,7 @@ class ImageFolder(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index):
-        img = read_rgb(self.paths[index])
+        img = read_rgb(self.paths[index], upright=True)
         h, w = img.shape[:2]
         if self.task == "refer":
             rh, rw = self.size, self.size
