@@ -208,6 +208,14 @@ def test_kitti_kb_crop_depth_scale_and_eval_mask(tmp_path):
     np.testing.assert_array_equal(mask.numpy(), full[23:, 13:1229])
     train = KITTI(str(tmp_path), split="train", list_file=str(tmp_path / "test_list.txt"))
     assert train[0]["image"].shape == (3, 352, 704)
+    # VPD's eigen_benchmark lists: raw frames under raw_data/, depth paths naming data_depth_annotated/
+    (tmp_path / "raw_data").mkdir()
+    (tmp_path / "2011_09_26").rename(tmp_path / "raw_data" / "2011_09_26")
+    (tmp_path / "vpd_list.txt").write_text(
+        f"/raw_data/2011_09_26/{drive}/image_02/data/0000000005.png "
+        f"/data_depth_annotated/train/{drive}/proj_depth/groundtruth/image_02/0000000005.png\n")
+    vpd_style = KITTI(str(tmp_path), split="test", list_file=str(tmp_path / "vpd_list.txt"))
+    np.testing.assert_array_equal(vpd_style[0]["depth"].numpy(), s["depth"].numpy())
 
 
 def test_nyu_eigen_mask():

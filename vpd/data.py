@@ -309,7 +309,8 @@ class KITTI(_DepthDataset):
     root/data_depth_annotated/<drive>/proj_depth/groundtruth/image_02/XXXXXXXXXX.png (uint16, /256 = m)
     The annotated-depth download's train/ and val/ folders may be kept (both are searched) or merged.
     Lists (root/train_list.txt, root/test_list.txt by default; BTS's eigen_train_files_with_gt.txt /
-    eigen_test_files_with_gt.txt) hold 'image depth focal' lines; lines whose depth is 'None' (test
+    eigen_test_files_with_gt.txt, or VPD's eigen_benchmark lists, which name raw_data/<date>/... and
+    data_depth_annotated/<train|val>/...) hold 'image depth [focal]' lines; lines whose depth is 'None' (test
     images without ground truth) are left out and counted in `self.without_gt`.
     Depths beyond max_depth (80 m) are set to 0 (invalid).
 
@@ -340,6 +341,7 @@ class KITTI(_DepthDataset):
 
     @staticmethod
     def _find_depth(gt_root, rel):
+        rel = rel.removeprefix("data_depth_annotated/")  # VPD/GLPDepth's lists name the folder itself
         for sub in ("", "train", "val"):
             p = os.path.join(gt_root, sub, rel)
             if os.path.isfile(p):
