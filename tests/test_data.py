@@ -154,13 +154,14 @@ def test_refcoco_train_view_is_seeded_and_batches(synth):
     s = ds[0]
     assert s["image"].shape == (3, 512, 512) and s["mask"].dtype == torch.uint8
     assert s["tokens"].tolist()[-1] == 49407 and s["tokens"].tolist()[0] == 49406  # cut keeps the end token
-    picks = set()
+    i = next(i for i, r in enumerate(ds.refs) if len(r["sentences"]) >= 2)
+    first, picks = ds[i]["sentence"], set()
     for epoch in range(8):
         ds.set_epoch(epoch)
-        picks.add(ds[0]["sentence"])
+        picks.add(ds[i]["sentence"])
     ds.set_epoch(0)
-    assert ds[0]["sentence"] == s["sentence"] and len(picks) >= 1
-    assert picks <= {x["sent"] for x in ds.refs[0]["sentences"]}
+    assert ds[0]["sentence"] == s["sentence"] and ds[i]["sentence"] == first
+    assert len(picks) >= 2 and picks <= {x["sent"] for x in ds.refs[i]["sentences"]}  # one sentence per epoch
     batch = next(iter(DataLoader(ds, batch_size=2)))
     assert batch["mask"].shape == (2, 512, 512) and batch["tokens"].shape == (2, 3)
 
