@@ -41,7 +41,10 @@ def evaluate(model, task, dataset, device, autocast=nullcontext, max_samples=Non
     score), or with refer_full_res against `mask` at the original image size."""
     n = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     sampler = ShardedEvalSampler(n)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=workers)
+    # its own generator: a loader seeds its workers from the global RNG otherwise, and an evaluation
+    # during training would shift the dropout draws of the steps after it (a resumed run would differ)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=workers,
+                                         generator=torch.Generator())
     if task == "semseg":
         k = model.num_classes
         metric = SegMetric(k)

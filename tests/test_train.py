@@ -97,7 +97,9 @@ def test_resume_reproduces_the_uninterrupted_run(world):
     with open(os.path.join(out, "log.jsonl"), "a") as f:  # a line a crashed run wrote after its checkpoint
         f.write(json.dumps(dict(step=8, loss=123.0, lr=0.0)) + "\n")
         f.write('{"step": 9, "loss": 1')  # and the torn end of a line it was writing when killed
-    train_here(args + ["--resume"])
+    # an evaluation at step 14 (the reference has none) must leave the RNG streams of steps 15-16 alone
+    train_here(args + ["--resume", "--eval-every", "14"])
+    assert [r["step"] for r in records(out) if "loss" not in r] == [14, 16]
     assert losses(out) == losses(ref)
     a, b = params(out), params(ref)
     assert a.keys() == b.keys()
