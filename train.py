@@ -6,7 +6,7 @@
 
 Every setting of the paper's recipe is a preset below and a flag. Launched by torchrun it runs DDP
 (nccl on GPU, gloo on CPU). Checkpoints go to --out: model.safetensors (trained weights) and
-state.pt (step, optimizer, RNG, args); --resume continues exactly where a run stopped.
+state.pt (step, weights, optimizer, RNG, args); --resume continues exactly where a run stopped.
 """
 import argparse
 import json
@@ -24,7 +24,7 @@ from eval import count, evaluate
 from vpd import dist
 from vpd.data import error_line
 from vpd.optim import build_optimizer, lr_factor, set_lr
-from vpd.trained import load_weights, read_meta, save_state, save_weights
+from vpd.trained import load_trained_state, read_meta, save_state, save_weights, trained_state
 from vpd.sampler import GlobalBatchSampler
 from vpd.model import TASKS
 from vpd.tasks import baseline_model, build_task, demo_out, forward_loss, to_device
@@ -45,8 +45,10 @@ DEMO = dict(iters=300, batch_size=8, lr=1e-3, unet_lr_mult=1.0, warmup_iters=0, 
 DEMO_CROP = {"semseg": 128, "depth": 96, "refer": 128}  # synthetic images are 128x96
 CROP_MULTIPLE = {"semseg": 64, "depth": 32, "refer": 64}  # the side lengths each network takes
 # Settings that shape a run's trajectory: --resume must continue with the values it was started with.
-RUN_SETTINGS = ("task", "iters", "epochs", "batch_size", "lr", "weight_decay", "unet_lr_mult", "warmup_iters",
-                "crop", "seed", "dataset", "split_by", "schedule", "power", "min_lr_ratio", "demo_images", "demo_size")
+RUN_SETTINGS = ("task", "iters", "epochs", "batch_size", "micro_batch", "amp", "lr", "weight_decay", "unet_lr_mult",
+                "warmup_iters", "crop", "seed", "dataset", "split_by", "schedule", "power", "min_lr_ratio",
+                "demo_images", "demo_size")
+RUN_FILES = ("sd_ckpt", "data_root")  # compared too where given (the demo writes its own into --out)
 
 
 def get_args(argv=None):
@@ -102,9 +104,15 @@ def get_args(argv=None):
         p.error("real training needs both --sd-ckpt and --data-root (or use --demo)")
     demo = dict(DEMO, crop=DEMO_CROP[args.task]) if args.demo else {}
     common = dict(log_every=50, save_every=1000, workers=min(4, os.cpu_count() or 1))
+    epochs_given = args.epochs is not None and args.iters is None
     for k, v in {**common, **PRESETS[args.task], **demo}.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    if epochs_given:  # --epochs alone sets the length: not the preset's --iters, which would override it
+        args.iters = None
+    for k in RUN_FILES:  # absolute: --resume compares them, maybe from another working directory
+        if getattr(args, k) is not None:
+            setattr(args, k, os.path.abspath(getattr(args, k)))
     if args.iters is None and args.epochs is None:
         p.error("give --iters or --epochs")
     if args.crop % CROP_MULTIPLE[args.task]:
@@ -126,25 +134,28 @@ def main(args):
     except OSError as e:
         raise SystemExit(f"--out {args.out} is not writable: {e}")
     state_path, weights_path = os.path.join(args.out, "state.pt"), os.path.join(args.out, "model.safetensors")
-    log_path = os.path.join(args.out, "log.jsonl")
+    log_path, metrics_path = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "metrics.json")
+    micro = args.micro_batch or args.batch_size // world
+    if micro == 0 or args.batch_size % (micro * world):
+        raise SystemExit(f"--batch-size {args.batch_size} does not split evenly over {world} processes"
+                         + (f" x --micro-batch {args.micro_batch}" if args.micro_batch else ""))
+    args.micro_batch, accum = micro, args.batch_size // (micro * world)
+    args.amp = args.amp or ("bf16" if device.type == "cuda" else "off")
+
     state = None
     if args.resume:
-        if not (os.path.isfile(state_path) and os.path.isfile(weights_path)):
-            raise SystemExit(f"--resume: no checkpoint to resume from in {args.out} "
-                             f"(expected {state_path} and {weights_path})")
-        try:
-            state = torch.load(state_path, map_location="cpu", weights_only=False)
-            weights_step = (read_meta(weights_path) or {}).get("step")
+        if not os.path.isfile(state_path):
+            raise SystemExit(f"--resume: no checkpoint to resume from in {args.out} (expected {state_path})")
+        try:  # mmap: each process maps the file instead of holding its own copy of the optimizer state
+            state = torch.load(state_path, map_location="cpu", weights_only=False, mmap=True)
         except Exception as e:  # noqa: BLE001 (a truncated or foreign file: say which)
             raise SystemExit(f"--resume: cannot read the checkpoint in {args.out}: {type(e).__name__}: {e}") from None
         if state["args"]["task"] != args.task:
             raise SystemExit(f"--resume: {args.out} holds a {state['args']['task']} run, not {args.task}")
         if len(state["ranks"]) != world:
             raise SystemExit(f"--resume: {args.out} was written by {len(state['ranks'])} processes, this run has {world}")
-        if weights_step != state["step"]:  # the two files are written one after the other
-            raise SystemExit(f"--resume: {weights_path} is from step {weights_step} but {state_path} from step "
-                             f"{state['step']} (a crash between the two writes): the weights and optimizer differ")
         changed = [k for k in RUN_SETTINGS if state["args"].get(k) != getattr(args, k, None)]
+        changed += [k for k in RUN_FILES if getattr(args, k) is not None and state["args"].get(k) != getattr(args, k)]
         if changed:
             raise SystemExit("--resume: the run in {} was started with {}; pass the same values".format(
                 args.out, ", ".join(f"--{k.replace('_', '-')} {state['args'].get(k)} (not {getattr(args, k, None)})"
@@ -152,12 +163,10 @@ def main(args):
     elif os.path.isfile(state_path):
         raise SystemExit(f"--out {args.out} holds the checkpoint of an earlier run: continue it with --resume, "
                          "or give another --out")
-
-    micro = args.micro_batch or args.batch_size // world
-    if micro == 0 or args.batch_size % (micro * world):
-        raise SystemExit(f"--batch-size {args.batch_size} does not split evenly over {world} processes"
-                         + (f" x --micro-batch {args.micro_batch}" if args.micro_batch else ""))
-    accum = args.batch_size // (micro * world)
+    elif master:  # what a run that ended before its first checkpoint left: not this run's log and results
+        for name in (log_path, metrics_path, os.path.join(args.out, "curves.png")):
+            if os.path.isfile(name):
+                os.remove(name)
 
     torch.manual_seed(args.seed + rank)
     # --- task: datasets, model, evaluation (vpd/tasks.py) ---
@@ -181,7 +190,6 @@ def main(args):
     stop = min(total, args.stop_after or total)
     peak = (args.epochs // 2) * steps_per_epoch if args.epochs and not args.iters else None
 
-    args.amp = args.amp or ("bf16" if device.type == "cuda" else "off")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -189,9 +197,12 @@ def main(args):
     step, loss_sum, last = 0, 0.0, 0  # loss_sum: this rank's loss since the last log line at step `last`
     if state is not None:
         try:
-            load_weights(raw, weights_path)
+            load_trained_state(raw, state["model"], state_path)
         except ValueError as e:
             raise SystemExit(f"--resume: {e}") from None
+        if master and (read_meta(weights_path) or {}).get("step") != state["step"]:
+            save_weights(raw, weights_path, dict(task.meta, step=state["step"], args=state["args"]))  # a crash
+            # between the two writes of a save left the previous step's weights file: written again
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step, last = state["step"], state["last_log"]
@@ -222,10 +233,10 @@ def main(args):
                     cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                     loss_sum=float(loss_sum))
         ranks = dist.gather_objects(mine)  # each rank resumes its own RNG streams and loss window
-        if master:
+        if master:  # state.pt first: it alone is what --resume reads
+            save_state(dict(step=step, last_log=last, model=trained_state(raw), optimizer=optimizer.state_dict(),
+                            scaler=scaler.state_dict(), args=vars(args), ranks=ranks), state_path)
             save_weights(raw, weights_path, dict(task.meta, step=step, args=vars(args)))
-            save_state(dict(step=step, last_log=last, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                            args=vars(args), ranks=ranks), state_path)
         dist.barrier()
         saved = step
 
@@ -260,7 +271,7 @@ def main(args):
             with open(log_path, "a") as f:
                 f.write(json.dumps(dict(step=step, **{f"eval/{k}": v for k, v in metrics.items()
                                                       if isinstance(v, float)})) + "\n")
-            with open(os.path.join(args.out, "metrics.json"), "w") as f:
+            with open(metrics_path, "w") as f:
                 json.dump(dict(step=step, **metrics, **({"baseline": dict(name=base_name, **baseline)}
                                                         if baseline else {})), f, indent=1)
         return metrics
@@ -268,6 +279,8 @@ def main(args):
     print0(f"{args.task}: {len(train_set)} training samples, {total} steps of {args.batch_size} images "
            f"({world} processes x {micro} x {accum} accumulation), amp {args.amp}")
     bar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True)
+    if step == total and read_json(metrics_path).get("step") != total:  # the run ended during its last evaluation
+        run_eval()
     model.train()
     t0 = time.time()
     try:
@@ -325,8 +338,17 @@ def main(args):
         print0(f"stopped after step {step} of {total} (--stop-after): continue with the same flags and --resume")
     elif master:
         plot_curves(log_path, os.path.join(args.out, "curves.png"))
-        print0(f"done: {weights_path}, {os.path.join(args.out, 'metrics.json')}, {os.path.join(args.out, 'curves.png')}")
+        print0(f"done: {weights_path}, {metrics_path}, {os.path.join(args.out, 'curves.png')}")
     dist.teardown()
+
+
+def read_json(path):
+    """A JSON file's object, or {} when there is none (or half of one: a run killed while writing it)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 def side_by_side(metrics, baseline=None, title="", baseline_name=None):

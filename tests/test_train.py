@@ -336,7 +336,7 @@ def test_ctrl_c_and_unreadable_file_end_in_one_line_naming_the_checkpoint(world,
     assert "\n" not in e.value.code and e.value.code.startswith(f"cannot read image {root}"), e.value.code
 
 
-def test_resume_keeps_the_runs_settings_and_checkpoint_pairs(world, tmp_path):
+def test_resume_keeps_the_runs_settings_and_survives_a_crash_in_save_or_final_eval(world, tmp_path):
     ref = loss_run(world, "semseg")  # a finished 16-step run
     args = flags(world, "semseg", ref, *LOSS_RUN, crop=LOSS_CROP["semseg"])
     # a fresh run into a folder with a checkpoint would overwrite it (and append to its log)
@@ -347,22 +347,47 @@ def test_resume_keeps_the_runs_settings_and_checkpoint_pairs(world, tmp_path):
     changed[changed.index("--iters") + 1] = "20"
     with pytest.raises(SystemExit, match=r"started with --iters 16 \(not 20\); pass the same values"):
         train_here(changed + ["--resume"])
-    # model.safetensors and state.pt of different steps (a crash between the two renames)
+    with pytest.raises(SystemExit, match=r"started with --micro-batch 4 \(not 2\)"):
+        train_here(args + ["--resume", "--micro-batch", "2"])
+    other_root = list(args)
+    other_root[other_root.index("--data-root") + 1] = world["roots"]["depth"]
+    with pytest.raises(SystemExit, match=r"started with --data-root .*data_semseg \(not .*data_depth\)"):
+        train_here(other_root + ["--resume"])
+
     import shutil
     from safetensors import safe_open
     from safetensors.torch import save_file
-    out = tmp_path / "pair"
+    out = tmp_path / "crashed"
     shutil.copytree(ref, out)
+    args[args.index("--out") + 1] = str(out)
+    # killed between the two writes of the last save (state.pt is written first), and before the
+    # last evaluation finished: resume writes the weights file again and evaluates
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         meta = json.loads(f.metadata()["vpd"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"vpd": json.dumps(dict(meta, step=18))})
-    args[args.index("--out") + 1] = str(out)
-    with pytest.raises(SystemExit, match="model.safetensors is from step 18 but .*state.pt from step 16"):
-        train_here(args + ["--resume"])
+        stale = {k: torch.zeros_like(f.get_tensor(k)) for k in f.keys()}
+    save_file(stale, str(out / "model.safetensors"), metadata={"vpd": json.dumps(dict(meta, step=14))})
+    os.remove(out / "metrics.json")
+    train_here(args + ["--resume"])
+    assert json.load(open(out / "metrics.json"))["step"] == STEPS
+    for k, v in params(out).items():
+        assert torch.equal(v, params(ref)[k]), k
+    assert [r["step"] for r in records(out) if "loss" not in r] == [STEPS, STEPS]  # the new evaluation's line
     (out / "state.pt").write_bytes(b"truncated")
     with pytest.raises(SystemExit, match="--resume: cannot read the checkpoint in"):
         train_here(args + ["--resume"])
+
+
+def test_epochs_alone_set_the_length_and_a_fresh_run_clears_an_unsaved_runs_log(world, tmp_path):
+    a = train.get_args(["--task", "semseg", "--sd-ckpt", "x", "--data-root", "y", "--epochs", "3"])
+    assert a.iters is None and a.epochs == 3  # was: the preset's 80,000 iterations, --epochs ignored
+    assert train.get_args(["--demo", "--epochs", "2"]).iters is None
+    b = train.get_args(["--task", "semseg", "--sd-ckpt", "x", "--data-root", "y", "--epochs", "3", "--iters", "7"])
+    assert b.iters == 7  # --iters overrides --epochs, as its help says
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text(json.dumps(dict(step=23, loss=1.0, lr=0.0)) + "\n")  # killed before a save
+    train_here(flags(world, "depth", out, "--iters", 2, "--batch-size", 2, "--eval-max", 1))
+    assert [r["step"] for r in records(out)] == [1, 2, 2]  # two loss lines and the evaluation
 
 
 def test_dataset_names_are_checked(world):

@@ -3,7 +3,9 @@
 `model.safetensors` holds what training changes (UNet, adapter, gamma, head) and the buffers (class
 embeddings, norm statistics), with the task and configs as JSON metadata, so `eval.py` and
 `predict.py` rebuild the model from it plus the frozen VAE / CLIP of the SD checkpoint it names.
-Both files are written to a temporary name and renamed: a crash never leaves half a checkpoint.
+`state.pt` holds the same tensors again with the optimizer and RNG state: resuming reads that one
+file, so no crash between two writes can leave weights and optimizer of different steps. Each file
+is written to a temporary name and renamed: a crash never leaves half a file.
 """
 import json
 import os
@@ -21,9 +23,13 @@ def _atomic(write, path):
     os.replace(tmp, path)
 
 
+def trained_state(model):
+    """What training changes and the buffers: every tensor of the state dict but the frozen parts."""
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith(FROZEN)}
+
+
 def save_weights(model, path, meta: dict):
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-             if not k.startswith(FROZEN)}
+    state = trained_state(model)
     _atomic(lambda p: save_file(state, p, metadata={"vpd": json.dumps(meta)}), path)
 
 
@@ -47,13 +53,18 @@ def load_weights(model, path):
     """Load our weight file into a model built for it; every non-frozen tensor must be there."""
     with safe_open(str(path), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
+    return load_trained_state(model, state, path)
+
+
+def load_trained_state(model, state, where):
+    """Load a `trained_state` (from `where`, named in errors) into a model built for it."""
     expected = {k for k in model.state_dict() if not k.startswith(FROZEN)}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise ValueError(f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(f"{where} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     own = model.state_dict()
     wrong = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})" for k, v in state.items() if v.shape != own[k].shape]
     if wrong:
-        raise ValueError(f"{path} does not fit this model: shapes differ for {wrong[:5]}")
+        raise ValueError(f"{where} does not fit this model: shapes differ for {wrong[:5]}")
     model.load_state_dict(state, strict=False)
     return model
