@@ -8,7 +8,8 @@
 semseg: mIoU / aAcc / per-class IoU, sliding windows of the training crop (512, stride 341), optional
 multi-scale + flip. depth: the nine metrics with the Eigen crop (NYU) or Garg crop (KITTI), flip + two
 shifted windows. refer: oIoU, mIoU, precision@0.5:0.9 over every sentence. Results on stdout and in
-<out>/metrics.json; --save-vis writes coloured predictions. Under torchrun each sample is counted
+<out>/metrics_<dataset>_<split>[_<test-time options>].json (one file per protocol, default <out>: eval/
+next to the checkpoint); --save-vis writes coloured predictions. Under torchrun each sample is counted
 exactly once (no DistributedSampler padding).
 """
 import argparse
@@ -117,6 +118,15 @@ def _save_vis(task, out_dir, batch, pred):
         vis.overlay_mask(image, mask.cpu().numpy()).save(os.path.join(out_dir, name))
 
 
+def metrics_name(protocol):
+    """metrics_<dataset>_<split>[_msflip][_noflip][_fullres][_first<N>].json: one file per protocol."""
+    tags = [protocol["dataset"], protocol["split"]]
+    tags += [tag for tag, on in (("msflip", protocol["ms_flip"]), ("noflip", not protocol["flip"]),
+                                 ("fullres", protocol["refer_full_res"])) if on]
+    tags += [f"first{protocol['max_samples']}"] if protocol["max_samples"] else []
+    return "metrics_" + "_".join(tags) + ".json"
+
+
 def count(at_least):
     """argparse type: an int >= at_least (0 or a negative count would divide by zero or do nothing)."""
     def parse(text):
@@ -192,9 +202,12 @@ def main(args):
         n = len(ev.dataset) if args.max_samples is None else min(args.max_samples, len(ev.dataset))
         print(f"{ev.task} on {n} samples ({world} processes), {args.ckpt}")
         print(format_metrics(metrics, ADE20K_CLASSES if ev.task == "semseg" else None))
-        with open(os.path.join(out, "metrics.json"), "w") as f:
-            json.dump(dict(ckpt=os.path.abspath(args.ckpt), task=ev.task, samples=n, **metrics), f, indent=1)
-        print(f"wrote {os.path.join(out, 'metrics.json')}")
+        protocol = dict(dataset=ev.dataset_name, split=ev.split, ms_flip=args.ms_flip, flip=not args.no_flip,
+                        refer_full_res=args.refer_full_res, max_samples=args.max_samples)
+        path = os.path.join(out, metrics_name(protocol))
+        with open(path, "w") as f:
+            json.dump(dict(ckpt=os.path.abspath(args.ckpt), task=ev.task, samples=n, **protocol, **metrics), f, indent=1)
+        print(f"wrote {path}")
     dist.teardown()
 
 

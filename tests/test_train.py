@@ -148,10 +148,10 @@ def test_ddp_equals_accumulation_and_distributed_eval(world):
     eval_script.main(eval_script.get_args([str(x) for x in ev + ["--out", world["base"] / "eval1"]]))
     read = torchrun("eval.py", [str(x) for x in ev + ["--out", world["base"] / "eval2"]], world["base"] / "logs_eval")
     assert read(1, "stdout") == ""
-    m1 = json.load(open(world["base"] / "eval1" / "metrics.json"))
-    m2 = json.load(open(world["base"] / "eval2" / "metrics.json"))
+    m1 = json.load(open(world["base"] / "eval1" / "metrics_nyu_test_first3.json"))
+    m2 = json.load(open(world["base"] / "eval2" / "metrics_nyu_test_first3.json"))
     m_train = json.load(open(two / "metrics.json"))
-    assert m1["samples"] == m2["samples"] == 3
+    assert m1["samples"] == m2["samples"] == 3 and m1["split"] == "test" and m1["flip"] is True
     for k in ("d1", "abs_rel", "rmse", "silog"):
         assert m2[k] == pytest.approx(m1[k], rel=1e-9) and m_train[k] == pytest.approx(m1[k], rel=1e-6)
 
@@ -446,3 +446,14 @@ def test_eval_flags_of_another_task_are_refused(world, tmp_path):
         args = eval_script.get_args(["--ckpt", ckpt, "--out", str(tmp_path), *flag])
         with pytest.raises(SystemExit, match=f"{flag[0]} is only for the .* task, not depth"):
             eval_script.main(args)
+
+
+def test_eval_writes_one_metrics_file_per_protocol(world, tmp_path):
+    ckpt = str(loss_run(world, "depth") / "model.safetensors")
+    for flag in ([], ["--no-flip"]):  # a second protocol must not overwrite the first one's results
+        eval_script.main(eval_script.get_args(["--ckpt", ckpt, "--out", str(tmp_path), "--max-samples", "2",
+                                               "--workers", "0", *flag]))
+    a = json.load(open(tmp_path / "metrics_nyu_test_first2.json"))
+    b = json.load(open(tmp_path / "metrics_nyu_test_noflip_first2.json"))
+    assert (a["flip"], b["flip"]) == (True, False) and a["samples"] == b["samples"] == 2
+    assert a["rmse"] != b["rmse"]

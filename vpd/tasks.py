@@ -27,6 +27,7 @@ SOURCES = {
              "COCO train2014 images under refer/data/images/mscoco/images/train2014",
 }
 DATASETS = {"semseg": ("ade20k",), "depth": ("nyu", "kitti"), "refer": ("refcoco", "refcoco+", "refcocog")}
+EVAL_SPLITS = {"semseg": "validation", "depth": "test", "refer": "val"}  # what each task evaluates on by default
 DEMO_HEADS = {"semseg": dict(channels=32), "depth": dict(fuse_channels=64, deconv_channels=16, out_channels=32),
               "refer": dict(hidden=32)}
 
@@ -53,7 +54,7 @@ def datasets(task, root, crop, seed=0, dataset=None, split_by=None, split=None, 
         if task == "depth" and dataset == "kitti":
             side = min(crop, data.KB_CROP[0])  # frames are 352 high after the KB crop: 352x704 by default
             return (data.KITTI(root, "train", crop=(side, 2 * side), seed=seed),
-                    data.KITTI(root, split or "test", train=False))
+                    data.KITTI(root, split or EVAL_SPLITS[task], train=False))
         if task == "depth":
             return (data.NYUv2(root, "train", crop=(crop, crop), seed=seed, scene_match=scene_match),
                     data.NYUv2(root, "test", train=False, scene_match=scene_match))
@@ -65,7 +66,7 @@ def datasets(task, root, crop, seed=0, dataset=None, split_by=None, split=None, 
         kw = dict(dataset=dataset or "refcoco", split_by=split_by or ("umd" if dataset == "refcocog" else "unc"),
                   tokenizer=tok, max_tokens=77 if dataset == "refcocog" else 40, size=(crop, crop))
         return (data.RefCOCO(root, split="train", seed=seed, **kw),
-                data.RefCOCO(root, split=split or "val", train=False, **kw))
+                data.RefCOCO(root, split=split or EVAL_SPLITS[task], train=False, **kw))
     except (FileNotFoundError, ValueError) as e:
         if demo:
             raise
@@ -182,11 +183,12 @@ def build_eval(args, device):
     # the input size training used (its own evaluation too); official releases: the paper's
     crop = meta["args"]["crop"] if "args" in meta else (480 if task == "depth" else 512)
     # the released depth model was trained with VPD's substring scene match (study_room -> study)
-    _, eval_set = datasets(task, root, crop, dataset=args.dataset or meta.get("dataset"), split_by=args.split_by,
-                           split=args.split, demo=meta.get("demo", False),
-                           scene_match="vpd" if meta.get("official") else "exact")
+    dataset = args.dataset or meta.get("dataset") or DATASETS[task][0]
+    _, eval_set = datasets(task, root, crop, dataset=dataset, split_by=args.split_by, split=args.split,
+                           demo=meta.get("demo", False), scene_match="vpd" if meta.get("official") else "exact")
     return SimpleNamespace(model=model.to(device), task=task, dataset=eval_set, depth_crop=meta.get("depth_crop"),
-                           max_depth=getattr(model, "max_depth", 10.0), crop=crop)
+                           max_depth=getattr(model, "max_depth", 10.0), crop=crop, dataset_name=dataset,
+                           split=args.split or EVAL_SPLITS[task])
 
 
 class ConstantDepth(nn.Module):
