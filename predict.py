@@ -137,6 +137,8 @@ def check_options(args, task):
         raise SystemExit(f"--no-flip is only for the depth task, not {task}")
     if args.size is not None and args.size < 32:
         raise SystemExit(f"--size {args.size} is too small (at least 32)")
+    if task == "refer" and args.size is not None and args.size % 64:  # images are resized to size x size
+        raise SystemExit(f"--size {args.size}: the refer network takes sides that are multiples of 64")
 
 
 def scene_index(scene, official):

@@ -228,6 +228,8 @@ def test_option_errors(world, tmp_path):
     depth, refer = checkpoint(world, "depth"), checkpoint(world, "refer")
     assert "--text is required" in error_of("--ckpt", refer, "--out", tmp_path, world.wide)
     assert "--text is only for the refer task" in error_of("--ckpt", depth, "--text", "a cat", world.wide)
+    assert "--size 100: the refer network takes sides that are multiples of 64" in error_of(
+        "--ckpt", refer, "--size", 100, "--text", "a cat", "--out", tmp_path, world.wide)  # was: a traceback
     err = error_of("--ckpt", depth, "--scene", "garage", world.wide)
     assert "'garage' is not an NYUv2 scene type" in err and "living_room" in err
     assert "depth model, not semseg" in error_of("--task", "semseg", "--ckpt", depth, "--out", tmp_path, world.wide)
