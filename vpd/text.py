@@ -13,6 +13,7 @@ import json
 import os
 
 import torch
+from tqdm import tqdm
 
 from vpd.data import ADE20K_CLASSES, NYU_SCENES  # noqa: F401  (the class names, re-exported here)
 
@@ -73,7 +74,7 @@ def compute_class_embeddings(names, clip, tokenizer, max_length=MAX_LENGTH) -> t
     """(K, D) float32 on the CPU: per name, the pooled CLIP output averaged over the 80 templates."""
     device = next(clip.parameters()).device
     out = []
-    for name in names:
+    for name in tqdm(names, desc="class embeddings", unit="name", leave=False, dynamic_ncols=True):
         ids = tokenizer(_prompts(name), max_length=max_length).to(device)  # (80, max_length)
         _, pooled = clip(ids)  # (80, D)
         out.append(pooled.float().mean(dim=0).cpu())
