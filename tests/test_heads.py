@@ -73,6 +73,14 @@ def test_fpn_forward_matches_hand_written_semantic_fpn():
     ref = F.conv2d(total, head.classifier.weight, head.classifier.bias)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
+    # training: mmseg's Dropout2d drops whole channels of the summed map
+    head.dropout.p = 0.5
+    seen = {}
+    head.classifier.register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
+    head.train()(feats)
+    zero = (seen["x"] == 0).flatten(2)  # (B, C, HW)
+    assert zero.all(-1).any() and (zero.all(-1) == zero.any(-1)).all()
+
 
 def test_depth_head_layers_match_vpd_for_sd():
     with torch.device("meta"):
@@ -105,18 +113,34 @@ def test_depth_head_output_range_size_and_crop():
         assert cropped.shape == (2, 1, 96, 224)
 
 
-def test_depth_head_fuses_the_coarsest_map_by_nearest_upsampling():
+def test_depth_head_matches_hand_written_decoder_with_crop():
     chans = [16, 16, 32, 32]
     head = DepthHead(chans, fuse_channels=32, deconv_channels=8, out_channels=16).eval()
-    feats = pyramid(chans, h=8, w=8)
-    seen = {}
-    head.fuse.register_forward_hook(lambda m, inp, out: seen.update(x=inp[0]))
-    head(feats)
-    x = seen["x"]  # (B, 16 + 16 + 32 + 32, 2, 2)
-    assert x.shape == (2, 96, 2, 2)
-    torch.testing.assert_close(x[:, 32:64], feats[2])
-    torch.testing.assert_close(x[:, 64:], feats[3].expand(-1, -1, 2, 2))  # 1x1 -> 2x2 nearest
-    torch.testing.assert_close(x[:, 16:32], head.down16(feats[1]))
+    randomize_bn(head)
+    with torch.no_grad():
+        for m in [*head.deconv, *head.conv, *head.predict]:  # VPD's N(0, 0.001) init would flatten the output
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                torch.nn.init.normal_(m.weight, std=0.2)
+    feats = pyramid(chans, h=16, w=24)  # the 1/64 map is 2x3: its nearest upsampling is visible
+    with torch.no_grad():
+        out = head(feats, crop=(3, 5))  # fused 1/32 map 4x6 -> its top-left 3x5
+
+    def gn_relu(x, conv, norm):
+        return F.relu(F.group_norm(conv(x), norm.num_groups, norm.weight, norm.bias, norm.eps))
+
+    with torch.no_grad():
+        d8 = head.down8[3](gn_relu(feats[0], head.down8[0], head.down8[1]))
+        up64 = feats[3].repeat_interleave(2, -1).repeat_interleave(2, -2)  # nearest x2
+        x = gn_relu(torch.cat([d8, head.down16(feats[1]), feats[2], up64], 1), head.fuse[0], head.fuse[1])
+        x = x[:, :, :3, :5]  # VPD: [:, :, :-1, :-1], the last row and column dropped
+        for i in range(0, len(head.deconv), 3):
+            x = F.relu(bn(head.deconv[i](x), head.deconv[i + 1]))
+        x = F.relu(bn(head.conv[0](x), head.conv[1]))
+        for _ in range(2):  # VPD's Decoder.up, twice
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        ref = torch.sigmoid(head.predict[2](F.relu(head.predict[0](x)))) * head.max_depth
+    assert out.shape == (2, 1, 96, 160)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_refer_head_layers_match_lavt_simple_decoding_for_sd():

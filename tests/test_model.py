@@ -202,6 +202,22 @@ def test_tiny_task_models_output_shapes(h, w):
         assert depth.shape == (2, 1, h, w) and depth.min() > 0 and depth.max() < 10
 
 
+def test_seg_and_refer_logits_are_upsampled_as_mmseg_and_lavt_do():
+    # mmseg resizes the 1/8 logits with align_corners=False, VPD's refer model with align_corners=True
+    x = images(1, 64, 128)
+    for task, align, extra in (("semseg", False, ()), ("refer", True, (torch.randint(0, 49407, (1, 40)),))):
+        model = tiny(task).eval()
+        seen = {}
+        model.head.register_forward_hook(lambda m, a, out: seen.update(logits=out))
+        with torch.no_grad():
+            out = model(x, *extra)
+        low = seen["logits"]
+        assert low.shape[-2:] == (8, 16) and low.std() > 0
+        ref = F.interpolate(low, size=(64, 128), mode="bilinear", align_corners=align)
+        torch.testing.assert_close(out, ref)
+        assert not torch.allclose(out, F.interpolate(low, size=(64, 128), mode="bilinear", align_corners=not align))
+
+
 def test_depth_pads_to_64_and_crops_the_fused_map():
     model = tiny("depth").eval()
     x = images(1, 96, 96)  # 96 = 3 x 32: padded to 128, fused 1/32 map 4x4 -> 3x3
