@@ -179,7 +179,8 @@ def main(args):
         model.backbone.unet.grad_checkpointing = True
     if args.channels_last:  # the weights' layout is enough: each convolution's output follows it
         model = model.to(memory_format=torch.channels_last)
-    if world > 1 and device.type == "cuda":  # the paper's heads use SyncBN across GPUs
+    if world > 1 and device.type == "cuda" and args.task != "depth":  # VPD's seg and refer heads use SyncBN
+        # across GPUs; its depth head normalises each GPU's own batch of 3
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     raw = model  # saved and evaluated; never the compiled / DDP wrapper (no _orig_mod. / module. prefixes)
 
