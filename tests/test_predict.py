@@ -178,8 +178,8 @@ def test_semseg_ids_and_palette_at_the_image_size(world, tmp_path):
         assert (ids == ref).mean() > 0.999  # ties aside, the argmax of the model's logits
         mode, color = png(tmp_path / f"{name}_semseg.png")
         assert mode == "RGB" and color.shape == (h, w, 3)
-        from vpd.vis import ADE20K_PALETTE
-        assert np.array_equal(color, ADE20K_PALETTE[ids])
+        from vpd.vis import CLASS_PALETTE
+        assert np.array_equal(color, CLASS_PALETTE[ids])
 
 
 def test_refer_mask_is_binary_and_matches_the_model(world, tmp_path):

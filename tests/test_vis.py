@@ -6,14 +6,14 @@ import torch
 from PIL import Image
 
 from vpd.data import BadSampleError, read_depth_png
-from vpd.vis import (ADE20K_PALETTE, DEPTH_LUT, colorize_depth, colorize_labels,
+from vpd.vis import (CLASS_PALETTE, DEPTH_LUT, colorize_depth, colorize_labels,
                      overlay_mask, plot_curves, save_depth_png16)
 
 
 def test_palette_has_150_distinct_non_black_colours():
-    assert ADE20K_PALETTE.shape == (150, 3) and ADE20K_PALETTE.dtype == np.uint8
-    assert len({tuple(c) for c in ADE20K_PALETTE}) == 150
-    assert ADE20K_PALETTE.sum(1).min() > 0
+    assert CLASS_PALETTE.shape == (150, 3) and CLASS_PALETTE.dtype == np.uint8
+    assert len({tuple(c) for c in CLASS_PALETTE}) == 150
+    assert CLASS_PALETTE.sum(1).min() > 0
 
 
 def test_colorize_labels_maps_ids_and_blacks_out_ignore():
@@ -21,7 +21,7 @@ def test_colorize_labels_maps_ids_and_blacks_out_ignore():
     img = colorize_labels(label)
     assert img.mode == "RGB" and img.size == (3, 2)  # PIL size is (W, H)
     a = np.asarray(img)
-    assert (a[0, 0] == ADE20K_PALETTE[0]).all() and (a[1, 0] == ADE20K_PALETTE[149]).all()
+    assert (a[0, 0] == CLASS_PALETTE[0]).all() and (a[1, 0] == CLASS_PALETTE[149]).all()
     assert (a[:, 2] == 0).all()
     with pytest.raises(ValueError, match=r"ids \[150\]"):
         colorize_labels(np.array([[150, 0]]))
@@ -105,7 +105,7 @@ def test_plot_curves_from_records_and_jsonl(tmp_path):
     assert a.shape == (450, 500, 3)  # three panels: loss, lr, mIoU
     colours = {tuple(c) for c in a.reshape(-1, 3)}
     assert len(colours) > 3  # not one colour: background, axes, text and lines
-    assert tuple(ADE20K_PALETTE[0]) in colours  # the first panel's line colour is drawn
+    assert tuple(CLASS_PALETTE[0]) in colours  # the first panel's line colour is drawn
     dark = (a.sum(2) < 200)
     assert dark[:150].sum() > 500  # axes, ticks and labels in the first panel
     assert img.size == (500, 450)

@@ -40,11 +40,11 @@ def _make_palette(n):
     return np.array(out, dtype=np.uint8)
 
 
-ADE20K_PALETTE = _make_palette(150)  # (150, 3) uint8, one colour per ADE20K class id 0..149
-ADE20K_PALETTE.flags.writeable = False
+CLASS_PALETTE = _make_palette(150)  # (150, 3) uint8, one colour per class id 0..149 (our own, not mmseg's)
+CLASS_PALETTE.flags.writeable = False
 
 
-def colorize_labels(label, palette=ADE20K_PALETTE, ignore_index=255):
+def colorize_labels(label, palette=CLASS_PALETTE, ignore_index=255):
     """(H, W) class ids -> RGB image; `ignore_index` pixels are black."""
     label = _array(label, "label")
     _check_2d(label, "label")
@@ -216,7 +216,7 @@ def plot_curves(records, out_png, x="step", width=720, panel_height=220):
             draw.text((px - w / 2, ax_b + 6), label, fill="black", font=font)
         draw.rectangle([ax_l, ax_t, ax_r, ax_b], outline="black")
         draw.text(((ax_l + ax_r) / 2 - 10, ax_b + 22), x, fill="black", font=font)
-        colour = tuple(int(c) for c in ADE20K_PALETTE[p % len(ADE20K_PALETTE)])
+        colour = tuple(int(c) for c in CLASS_PALETTE[p % len(CLASS_PALETTE)])
         points = [to_px(u, v) for u, v in sorted(zip(xs, ys))]
         if len(points) == 1:
             (px, py), = points
