@@ -17,15 +17,17 @@ converters, so both sides compute the same function; the script checks that befo
 ms/iter: median over all timed iterations (`--rounds` x `--iters`, after `--warmup` untimed ones);
 ours and the reference take turns iteration by iteration, the first alternating. The JSON also
 holds the median of the back-to-back ratios (`ours_ref_ms_paired`), steadier on a shared machine.
-peak MiB: memory on top of what was live before the iteration (weights, inputs, optimizer
-state), i.e. activations, gradients and workspaces. CUDA: max_memory_allocated minus the allocated
-memory before. CPU: peak resident set size (VmHWM, reset through /proc/self/clear_refs) minus the
+peak MiB: memory on top of what was live before the iteration: weights, inputs, optimizer state
+and the previous iteration's gradients (freed by zero_grad at the start of the step, then written
+anew); so the step's peak total = weights + gradients + optimizer state + peak MiB. CUDA:
+max_memory_allocated minus the allocated memory before. CPU: peak resident set size (VmHWM, reset through /proc/self/clear_refs) minus the
 resident size before, after malloc_trim hands freed heap back to the OS; so it includes allocator
 slack. Measured in one extra iteration per round; the median over rounds. Not measured under
 CUDA graphs (--compile-mode reduce-overhead or max-autotune on CUDA).
 tensor MiB: the peak of the bytes held by tensors created during one more iteration (TensorPeak):
 exact and allocator-independent on any device, blind to workspaces an op frees before returning;
-not measured with --compile.
+counts new gradients in full (peak MiB nets them against the freed old ones); not measured with
+--compile.
 TFLOP/s: analytic FLOPs (vpd/flops.py) per iteration / time; % peak: of the dense bf16 peak of the
 GPU (table below), whatever --dtype is.
 """
@@ -56,7 +58,8 @@ PRESETS = {
     "full": dict(unet=UNetConfig(), vae=VAEConfig(), clip=CLIPConfig()),
     "tiny": dict(unet=TINY_UNET, vae=TINY_VAE, clip=TINY_CLIP),  # the demo's configs
 }
-PEAK_BF16_TFLOPS = {"H100": 989, "H200": 989, "A100": 312}  # dense, no sparsity
+# dense, no sparsity; the first key contained in the device name wins (H100 PCIe / NVL before SXM)
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "A100": 312}
 N_TEXT = {"semseg": 150, "depth": 1, "refer": 40}  # context tokens of each task (ADE20K classes, scene, sentence)
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
 WHICH = ("unet_fwd", "unet_fwdbwd", "vae_enc", "train")

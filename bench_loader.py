@@ -17,7 +17,8 @@ from vpd.synthetic import make_synthetic
 def images_per_second(ds, workers, batch_size, epochs):
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, shuffle=True, drop_last=True,
                         persistent_workers=workers > 0)
-    next(iter(loader))  # start the workers before timing
+    for _ in loader:  # one untimed epoch: starts the workers, and leaves no prefetched batch to count
+        pass
     t0, n = time.perf_counter(), 0
     for epoch in range(epochs):
         ds.set_epoch(epoch)  # seen by workers only when they restart; fine for timing

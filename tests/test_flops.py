@@ -120,6 +120,32 @@ def test_train_step_matches_the_notes():
     assert flops.train_step_flops(UNetConfig(), VAEConfig(), (512, 512), 150, batch=1, head_macs=head) == step + 6 * head
 
 
+@pytest.mark.parametrize("task", ["semseg", "depth"])
+def test_train_step_matches_flop_counter_over_forward_and_backward(task):
+    # an independent count of the whole step: the frozen VAE runs forward only, everything after it
+    # forward and backward (the counter sees what autograd actually runs)
+    from vpd.demo import TINY_CLIP, TINY_UNET, TINY_VAE
+    from vpd.model import build_model
+    torch.manual_seed(0)
+    model = build_model(task, unet_cfg=TINY_UNET, vae_cfg=TINY_VAE, clip_cfg=TINY_CLIP).train()
+    B, res = 2, 64
+    images = torch.rand(B, 3, res, res) * 2 - 1
+    if task == "semseg":
+        inputs, target = (images,), torch.randint(0, 150, (B, res, res))
+    else:
+        inputs, target = (images, torch.zeros(B, dtype=torch.long)), torch.rand(B, 1, res, res) + 0.5
+    counter = FlopCounterMode(display=False, depth=None)
+    with counter, sdpa_kernel(SDPBackend.MATH):
+        model.loss(model(*inputs), target).backward()
+    head = FlopCounterMode(display=False, depth=None)
+    with head, torch.no_grad():
+        model(*inputs)
+    head_macs = sum(head.get_flop_counts()[f"{type(model).__name__}.head"].values()) // 2
+    n_ctx = 150 if task == "semseg" else 1
+    analytic = flops.train_step_flops(TINY_UNET, TINY_VAE, (res, res), n_ctx, batch=B, head_macs=head_macs)
+    assert analytic == pytest.approx(counter.get_total_flops(), rel=2e-3)
+
+
 def test_bad_sizes_are_named():
     with pytest.raises(ValueError, match="60x64"):
         flops.unet_macs(UNetConfig(), (60, 64))
