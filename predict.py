@@ -223,7 +223,10 @@ def main(args):
         raise SystemExit(f"--out {args.out}: cannot create the folder ({e})") from None
     _, _, _, device = setup(args.device)
 
-    model, loaded = load_model(args.ckpt, args.task, args.sd_ckpt)
+    try:
+        model, loaded = load_model(args.ckpt, args.task, args.sd_ckpt)
+    except (ValueError, FileNotFoundError) as e:  # unreadable or mismatched files: say which, no traceback
+        raise SystemExit(f"{type(e).__name__}: {e}") from None
     model = model.to(device).eval()
     amp = args.amp or ("bf16" if device.type == "cuda" else "off")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]

@@ -101,7 +101,7 @@ def read_official(src):
                 obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
+                                  f"{' '.join(str(e).split())})") from None
     for key in ("state_dict", "model"):  # mmseg files / depth and refer files
         if isinstance(obj.get(key), dict):
             obj = obj[key]

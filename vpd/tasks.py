@@ -114,8 +114,9 @@ def build_task(args, device, log=print):
             make_demo_files(args.out, args.task, args.demo_images, args.demo_size, args.seed, args.sd_ckpt,
                             args.data_root)
         dist.barrier()
-        args.sd_ckpt, args.data_root = make_demo_files(args.out, args.task, args.demo_images, args.demo_size,
-                                                       args.seed, args.sd_ckpt, args.data_root)
+        files = make_demo_files(args.out, args.task, args.demo_images, args.demo_size, args.seed, args.sd_ckpt,
+                                args.data_root)
+        args.sd_ckpt, args.data_root = map(os.path.abspath, files)  # as given paths are: --resume compares them
     if not os.path.isfile(args.sd_ckpt):
         raise SystemExit(f"--sd-ckpt {args.sd_ckpt}: no such file. Download Stable Diffusion v1.5 "
                          "(v1-5-pruned-emaonly.safetensors) and pass its path.")
@@ -157,6 +158,8 @@ def load_model(ckpt, task=None, sd_ckpt=None):
     the frozen parts of its SD file) or from an official VPD release. Returns (model, meta)."""
     if not os.path.isfile(ckpt):
         raise SystemExit(f"--ckpt {ckpt}: no such file")
+    if not ckpt.endswith((".safetensors", ".ckpt", ".pth", ".pt")):
+        raise SystemExit(f"--ckpt {ckpt}: not a checkpoint (ours: model.safetensors; VPD's: .ckpt / .pth)")
     meta = read_meta(ckpt)
     if meta is None:  # an official VPD checkpoint
         if task is None:
@@ -170,6 +173,8 @@ def load_model(ckpt, task=None, sd_ckpt=None):
     if task is not None and meta["task"] != task:
         raise SystemExit(f"--ckpt {ckpt} is a {meta['task']} model, not {task}")
     sd = sd_ckpt or meta["sd_ckpt"]
+    if sd_ckpt is not None and not os.path.isfile(sd):
+        raise SystemExit(f"--sd-ckpt {sd}: no such file")
     if not os.path.isfile(sd):
         raise SystemExit(f"the SD checkpoint {sd} (frozen VAE/CLIP of this model) is not there: pass --sd-ckpt")
     with safe_open(ckpt, framework="pt") as f:  # the model's own text embeddings, not recomputed
