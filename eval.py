@@ -144,7 +144,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=TASKS)
     p.add_argument("--ckpt", help="our model.safetensors, or an official VPD .ckpt/.pth")
-    p.add_argument("--demo", action="store_true", help="evaluate out/demo/model.safetensors on the synthetic set")
+    p.add_argument("--demo", action="store_true", help="evaluate the checkpoint of `train.py --demo` (out/demo, or "
+                   "out/demo_<task> with --task semseg / refer) on its synthetic set")
     p.add_argument("--sd-ckpt", help="SD v1.x file for the frozen VAE/CLIP (default: the one training used)")
     p.add_argument("--data-root")
     p.add_argument("--dataset", default=None, help="depth: nyu|kitti; refer: refcoco|refcoco+|refcocog")
@@ -161,8 +162,11 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=count(0), default=2, help="data loader processes")
     args = p.parse_args(argv)
-    if args.demo:
-        args.ckpt = args.ckpt or os.path.join(demo_out(args.task or "depth"), "model.safetensors")
+    if args.demo and args.ckpt is None:
+        args.ckpt = os.path.join(demo_out(args.task or "depth"), "model.safetensors")
+        if not os.path.isfile(args.ckpt):
+            p.error(f"no demo checkpoint at {args.ckpt}: run `python train.py --demo"
+                    f"{' --task ' + args.task if args.task else ''}` first")
     if args.ckpt is None:
         p.error("--ckpt is required (or --demo)")
     return args

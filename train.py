@@ -4,7 +4,8 @@
     torchrun --nproc_per_node=8 train.py --task semseg --sd-ckpt v1-5-pruned-emaonly.safetensors --data-root data/ade
     python train.py --task depth --sd-ckpt ... --data-root data/nyu --batch-size 24 --micro-batch 3   # 1 GPU, accumulation
 
-Every setting of the paper's recipe is a preset below and a flag. Launched by torchrun it runs DDP
+Every setting of the paper's recipes is a flag; flags left out take the task's preset (PRESETS in
+train.py; the README's table). Launched by torchrun it runs DDP
 (nccl on GPU, gloo on CPU). Checkpoints go to --out: model.safetensors (trained weights) and
 state.pt (step, weights, optimizer, RNG, args); --resume continues exactly where a run stopped.
 """
@@ -91,7 +92,8 @@ def get_args(argv=None):
     p.add_argument("--save-every", type=count(1), help="steps between checkpoints (default 1000; always at the end)")
     p.add_argument("--stop-after", type=count(1), default=None, help="end the run after this step, having saved a "
                    "checkpoint (the schedule still spans --iters; continue later with --resume)")
-    p.add_argument("--text-cache", default=None, help="directory caching class embeddings (default <out>/..)")
+    p.add_argument("--text-cache", default=None, help="directory caching class embeddings (default: text_cache "
+                   "beside --out)")
     args = p.parse_args(argv)
     if args.compile_mode and args.compile != "inductor":
         p.error("--compile-mode is inductor's: give it with --compile (inductor)")
@@ -241,12 +243,14 @@ def main(args):
         dist.barrier()
         saved = step
 
+    evaluating = False  # what the run was doing when it stopped: an evaluation or step + 1
+
     def stopped(what):
         """One line for a run that ends early, and how it can go on."""
         bar.close()  # the message on a line of its own
         where = (f"the checkpoint in {args.out} is at step {saved}: continue with the same flags and --resume"
                  if saved is not None else "no checkpoint was written yet")
-        return f"{what} in step {step + 1}; {where}"
+        return f"{what} {f'in the evaluation after step {step}' if evaluating else f'in step {step + 1}'}; {where}"
 
     def next_batch(it):
         try:
@@ -255,6 +259,8 @@ def main(args):
             raise SystemExit(stopped(error_line(e))) from None
 
     def run_eval():
+        nonlocal evaluating
+        evaluating = True
         try:
             metrics = evaluate(raw, args.task, task.eval_set, device, autocast, args.eval_max, workers=args.workers,
                                depth_crop=task.meta["depth_crop"], max_depth=getattr(raw, "max_depth", 10.0),
@@ -275,6 +281,7 @@ def main(args):
             with open(metrics_path, "w") as f:
                 json.dump(dict(step=step, **metrics, **({"baseline": dict(name=base_name, **baseline)}
                                                         if baseline else {})), f, indent=1)
+        evaluating = False
         return metrics
 
     print0(f"{args.task}: {len(train_set)} training samples, {total} steps of {args.batch_size} images "
@@ -336,7 +343,8 @@ def main(args):
         raise SystemExit(stopped("interrupted")) from None
     bar.close()
     if master and step < total:
-        print0(f"stopped after step {step} of {total} (--stop-after): continue with the same flags and --resume")
+        print0(f"stopped after step {step} of {total} (--stop-after): continue with --resume and the same flags "
+               "but --stop-after (left out, or a later step)")
     elif master:
         plot_curves(log_path, os.path.join(args.out, "curves.png"))
         print0(f"done: {weights_path}, {metrics_path}, {os.path.join(args.out, 'curves.png')}")

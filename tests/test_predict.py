@@ -239,6 +239,8 @@ def test_option_errors(world, tmp_path):
     other.mkdir()
     write_image(str(other / "wide.jpg"), 8, 8, 2)
     assert "would write the same output names" in error_of("--ckpt", depth, world.wide, other)
+    assert f"--sd-ckpt {tmp_path / 'sd.safetensors'}: no such file" in error_of(
+        "--ckpt", depth, "--sd-ckpt", tmp_path / "sd.safetensors", world.wide)
 
 
 def test_cli_exits_nonzero_without_traceback(world, tmp_path):

@@ -208,6 +208,7 @@ def bad_cases(world, tmp):
     a_file = tmp / "a_file"
     a_file.write_text("x")
     sd = world["sd"]
+    photo = sorted(glob.glob(os.path.join(world["roots"]["depth"], "official_splits", "test", "*", "rgb_*.jpg")))[0]
     return {
         "task": (["train.py", "--task", "segmentation"], ["invalid choice", "segmentation"]),
         "ckpt of another task": (["eval.py", "--task", "semseg", "--ckpt", depth_ckpt], ["depth model, not semseg"]),
@@ -222,6 +223,9 @@ def bad_cases(world, tmp):
         "resume other task": (flags(world, "semseg", loss_run(world, "depth"), "--resume"), ["holds a depth run"]),
         "eval ckpt": (["eval.py", "--ckpt", str(tmp / "missing.safetensors")], ["missing.safetensors", "no such file"]),
         "eval garbage": (["eval.py", "--ckpt", str(a_file) + ".safetensors"], ["not a readable"]),
+        "eval not a ckpt": (["eval.py", "--ckpt", str(a_file)], ["not a checkpoint"]),
+        "predict sd file": (["predict.py", "--ckpt", depth_ckpt, "--sd-ckpt", depth_ckpt, photo],
+                            ["no tensors under 'model.diffusion_model.'"]),  # was: a traceback
     }
 
 
@@ -308,6 +312,15 @@ def test_ctrl_c_and_unreadable_file_end_in_one_line_naming_the_checkpoint(world,
     assert e.value.code == (f"interrupted in step 3; the checkpoint in {out} is at step 2: "
                             "continue with the same flags and --resume")
     assert torch.load(out / "state.pt", weights_only=False)["step"] == 2
+    monkeypatch.undo()
+
+    def interrupt(*args, **kwargs):  # Ctrl-C during the last evaluation
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "evaluate", interrupt)
+    with pytest.raises(SystemExit) as e:
+        train_here(flags(world, "depth", tmp_path / "in_eval", "--iters", 1, "--batch-size", 2))
+    assert e.value.code == (f"interrupted in the evaluation after step 1; the checkpoint in {tmp_path / 'in_eval'} "
+                            "is at step 1: continue with the same flags and --resume")
     monkeypatch.undo()
 
     import shutil
@@ -457,3 +470,15 @@ def test_eval_writes_one_metrics_file_per_protocol(world, tmp_path):
     b = json.load(open(tmp_path / "metrics_nyu_test_noflip_first2.json"))
     assert (a["flip"], b["flip"]) == (True, False) and a["samples"] == b["samples"] == 2
     assert a["rmse"] != b["rmse"]
+
+
+def test_demo_resume_takes_its_own_files_named_relatively(world, tmp_path, monkeypatch):
+    # the demo writes its SD file into --out; naming that file on --resume, relatively, is the same file
+    monkeypatch.chdir(tmp_path)
+    argv = [a for a in flags(world, "depth", "run", "--iters", 1, "--batch-size", 2, "--eval-max", 1)]
+    i = argv.index("--sd-ckpt")
+    del argv[i:i + 2]
+    train_here(argv)
+    train_here(argv + ["--resume", "--sd-ckpt", os.path.join("run", "tiny_sd.safetensors")])
+    with pytest.raises(SystemExit, match=r"started with --sd-ckpt .*run/tiny_sd.safetensors \(not .*other"):
+        train_here(argv + ["--resume", "--sd-ckpt", world["sd"].replace("sd.safetensors", "other.safetensors")])

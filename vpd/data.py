@@ -59,7 +59,7 @@ ADE20K_CLASSES = (
 # KITTI has no scene types; its frames all get this one text condition (VPD's depth model takes one).
 KITTI_SCENES = ("street",)
 IGNORE_INDEX = 255
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 
 class BadSampleError(ValueError):
