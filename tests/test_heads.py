@@ -73,13 +73,16 @@ def test_fpn_forward_matches_hand_written_semantic_fpn():
     ref = F.conv2d(total, head.classifier.weight, head.classifier.bias)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
-    # training: mmseg's Dropout2d drops whole channels of the summed map
+    # training: mmseg's Dropout2d drops whole channels of the summed map, scaling the others by 1/(1-p)
     head.dropout.p = 0.5
     seen = {}
-    head.classifier.register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
+    head.dropout.register_forward_hook(lambda m, a, out: seen.update(x=a[0], out=out))
+    torch.manual_seed(0)
     head.train()(feats)
-    zero = (seen["x"] == 0).flatten(2)  # (B, C, HW)
-    assert zero.all(-1).any() and (zero.all(-1) == zero.any(-1)).all()
+    x, out = seen["x"].flatten(2), seen["out"].flatten(2)  # (B, C, HW)
+    dropped = (out == 0).all(-1)
+    assert dropped.any() and not dropped.all() and (x.abs().sum(-1) > 0).all()
+    torch.testing.assert_close(out[~dropped], 2 * x[~dropped])
 
 
 def test_depth_head_layers_match_vpd_for_sd():
