@@ -203,9 +203,10 @@ def main(args):
             load_trained_state(raw, state["model"], state_path)
         except ValueError as e:
             raise SystemExit(f"--resume: {e}") from None
-        if master and (read_meta(weights_path) or {}).get("step") != state["step"]:
-            save_weights(raw, weights_path, dict(task.meta, step=state["step"], args=state["args"]))  # a crash
-            # between the two writes of a save left the previous step's weights file: written again
+        # a crash between the two writes of a save leaves the previous weights file (or none): write it again
+        weights_step = (read_meta(weights_path) or {}).get("step") if os.path.isfile(weights_path) else None
+        if master and weights_step != state["step"]:
+            save_weights(raw, weights_path, dict(task.meta, step=state["step"], args=state["args"]))
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step, last = state["step"], state["last_log"]

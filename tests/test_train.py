@@ -370,6 +370,8 @@ def test_resume_keeps_the_runs_settings_and_survives_a_crash_in_save_or_final_ev
     import shutil
     from safetensors import safe_open
     from safetensors.torch import save_file
+
+    from vpd.trained import read_meta
     out = tmp_path / "crashed"
     shutil.copytree(ref, out)
     args[args.index("--out") + 1] = str(out)
@@ -385,6 +387,9 @@ def test_resume_keeps_the_runs_settings_and_survives_a_crash_in_save_or_final_ev
     for k, v in params(out).items():
         assert torch.equal(v, params(ref)[k]), k
     assert [r["step"] for r in records(out) if "loss" not in r] == [STEPS, STEPS]  # the new evaluation's line
+    os.remove(out / "model.safetensors")  # killed before the first weights file was in place
+    train_here(args + ["--resume"])
+    assert read_meta(str(out / "model.safetensors"))["step"] == STEPS
     (out / "state.pt").write_bytes(b"truncated")
     with pytest.raises(SystemExit, match="--resume: cannot read the checkpoint in"):
         train_here(args + ["--resume"])
