@@ -19,9 +19,9 @@ ours and the reference take turns iteration by iteration, the first alternating.
 holds the median of the back-to-back ratios (`ours_ref_ms_paired`), steadier on a shared machine.
 peak MiB: memory on top of what was live before the iteration: weights, inputs, optimizer state
 and the previous iteration's gradients (freed by zero_grad at the start of the step, then written
-anew); so the step's peak total = weights + gradients + optimizer state + peak MiB. CUDA:
-max_memory_allocated minus the allocated memory before. CPU: peak resident set size (VmHWM, reset through /proc/self/clear_refs) minus the
-resident size before, after malloc_trim hands freed heap back to the OS; so it includes allocator
+anew); so the step's peak total = weights + gradients + optimizer state + peak MiB.
+CUDA: max_memory_allocated minus the allocated memory before. CPU: peak resident set size (VmHWM,
+reset through /proc/self/clear_refs) minus the resident size before, after malloc_trim hands freed heap back to the OS; so it includes allocator
 slack. Measured in one extra iteration per round; the median over rounds. Not measured under
 CUDA graphs (--compile-mode reduce-overhead or max-autotune on CUDA).
 tensor MiB: the peak of the bytes held by tensors created during one more iteration (TensorPeak):

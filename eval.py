@@ -210,7 +210,8 @@ def main(args):
                         refer_full_res=args.refer_full_res, max_samples=args.max_samples)
         path = os.path.join(out, metrics_name(protocol))
         with open(path, "w") as f:
-            json.dump(dict(ckpt=os.path.abspath(args.ckpt), task=ev.task, samples=n, **protocol, **metrics), f, indent=1)
+            json.dump(dict(ckpt=os.path.abspath(args.ckpt), task=ev.task, samples=n, **protocol, **metrics), f,
+                      indent=1)
         print(f"wrote {path}")
     dist.teardown()
 
