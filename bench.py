@@ -21,9 +21,10 @@ peak MiB: memory on top of what was live before the iteration: weights, inputs, 
 and the previous iteration's gradients (freed by zero_grad at the start of the step, then written
 anew); so the step's peak total = weights + gradients + optimizer state + peak MiB.
 CUDA: max_memory_allocated minus the allocated memory before. CPU: peak resident set size (VmHWM,
-reset through /proc/self/clear_refs) minus the resident size before, after malloc_trim hands freed heap back to the OS; so it includes allocator
-slack. Measured in one extra iteration per round; the median over rounds. Not measured under
-CUDA graphs (--compile-mode reduce-overhead or max-autotune on CUDA).
+reset through /proc/self/clear_refs) minus the resident size before, after malloc_trim hands freed
+heap back to the OS; so it includes allocator slack. Measured in one extra iteration per round; the
+median over rounds. Not measured under CUDA graphs (--compile-mode reduce-overhead or max-autotune
+on CUDA).
 tensor MiB: the peak of the bytes held by tensors created during one more iteration (TensorPeak):
 exact and allocator-independent on any device, blind to workspaces an op frees before returning;
 counts new gradients in full (peak MiB nets them against the freed old ones); not measured with
