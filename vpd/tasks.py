@@ -127,15 +127,14 @@ def build_task(args, device, log=print):
     log(f"building the {args.task} model from {args.sd_ckpt}")
     cache = args.text_cache or os.path.join(os.path.dirname(os.path.abspath(args.out)), "text_cache")
     names = data.KITTI_SCENES if args.dataset == "kitti" else None  # None: the task's own (NYUv2 / ADE20K)
-    # rank 0 computes the class embeddings (on the GPU: 150 names x 80 prompts take minutes on a CPU)
-    # and caches them; the other processes wait, then read the cache
-    if dist.rank() == 0:
-        model = build_model(args.task, args.sd_ckpt, unet_cfg, vae_cfg, clip_cfg, cache_dir=cache, class_names=names,
-                            text_device=device, **kw)
-    dist.barrier()
+    # rank 0 builds first: it computes the class embeddings (on the GPU: 150 names x 80 prompts take
+    # minutes on a CPU) and caches them, which the other processes then read
     if dist.rank() != 0:
-        model = build_model(args.task, args.sd_ckpt, unet_cfg, vae_cfg, clip_cfg, cache_dir=cache, class_names=names,
-                            **kw)
+        dist.barrier()
+    model = build_model(args.task, args.sd_ckpt, unet_cfg, vae_cfg, clip_cfg, cache_dir=cache, class_names=names,
+                        text_device=device, **kw)
+    if dist.rank() == 0:
+        dist.barrier()
     meta = dict(task=args.task, sd_ckpt=os.path.abspath(args.sd_ckpt), demo=args.demo, dataset=args.dataset,
                 data_root=os.path.abspath(args.data_root),
                 unet=asdict(unet_cfg), vae=asdict(vae_cfg), clip=asdict(clip_cfg), model_kwargs=kw,
