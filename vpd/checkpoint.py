@@ -7,6 +7,7 @@ single tensor is copied, so a bad file leaves nothing half-loaded.
 """
 import os
 import pickle
+import zipfile
 
 import torch
 from torch import nn
@@ -35,19 +36,22 @@ class _Inert:
         pass
 
 
-def _torch_load(path):
-    """A torch pickle under weights_only (no code from the file runs); Lightning / numpy objects in it
-    become inert stand-ins, any other non-tensor global is refused with torch's full message."""
+def torch_load(path, allow=()):
+    """A torch pickle under weights_only (no code from the file runs), with the classes in `allow` let
+    through; Lightning / numpy objects in it become inert stand-ins, any other non-tensor global is
+    refused with torch's full message."""
+    mmap = zipfile.is_zipfile(path)  # torch >= 1.6's format; older files are read whole
     try:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            with torch.serialization.safe_globals(list(allow)):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
             if not names or not all(n.startswith(INERT_GLOBALS) for n in names):
                 raise
             stand_ins = [(type(n.rsplit(".", 1)[-1], (_Inert,), {}), n) for n in names]
-            with torch.serialization.safe_globals(stand_ins):
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            with torch.serialization.safe_globals([*allow, *stand_ins]):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: "
                               f"{' '.join(str(e).split())})") from None
@@ -67,7 +71,7 @@ def _open(src):
         except Exception as e:
             raise CheckpointError(f"{path} is not a readable .safetensors file ({e})") from None
         return list(f.keys()), lambda k: tuple(f.get_slice(k).get_shape()), f.get_tensor
-    obj = _torch_load(path)
+    obj = torch_load(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # ldm / Lightning files keep the tensors under `state_dict`
     if not isinstance(obj, dict):

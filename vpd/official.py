@@ -36,7 +36,7 @@ import os
 
 import torch
 
-from vpd.checkpoint import CheckpointError, listing, mismatch_lines
+from vpd.checkpoint import CheckpointError, listing, mismatch_lines, torch_load
 
 _BACKBONE = [("unet.unet.diffusion_model.", "backbone.unet."), ("encoder_vq.", "backbone.vae."),
              ("text_adapter.", "backbone.text_adapter."), ("gamma", "backbone.gamma")]
@@ -96,12 +96,7 @@ def read_official(src):
         path = os.fspath(src)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"official VPD checkpoint not found: {path}")
-        try:  # the refer file pickles its argparse.Namespace of training args: allow that class only
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: "
-                                  f"{' '.join(str(e).split())})") from None
+        obj = torch_load(path, allow=[argparse.Namespace])  # the refer file pickles its training args
     for key in ("state_dict", "model"):  # mmseg files / depth and refer files
         if isinstance(obj.get(key), dict):
             obj = obj[key]
