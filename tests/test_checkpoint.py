@@ -77,6 +77,8 @@ def test_linear_weight_fits_1x1_conv():
     assert torch.equal(m.weight[:, :, 0, 0], w)
     with pytest.raises(CheckpointError, match="wrong shape"):
         load_checkpoint(m, {"p.weight": torch.randn(4, 3), "p.bias": b}, "p.")
+    with pytest.raises(CheckpointError, match="wrong shape"):  # a transposed linear, as torch refuses it too
+        load_checkpoint(nn.Linear(3, 4), {"p.weight": torch.randn(3, 4), "p.bias": torch.randn(4)}, "p.")
 
 
 def test_modules_loaded_from_a_dict_own_their_tensors():

@@ -266,6 +266,17 @@ def run_loss(task, model):
     return model.loss(model(x, torch.randint(0, 49407, (2, 40))), torch.randint(0, 2, (2, 64, 64)))
 
 
+def test_backbone_maps_carry_no_gradient_by_default():
+    # VPD stores the maps from ldm's checkpointed blocks' first, no_grad pass: the models built for
+    # training must get them detached
+    model = tiny("semseg")
+    assert model.backbone.detach_maps
+    feats = model.backbone(images(1), model.class_embeddings)
+    assert feats[1].shape[1] == 64 + 5  # the 1/16 map: UNet channels, then one map per class
+    feats[1][:, 64:].sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_loss_reaches_unet_adapter_gamma_head_but_not_frozen_parts(task):
     model = tiny(task).train()
