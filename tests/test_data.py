@@ -367,3 +367,59 @@ def test_photometric_hue_shift_range_is_mmsegs():
         hue = float(rgb_to_hsv(out)[0, 0, 0])
         shifts.add(round(((hue + 180) % 360 - 180) / 2))
     assert min(shifts) == -18 and max(shifts) == 17
+
+
+def test_depth_augmentation_flips_image_and_depth_together():
+    # image and depth both rise left to right; every step keeps that order per pixel on a grey ramp
+    # (CutDepth writes the depth as grey, rising too), so after any flip they must still agree
+    ramp = np.linspace(50, 200, 64, dtype=np.float32)
+    img = np.repeat(np.tile(ramp, (48, 1))[..., None], 3, axis=2)
+    depth = np.tile(np.linspace(1, 9, 64, dtype=np.float32), (48, 1))
+    signs = set()
+    for seed in range(20):
+        x, d = T.depth_train(img, depth, T.sample_rng(seed, 0, 0), (32, 32))
+        a, b = x[:, :, -1].mean() - x[:, :, 0].mean(), d[:, :, -1].mean() - d[:, :, 0].mean()
+        assert (a > 0) == (b > 0), seed
+        signs.add(bool(b > 0))
+    assert signs == {True, False}  # both flipped and unflipped samples were seen
+
+
+def test_semseg_crop_padding_is_ignored_and_cat_max_ratio_skips_ignored_pixels():
+    rng = np.random.default_rng(0)
+    img, label = rng.uniform(0, 255, (64, 64, 3)).astype(np.float32), rng.integers(0, 5, (64, 64))
+    x, y = T.semseg_train(img, label, T.sample_rng(0, 0, 0), ratio_range=(0.5, 0.5))  # 64x64 -> 256x256
+    assert (y[256:] == 255).all() and (y[:, 256:] == 255).all() and (y[:256, :256] != 255).all()
+    # the left 2x2 box holds one labelled class (and ignored pixels): always refused for the right one
+    two = np.array([[255, 0, 1], [255, 0, 1]])
+    assert all(T.crop_with_cat_max_ratio(two, (2, 2), T.sample_rng(s, 0, 0))[1] == 1 for s in range(30))
+
+
+class Scripted:
+    """A generator whose draws are given in order (random / uniform / integers share one queue)."""
+
+    def __init__(self, *draws):
+        self.draws = list(draws)
+
+    def random(self):
+        return self.draws.pop(0)
+
+    def uniform(self, low=0.0, high=1.0):
+        return self.draws.pop(0)
+
+    def integers(self, low, high=None):
+        return self.draws.pop(0)
+
+
+def test_cut_depth_stripe_and_brightness_by_hand():
+    img, depth = np.full((10, 100, 3), 100.0, np.float32), np.full((10, 100), 5.0, np.float32)
+    # a = 0.5, b = 1: stripe from column 50, int((100 - 50) * 1 * 0.75) = 37 wide, depth 5 / 10 -> 127.5
+    out = T.cut_depth(img, depth, Scripted(0.5, 1.0), max_depth=10.0)
+    assert np.flatnonzero(out[0, :, 0] == 127.5).tolist() == list(range(50, 87))
+    # depth recipe with only brightness on: alpha = 1, beta = 0.1 of 255 -> 100 + 25.5
+    draws = Scripted(0.9,  # no CutDepth
+                     0.9,  # no flip
+                     0, 0,  # crop at (0, 0)
+                     0.1, 0.0, 0.1,  # brightness/contrast: on, alpha - 1 = 0, beta = 0.1
+                     0.9, 0.9)  # no gamma, no hue/saturation/value
+    x, _ = T.depth_train(img, depth, draws, (10, 100))
+    torch.testing.assert_close((x + 1) * 127.5, torch.full_like(x, 125.5))

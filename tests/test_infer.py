@@ -169,3 +169,16 @@ def test_depth_one_window_is_the_whole_image():
     out = depth_predict(fake, image, torch.tensor([0]), flip=False, windows=1)
     assert fake.sizes == [(32, 128)]  # 100 padded to a multiple of 32, in one piece
     assert torch.equal(out[0, 0, 0], torch.arange(100, dtype=torch.float32))
+
+
+def test_semseg_logits_are_resized_before_the_softmax():
+    # mmseg resizes logits to the label size and then takes the softmax: at an upsampled pixel between
+    # logits 0 and 4 (weights 3/4, 1/4) the probability is sigmoid(1), not the mean of the two sigmoids
+    class Step(nn.Module):
+        def forward(self, x):
+            logits = torch.zeros(x.shape[0], 2, *x.shape[-2:])
+            logits[:, 0, :, x.shape[-1] // 2:] = 4.0  # class 0 favoured on the right half
+            return logits
+    probs = semseg_probs(Step(), torch.zeros(1, 3, 64, 128), 2, out_size=(64, 256), crop=512)
+    # output column 127 samples input x = (127 + 0.5) / 2 - 0.5 = 63.25: logit 0.75 * 0 + 0.25 * 4 = 1
+    torch.testing.assert_close(probs[0, 0, :, 127], torch.full((64,), torch.sigmoid(torch.tensor(1.0)).item()))

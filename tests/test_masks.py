@@ -109,3 +109,10 @@ def test_truncated_pickle_names_the_file(tmp_path):
         load_plain_pickle(p)
     with pytest.raises(FileNotFoundError, match="nothing.p"):
         load_plain_pickle(tmp_path / "nothing.p")
+
+
+def test_slanted_polygon_takes_the_pixels_whose_centres_are_inside():
+    # triangle (0,0) (5,0) (0,4): pixel (x, y) is inside when x + 0.5 < 5 * (1 - (y + 0.5) / 4), by hand
+    mask = polygon_to_mask([[0, 0, 5, 0, 0, 4]], 4, 6)
+    assert mask.sum(1).tolist() == [4, 3, 2, 1]
+    assert all(mask[y, :w].all() and not mask[y, w:].any() for y, w in enumerate([4, 3, 2, 1]))

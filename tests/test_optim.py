@@ -98,3 +98,8 @@ def test_updown_shape():
 def test_unknown_schedule():
     with pytest.raises(ValueError, match="unknown schedule 'cosine'"):
         lr_factor(0, 10, "cosine")
+
+
+def test_poly_with_a_floor_is_mmcvs():
+    # mmcv PolyLrUpdaterHook: (base - min) * (1 - t/T)^p + min, here as a factor of base with min = 0.1 base
+    assert lr_factor(50, 100, "poly", min_ratio=0.1) == pytest.approx(0.9 * 0.5 + 0.1)

@@ -21,3 +21,11 @@ def test_resume_continues_the_same_batches_and_epochs_differ():
     full = batches(40, micro=2, world=2, accum=2)
     assert batches(40, micro=2, world=2, accum=2, start=3) == full[3:]
     assert batches(40, micro=2, world=2, accum=2, epoch=1) != full
+
+
+def test_ranks_and_accumulation_steps_share_out_an_epoch():
+    # 2 ranks x 2 accumulated micro-batches of 2: every sample of the epoch once, none twice
+    n, micro, world, accum = 48, 2, 2, 2
+    seen = [i for rank in range(world)
+            for batch in GlobalBatchSampler(n, micro, world, rank, accum, seed=0, epoch=0) for i in batch]
+    assert sorted(seen) == list(range(n))
