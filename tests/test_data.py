@@ -423,3 +423,17 @@ def test_cut_depth_stripe_and_brightness_by_hand():
                      0.9, 0.9)  # no gamma, no hue/saturation/value
     x, _ = T.depth_train(img, depth, draws, (10, 100))
     torch.testing.assert_close((x + 1) * 127.5, torch.full_like(x, 125.5))
+
+
+def test_ade20k_evaluation_view_is_resized_without_antialiasing(tmp_path):
+    # mmseg resizes with OpenCV's INTER_LINEAR: a 2x downscale averages 2x2 blocks (no wider filter)
+    base = tmp_path / "ADEChallengeData2016"
+    for d in ("images/validation", "annotations/validation"):
+        (base / d).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(base / "images/validation/a.jpg", quality=100)
+    Image.fromarray(rng.integers(0, 151, (8, 8), dtype=np.uint8)).save(base / "annotations/validation/a.png")
+    decoded = np.asarray(Image.open(base / "images/validation/a.jpg"), dtype=np.float32)
+    x = ADE20K(str(tmp_path), "validation", train=False, scale=(8, 4))[0]["image"]  # short side 8 -> 4
+    blocks = decoded.reshape(4, 2, 4, 2, 3).mean((1, 3))
+    torch.testing.assert_close(x, torch.from_numpy(blocks).permute(2, 0, 1) / 127.5 - 1, atol=1e-5, rtol=0)

@@ -182,3 +182,17 @@ def test_semseg_logits_are_resized_before_the_softmax():
     probs = semseg_probs(Step(), torch.zeros(1, 3, 64, 128), 2, out_size=(64, 256), crop=512)
     # output column 127 samples input x = (127 + 0.5) / 2 - 0.5 = 63.25: logit 0.75 * 0 + 0.25 * 4 = 1
     torch.testing.assert_close(probs[0, 0, :, 127], torch.full((64,), torch.sigmoid(torch.tensor(1.0)).item()))
+
+
+def test_multi_scale_input_is_resized_as_opencv_does():
+    # a 2x bilinear downscale with half-pixel centres (OpenCV INTER_LINEAR, mmseg's resize) averages
+    # each pair of columns: a ramp 0..127 becomes 0.5, 2.5, ..., 126.5
+    seen = []
+
+    class Record(nn.Module):
+        def forward(self, x):
+            seen.append(x)
+            return torch.zeros(x.shape[0], 2, *x.shape[-2:])
+    ramp = torch.arange(128.0).expand(1, 3, 128, 128)
+    semseg_probs(Record(), ramp, 2, out_size=(128, 128), scales=(0.5,), crop=512)
+    torch.testing.assert_close(seen[0][0, 0, 0, :64], torch.arange(64.0) * 2 + 0.5)
