@@ -238,9 +238,10 @@ def main(args):
                     loss_sum=float(loss_sum))
         ranks = dist.gather_objects(mine)  # each rank resumes its own RNG streams and loss window
         if master:  # state.pt first: it alone is what --resume reads
-            save_state(dict(step=step, last_log=last, model=trained_state(raw), optimizer=optimizer.state_dict(),
+            weights = trained_state(raw)  # one copy on the host for both files
+            save_state(dict(step=step, last_log=last, model=weights, optimizer=optimizer.state_dict(),
                             scaler=scaler.state_dict(), args=vars(args), ranks=ranks), state_path)
-            save_weights(raw, weights_path, dict(task.meta, step=step, args=vars(args)))
+            save_weights(raw, weights_path, dict(task.meta, step=step, args=vars(args)), weights)
         dist.barrier()
         saved = step
 

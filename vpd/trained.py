@@ -28,8 +28,9 @@ def trained_state(model):
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith(FROZEN)}
 
 
-def save_weights(model, path, meta: dict):
-    state = trained_state(model)
+def save_weights(model, path, meta: dict, state=None):
+    """model's `trained_state` (or `state`, one already taken) as safetensors with `meta` as JSON."""
+    state = trained_state(model) if state is None else state
     _atomic(lambda p: save_file(state, p, metadata={"vpd": json.dumps(meta)}), path)
 
 
