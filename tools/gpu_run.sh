@@ -4,7 +4,7 @@
 #   OUT=results bash tools/gpu_run.sh eager      # flash/bf16/compile checks, eager benchmarks, DDP demo (~9 min)
 #   OUT=results bash tools/gpu_run.sh compiled   # compiled bf16 at batch 16, NHWC: semseg step, UNet fwd+bwd (~9 min)
 #   OUT=results bash tools/gpu_run.sh graphs     # the semseg step at batch 2 under CUDA graphs (reduce-overhead, ~5 min)
-#   OUT=results bash tools/gpu_run.sh kernels    # compiled UNet fwd+bwd, batch 16: cuDNN attention / conv autotuning (~5 min)
+#   OUT=results bash tools/gpu_run.sh kernels    # compiled UNet fwd+bwd, batch 16: cuDNN attention / conv autotuning (~6 min)
 #   OUT=results bash tools/gpu_run.sh breakdown  # compiled VAE encoder alone; a kernel profile of the semseg step (~4 min)
 #   OUT=results bash tools/gpu_run.sh sweep      # compiled NHWC semseg step at batch 2 and 8: speed and peak memory (~6 min)
 # Compiling the full model takes minutes (about 4 on an H200), so each compiled row has a long timeout.
