@@ -8,8 +8,8 @@
 semseg: mIoU / aAcc / per-class IoU, sliding windows of the training crop (512, stride 341), optional
 multi-scale + flip. depth: the nine metrics with the Eigen crop (NYU) or Garg crop (KITTI), flip + two
 shifted windows. refer: oIoU, mIoU, precision@0.5:0.9 over every sentence. Results on stdout and in
-<out>/metrics_<dataset>_<split>[_<test-time options>].json (one file per protocol, default <out>: eval/
-next to the checkpoint); --save-vis writes coloured predictions. Under torchrun each sample is counted
+<out>/metrics_<dataset>[_<refer split set>]_<split>[_<test-time options>].json (one file per protocol;
+default <out>: eval/ next to the checkpoint); --save-vis writes coloured predictions. Under torchrun each sample is counted
 exactly once (no DistributedSampler padding).
 """
 import argparse
@@ -119,8 +119,9 @@ def _save_vis(task, out_dir, batch, pred):
 
 
 def metrics_name(protocol):
-    """metrics_<dataset>_<split>[_msflip][_noflip][_fullres][_first<N>].json: one file per protocol."""
-    tags = [protocol["dataset"], protocol["split"]]
+    """metrics_<dataset>[_<split_by>]_<split>[_msflip][_noflip][_fullres][_first<N>].json: one file per
+    protocol (split_by: refer's unc / umd / google split sets)."""
+    tags = [protocol["dataset"], *([protocol["split_by"]] if protocol["split_by"] else []), protocol["split"]]
     tags += [tag for tag, on in (("msflip", protocol["ms_flip"]), ("noflip", not protocol["flip"]),
                                  ("fullres", protocol["refer_full_res"])) if on]
     tags += [f"first{protocol['max_samples']}"] if protocol["max_samples"] else []
@@ -206,8 +207,8 @@ def main(args):
         n = len(ev.dataset) if args.max_samples is None else min(args.max_samples, len(ev.dataset))
         print(f"{ev.task} on {n} samples ({world} processes), {args.ckpt}")
         print(format_metrics(metrics, ADE20K_CLASSES if ev.task == "semseg" else None))
-        protocol = dict(dataset=ev.dataset_name, split=ev.split, ms_flip=args.ms_flip, flip=not args.no_flip,
-                        refer_full_res=args.refer_full_res, max_samples=args.max_samples)
+        protocol = dict(dataset=ev.dataset_name, split_by=ev.split_by, split=ev.split, ms_flip=args.ms_flip,
+                        flip=not args.no_flip, refer_full_res=args.refer_full_res, max_samples=args.max_samples)
         path = os.path.join(out, metrics_name(protocol))
         with open(path, "w") as f:
             json.dump(dict(ckpt=os.path.abspath(args.ckpt), task=ev.task, samples=n, **protocol, **metrics), f,

@@ -154,6 +154,9 @@ def main(args):
             raise SystemExit(f"--resume: cannot read the checkpoint in {args.out}: {type(e).__name__}: {e}") from None
         if state["args"]["task"] != args.task:
             raise SystemExit(f"--resume: {args.out} holds a {state['args']['task']} run, not {args.task}")
+        if "model" not in state:
+            raise SystemExit(f"--resume: {state_path} was written by an older train.py (no weights in it): "
+                             "start a fresh run in another --out")
         if len(state["ranks"]) != world:
             raise SystemExit(f"--resume: {args.out} was written by {len(state['ranks'])} processes, this run has {world}")
         changed = [k for k in RUN_SETTINGS if state["args"].get(k) != getattr(args, k, None)]
@@ -289,11 +292,11 @@ def main(args):
     print0(f"{args.task}: {len(train_set)} training samples, {total} steps of {args.batch_size} images "
            f"({world} processes x {micro} x {accum} accumulation), amp {args.amp}")
     bar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True)
-    if step == total and read_json(metrics_path).get("step") != total:  # the run ended during its last evaluation
-        run_eval()
     model.train()
     t0 = time.time()
     try:
+        if step == total and read_json(metrics_path).get("step") != total:  # the run ended in its last evaluation
+            run_eval()
         while step < stop:
             epoch = step // steps_per_epoch
             train_set.set_epoch(epoch)  # augmentations are a function of (seed, epoch, index)

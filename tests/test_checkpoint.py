@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from vpd.checkpoint import CheckpointError, load_checkpoint
+from vpd.checkpoint import CheckpointError, load_checkpoint, torch_load
 
 
 def toy():
@@ -123,6 +123,11 @@ def test_ckpt_with_lightning_objects_loads_and_other_objects_are_refused(tmp_pat
     torch.save({"state_dict": state, "hook": Hook()}, tmp_path / "other.ckpt")
     with pytest.raises(CheckpointError, match="test_checkpoint.Hook"):
         load_checkpoint(toy(), tmp_path / "other.ckpt", "model.x.")
+    # a class the caller allows, next to the stand-ins (VPD's refer file pickles its argparse args)
+    import argparse
+    torch.save({"model": state, "args": argparse.Namespace(lr=1e-4), "step": np.int64(3)}, tmp_path / "refer.pth")
+    obj = torch_load(tmp_path / "refer.pth", allow=[argparse.Namespace])
+    assert obj["args"].lr == 1e-4 and torch.equal(obj["model"]["model.x.0.weight"], state["model.x.0.weight"])
 
 
 class Hook:

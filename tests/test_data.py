@@ -217,6 +217,10 @@ def test_kitti_kb_crop_depth_scale_and_eval_mask(tmp_path):
         f"/data_depth_annotated/train/{drive}/proj_depth/groundtruth/image_02/0000000005.png\n")
     vpd_style = KITTI(str(tmp_path), split="test", list_file=str(tmp_path / "vpd_list.txt"))
     np.testing.assert_array_equal(vpd_style[0]["depth"].numpy(), s["depth"].numpy())
+    merged = tmp_path / "data_depth_annotated"  # the same list over merged train/ and val/ folders
+    (merged / "train" / drive).rename(merged / drive)
+    vpd_style = KITTI(str(tmp_path), split="test", list_file=str(tmp_path / "vpd_list.txt"))
+    np.testing.assert_array_equal(vpd_style[0]["depth"].numpy(), s["depth"].numpy())
 
 
 def test_nyu_eigen_mask():

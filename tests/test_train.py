@@ -390,6 +390,11 @@ def test_resume_keeps_the_runs_settings_and_survives_a_crash_in_save_or_final_ev
     os.remove(out / "model.safetensors")  # killed before the first weights file was in place
     train_here(args + ["--resume"])
     assert read_meta(str(out / "model.safetensors"))["step"] == STEPS
+    old = torch.load(out / "state.pt", weights_only=False)
+    del old["model"]  # a state.pt of the train.py before it carried the weights
+    torch.save(old, out / "state.pt")
+    with pytest.raises(SystemExit, match="written by an older train.py"):
+        train_here(args + ["--resume"])
     (out / "state.pt").write_bytes(b"truncated")
     with pytest.raises(SystemExit, match="--resume: cannot read the checkpoint in"):
         train_here(args + ["--resume"])
@@ -475,6 +480,10 @@ def test_eval_writes_one_metrics_file_per_protocol(world, tmp_path):
     b = json.load(open(tmp_path / "metrics_nyu_test_noflip_first2.json"))
     assert (a["flip"], b["flip"]) == (True, False) and a["samples"] == b["samples"] == 2
     assert a["rmse"] != b["rmse"]
+    refer = dict(dataset="refcocog", split_by="umd", split="val", ms_flip=False, flip=True, refer_full_res=False,
+                 max_samples=None)
+    assert eval_script.metrics_name(refer) == "metrics_refcocog_umd_val.json"
+    assert eval_script.metrics_name(dict(refer, split_by="google")) == "metrics_refcocog_google_val.json"
 
 
 def test_demo_resume_takes_its_own_files_named_relatively(world, tmp_path, monkeypatch):

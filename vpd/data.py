@@ -341,7 +341,8 @@ class KITTI(_DepthDataset):
 
     @staticmethod
     def _find_depth(gt_root, rel):
-        rel = rel.removeprefix("data_depth_annotated/")  # VPD/GLPDepth's lists name the folder itself
+        rel = rel.removeprefix("data_depth_annotated/")  # VPD/GLPDepth's lists name the folder itself,
+        rel = rel.split("/", 1)[1] if rel.startswith(("train/", "val/")) else rel  # and its train/ or val/
         for sub in ("", "train", "val"):
             p = os.path.join(gt_root, sub, rel)
             if os.path.isfile(p):

@@ -45,6 +45,11 @@ def forward_loss(model, raw, task, batch):
     return raw.loss(model(batch["image"], batch["tokens"]), batch["mask"].long())
 
 
+def refer_split_by(dataset, split_by=None):
+    """REFER's split set: the one given, else umd for RefCOCOg and unc for RefCOCO / RefCOCO+."""
+    return split_by or ("umd" if dataset == "refcocog" else "unc")
+
+
 def datasets(task, root, crop, seed=0, dataset=None, split_by=None, split=None, demo=False, scene_match="exact"):
     """(train_set, eval_set) of `task` under `root`; a clear error when the layout is not there.
     scene_match: how NYUv2 images get their scene type (data.NYUv2; "vpd" as the released model saw them)."""
@@ -63,7 +68,7 @@ def datasets(task, root, crop, seed=0, dataset=None, split_by=None, split=None, 
             return (data.ADE20K(root, "training", crop=(crop, crop), scale=scale, seed=seed),
                     data.ADE20K(root, "validation", train=False, scale=scale))
         tok = Tokenizer().encode
-        kw = dict(dataset=dataset or "refcoco", split_by=split_by or ("umd" if dataset == "refcocog" else "unc"),
+        kw = dict(dataset=dataset or "refcoco", split_by=refer_split_by(dataset, split_by),
                   tokenizer=tok, max_tokens=77 if dataset == "refcocog" else 40, size=(crop, crop))
         return (data.RefCOCO(root, split="train", seed=seed, **kw),
                 data.RefCOCO(root, split=split or EVAL_SPLITS[task], train=False, **kw))
@@ -196,11 +201,12 @@ def build_eval(args, device):
     crop = meta["args"]["crop"] if "args" in meta else (480 if task == "depth" else 512)
     # the released depth model was trained with VPD's substring scene match (study_room -> study)
     dataset = args.dataset or meta.get("dataset") or DATASETS[task][0]
-    _, eval_set = datasets(task, root, crop, dataset=dataset, split_by=args.split_by, split=args.split,
+    split_by = refer_split_by(dataset, args.split_by) if task == "refer" else None
+    _, eval_set = datasets(task, root, crop, dataset=dataset, split_by=split_by, split=args.split,
                            demo=meta.get("demo", False), scene_match="vpd" if meta.get("official") else "exact")
     return SimpleNamespace(model=model.to(device), task=task, dataset=eval_set, depth_crop=meta.get("depth_crop"),
                            max_depth=getattr(model, "max_depth", 10.0), crop=crop, dataset_name=dataset,
-                           split=args.split or EVAL_SPLITS[task])
+                           split_by=split_by, split=args.split or EVAL_SPLITS[task])
 
 
 class ConstantDepth(nn.Module):
