@@ -331,6 +331,9 @@ def main(args):
                     lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_scale"]
                     rec = dict(step=step, loss=loss_avg, lr=lr, ms=1000 * dt / (step - last),
                                img_s=(step - last) * args.batch_size / dt)
+                    if device.type == "cuda":  # this rank's peak since the last log line, to size batches by
+                        rec["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+                        torch.cuda.reset_peak_memory_stats(device)
                     if not np.isfinite(loss_avg):
                         raise SystemExit(f"loss is {loss_avg} at step {step}: stopping (lower --lr or use --amp bf16)")
                     bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", img_s=f"{rec['img_s']:.1f}")
