@@ -29,6 +29,8 @@ tensor MiB: the peak of the bytes held by tensors created during one more iterat
 exact and allocator-independent on any device, blind to workspaces an op frees before returning;
 counts new gradients in full (peak MiB nets them against the freed old ones); not measured with
 --compile.
+attention: the scaled-dot-product-attention ops one more iteration dispatches (lines under the
+table, `attention_ops` in the JSON): which kernel (flash, efficient, cuDNN, math) really ran.
 TFLOP/s: analytic FLOPs (vpd/flops.py) per iteration / time; % peak: of the dense bf16 peak of the
 GPU (table below), whatever --dtype is.
 """
@@ -183,6 +185,8 @@ def run_pair(name, fns, flops_per_iter, batch, args, device):
                 times[impl].append(timed(fns[impl], device))
     if args.profile:
         profile_into(args.profile, name, fns, device)
+    # which SDPA kernels ran (flash, efficient, cuDNN, math): compiled graphs fix theirs when traced
+    attention = {impl: attention_ops(fns[impl]) for impl in impls}
     skips = counters["inductor"]["cudagraph_skips"] - skips_before
     if graphs and skips:
         print(f"warning: {name}: inductor skipped CUDA graphs {skips} time(s); TORCH_LOGS=cudagraphs says why",
@@ -197,7 +201,7 @@ def run_pair(name, fns, flops_per_iter, batch, args, device):
                          pct_peak=100 * tflops / args.peak_tflops if args.peak_tflops else None,
                          gflop_per_iter=flops_per_iter / 1e9, ms_min=1000 * min(times[impl]),
                          ms_all=[1000 * t for t in times[impl]], peak_mib_all=peaks[impl],
-                         cudagraph_skips=skips if graphs else None))
+                         cudagraph_skips=skips if graphs else None, attention_ops=attention[impl]))
     if "ref" in fns:
         ours, ref = rows
         ours["ours_ref_ms"] = ours["ms"] / ref["ms"]
@@ -206,6 +210,14 @@ def run_pair(name, fns, flops_per_iter, batch, args, device):
         ours["ours_ref_mem"] = ours["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] else None
         ours["ours_ref_tensor_mem"] = ours["tensor_mib"] / ref["tensor_mib"] if ref["tensor_mib"] else None
     return rows
+
+
+def attention_ops(fn):
+    """The scaled-dot-product-attention ops one more call of `fn` dispatches (none under CUDA graphs,
+    whose replay dispatches no op)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sorted({e.key for e in prof.key_averages() if "scaled_dot_product" in e.key})
 
 
 def profile_into(path, name, fns, device):
@@ -545,6 +557,8 @@ def main(args):
     with sdpa_kernel(order, set_priority=True) if args.sdpa == "cudnn" else nullcontext():
         rows = run_rows(args, device, cfgs, gen, which, tasks, batches)
     print_table(rows)
+    for r in rows:
+        print(f"attention in {r['name']} / {r['impl']}: {', '.join(r['attention_ops']) or '-'}")
     if args.json:
         meta = {k: v for k, v in vars(args).items() if k != "autocast"}
         with open(args.json, "w") as f:

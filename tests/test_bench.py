@@ -17,6 +17,7 @@ def test_bench_rows_and_json(tmp_path, no_ref):
     assert [(r["name"], r["impl"]) for r in rows] == want
     for r in rows:
         assert r["ms"] > 0 and r["tflops"] > 0 and r["tensor_mib"] > 0
+        assert r["attention_ops"] and all("scaled_dot_product" in op for op in r["attention_ops"]), r
         if r["name"] != "train_semseg":
             # the two sides were checked to compute the same function before timing
             assert (r["check_rel_err"] is None) == no_ref and (no_ref or r["check_rel_err"] < 1e-3)
