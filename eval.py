@@ -9,8 +9,8 @@ semseg: mIoU / aAcc / per-class IoU, sliding windows of the training crop (512, 
 multi-scale + flip. depth: the nine metrics with the Eigen crop (NYU) or Garg crop (KITTI), flip + two
 shifted windows. refer: oIoU, mIoU, precision@0.5:0.9 over every sentence. Results on stdout and in
 <out>/metrics_<dataset>[_<refer split set>]_<split>[_<test-time options>].json (one file per protocol;
-default <out>: eval/ next to the checkpoint); --save-vis writes coloured predictions. Under torchrun each sample is counted
-exactly once (no DistributedSampler padding).
+default <out>: eval/ next to the checkpoint); --save-vis writes coloured predictions. Under torchrun
+each sample is counted exactly once (no DistributedSampler padding).
 """
 import argparse
 import json
