@@ -393,6 +393,8 @@ def test_semseg_crop_padding_is_ignored_and_cat_max_ratio_skips_ignored_pixels()
     img, label = rng.uniform(0, 255, (64, 64, 3)).astype(np.float32), rng.integers(0, 5, (64, 64))
     x, y = T.semseg_train(img, label, T.sample_rng(0, 0, 0), ratio_range=(0.5, 0.5))  # 64x64 -> 256x256
     assert (y[256:] == 255).all() and (y[:, 256:] == 255).all() and (y[:256, :256] != 255).all()
+    # mmseg pads after Normalize with pad_val=0: 0 in the network's [-1, 1] input, not black (-1)
+    assert (x[:, 256:] == 0).all() and (x[:, :, 256:] == 0).all()
     # the left 2x2 box holds one labelled class (and ignored pixels): always refused for the right one
     two = np.array([[255, 0, 1], [255, 0, 1]])
     assert all(T.crop_with_cat_max_ratio(two, (2, 2), T.sample_rng(s, 0, 0))[1] == 1 for s in range(30))
@@ -441,3 +443,63 @@ def test_ade20k_evaluation_view_is_resized_without_antialiasing(tmp_path):
     x = ADE20K(str(tmp_path), "validation", train=False, scale=(8, 4))[0]["image"]  # short side 8 -> 4
     blocks = decoded.reshape(4, 2, 4, 2, 3).mean((1, 3))
     torch.testing.assert_close(x, torch.from_numpy(blocks).permute(2, 0, 1) / 127.5 - 1, atol=1e-5, rtol=0)
+
+
+def test_cat_max_ratio_refuses_a_crop_at_exactly_the_ratio():
+    # mmseg keeps a crop only when the largest class covers strictly less than cat_max_ratio
+    label = np.zeros((4, 8), np.int64)
+    label[:, 3:5] = 1
+    # first box (0, 0): columns 0..3 hold 12 zeros and 4 ones, 12/16 = 0.75 exactly -> refused;
+    # second box (0, 2): columns 2..5 hold 8 and 8 -> kept
+    assert T.crop_with_cat_max_ratio(label, (4, 4), Scripted(0, 0, 0, 2)) == (0, 2)
+
+
+def test_photometric_distortion_clips_brightness_and_saturation_like_mmseg():
+    # mmseg's convert() clips every step to the valid range: brightness to [0, 255], saturation to its maximum
+    grey = np.full((1, 1, 3), 240.0, np.float32)
+    # brightness on with delta +32; contrast last; saturation, hue and contrast off: 272 -> 255
+    out = T.photometric_distortion(grey, Scripted(1, 32.0, 0, 0, 0, 0))
+    assert out.tolist() == [[[255.0, 255.0, 255.0]]]
+    red = np.full((1, 1, 3), (200.0, 50.0, 50.0), np.float32)  # hue 0, saturation 0.75, value 200
+    # saturation x1.5 -> 1.125, clipped to 1: the minimum channel becomes 200 * (1 - 1) = 0
+    out = T.photometric_distortion(red, Scripted(0, 0, 1, 1.5, 0, 0))
+    np.testing.assert_allclose(out[0, 0], [200.0, 0.0, 0.0], atol=1e-3)
+
+
+def test_semseg_flip_mirrors_image_and_label_left_right_together():
+    # mmseg RandomFlip (horizontal, p = 0.5); resize at ratio 1 to the same size is the identity here
+    rng = np.random.default_rng(0)
+    img = rng.uniform(0, 255, (8, 12, 3)).astype(np.float32)
+    label = rng.integers(0, 5, (8, 12))
+    kw = dict(scale=(12, 8), crop=(8, 12), cat_max_ratio=1.0)
+    photometric_off = (0, 0, 0, 0, 0)
+    for flip_draw, cols in ((0.1, slice(None, None, -1)), (0.9, slice(None))):
+        x, y = T.semseg_train(img, label, Scripted(1.0, 0, 0, flip_draw, *photometric_off), **kw)
+        np.testing.assert_array_equal(y.numpy(), label[:, cols])
+        torch.testing.assert_close(x, torch.from_numpy(img[:, cols] / 127.5 - 1).permute(2, 0, 1).float())
+
+
+def test_cut_depth_stripe_is_at_least_one_column_and_clipped_to_white():
+    img, depth = np.zeros((4, 10, 3), np.float32), np.full((4, 10), 15.0, np.float32)  # deeper than max_depth
+    # a = 0.5, b = 0: int(max((10 - 5) * 0 * 0.75, 1)) = 1 column, at 5; 15 m / 10 m * 255 is clipped to 255
+    out = T.cut_depth(img, depth, Scripted(0.5, 0.0), max_depth=10.0)
+    assert np.flatnonzero(out[0, :, 0]).tolist() == [5]
+    assert np.all(out[:, 5] == 255.0)
+
+
+def test_depth_hue_saturation_value_shifts_are_in_opencv_8bit_units():
+    # albumentations HueSaturationValue on uint8 images: hue in 180-per-turn units, saturation/value in 0..255
+    img = np.full((2, 2, 3), (200.0, 50.0, 50.0), np.float32)  # hue 0, s = 0.75, v = 200
+    draws = Scripted(0.9, 0.9, 0, 0,  # no CutDepth, no flip, crop at (0, 0)
+                     0.9, 0.9,  # no brightness/contrast, no gamma
+                     0.1, 10.0, 51.0, 20.0)  # HSV on: hue +10 (20 degrees), saturation +51, value +20
+    x, _ = T.depth_train(img, np.ones((2, 2), np.float32), draws, (2, 2))
+    # s = 0.75 + 51/255 = 0.95, v = 220: max 220, min 220 * 0.05 = 11, at 20 degrees G = 11 + 209 * 20/60
+    expected = torch.tensor([220.0, 11.0 + 209.0 / 3.0, 11.0])
+    torch.testing.assert_close((x[:, 0, 0] + 1) * 127.5, expected, atol=1e-3, rtol=0)
+
+
+def test_depth_crop_larger_than_the_image_in_one_side_is_an_error():
+    with pytest.raises(ValueError, match="smaller than the crop"):
+        T.depth_train(np.zeros((40, 30, 3), np.float32), np.ones((40, 30), np.float32), T.sample_rng(0, 0, 0),
+                      (32, 32))

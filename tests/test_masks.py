@@ -60,6 +60,8 @@ def test_rle_round_trip_random_masks():
 def test_bad_rle_is_rejected():
     with pytest.raises(ValueError, match="sum to 5"):
         rle_decode({"size": [2, 3], "counts": [1, 4]})
+    with pytest.raises(ValueError, match="non-negative"):
+        rle_decode({"size": [2, 3], "counts": [3, -1, 4]})  # sums to 6: only the sign check sees it
     with pytest.raises(ValueError, match="size"):
         segmentation_to_mask({"size": [2, 3], "counts": [6]}, 3, 2)
 
@@ -116,3 +118,36 @@ def test_slanted_polygon_takes_the_pixels_whose_centres_are_inside():
     mask = polygon_to_mask([[0, 0, 5, 0, 0, 4]], 4, 6)
     assert mask.sum(1).tolist() == [4, 3, 2, 1]
     assert all(mask[y, :w].all() and not mask[y, w:].any() for y, w in enumerate([4, 3, 2, 1]))
+
+
+def test_overlapping_polygons_give_their_union():
+    a, b = [0, 0, 4, 0, 4, 4, 0, 4], [2, 2, 6, 2, 6, 6, 2, 6]
+    expected = np.zeros((7, 7), np.uint8)
+    expected[0:4, 0:4] = 1
+    expected[2:6, 2:6] = 1  # the overlap 2:4 x 2:4 stays set
+    np.testing.assert_array_equal(polygon_to_mask([a, b], 7, 7), expected)
+
+
+def test_vertex_on_a_row_centre_is_crossed_once():
+    # a 6 x 4 rectangle with an extra collinear vertex on its right side at y = 1.5 (row 1's centre)
+    # is still that rectangle: the two edges meeting there must count as one crossing
+    m = polygon_to_mask([[0, 0, 6, 0, 6, 1.5, 6, 4, 0, 4]], 5, 8)
+    expected = np.zeros((5, 8), np.uint8)
+    expected[:4, :6] = 1
+    np.testing.assert_array_equal(m, expected)
+
+
+def test_polygon_reaching_past_the_right_border_is_clipped_not_cut():
+    # x from 2 to 20 in a 10-wide image: columns 2..9 are inside (the crossing at 20 lies off the image)
+    m = polygon_to_mask([[2, 1, 20, 1, 20, 3, 2, 3]], 4, 10)
+    expected = np.zeros((4, 10), np.uint8)
+    expected[1:3, 2:] = 1
+    np.testing.assert_array_equal(m, expected)
+
+
+def test_traced_rectangle_is_its_four_corners():
+    m = np.zeros((6, 8), np.uint8)
+    m[1:4, 2:6] = 1
+    polys = mask_to_polygons(m)
+    assert len(polys) == 1 and len(polys[0]) == 8  # collinear points along the sides are dropped
+    assert {tuple(polys[0][i:i + 2]) for i in range(0, 8, 2)} == {(2.0, 1.0), (6.0, 1.0), (6.0, 4.0), (2.0, 4.0)}

@@ -103,3 +103,17 @@ def test_unknown_schedule():
 def test_poly_with_a_floor_is_mmcvs():
     # mmcv PolyLrUpdaterHook: (base - min) * (1 - t/T)^p + min, here as a factor of base with min = 0.1 base
     assert lr_factor(50, 100, "poly", min_ratio=0.1) == pytest.approx(0.9 * 0.5 + 0.1)
+
+
+def test_poly_past_the_end_stays_at_the_floor():
+    # past `total` (e.g. a last partial step) the poly factor stays at min_ratio instead of going
+    # negative (power 1) or complex (power 0.9)
+    assert lr_factor(120, 100, "poly") == 0.0
+    assert lr_factor(120, 100, "poly", power=0.9, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_adamw_hyperparameters_are_the_recipes(model):
+    # mmseg config / GLPDepth / LAVT: AdamW with betas (0.9, 0.999) and torch's eps 1e-8
+    opt = build_optimizer(model, 8e-5, 1e-3, 0.1)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert all(g["betas"] == (0.9, 0.999) and g["eps"] == 1e-8 for g in opt.param_groups)

@@ -29,3 +29,21 @@ def test_ranks_and_accumulation_steps_share_out_an_epoch():
     seen = [i for rank in range(world)
             for batch in GlobalBatchSampler(n, micro, world, rank, accum, seed=0, epoch=0) for i in batch]
     assert sorted(seen) == list(range(n))
+
+
+def test_micro_batch_order_is_the_same_for_any_split_of_a_global_batch():
+    # micro-batch a * world + rank: 4 ranks, 2 ranks x 2 accumulations and 1 rank x 4 see one sequence
+    four = batches(40, micro=2, world=4, accum=1)
+    assert four == batches(40, micro=2, world=2, accum=2) == batches(40, micro=2, world=1, accum=4)
+
+
+def test_len_is_the_number_of_micro_batches_yielded():
+    for start in (0, 2):
+        s = GlobalBatchSampler(50, 2, 2, 1, 3, seed=0, epoch=0, start_step=start)
+        assert len(s) == len(list(s)) == (50 // 12 - start) * 3  # 4 steps of 12, 3 micro-batches each
+
+
+def test_seed_and_epoch_do_not_alias():
+    # seed 0's second epoch must not replay seed 1's first
+    assert list(GlobalBatchSampler(20, 2, 1, 0, 1, seed=1, epoch=0)) != \
+        list(GlobalBatchSampler(20, 2, 1, 0, 1, seed=0, epoch=1))

@@ -80,6 +80,8 @@ def test_depth_png16_round_trip_to_the_millimetre(tmp_path):
     assert np.abs(read_depth_png(path, 1000) - depth).max() <= 0.0005 + 1e-6
     with pytest.raises(ValueError, match="65.535"):
         save_depth_png16(np.full((2, 2), 70.0), tmp_path / "x.png")
+    with pytest.raises(ValueError, match="spans"):  # negative depth would wrap around in uint16
+        save_depth_png16(np.full((2, 2), -0.01), tmp_path / "x.png")
     with pytest.raises(ValueError, match="NaN"):
         save_depth_png16(np.full((2, 2), np.nan), tmp_path / "x.png")
     with pytest.raises(BadSampleError, match="missing.png"):
@@ -128,3 +130,38 @@ def test_plot_curves_errors(tmp_path):
     bad.write_text('{"step": 1, "loss": 1}\nnot json\n')
     with pytest.raises(ValueError, match="bad.jsonl:2"):
         plot_curves(bad, tmp_path / "x.png")
+
+
+def test_colorize_depth_of_a_constant_map_is_the_low_end():
+    # vmin == vmax (a flat prediction) is a valid range: every pixel at t = 0, no error
+    a = np.asarray(colorize_depth(np.full((2, 3), 2.5)))
+    assert (a == DEPTH_LUT[0]).all()
+
+
+def test_colorize_labels_refuses_ids_above_ignore_and_honours_other_ignore_indices():
+    with pytest.raises(ValueError, match=r"ids \[300\]"):
+        colorize_labels(np.array([[300, 0]]))
+    a = np.asarray(colorize_labels(np.array([[-1, 4]]), ignore_index=-1))
+    assert (a[0, 0] == 0).all() and (a[0, 1] == CLASS_PALETTE[4]).all()
+
+
+def test_axis_ticks_are_1_2_5_steps_that_cover_the_data():
+    from vpd.vis import _nice_ticks
+    ticks, lo, hi = _nice_ticks(0, 5)  # raw step (5 - 0) / 5 = 1 exactly: step 1
+    assert ticks == [0, 1, 2, 3, 4, 5] and (lo, hi) == (0, 5)
+    ticks, lo, hi = _nice_ticks(0, 0.95)  # raw 0.19 -> step 0.2, range rounded out to 1.0
+    assert ticks == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0]) and lo == 0 and hi == pytest.approx(1.0)
+
+
+def test_plot_curves_skips_non_finite_values_and_blank_lines(tmp_path):
+    # a NaN loss (a diverged step) and blank lines in the log leave the picture as without them
+    clean = records()
+    plot_curves(clean, tmp_path / "clean.png", width=400, panel_height=120)
+    log = tmp_path / "log.jsonl"
+    lines = [json.dumps(r) for r in clean]
+    lines.insert(3, json.dumps({"step": 15, "loss": float("nan")}))
+    lines.insert(5, "")
+    log.write_text("\n".join(lines) + "\n\n")
+    plot_curves(str(log), tmp_path / "noisy.png", width=400, panel_height=120)
+    with Image.open(tmp_path / "clean.png") as a, Image.open(tmp_path / "noisy.png") as b:
+        assert (np.asarray(a) == np.asarray(b)).all()

@@ -46,7 +46,7 @@ def rle_string_to_counts(s):
     """COCO's compressed counts string -> list of run lengths.
 
     Each count is written in 5-bit groups, least significant first, as chr(48 + group); bit 0x20
-    of a group means "more groups follow", bit 0x10 of the last group is the sign. From the third
+    of a group means "more groups follow", bit 0x10 of the last group is the sign. From the fourth
     count on, the value stored is the difference to the count two places earlier.
     """
     if isinstance(s, bytes):
