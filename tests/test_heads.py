@@ -85,6 +85,64 @@ def test_fpn_forward_matches_hand_written_semantic_fpn():
     torch.testing.assert_close(out[~dropped], 2 * x[~dropped])
 
 
+def test_fpn_sums_levels_resized_bilinearly_onto_the_finest():
+    # mmseg FPNHead: output + resize(scale_head(x), output size, bilinear, align_corners=False); with odd
+    # sizes the x2 upsampled coarse levels do not land exactly on the 1/8 map and that resize shows
+    chans = [8, 8, 8, 8]
+    head = FPNSegHead(chans, num_classes=3, channels=8).eval()
+    randomize_bn(head)
+    feats = pyramid(chans, h=10, w=14)  # 10x14, 5x7, 2x3, 1x1
+    seen = {}
+    for i, sh in enumerate(head.scale_heads):
+        sh.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out))
+    head.dropout.register_forward_pre_hook(lambda m, a: seen.update(summed=a[0]))
+    with torch.no_grad():
+        head(feats)
+    assert [tuple(seen[i].shape[-2:]) for i in range(4)] == [(10, 14), (10, 14), (8, 12), (8, 8)]
+    want = seen[0] + sum(F.interpolate(seen[i], size=(10, 14), mode="bilinear", align_corners=False)
+                         for i in range(1, 4))
+    torch.testing.assert_close(seen["summed"], want)
+
+
+def _uniform_bound_ok(w, bound):
+    return w.abs().max() <= bound and w.abs().max() > 0.9 * bound and abs(w.std() / (bound / 3 ** 0.5) - 1) < 0.1
+
+
+def test_fpn_init_is_mmseg_s():
+    # mmseg: neck convs Xavier-uniform (bias 0), head ConvModules Kaiming-normal fan_out (relu),
+    # conv_seg N(0, 0.01) with bias 0, BN at (1, 0)
+    torch.manual_seed(0)
+    head = FPNSegHead([64, 64, 64, 64], num_classes=150, channels=128)
+    for conv in [*head.lateral_convs, *head.fpn_convs]:
+        fan_in, fan_out = conv.in_channels * conv.kernel_size[0] ** 2, conv.out_channels * conv.kernel_size[0] ** 2
+        assert _uniform_bound_ok(conv.weight, (6 / (fan_in + fan_out)) ** 0.5)
+        assert not conv.bias.any()
+    convs = [m for m in head.scale_heads.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 7
+    for conv in convs:
+        assert abs(conv.weight.std() / (2 / (128 * 9)) ** 0.5 - 1) < 0.05
+    bns = [m for m in head.scale_heads.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(bool((b.weight == 1).all() and (b.bias == 0).all()) for b in bns)
+    assert abs(head.classifier.weight.std() / 0.01 - 1) < 0.05 and not head.classifier.bias.any()
+
+
+def test_depth_head_init_is_vpd_s():
+    # VPD: trunc_normal(std 0.02), bias 0 for layer1/layer2/out_layer; N(0, 0.001), bias 0 for the
+    # decoder (deconvs, conv, last_layer_depth); BN at (1, 0)
+    torch.manual_seed(0)
+    head = DepthHead([32, 32, 64, 64], fuse_channels=64, deconv_channels=32, out_channels=64)
+    fusing = [m for m in [*head.down8, *head.down16, *head.fuse] if isinstance(m, torch.nn.Conv2d)]
+    decoding = [m for m in [*head.deconv, *head.conv, *head.predict]
+                if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    assert len(fusing) == 4 and len(decoding) == 6
+    for m in fusing:
+        assert abs(m.weight.std() / 0.02 - 1) < 0.1 and m.weight.abs().max() <= 2.0
+    assert abs(torch.cat([m.weight.flatten() for m in decoding]).std() / 0.001 - 1) < 0.05
+    assert all(not m.bias.any() for m in fusing + decoding if m.bias is not None)
+    bns = [m for m in head.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(bool((b.weight == 1).all() and (b.bias == 0).all()) for b in bns)
+
+
 def test_depth_head_layers_match_vpd_for_sd():
     with torch.device("meta"):
         head = DepthHead(SD_DEPTH)
@@ -118,7 +176,7 @@ def test_depth_head_output_range_size_and_crop():
 
 def test_depth_head_matches_hand_written_decoder_with_crop():
     chans = [16, 16, 32, 32]
-    head = DepthHead(chans, fuse_channels=32, deconv_channels=8, out_channels=16).eval()
+    head = DepthHead(chans, max_depth=2.5, fuse_channels=32, deconv_channels=8, out_channels=16).eval()
     randomize_bn(head)
     with torch.no_grad():
         for m in [*head.deconv, *head.conv, *head.predict]:  # VPD's N(0, 0.001) init would flatten the output
@@ -134,14 +192,16 @@ def test_depth_head_matches_hand_written_decoder_with_crop():
     with torch.no_grad():
         d8 = head.down8[3](gn_relu(feats[0], head.down8[0], head.down8[1]))
         up64 = feats[3].repeat_interleave(2, -1).repeat_interleave(2, -2)  # nearest x2
-        x = gn_relu(torch.cat([d8, head.down16(feats[1]), feats[2], up64], 1), head.fuse[0], head.fuse[1])
+        c16 = head.down16[0]
+        d16 = F.conv2d(feats[1], c16.weight, c16.bias, stride=2, padding=1)  # VPD's layer2: one conv, nothing after
+        x = gn_relu(torch.cat([d8, d16, feats[2], up64], 1), head.fuse[0], head.fuse[1])
         x = x[:, :, :3, :5]  # VPD: [:, :, :-1, :-1], the last row and column dropped
         for i in range(0, len(head.deconv), 3):
             x = F.relu(bn(head.deconv[i](x), head.deconv[i + 1]))
         x = F.relu(bn(head.conv[0](x), head.conv[1]))
         for _ in range(2):  # VPD's Decoder.up, twice
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-        ref = torch.sigmoid(head.predict[2](F.relu(head.predict[0](x)))) * head.max_depth
+        ref = torch.sigmoid(head.predict[2](F.relu(head.predict[0](x)))) * 2.5  # sigmoid x max_depth
     assert out.shape == (2, 1, 96, 160)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 

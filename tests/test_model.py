@@ -235,6 +235,24 @@ def test_depth_pads_to_64_and_crops_the_fused_map():
         model(images(1, 80, 96), torch.tensor([0]))
 
 
+@pytest.mark.parametrize("h,w,padded,fused", [(96, 128, (128, 128), (3, 4)), (64, 96, (64, 128), (2, 3))])
+def test_depth_pads_and_crops_each_side_by_its_own_amount(h, w, padded, fused):
+    # only the side that is not a multiple of 64 is padded (bottom or right), and the fused 1/32 map
+    # is cut back to (h/32, w/32); each image gets the embedding of its own scene id
+    model = tiny("depth").eval()
+    x = images(2, h, w)
+    seen = {}
+    model.head.deconv.register_forward_pre_hook(lambda m, a: seen.update(fused=a[0]))
+    model.backbone.register_forward_pre_hook(lambda m, a: seen.update(padded=a[0], text=a[1]))
+    with torch.no_grad():
+        out = model(x, torch.tensor([4, 7]))
+    assert out.shape == (2, 1, h, w)
+    assert seen["padded"].shape[-2:] == padded and seen["fused"].shape[-2:] == fused
+    torch.testing.assert_close(seen["padded"][..., :h, :w], x)
+    assert seen["padded"][..., h:, :].abs().sum() == 0 and seen["padded"][..., :, w:].abs().sum() == 0
+    torch.testing.assert_close(seen["text"], model.class_embeddings[[4, 7]].view(2, 1, -1))
+
+
 def test_full_size_models_on_meta():
     with torch.device("meta"):
         seg, depth, refer = (build_model(t) for t in TASKS)
@@ -247,6 +265,7 @@ def test_full_size_models_on_meta():
         assert refer(torch.empty(1, 3, 512, 512), ids).shape == (1, 2, 512, 512)
     assert seg.head.in_channels == [320, 790, 1430, 1280]
     assert depth.head.in_channels == [320, 640, 1280, 1280]
+    assert seg.head.dropout.p == 0.1 and depth.head.max_depth == 10.0  # FPNHead dropout 0.1; NYUv2 10 m
     assert refer.head.in_channels == [320, 680, 1320, 1280]
     unet = sum(p.numel() for p in seg.backbone.unet.parameters())
     assert unet == 859_520_964 - (320 * 2 + 4 * 320 * 9 + 4)  # SD's UNet without its `out` head
@@ -336,6 +355,8 @@ def test_bad_inputs_are_refused():
         tiny("semseg")(images(1, 64, 96))
     with pytest.raises(ValueError, match="text_dim"):
         VPDBackbone(TINY_UNET, TINY_VAE, text_dim=768)
+    with pytest.raises(ValueError, match=r"must be .*\(2, N, "):  # per-image text for another batch size
+        VPDBackbone(TINY_UNET, TINY_VAE, text_dim=32)(images(2), torch.randn(1, 3, 32))
 
 
 def test_from_checkpoint_takes_unet_vae_and_clip_from_an_sd_file(tmp_path):

@@ -1,5 +1,6 @@
 """Class-name embeddings: the VPD recipe (pooled CLIP output averaged over the 80 ImageNet templates,
 no normalisation) and the on-disk cache (reused, invalidated by names or checkpoint identity)."""
+import importlib.util
 import os
 
 import pytest
@@ -46,6 +47,19 @@ def test_name_lists():
         "wall", "bed", "person", "flag")
 
 
+def test_templates_are_clips_80_imagenet_templates():
+    # the zero-shot templates of CLIP's ImageNet notebook, in its order, as open_clip ships them
+    # (read from its data file: importing open_clip itself needs torchvision)
+    spec = importlib.util.find_spec("open_clip")
+    path = os.path.join(os.path.dirname(spec.origin), "zero_shot_metadata.py") if spec else None
+    if path is None or not os.path.isfile(path):
+        pytest.skip("open_clip_torch not installed")
+    meta_spec = importlib.util.spec_from_file_location("open_clip_zero_shot_metadata", path)
+    meta = importlib.util.module_from_spec(meta_spec)
+    meta_spec.loader.exec_module(meta)
+    assert IMAGENET_TEMPLATES == [t("{}") for t in meta.OPENAI_IMAGENET_TEMPLATES]
+
+
 def test_embedding_is_mean_of_pooled_outputs_at_end_of_text(tok):
     clip = tiny_clip()
     names = ["living_room", "cafe"]
@@ -60,6 +74,25 @@ def test_embedding_is_mean_of_pooled_outputs_at_end_of_text(tok):
         torch.testing.assert_close(row, pooled.mean(0), rtol=1e-5, atol=1e-5)
     # no L2 normalisation anywhere
     assert not torch.allclose(got.norm(dim=-1), torch.ones(2))
+
+
+def test_long_prompts_are_truncated_to_20_positions(tok):
+    # VPD's FrozenCLIPEmbedderContext(max_length=20): BOS + at most 18 tokens + EOS; pooled at that EOS
+    clip = tiny_clip()
+    name = "tall wooden chest of drawers with many small brass handles beside a very old window"
+    ids = tok([t.format(name) for t in IMAGENET_TEMPLATES], max_length=77)
+    lengths = [r.tolist().index(49407) + 1 for r in ids]
+    assert max(lengths) > 20 and min(lengths) <= 20  # some prompts are cut, some are not
+    cut = torch.stack([torch.cat([r[:19], torch.tensor([49407])]) if n > 20 else r[:20] for r, n in zip(ids, lengths)])
+    with torch.no_grad():
+        hidden_cut, _ = clip(cut)
+        hidden_full, _ = clip(ids)
+    want = torch.stack([hidden_cut[i, min(n, 20) - 1] for i, n in enumerate(lengths)]).mean(0)
+    full = torch.stack([hidden_full[i, n - 1] for i, n in enumerate(lengths)]).mean(0)
+    assert not torch.allclose(want, full, atol=1e-3)
+    torch.testing.assert_close(class_embeddings([name], clip, tok)[0], want, rtol=1e-5, atol=1e-5)
+    # an explicit max_length is honoured: 77 positions cut nothing here
+    torch.testing.assert_close(class_embeddings([name], clip, tok, max_length=77)[0], full, rtol=1e-5, atol=1e-5)
 
 
 def test_cache_is_reused_and_invalidated(tmp_path, tok):
@@ -93,6 +126,37 @@ def test_cache_keyed_by_file_identity(tmp_path, tok):
     assert clip.calls == 2
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         file_identity(tmp_path / "nope.ckpt")
+
+
+def test_cache_holds_one_file_per_name_list(tmp_path, tok):
+    # two name lists used in turn (semseg and depth from one checkpoint) are both served from the cache
+    clip = Counting(tiny_clip())
+    for names in (["kitchen"], ["office"], ["kitchen"], ["office"]):
+        class_embeddings(names, clip, tok, cache_dir=tmp_path, ckpt_id="sd.ckpt:1:1")
+    assert clip.calls == 2 and len(os.listdir(tmp_path)) == 2
+
+
+def test_file_identity_sees_path_size_and_mtime(tmp_path):
+    a, b = tmp_path / "a" / "sd.ckpt", tmp_path / "b" / "sd.ckpt"
+    for p in (a, b):
+        p.parent.mkdir()
+        p.write_bytes(b"x" * 10)
+        os.utime(p, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
+    assert file_identity(a) != file_identity(b)  # same name, size and time, another file
+    before = file_identity(a)
+    a.write_bytes(b"y" * 10)  # rewritten in place: same size, new modification time
+    os.utime(a, ns=(1_700_000_001_000_000_000, 1_700_000_001_000_000_000))
+    assert file_identity(a) != before
+
+
+def test_fingerprint_sees_names_and_shapes():
+    def holder(name, shape):
+        m = nn.Module()
+        m.register_buffer(name, torch.arange(6.0).reshape(shape))
+        return m
+
+    prints = {weights_fingerprint(holder(n, s)) for n, s in [("w", (2, 3)), ("w", (3, 2)), ("v", (2, 3))]}
+    assert len(prints) == 3  # same bytes, told apart by shape or by name
 
 
 def test_fingerprint_sees_every_weight_and_bad_names_are_refused(tok):
