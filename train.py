@@ -266,10 +266,10 @@ def main(args):
     def run_eval():
         nonlocal evaluating
         evaluating = True
+        protocol = dict(workers=args.workers, depth_crop=task.meta["depth_crop"],  # the baseline's too
+                        max_depth=getattr(raw, "max_depth", 10.0), seg_crop=args.crop)
         try:
-            metrics = evaluate(raw, args.task, task.eval_set, device, autocast, args.eval_max, workers=args.workers,
-                               depth_crop=task.meta["depth_crop"], max_depth=getattr(raw, "max_depth", 10.0),
-                               seg_crop=args.crop)
+            metrics = evaluate(raw, args.task, task.eval_set, device, autocast, args.eval_max, **protocol)
         except ValueError as e:  # an unreadable evaluation file, or no valid ground truth
             raise SystemExit(f"evaluation after step {step}: {error_line(e)} (the checkpoint in {args.out} is "
                              f"at step {saved}: eval.py evaluates it)") from None
@@ -277,7 +277,7 @@ def main(args):
         if args.demo and step == total:  # the demo shows what training bought over a trivial predictor
             base_model, base_name = baseline_model(args.task, train_set)
             baseline = evaluate(base_model.to(device), args.task, task.eval_set, device, nullcontext, args.eval_max,
-                                workers=args.workers, depth_crop=task.meta["depth_crop"])
+                                **protocol)
         if master:
             print0(side_by_side(metrics, baseline, f"step {step}", base_name if baseline else None))
             with open(log_path, "a") as f:

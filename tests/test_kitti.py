@@ -38,15 +38,37 @@ def test_kitti_samples_carry_the_single_scene(tmp_path):
     assert ds[0]["scene_id"] == 0 and ds[0]["scene"] == KITTI_SCENES[0]
 
 
-def test_kitti_trains_evaluates_and_predicts(tmp_path):
+def test_kitti_trains_on_2_to_1_crops_and_is_scored_in_the_garg_crop(tmp_path):
+    from vpd.data import KB_CROP
+    from vpd.tasks import datasets, depth_crop
+    train_set, _ = datasets("depth", str(kitti_layout(tmp_path, 2)), 352, dataset="kitti")
+    assert train_set[0]["image"].shape[-2:] == (352, 704)  # the KB-cropped frame's height, half its width
+    assert depth_crop("depth", "kitti", demo=False) == "garg" and depth_crop("depth", "nyu", demo=False) == "eigen"
+    assert predict.default_size("depth", {"dataset": "kitti", "args": {"crop": 352}}) == KB_CROP[1] == 1216
+
+
+def test_kitti_trains_evaluates_and_predicts(tmp_path, monkeypatch):
+    import vpd.tasks
     root = kitti_layout(tmp_path / "kitti", 5)
     sd = write_random_sd(str(tmp_path / "sd.safetensors"))
     out = tmp_path / "run"
+    calls, evaluate, depth_crop = [], train.evaluate, vpd.tasks.depth_crop
+
+    def recording(model, *args, **kwargs):
+        calls.append(kwargs)
+        return evaluate(model, *args, **kwargs)
+    monkeypatch.setattr(train, "evaluate", recording)
+    # scored as a real (not --demo) KITTI run is: in the Garg crop, up to 80 m
+    monkeypatch.setattr(vpd.tasks, "depth_crop", lambda task, dataset, demo: depth_crop(task, dataset, False))
     train.main(train.get_args(["--demo", "--task", "depth", "--dataset", "kitti", "--sd-ckpt", sd,
                                "--data-root", str(root), "--out", str(out), "--crop", "64", "--iters", "2",
                                "--batch-size", "2", "--workers", "0", "--text-cache", str(tmp_path / "cache")]))
+    assert calls[0]["depth_crop"] == "garg" and calls[0]["max_depth"] == 80.0  # the model's evaluation
+    assert len(calls) == 2 and calls[1] == calls[0]  # the demo's baseline, scored on the same pixels
     metrics = json.loads((out / "metrics.json").read_text())
     assert np.isfinite(metrics["rmse"]) and np.isfinite(metrics["d1"])
+    from safetensors.torch import load_file
+    assert load_file(str(out / "model.safetensors"))["class_embeddings"].shape[0] == len(KITTI_SCENES) == 1
     photo = tmp_path / "street.png"
     Image.fromarray(np.full((90, 300, 3), 128, np.uint8)).save(photo)
     ckpt = str(out / "model.safetensors")
