@@ -79,6 +79,8 @@ def test_linear_weight_fits_1x1_conv():
         load_checkpoint(m, {"p.weight": torch.randn(4, 3), "p.bias": b}, "p.")
     with pytest.raises(CheckpointError, match="wrong shape"):  # a transposed linear, as torch refuses it too
         load_checkpoint(nn.Linear(3, 4), {"p.weight": torch.randn(3, 4), "p.bias": torch.randn(4)}, "p.")
+    with pytest.raises(CheckpointError, match="wrong shape"):  # only that way round: no 1x1 conv for a linear
+        load_checkpoint(nn.Linear(4, 3), {"p.weight": torch.randn(3, 4, 1, 1), "p.bias": b}, "p.")
 
 
 def test_modules_loaded_from_a_dict_own_their_tensors():
@@ -114,6 +116,8 @@ def test_ckpt_with_lightning_objects_loads_and_other_objects_are_refused(tmp_pat
     path = tmp_path / "sd.ckpt"
     torch.save({"state_dict": state, "global_step": np.int64(470000),
                 "callbacks": {ModelCheckpoint: {"best_model_score": None}, "obj": ModelCheckpoint()}}, path)
+    mixed = tmp_path / "mixed.ckpt"  # Lightning's objects and one that is not inert
+    torch.save({"state_dict": state, "callbacks": {"obj": ModelCheckpoint()}, "hook": Hook()}, mixed)
     monkeypatch.undo()  # the reader has no Lightning installed
     with torch.device("meta"):
         m = toy()
@@ -123,6 +127,8 @@ def test_ckpt_with_lightning_objects_loads_and_other_objects_are_refused(tmp_pat
     torch.save({"state_dict": state, "hook": Hook()}, tmp_path / "other.ckpt")
     with pytest.raises(CheckpointError, match="test_checkpoint.Hook"):
         load_checkpoint(toy(), tmp_path / "other.ckpt", "model.x.")
+    with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):  # stand-ins only if all are inert
+        load_checkpoint(toy(), mixed, "model.x.")
     # a class the caller allows, next to the stand-ins (VPD's refer file pickles its argparse args)
     import argparse
     torch.save({"model": state, "args": argparse.Namespace(lr=1e-4), "step": np.int64(3)}, tmp_path / "refer.pth")

@@ -74,6 +74,36 @@ def test_semseg_label_at_another_size_than_the_image():
     assert m["mIoU"] == 100
 
 
+def test_semseg_ms_flip_is_vpds_five_scales_each_flipped():
+    # VPD's --aug-test: ratios 1.0, 1.125, 1.25, 1.375, 1.5 of the test scale, each plain and flipped
+    calls = []
+
+    class Recorder(LabelFromImage):
+        def forward(self, x):
+            # the image's width (channel 2 is 1 on it, 0 on the padding); channel 1 marks its left edge
+            calls.append((int((x[0, 2, 0] != 0).sum()), bool(x[0, 1, 0, 0] == 0)))
+            return super().forward(x)
+
+    label = torch.ones(64, 64, dtype=torch.int64)
+    sample = seg_sample(label, 0)
+    sample["image"][1, :, 0] = 1.0
+    sample["image"][2] = 1.0
+    m = run(Recorder(), "semseg", [sample], ms_flip=True)
+    assert m["mIoU"] == 100
+    assert sorted(calls) == sorted((w, flipped) for w in (64, 72, 80, 88, 96) for flipped in (False, True))
+    calls.clear()
+    run(Recorder(), "semseg", [sample])  # single scale, no flip: the headline protocol
+    assert calls == [(64, False)]
+
+
+def test_evaluate_leaves_the_models_mode_as_it_was():
+    for training in (True, False):
+        model = ConstantClass(K, 1).train(training)
+        a, _ = seg_labels()
+        run(model, "semseg", [seg_sample(a, 0)])
+        assert model.training is training
+
+
 def test_semseg_max_samples_counts_only_those():
     a, b = seg_labels()
     m = run(ConstantClass(K, 1), "semseg", [seg_sample(a, 0), seg_sample(b, 1)], max_samples=1)
@@ -124,6 +154,24 @@ def test_depth_constant_model_by_hand():
     assert m["silog"] == pytest.approx(math.sqrt(mean_sq - 0.5 * mean ** 2))
 
 
+def test_depth_cap_is_the_models_max_depth():
+    # KITTI's 80 m: depths beyond NYU's 10 m are scored, and only those below the cap
+    gt = torch.full((32, 48), 20.0)
+    gt[:, 24:] = 40.0
+    gt[:, 40:] = 90.0  # beyond the cap: not scored
+    m = run(ConstantDepth(20.0), "depth", [depth_sample(gt, gt)], depth_crop=None, max_depth=80.0)
+    assert m["abs_rel"] == pytest.approx((24 * 0 + 16 * 0.5) / 40) and m["d1"] == pytest.approx(24 / 40)
+
+
+def test_depth_baseline_is_the_mean_of_valid_pixels():
+    from vpd.tasks import baseline_model
+    a, b = torch.zeros(1, 4, 4), torch.zeros(1, 4, 4)
+    a[0, 0, :2] = 2.0  # two measured pixels in one image, three in the other; zeros are no measurement
+    b[0, 1, :3] = 7.0
+    model, name = baseline_model("depth", [{"depth": a}, {"depth": b}])
+    assert model.depth == pytest.approx((2 * 2 + 3 * 7) / 5) and name == "mean depth 5.000 m"
+
+
 def test_depth_metrics_average_over_images():
     gt = torch.ones(32, 48)
     perfect = depth_sample(gt, gt)
@@ -145,6 +193,17 @@ def test_kitti_garg_crop_is_taken_on_the_original_frame():
     gt[347, 600] = 2.0  # one pixel of the crop's last row
     m = run(ConstantDepth(1.0), "depth", [sample], depth_crop="garg", max_depth=80.0)
     assert m["abs_rel"] == pytest.approx(0.5 / (218 * 1153))
+
+
+def test_kitti_eigen_crop_is_taken_on_the_original_frame():
+    # KITTI's Eigen crop: rows 0.3324..0.9135, cols 0.0359..0.9641 of the 375x1242 frame = rows 124:342,
+    # cols 44:1197 there; the KB crop starts at row 23, col 13: rows 101:319, cols 31:1184 of the map
+    gt = torch.full((352, 1216), 2.0)
+    gt[101:319, 31:1184] = 1.0
+    sample = {"image": torch.zeros(3, 352, 1216), "depth": gt[None], "orig_size": torch.tensor([375, 1242]),
+              "scene_id": 0, "index": 0}
+    m = run(ConstantDepth(1.0), "depth", [sample], depth_crop="kitti_eigen", max_depth=80.0)
+    assert m["abs_rel"] == 0 and m["d1"] == 1
 
 
 # ----------------------------------------------------------------------------- refer

@@ -156,6 +156,9 @@ def test_unknown_missing_and_misshapen_names_are_refused(tmp_path):
 
     with pytest.raises(CheckpointError, match=r"unknown names \(1\): decode_head\.extra\.weight"):
         load_official({**good, "decode_head.extra.weight": torch.zeros(1)}, "semseg")
+    # a rule without a trailing dot names one tensor: a longer name that starts like it is no match
+    with pytest.raises(CheckpointError, match=r"unknown names \(1\): gamma_ema"):
+        load_official({**good, "gamma_ema": torch.zeros(768)}, "semseg")
 
     no_group = {k: v for k, v in good.items() if not k.startswith("decode_head.conv_seg.")}
     with pytest.raises(CheckpointError, match=r"missing groups.*decode_head\.conv_seg\.\* -> head\.classifier\."):
@@ -175,6 +178,9 @@ def test_unknown_missing_and_misshapen_names_are_refused(tmp_path):
     depth = released_state("depth", tiny("depth"))
     with pytest.raises(CheckpointError, match="unknown names"):
         load_official(depth, "semseg")
+    # the UNet's unused `out` head is dropped from a depth file too (the released one had it deleted)
+    out_head = "encoder.unet.unet.diffusion_model.out.0.weight"
+    assert load_official({**depth, out_head: torch.ones(32)}, "depth").keys() == load_official(depth, "depth").keys()
     with pytest.raises(ValueError, match="unknown task"):
         load_official(good, "detection")
 

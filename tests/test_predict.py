@@ -278,3 +278,45 @@ def test_semseg_sliding_window_stride_is_mmsegs(monkeypatch):
     sample = {"image": torch.zeros(3, 8, 8), "orig_size": torch.tensor([8, 8])}
     predict.predict_semseg(model, sample, crop=512)
     assert seen == {"crop": 512, "stride": 341}  # VPD's test_cfg: crop (512, 512), stride (341, 341)
+
+
+def test_semseg_window_is_the_checkpoints_training_crop(world, tmp_path, monkeypatch):
+    # our semseg checkpoints name their training crop (128 here, not the paper's 512): it is the window
+    seen = []
+
+    def fake_probs(model, image, k, size, crop, stride):
+        seen.append(crop)
+        return torch.zeros(1, k, *size)
+
+    monkeypatch.setattr(predict, "semseg_probs", fake_probs)
+    run("--ckpt", checkpoint(world, "semseg"), "--size", SIZE, "--out", tmp_path, world.wide)
+    assert seen == [CROPS["semseg"]]
+
+
+class SceneRecorder(torch.nn.Module):
+    """A depth model that records the scene ids it is fed and predicts 1 m everywhere."""
+    max_depth = 10.0
+
+    def __init__(self, scenes=len(NYU_SCENES)):
+        super().__init__()
+        self.register_buffer("class_embeddings", torch.zeros(scenes, 8))
+        self.ids = []
+
+    def forward(self, x, ids):
+        self.ids += ids.tolist()
+        return torch.ones(x.shape[0], 1, *x.shape[-2:])
+
+
+def test_official_depth_model_is_fed_the_scene_row_it_was_trained_with(world, tmp_path, monkeypatch):
+    ckpt = tmp_path / "vpd_depth.ckpt"  # an official release: no metadata, --task given
+    ckpt.write_bytes(b"")
+    for official, row in ((True, "study"), (False, "study_room")):  # VPD's substring match for its release
+        model = SceneRecorder()
+        monkeypatch.setattr(predict, "load_model",
+                            lambda *a, m=model, o=official: (m, dict(task="depth", dataset=None, official=o)))
+        run("--task", "depth", "--ckpt", ckpt, "--size", SIZE, "--scene", "study_room", "--out", tmp_path / row,
+            world.wide)
+        assert model.ids and set(model.ids) == {NYU_SCENES.index(row)}
+    monkeypatch.setattr(predict, "load_model", lambda *a: (SceneRecorder(5), dict(task="depth", dataset=None)))
+    assert "has 5 scene embeddings, not NYUv2's 27" in error_of("--task", "depth", "--ckpt", ckpt, "--size", SIZE,
+                                                                "--out", tmp_path, world.wide)

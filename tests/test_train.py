@@ -80,8 +80,8 @@ def test_loss_falls(world, task):
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert metrics["step"] == STEPS and "baseline" in metrics  # the demo compares with a trivial predictor
     assert os.path.getsize(os.path.join(out, "curves.png")) > 0
-    assert not any(k.startswith(("_orig_mod.", "module.", "backbone.vae.")) for k in load_file(
-        os.path.join(out, "model.safetensors")))
+    assert not any(k.startswith(("_orig_mod.", "module.", "backbone.vae.", "clip.")) for k in load_file(
+        os.path.join(out, "model.safetensors")))  # frozen VAE / CLIP come from the SD file
 
 
 def test_resume_reproduces_the_uninterrupted_run(world):
@@ -105,6 +105,35 @@ def test_resume_reproduces_the_uninterrupted_run(world):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_resume_restores_the_grad_scaler(world, tmp_path, monkeypatch):
+    # fp16's loss scale is training state: a resumed run goes on from the scaler state.pt saved (here a
+    # stand-in scaler that counts its steps: real fp16 autocast takes seconds per step on a CPU)
+    class CountingScaler:
+        def __init__(self, device, enabled=True):
+            self.steps = 0
+
+        def scale(self, loss):
+            return loss
+
+        def step(self, optimizer):
+            optimizer.step()
+            self.steps += 1
+
+        def update(self):
+            pass
+
+        def state_dict(self):
+            return {"steps": self.steps}
+
+        def load_state_dict(self, state):
+            self.steps = state["steps"]
+    monkeypatch.setattr(torch.amp, "GradScaler", CountingScaler)
+    args = flags(world, "depth", tmp_path / "run", "--iters", 4, "--batch-size", 2, "--eval-max", 1)
+    train_here(args + ["--stop-after", "2"])
+    train_here(args + ["--resume"])
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=False)["scaler"] == {"steps": 4}
 
 
 def torchrun(script, argv, log_dir):
@@ -265,6 +294,13 @@ def test_weights_file_holds_trained_parts_and_checks_shapes(tmp_path):
     assert torch.equal(dst.head.weight, src.head.weight)
     with pytest.raises(ValueError, match="shapes differ"):
         load_weights(Toy(width=4), path)
+    bigger = Toy()
+    bigger.head2 = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"missing \['head2.bias', 'head2.weight'\], unexpected \[\]"):
+        load_weights(bigger, path)  # a tensor the model has and the file lacks: not left as initialised
+    save_weights(bigger, path, {"task": "depth"})
+    with pytest.raises(ValueError, match=r"missing \[\], unexpected \['head2.bias', 'head2.weight'\]"):
+        load_weights(Toy(), path)
     assert read_meta(str(tmp_path / "official.pth")) is None  # not ours: no metadata to read
 
 
@@ -391,6 +427,9 @@ def test_resume_keeps_the_runs_settings_and_survives_a_crash_in_save_or_final_ev
     train_here(args + ["--resume"])
     assert read_meta(str(out / "model.safetensors"))["step"] == STEPS
     old = torch.load(out / "state.pt", weights_only=False)
+    torch.save(dict(old, ranks=old["ranks"] * 2), out / "state.pt")  # written by a 2-process run
+    with pytest.raises(SystemExit, match="was written by 2 processes, this run has 1"):
+        train_here(args + ["--resume"])
     del old["model"]  # a state.pt of the train.py before it carried the weights
     torch.save(old, out / "state.pt")
     with pytest.raises(SystemExit, match="written by an older train.py"):
@@ -398,6 +437,72 @@ def test_resume_keeps_the_runs_settings_and_survives_a_crash_in_save_or_final_ev
     (out / "state.pt").write_bytes(b"truncated")
     with pytest.raises(SystemExit, match="--resume: cannot read the checkpoint in"):
         train_here(args + ["--resume"])
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "1e-3"), ("--seed", "1"), ("--crop", "128"),
+                                         ("--weight-decay", "0.5"), ("--unet-lr-mult", "0.1"),
+                                         ("--warmup-iters", "3"), ("--amp", "bf16")])
+def test_resume_refuses_each_changed_run_setting(world, flag, value):
+    ref = loss_run(world, "semseg")
+    args = flags(world, "semseg", ref, *LOSS_RUN, crop=LOSS_CROP["semseg"])
+    args = args[:args.index(flag)] + args[args.index(flag) + 2:] if flag in args else args
+    with pytest.raises(SystemExit, match=f"started with {flag} .*; pass the same values"):
+        train_here(args + [flag, value, "--resume"])
+
+
+def test_presets_are_the_papers_recipes():
+    # VPD_NOTES "Tasks": semseg AdamW 8e-5, wd 1e-3, UNet x0.1, 80k iters of 16, 512 crops, poly 1, 1500
+    # warmup iters; depth AdamW 5e-4, wd 0.1, UNet x0.01, 25 epochs of 24, 480 crops, 3e-5 -> 5e-4 -> 3e-5
+    # (power 0.9); refer AdamW 5e-5, wd 1e-2, UNet x1 (torch ignored lr_scale), 40 epochs of 32, 512, poly 0.9
+    real = ["--sd-ckpt", "sd.safetensors", "--data-root", "data"]
+    s, d, r = (train.get_args(["--task", t, *real]) for t in ("semseg", "depth", "refer"))
+    assert (s.lr, s.weight_decay, s.unet_lr_mult, s.iters, s.batch_size, s.crop, s.schedule, s.power,
+            s.warmup_iters) == (8e-5, 1e-3, 0.1, 80_000, 16, 512, "poly", 1.0, 1500)
+    assert (d.lr, d.weight_decay, d.unet_lr_mult, d.iters, d.epochs, d.batch_size, d.crop, d.schedule, d.power,
+            d.warmup_iters) == (5e-4, 0.1, 0.01, None, 25, 24, 480, "updown", 0.9, 0)
+    assert d.lr * d.min_lr_ratio == pytest.approx(3e-5)
+    assert (r.lr, r.weight_decay, r.unet_lr_mult, r.iters, r.epochs, r.batch_size, r.crop, r.schedule, r.power,
+            r.warmup_iters) == (5e-5, 1e-2, 1.0, None, 40, 32, 512, "poly", 0.9, 0)
+
+
+def test_each_epoch_reshuffles_and_reaugments(world, tmp_path, monkeypatch):
+    # 12 training images, batch 4: 3 steps per epoch, 3 epochs. Each epoch takes every image once, in a
+    # new order (the permutation of (seed, epoch)), with the dataset told its epoch before it loads
+    from vpd.data import NYUv2
+    seen, epochs, set_epoch = [], [], NYUv2.set_epoch
+
+    def recording(model, raw, task, batch):
+        seen.append(batch["index"].tolist())
+        return forward_loss(model, raw, task, batch)
+
+    def record_epoch(self, epoch):
+        epochs.append(epoch)
+        set_epoch(self, epoch)
+    forward_loss = train.forward_loss
+    monkeypatch.setattr(train, "forward_loss", recording)
+    monkeypatch.setattr(NYUv2, "set_epoch", record_epoch)
+    train_here(flags(world, "depth", tmp_path / "run", "--epochs", 3, "--batch-size", 4, "--eval-max", 1))
+    assert epochs == [0, 1, 2] and len(seen) == 9
+    orders = [sum(seen[3 * e:3 * e + 3], []) for e in range(3)]
+    assert all(sorted(o) == list(range(12)) for o in orders)
+    assert orders[0] != orders[1] and orders[1] != orders[2]
+
+
+def test_logged_loss_is_the_windows_mean_and_lr_peaks_at_half_the_epochs(world, tmp_path):
+    # 3 epochs of 3 steps: VPD's depth lr rises to --lr at the end of epoch epochs // 2 = 1 (step 3,
+    # the lr of step s being set before it), then falls; a log line holds the mean loss of its steps
+    common = ["--epochs", 3, "--batch-size", 4, "--eval-max", 1, "--lr", 1e-3]
+    train_here(flags(world, "depth", tmp_path / "every", *common))
+    train_here(flags(world, "depth", tmp_path / "pairs", *common, "--log-every", 2))
+    every, pairs = losses(tmp_path / "every"), losses(tmp_path / "pairs")
+    assert [s for s, _, _ in every] == list(range(1, 10)) and [s for s, _, _ in pairs] == [2, 4, 6, 8, 9]
+    lrs = [lr for _, _, lr in every]
+    assert lrs.index(max(lrs)) == 2 and max(lrs) == pytest.approx(1e-3, rel=1e-12)
+    assert lrs[:3] == sorted(lrs[:3]) and lrs[2:] == sorted(lrs[2:], reverse=True)
+    loss = {s: l for s, l, _ in every}
+    for s, l, _ in pairs:
+        want = loss[s] if s == 9 else (loss[s - 1] + loss[s]) / 2  # step 9: a window of one step
+        assert l == pytest.approx(want, rel=1e-5), s
 
 
 def test_epochs_alone_set_the_length_and_a_fresh_run_clears_an_unsaved_runs_log(world, tmp_path):
@@ -424,6 +529,32 @@ def test_dataset_names_are_checked(world):
         datasets("depth", root, 32, dataset="kitti")  # an NYUv2 root is no KITTI root
     train_set, _ = datasets("depth", root, 32, dataset="nyu")
     assert "scene_id" in train_set[0]
+
+
+def test_semseg_training_evaluates_with_windows_of_its_crop(world, tmp_path, monkeypatch):
+    # the evaluation during training slides windows of the training crop (64 here), as eval.py does
+    calls, evaluate = [], train.evaluate
+
+    def recording(model, *args, **kwargs):
+        calls.append(kwargs)
+        return evaluate(model, *args, **kwargs)
+    monkeypatch.setattr(train, "evaluate", recording)
+    train_here(flags(world, "semseg", tmp_path / "run", "--iters", 1, "--batch-size", 2, "--eval-max", 1))
+    assert calls[0]["seg_crop"] == 64
+
+
+def test_refcocog_takes_77_tokens_and_the_umd_split(monkeypatch):
+    # VPD_NOTES: sentences of 40 tokens, 77 for G-Ref (UMD split); RefCOCO / RefCOCO+ on the UNC split
+    import vpd.data
+    from vpd.tasks import datasets, model_kwargs
+    seen = []
+    monkeypatch.setattr(vpd.data, "RefCOCO", lambda root, **kw: seen.append((kw["dataset"], kw["split_by"],
+                                                                              kw["max_tokens"])))
+    for name in ("refcocog", "refcoco", "refcoco+"):
+        datasets("refer", "root", 64, dataset=name)
+    assert seen == [(d, s, n) for d, s, n in [("refcocog", "umd", 77), ("refcoco", "unc", 40),
+                                               ("refcoco+", "unc", 40)] for _ in ("train", "eval")]
+    assert [model_kwargs("refer", None, False, d)["max_tokens"] for d in ("refcocog", "refcoco")] == [77, 40]
 
 
 def test_eval_uses_the_training_crop(world, tmp_path):
