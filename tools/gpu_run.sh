@@ -4,7 +4,8 @@
 #   OUT=results bash tools/gpu_run.sh eager      # flash/bf16/compile checks, eager benchmarks, DDP demo (~9 min)
 #   OUT=results bash tools/gpu_run.sh compiled   # compiled bf16 at batch 16, NHWC: semseg step, UNet fwd+bwd (~9 min)
 #   OUT=results bash tools/gpu_run.sh graphs     # the semseg step at batch 2 under CUDA graphs (reduce-overhead, ~5 min)
-#   OUT=results bash tools/gpu_run.sh kernels    # compiled UNet fwd+bwd, batch 16: cuDNN attention / conv autotuning (~6 min)
+#   OUT=results bash tools/gpu_run.sh kernels    # SD's attention and conv shapes under each kernel choice, eager (~2 min)
+#   OUT=results bash tools/gpu_run.sh cudnn      # compiled UNet fwd+bwd, batch 16: cuDNN attention / conv autotuning (~6 min)
 #   OUT=results bash tools/gpu_run.sh breakdown  # compiled VAE encoder alone; a kernel profile of the semseg step (~4 min)
 #   OUT=results bash tools/gpu_run.sh sweep      # compiled NHWC semseg step at batch 2 and 8: speed and peak memory (~6 min)
 # Compiling the full model takes minutes (about 4 on an H200), so each compiled row has a long timeout.
@@ -25,7 +26,11 @@ compiled)
   timeout 240 $B --batch 16 --dtype bf16 --compile --channels-last --no-ref --which unet_fwdbwd --iters 5 --warmup 2 --json "$OUT/compiled_unet16.json" 2>&1 | tee "$OUT/compiled_unet16.txt" ;;
 graphs)
   timeout 300 $B --batch 2 --dtype bf16 --compile --compile-mode reduce-overhead --channels-last --which train_semseg --iters 10 --warmup 3 --json "$OUT/graphs_semseg2.json" 2>&1 | tee "$OUT/graphs_semseg2.txt" ;;
-kernels)  # the same run three times on one machine; the caches make the later compiles shorter, but the
+kernels)  # where the UNet's time goes, and whether another attention or convolution kernel would pay
+  for b in 16 2; do
+    timeout 100 python3 bench_kernels.py --batch $b --res 512 --json "$OUT/kernels$b.json" 2>&1 | tee "$OUT/kernels$b.txt"
+  done ;;
+cudnn)  # the same run three times on one machine; the caches make the later compiles shorter, but the
   # cuDNN-attention run must not take the first run's traced graph (the SDPA priority is not in the cache key)
   U="$B --batch 16 --dtype bf16 --compile --channels-last --no-ref --which unet_fwdbwd --iters 5 --warmup 2"
   timeout 220 $U --json "$OUT/unet16_default.json" 2>&1 | tee "$OUT/unet16_default.txt"
@@ -39,5 +44,5 @@ breakdown)  # where the semseg step's time goes beyond the UNet (240 ms against 
 sweep)
   timeout 450 $B --dtype bf16 --compile --channels-last --which "" --sweep-batch 2,8 --iters 5 --warmup 2 \
     --json "$OUT/compiled_sweep.json" 2>&1 | tee "$OUT/compiled_sweep.txt" ;;
-*) echo "usage: bash tools/gpu_run.sh eager|compiled|graphs|kernels|breakdown|sweep" >&2; exit 2 ;;
+*) echo "usage: bash tools/gpu_run.sh eager|compiled|graphs|kernels|cudnn|breakdown|sweep" >&2; exit 2 ;;
 esac

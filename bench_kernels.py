@@ -1,0 +1,182 @@
+"""Which kernels suit SD's attention and convolutions on this GPU, in about a minute, without compiling.
+
+Runs the UNet once on the meta device to list its attention and convolution shapes at the given
+size, then times each distinct shape forward + backward, eagerly:
+  attention   every SDPA kernel that takes the shape (flash, efficient, cuDNN, math)
+  convolution cuDNN's default choice, then with cudnn.benchmark (autotuned per shape)
+and sums the times over the UNet's layers. Each shape is timed alone, so the sums leave out what runs
+between the kernels (norms, GEGLU, copies): set against the UNet's measured step they show the
+share of attention and convolutions, and what a kernel choice could gain. TFLOP/s: 3x the forward's
+FLOPs (two backward matmuls per forward one), as vpd/flops.py counts them, at the row's fastest kernel.
+Every attention layer is timed as SDPA, also the few whose maps VPD keeps (an explicit softmax there).
+
+    python bench_kernels.py --batch 16 --res 512                       # bf16, SD v1.5, on the GPU
+    python bench_kernels.py --device cpu --size tiny --dtype fp32 --res 64 --iters 2
+"""
+import argparse
+import json
+import statistics
+import time
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from vpd.demo import TINY_UNET
+from vpd.unet import CrossAttention, UNet, UNetConfig
+
+BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+
+
+def layer_shapes(cfg, batch, res, n_text):
+    """Counters of the UNet's attention shapes (B, heads, Lq, Lk, d) and convolutions
+    (input shape, weight shape, stride, padding) at a res x res image (latent res / 8)."""
+    with torch.device("meta"):
+        unet = UNet(cfg)
+        x = torch.empty(batch, cfg.in_channels, res // 8, res // 8)
+        context = torch.empty(batch, n_text, cfg.context_dim)
+    attn, conv = Counter(), Counter()
+
+    def on_attention(module, args, kwargs):
+        x, context = args[0], kwargs.get("context", args[1] if len(args) > 1 else None)
+        lk = x.shape[1] if context is None else context.shape[1]
+        attn[(x.shape[0], module.heads, x.shape[1], lk, module.to_q.out_features // module.heads)] += 1
+
+    def on_conv(module, args):
+        conv[(tuple(args[0].shape), tuple(module.weight.shape), module.stride, module.padding)] += 1
+
+    for m in unet.modules():
+        if isinstance(m, CrossAttention):
+            m.register_forward_pre_hook(on_attention, with_kwargs=True)
+        elif isinstance(m, nn.Conv2d):
+            m.register_forward_pre_hook(on_conv)
+    unet(x, torch.ones(batch), context)
+    return attn, conv
+
+
+def timer(device, fn, iters, warmup):
+    """Median ms of fn() over `iters` calls after `warmup`; None when the kernel refuses the inputs."""
+    try:
+        fn()  # also the first call's setup (cuDNN autotuning): never timed
+    except RuntimeError:  # "No available kernel": this backend does not take the shape
+        return None
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def attention_step(shape, dtype, device, backend):
+    B, heads, lq, lk, d = shape
+    q = torch.randn(B, heads, lq, d, device=device, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(B, heads, lk, d, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+    grad = torch.randn(B, heads, lq, d, device=device, dtype=dtype)
+
+    def step():
+        with sdpa_kernel(backend):
+            out = F.scaled_dot_product_attention(q, k, v)
+        out.backward(grad)  # the backward kernel is the forward's: no need to hold the context here
+    return step
+
+
+def conv_step(shape, dtype, device):
+    x_shape, w_shape, stride, padding = shape
+    fmt = torch.channels_last
+    x = torch.randn(x_shape, device=device, dtype=dtype).to(memory_format=fmt).requires_grad_()
+    w = torch.randn(w_shape, device=device, dtype=dtype).to(memory_format=fmt).requires_grad_()
+    out = F.conv2d(x, w, stride=stride, padding=padding)
+    grad = torch.randn_like(out)
+
+    def step():
+        F.conv2d(x, w, stride=stride, padding=padding).backward(grad)
+    return step
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=["full", "tiny"], default="full")
+    p.add_argument("--res", type=int, default=512, help="image side (latent = res / 8)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--text", type=int, default=150, help="context tokens (150: ADE20K's classes)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--json", help="also write the rows and totals here")
+    args = p.parse_args(argv)
+    if args.res % 64:
+        raise SystemExit(f"--res {args.res}: the UNet takes multiples of 64")
+    device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    cfg = UNetConfig() if args.size == "full" else TINY_UNET
+    attn, conv = layer_shapes(cfg, args.batch, args.res, args.text)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{name}, torch {torch.__version__}, {args.size} UNet, {args.res}x{args.res}, batch {args.batch}, "
+          f"{args.text} text tokens, {args.dtype}; ms per forward + backward, medians of {args.iters}")
+    rows = []
+
+    def report(kind, shape, label, n, flops, ms):
+        best = min((t for t in ms.values() if t is not None), default=None)
+        tflops = n * flops / best / 1e9 if best else float("nan")
+        rows.append(dict(kind=kind, shape=shape, count=n, gflop=n * flops / 1e9, ms=ms))
+        print(f"{label:58} {n:>3} " + " ".join(f"{t:>9.3f}" if t is not None else f"{'-':>9}" for t in ms.values())
+              + f" {tflops:>8.2f}")
+
+    print(f"\n{'attention (B, heads, Lq, Lk, d)':58} {'n':>3} " + " ".join(f"{b:>9}" for b in BACKENDS)
+          + f" {'TFLOP/s':>8}")
+    for shape, n in sorted(attn.items(), key=lambda kv: -kv[0][2]):
+        B, heads, lq, lk, d = shape
+        ms = {b: timer(device, attention_step(shape, dtype, device, k), args.iters, args.warmup)
+              for b, k in BACKENDS.items()}
+        report("attention", shape, str(shape), n, 3 * 4 * B * heads * lq * lk * d, ms)
+
+    print(f"\n{'convolution (input, weight, stride, pad)':58} {'n':>3} {'default':>9} {'autotuned':>9} {'TFLOP/s':>8}")
+    for shape, n in sorted(conv.items(), key=lambda kv: -kv[0][0][2]):
+        (B, _, H, W), (cout, cin, kh, kw), stride, pad = shape
+        out_hw = ((H + 2 * pad[0] - kh) // stride[0] + 1) * ((W + 2 * pad[1] - kw) // stride[1] + 1)
+        ms = {}
+        for benchmark, b in ((False, "default"), (True, "autotuned")):  # cuDNN's heuristics, then autotuning
+            torch.backends.cudnn.benchmark = benchmark
+            ms[b] = timer(device, conv_step(shape, dtype, device), args.iters, args.warmup)
+        report("convolution", shape, f"{shape[0]} {shape[1]} s{stride[0]} p{pad[0]}", n,
+               3 * 2 * B * out_hw * cout * cin * kh * kw, ms)
+    torch.backends.cudnn.benchmark = False
+
+    # per kernel choice: the sum over all layers, where that choice takes every shape of its kind
+    totals = {}
+    for kind in ("attention", "convolution"):
+        mine = [r for r in rows if r["kind"] == kind]
+        for b in mine[0]["ms"]:
+            times = [r["count"] * r["ms"][b] for r in mine if r["ms"][b] is not None]
+            totals[f"{kind} {b}"] = sum(times) if len(times) == len(mine) else None
+        totals[f"{kind} best per shape"] = sum(r["count"] * min(t for t in r["ms"].values() if t is not None)
+                                               for r in mine)
+        gflop = sum(r["gflop"] for r in mine)
+        print(f"\n{kind}: {gflop:.1f} GFLOP per forward + backward; summed ms over the UNet's layers:")
+        for k, v in totals.items():
+            if k.startswith(kind):
+                print(f"  {k[len(kind) + 1:]:16} " + (f"{v:9.2f} ms  {gflop / v:7.2f} TFLOP/s" if v else f"{'-':>9}"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=name, torch=torch.__version__, args=vars(args), rows=rows, totals=totals), f,
+                      indent=1)
+    return rows, totals
+
+
+if __name__ == "__main__":
+    main()
