@@ -1,12 +1,13 @@
-"""Which kernels suit SD's attention and convolutions on this GPU, in about a minute, without compiling.
+"""Where the UNet's time goes and which kernels suit it on this GPU, in about a minute, without compiling.
 
-Runs the UNet once on the meta device to list its attention and convolution shapes at the given
-size, then times each distinct shape forward + backward, eagerly:
+Runs the UNet once on the meta device to list the shapes of its attention, convolution and linear
+layers at the given size, then times each distinct shape forward + backward, eagerly:
   attention   every SDPA kernel that takes the shape (flash, efficient, cuDNN, math)
   convolution cuDNN's default choice, then with cudnn.benchmark (autotuned per shape)
+  linear      the default matmul (cuBLAS: no choice to make, timed for its share)
 and sums the times over the UNet's layers. Each shape is timed alone, so the sums leave out what runs
-between the kernels (norms, GEGLU, copies): set against the UNet's measured step they show the
-share of attention and convolutions, and what a kernel choice could gain. TFLOP/s: 3x the forward's
+between these kernels (norms, activations, residual adds, copies): set against the UNet's measured
+step, the rest is that elementwise work; and the rows show what a kernel choice could gain. TFLOP/s: 3x the forward's
 FLOPs (two backward matmuls per forward one), as vpd/flops.py counts them, at the row's fastest kernel.
 Every attention layer is timed as SDPA, also the few whose maps VPD keeps (an explicit softmax there).
 
@@ -15,6 +16,7 @@ Every attention layer is timed as SDPA, also the few whose maps VPD keeps (an ex
 """
 import argparse
 import json
+import math
 import statistics
 import time
 from collections import Counter
@@ -32,13 +34,13 @@ BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIE
 
 
 def layer_shapes(cfg, batch, res, n_text):
-    """Counters of the UNet's attention shapes (B, heads, Lq, Lk, d) and convolutions
-    (input shape, weight shape, stride, padding) at a res x res image (latent res / 8)."""
+    """Counters of the UNet's attention shapes (B, heads, Lq, Lk, d), convolutions (input shape,
+    weight shape, stride, padding) and linears (input shape, weight shape) at a res x res image."""
     with torch.device("meta"):
         unet = UNet(cfg)
         x = torch.empty(batch, cfg.in_channels, res // 8, res // 8)
         context = torch.empty(batch, n_text, cfg.context_dim)
-    attn, conv = Counter(), Counter()
+    attn, conv, linear = Counter(), Counter(), Counter()
 
     def on_attention(module, args, kwargs):
         x, context = args[0], kwargs.get("context", args[1] if len(args) > 1 else None)
@@ -48,13 +50,18 @@ def layer_shapes(cfg, batch, res, n_text):
     def on_conv(module, args):
         conv[(tuple(args[0].shape), tuple(module.weight.shape), module.stride, module.padding)] += 1
 
+    def on_linear(module, args):
+        linear[(tuple(args[0].shape), tuple(module.weight.shape))] += 1
+
     for m in unet.modules():
         if isinstance(m, CrossAttention):
             m.register_forward_pre_hook(on_attention, with_kwargs=True)
         elif isinstance(m, nn.Conv2d):
             m.register_forward_pre_hook(on_conv)
+        elif isinstance(m, nn.Linear):
+            m.register_forward_pre_hook(on_linear)
     unet(x, torch.ones(batch), context)
-    return attn, conv
+    return attn, conv, linear
 
 
 def timer(device, fn, iters, warmup):
@@ -107,6 +114,17 @@ def conv_step(shape, dtype, device):
     return step
 
 
+def linear_step(shape, dtype, device):
+    x_shape, w_shape = shape
+    x = torch.randn(x_shape, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(w_shape, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(*x_shape[:-1], w_shape[0], device=device, dtype=dtype)
+
+    def step():
+        F.linear(x, w).backward(grad)
+    return step
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=["full", "tiny"], default="full")
@@ -124,7 +142,7 @@ def main(argv=None):
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     cfg = UNetConfig() if args.size == "full" else TINY_UNET
-    attn, conv = layer_shapes(cfg, args.batch, args.res, args.text)
+    attn, conv, linear = layer_shapes(cfg, args.batch, args.res, args.text)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{name}, torch {torch.__version__}, {args.size} UNet, {args.res}x{args.res}, batch {args.batch}, "
           f"{args.text} text tokens, {args.dtype}; ms per forward + backward, medians of {args.iters}")
@@ -157,9 +175,15 @@ def main(argv=None):
                3 * 2 * B * out_hw * cout * cin * kh * kw, ms)
     torch.backends.cudnn.benchmark = False
 
+    print(f"\n{'linear (input, weight)':58} {'n':>3} {'default':>9} {'TFLOP/s':>8}")
+    for shape, n in sorted(linear.items(), key=lambda kv: -math.prod(kv[0][0])):
+        x_shape, (cout, cin) = shape
+        ms = {"default": timer(device, linear_step(shape, dtype, device), args.iters, args.warmup)}
+        report("linear", shape, f"{shape[0]} {shape[1]}", n, 3 * 2 * math.prod(x_shape[:-1]) * cin * cout, ms)
+
     # per kernel choice: the sum over all layers, where that choice takes every shape of its kind
     totals = {}
-    for kind in ("attention", "convolution"):
+    for kind in ("attention", "convolution", "linear"):
         mine = [r for r in rows if r["kind"] == kind]
         for b in mine[0]["ms"]:
             times = [r["count"] * r["ms"][b] for r in mine if r["ms"][b] is not None]

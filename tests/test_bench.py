@@ -1,5 +1,6 @@
 """bench.py runs on the tiny config: ours against diffusers on the same function, or ours alone."""
 import json
+import math
 
 import pytest
 
@@ -48,15 +49,17 @@ def test_kernel_bench_times_every_layer_shape_of_the_unet(tmp_path):
     from vpd.demo import TINY_UNET
     from vpd.unet import UNetConfig
 
-    def macs(attn, conv):  # from the shapes the hooks saw
+    def macs(attn, conv, linear):  # from the shapes the hooks saw
         a = sum(n * B * h * lq * lk * d * 2 for (B, h, lq, lk, d), n in attn.items())
         c = sum(n * B * ((H + 2 * p[0] - kh) // s[0] + 1) * ((W + 2 * p[1] - kw) // s[1] + 1) * co * ci * kh * kw
                 for ((B, _, H, W), (co, ci, kh, kw), s, p), n in conv.items())
-        return a, c
+        li = sum(n * math.prod(x[:-1]) * co * ci for (x, (co, ci)), n in linear.items())
+        return a, c, li
 
     def analytic(cfg, latent, batch, n_text):  # vpd/flops.py's count, the UNet's `out` conv included
         k = flops.by_kind(flops.unet_layers(cfg, (latent, latent), n_ctx=n_text, batch=batch))
-        return k["self_attn"] + k["cross_attn"], k["conv3x3"] + k["conv1x1"]
+        return (k["self_attn"] + k["cross_attn"], k["conv3x3"] + k["conv1x1"],
+                k["linear"] + k["attn_proj"] + k["geglu"])
 
     assert macs(*bench_kernels.layer_shapes(UNetConfig(), 2, 512, 150)) == analytic(UNetConfig(), 64, 2, 150)
     rows, totals = bench_kernels.main(["--device", "cpu", "--size", "tiny", "--dtype", "fp32", "--res", "64",
@@ -64,9 +67,11 @@ def test_kernel_bench_times_every_layer_shape_of_the_unet(tmp_path):
                                        "--json", str(tmp_path / "k.json")])
     attn_gflop = sum(r["gflop"] for r in rows if r["kind"] == "attention")
     conv_gflop = sum(r["gflop"] for r in rows if r["kind"] == "convolution")
-    a, c = analytic(TINY_UNET, 8, 2, 7)
-    assert attn_gflop == pytest.approx(6 * a / 1e9) and conv_gflop == pytest.approx(6 * c / 1e9)  # fwd + bwd
+    linear_gflop = sum(r["gflop"] for r in rows if r["kind"] == "linear")
+    a, c, li = analytic(TINY_UNET, 8, 2, 7)
+    assert (attn_gflop, conv_gflop, linear_gflop) == pytest.approx((6 * a / 1e9, 6 * c / 1e9, 6 * li / 1e9))
     assert all(r["ms"]["math"] > 0 for r in rows if r["kind"] == "attention")  # math takes any shape
     assert all(r["ms"]["default"] > 0 and r["ms"]["autotuned"] > 0 for r in rows if r["kind"] == "convolution")
-    assert totals["attention math"] > 0 and totals["convolution default"] > 0
+    assert all(r["ms"]["default"] > 0 for r in rows if r["kind"] == "linear")
+    assert totals["attention math"] > 0 and totals["convolution default"] > 0 and totals["linear default"] > 0
     assert json.loads((tmp_path / "k.json").read_text())["totals"] == totals
