@@ -503,3 +503,128 @@ def test_depth_crop_larger_than_the_image_in_one_side_is_an_error():
     with pytest.raises(ValueError, match="smaller than the crop"):
         T.depth_train(np.zeros((40, 30, 3), np.float32), np.ones((40, 30), np.float32), T.sample_rng(0, 0, 0),
                       (32, 32))
+
+
+# ----------------------------------------------------------------------------- second mutation pass
+
+def test_nyu_and_ade_class_orders_are_the_published_ones():
+    # row i of a released depth model's class_embeddings is VPD's depth/nyu_class_list.json entry i
+    vpd_list = ["printer_room", "bathroom", "living_room", "study", "conference_room", "study_room", "kitchen",
+                "home_office", "bedroom", "dinette", "playroom", "indoor_balcony", "laundry_room", "basement",
+                "excercise_room", "foyer", "home_storage", "cafe", "furniture_store", "office_kitchen",
+                "student_lounge", "dining_room", "reception_room", "computer_lab", "classroom", "office", "bookstore"]
+    assert list(NYU_SCENES) == vpd_list
+    # mmseg's ADE20KDataset.CLASSES at a few places (class k = PNG value k + 1)
+    spots = {0: "wall", 12: "person", 20: "car", 41: "box", 111: "barrel", 118: "oven", 119: "ball", 120: "food",
+             126: "animal", 127: "bicycle", 149: "flag"}
+    assert {k: ADE20K_CLASSES[k] for k in spots} == spots
+
+
+def test_reduce_ade_label_by_hand():
+    from vpd.data import reduce_ade_label
+    out = reduce_ade_label(np.array([[0, 1, 2], [149, 150, 0]], np.uint8))
+    assert out.dtype == np.int64 and out.tolist() == [[255, 0, 1], [148, 149, 255]]
+    with pytest.raises(BadSampleError, match="151"):
+        reduce_ade_label(np.array([[151]], np.uint8))
+
+
+def test_nyu_evaluation_view_of_the_training_split_reads_sync(synth):
+    # the split names the folder (sync/ vs official_splits/test/), `train` only the augmentation
+    ds = NYUv2(synth["depth"], split="train", train=False)
+    assert all(os.sep + "sync" + os.sep in p for p in ds.images)
+    s = ds[0]  # image 0 (room 0) is a training image, at full size
+    assert s["image"].shape == (3, 48, 64)
+    np.testing.assert_allclose(s["depth"][0].numpy(), scene_sample(0, 0, 64)["depth"], atol=5.1e-4)
+    test_aug = NYUv2(synth["depth"], split="test", train=True, crop=(32, 32))
+    assert all("official_splits" in p for p in test_aug.images) and test_aug[0]["image"].shape == (3, 32, 32)
+
+
+def test_kitti_odd_width_frame_image_and_depth_share_the_kb_crop(tmp_path):
+    # a 376x1241 frame (drive 2011_09_28's size): BTS's left margin int((1241 - 1216) / 2) = 12, top 376 - 352 = 24
+    from vpd.data import kb_crop_box
+    assert kb_crop_box(376, 1241) == (24, 12) and kb_crop_box(375, 1242) == (23, 13)
+    assert kb_crop_box(370, 1224) == (18, 4) and kb_crop_box(374, 1238) == (22, 11)
+    h, w, drive = 376, 1241, "2011_09_28_drive_0001_sync"
+    img_dir = tmp_path / "2011_09_28" / drive / "image_02" / "data"
+    gt_dir = tmp_path / "data_depth_annotated" / "val" / drive / "proj_depth" / "groundtruth" / "image_02"
+    img_dir.mkdir(parents=True)
+    gt_dir.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(img_dir / "0000000001.png")  # PNG: exact pixels back
+    raw = rng.integers(0, 70 * 256, (h, w)).astype(np.uint16)
+    Image.fromarray(raw).save(gt_dir / "0000000001.png")
+    image = f"2011_09_28/{drive}/image_02/data/0000000001.png"
+    gt = f"{drive}/proj_depth/groundtruth/image_02/0000000001.png"
+    # BTS list (gt under the download's val/ folder), with a frame without ground truth first
+    (tmp_path / "bts.txt").write_text(f"{image.replace('01.png', '00.png')} None 707.0\n{image} {gt} 707.0\n")
+    # VPD's list names data_depth_annotated/val/ itself
+    (tmp_path / "vpd.txt").write_text(f"/{image} /data_depth_annotated/val/{gt}\n")
+    for lst in ("bts.txt", "vpd.txt"):
+        ds = KITTI(str(tmp_path), split="test", list_file=str(tmp_path / lst))
+        assert len(ds) == 1 and ds.without_gt == (1 if lst == "bts.txt" else 0)
+        s = ds[0]
+        np.testing.assert_array_equal(s["depth"][0].numpy(), raw[24:, 12:12 + 1216].astype(np.float32) / 256.0)
+        expected = torch.from_numpy(rgb[24:, 12:12 + 1216].astype(np.float32) / 127.5 - 1).permute(2, 0, 1)
+        torch.testing.assert_close(s["image"], expected, atol=1e-6, rtol=0)
+    merged = tmp_path / "data_depth_annotated"  # val/ merged into the folder: VPD's list still names val/
+    (merged / "val" / drive).rename(merged / drive)
+    s = KITTI(str(tmp_path), split="test", list_file=str(tmp_path / "vpd.txt"))[0]
+    np.testing.assert_array_equal(s["depth"][0].numpy(), raw[24:, 12:12 + 1216].astype(np.float32) / 256.0)
+
+
+def test_kitti_eigen_eval_mask_by_hand():
+    # Eigen crop of a 375x1242 frame: rows int(0.3324324*375) = 124 .. int(0.91351351*375) = 342,
+    # columns int(0.0359477*1242) = 44 .. int(0.96405229*1242) = 1197
+    full = np.zeros((375, 1242), bool)
+    full[124:342, 44:1197] = True
+    np.testing.assert_array_equal(depth_eval_mask((375, 1242), "eigen").numpy(), full)
+    np.testing.assert_array_equal(depth_eval_mask((375, 1242), "eigen", kb_crop=True).numpy(), full[23:, 13:1229])
+
+
+def test_refcoco_train_view_draws_every_sentence_of_a_ref(synth):
+    ds = RefCOCO(synth["refer"], split="train")
+    i = max(range(len(ds.refs)), key=lambda j: len(ds.refs[j]["sentences"]))
+    assert len(ds.refs[i]["sentences"]) == 3
+    picks = set()
+    for epoch in range(40):  # a sentence missing after 40 uniform draws of 3: p = 3 (2/3)^40 ~ 3e-7
+        ds.set_epoch(epoch)
+        picks.add(ds[i]["sentence"])
+    assert picks == {x["sent"] for x in ds.refs[i]["sentences"]}
+
+
+def test_refcoco_images_are_named_by_instances_not_by_the_refs_file_name(synth, tmp_path):
+    # REFER's refs carry a file_name with a suffix ("COCO_train2014_000000581857_16.jpg") that names no
+    # file; the image file is the one instances.json gives for the ref's image_id
+    import pickle
+    import shutil
+    root = tmp_path / "coco"
+    shutil.copytree(synth["refer"], root)
+    refs_file = root / "refer/data/refcoco/refs(unc).p"
+    refs = pickle.loads(refs_file.read_bytes())
+    for r in refs:
+        r["file_name"] = f"COCO_train2014_{r['image_id']:012d}_{r['ref_id'] % 7}.jpg"
+    refs_file.write_bytes(pickle.dumps(refs, protocol=2))
+    ds = RefCOCO(str(root), split="val")
+    s = ds[0]
+    truth = scene_sample(0, 7, 64)  # the val image
+    assert s["mask"].shape == truth["instances"].shape and s["mask"].sum() > 0
+
+
+def test_refcoco_tokens_cut_keeps_the_first_ids_and_the_end_token(synth):
+    ds = RefCOCO(synth["refer"], split="val", tokenizer=lambda s: [49406, 1, 2, 3, 4, 49407], max_tokens=4)
+    tokens, mask = ds.tokenize("anything")
+    assert tokens.tolist() == [49406, 1, 2, 49407] and mask.tolist() == [True] * 4
+    ds = RefCOCO(synth["refer"], split="val", tokenizer=lambda s: [49406, 7, 49407], max_tokens=5, pad_id=0)
+    tokens, mask = ds.tokenize("anything")
+    assert tokens.tolist() == [49406, 7, 49407, 0, 0] and mask.tolist() == [True, True, True, False, False]
+
+
+def test_refcoco_view_follows_train_not_the_split_name(synth):
+    # the evaluation view walks every sentence whatever the split; the training view one sample per ref
+    ev = RefCOCO(synth["refer"], split="train", train=False)
+    assert len(ev) == sum(len(r["sentences"]) for r in ev.refs) > len(ev.refs)
+    s = ev[0]
+    assert s["orig_size"].tolist() == list(s["mask"].shape) == [48, 64]  # (H, W) of the 64-wide, 48-high image
+    tr = RefCOCO(synth["refer"], split="val", train=True)
+    assert len(tr) == len(tr.refs) and "orig_size" not in tr[0]

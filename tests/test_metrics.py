@@ -131,6 +131,17 @@ def test_depth_valid_range_is_open():
     assert m.compute()["rmse"] == 0
 
 
+def test_depth_thresholds_are_strict_at_exactly_1_25_powers():
+    # VPD/GLPDepth: d_k = share of max(pred/gt, gt/pred) < 1.25^k; 1.25, 1.5625 and 1.953125 are exact floats
+    m = DepthMetric(crop=None)
+    m.update(torch.tensor([[1.25, 1.5625, 1.953125, 1.0]]), torch.ones(1, 4))
+    r = m.compute()
+    assert (r["d1"], r["d2"], r["d3"]) == (0.25, 0.5, 0.75)
+    m = DepthMetric(crop=None)
+    m.update(torch.ones(1, 3), torch.tensor([[1.25, 1.5625, 1.953125]]))  # gt/pred side of the max
+    r = m.compute()
+    assert (r["d1"], r["d2"], r["d3"]) == (0.0, 1 / 3, 2 / 3)
+
 def test_depth_clamps_and_repairs_predictions():
     m = DepthMetric(min_depth=1e-3, max_depth=10.0, crop=None)
     m.update(torch.tensor([[20.0, math.inf, math.nan, -1.0]]), torch.tensor([[5.0, 5.0, 5.0, 5.0]]))

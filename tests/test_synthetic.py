@@ -106,3 +106,80 @@ def test_cli(tmp_path):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="task"):
         make_synthetic("/tmp/never", "pose", n=1)
+
+
+def test_test_split_and_ade_names_follow_the_real_layouts(tmp_path):
+    # NYU's official test set: official_splits/test/<scene type>/rgb_XXXXX.jpg (no recording number)
+    root = make_synthetic(str(tmp_path / "nyu"), "depth", n=8, size=32)
+    with open(os.path.join(root, "test_list.txt")) as f:
+        lines = f.read().split()
+    assert len(lines) == 2 * 3  # room 3 (images 6 and 7), three columns each
+    for img, dep in zip(lines[0::3], lines[1::3]):
+        scene, name = re.fullmatch(r"/([a-z_]+)/(rgb_\d{5}\.jpg)", img).groups()
+        assert scene in NYU_SCENES and dep == f"/{scene}/sync_depth_{name[4:9]}.png"
+        assert os.path.isfile(os.path.join(root, "official_splits", "test", scene, name))
+    # ADE20K numbers its files from 1 in each split: images 0..3 are ADE_train_00000001..4, image 4 ADE_val_00000005
+    root = make_synthetic(str(tmp_path / "ade"), "semseg", n=5, size=32)
+    base = os.path.join(root, "ADEChallengeData2016")
+    stems = [f"ADE_train_{i:08d}" for i in range(1, 5)]
+    assert sorted(os.listdir(os.path.join(base, "images", "training"))) == [n + ".jpg" for n in stems]
+    assert sorted(os.listdir(os.path.join(base, "annotations", "training"))) == [n + ".png" for n in stems]
+    assert os.listdir(os.path.join(base, "images", "validation")) == ["ADE_val_00000005.jpg"]
+
+
+def test_coco_bboxes_enclose_their_masks(tmp_path):
+    from vpd.masks import segmentation_to_mask
+    root = make_synthetic(str(tmp_path / "coco"), "refer", n=4, size=64)
+    with open(os.path.join(root, "refer/data/refcoco/instances.json")) as f:
+        inst = json.load(f)
+    sizes = {im["id"]: (im["height"], im["width"]) for im in inst["images"]}
+    assert inst["annotations"]
+    for a in inst["annotations"]:
+        m = segmentation_to_mask(a["segmentation"], *sizes[a["image_id"]])
+        ys, xs = np.nonzero(m)
+        # COCO bbox [x, y, width, height] of a pixel mask: the width counts both end pixels
+        assert a["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+        assert a["area"] == m.sum()
+
+
+def test_object_volumes():
+    assert Obj("box", "red", (0, 0, 0), (0.5, 2.0, 3.0)).volume == pytest.approx(3.0)
+    assert Obj("sphere", "red", (0, 0, 0), (0.5,)).volume == pytest.approx(np.pi / 6)  # 4/3 pi r^3
+    assert Obj("cylinder", "red", (0, 0, 0), (0.5, 2.0)).volume == pytest.approx(np.pi / 2)  # pi r^2 h
+
+
+def test_relational_expressions_pick_the_extreme_object():
+    # "the [colour] kind on the left/right", "the largest/smallest kind", "the nearest/farthest kind":
+    # the named object is the extreme one among the visible objects of that kind (and colour), by the margin
+    volume = {"box": lambda s: s[0] * s[1] * s[2], "sphere": lambda s: 4 / 3 * np.pi * s[0] ** 3,
+              "cylinder": lambda s: np.pi * s[0] ** 2 * s[1]}
+    seen = set()
+    for i in range(16):
+        s = scene_sample(0, i, 64)
+        objs, inst, width = s["objects"], s["instances"], s["instances"].shape[1]
+        for k, sentences in s["refs"]:
+            for sent in sentences:
+                m = re.fullmatch(r"the (?:(\w+) )?(box|sphere|cylinder) on the (left|right)", sent) \
+                    or re.fullmatch(r"the (largest|smallest|nearest|farthest) (box|sphere|cylinder)()", sent)
+                if not m:
+                    continue
+                a, kind, side = m.groups()
+                colour = a if side else None
+                word = side or a
+                group = [j for j in s["visible"]
+                         if objs[j].kind == kind and colour in (None, objs[j].colour)]
+                assert k in group and len(group) >= 2
+                if word in ("left", "right"):
+                    value = {j: np.nonzero(inst == j + 1)[1].mean() for j in group}  # mean column
+                    margin = 0.05 * width
+                elif word in ("largest", "smallest"):
+                    value = {j: np.log(volume[kind](objs[j].size)) for j in group}
+                    margin = np.log(1.3)
+                else:
+                    value = {j: objs[j].centre[2] for j in group}
+                    margin = 0.5  # world z of the centre (the camera looks along +z, yawed by at most 0.25 rad)
+                sign = 1 if word in ("right", "largest", "farthest") else -1
+                others = [sign * value[j] for j in group if j != k]
+                assert sign * value[k] - max(others) > margin, (i, sent)
+                seen.add(word)
+    assert seen == {"left", "right", "largest", "smallest", "nearest", "farthest"}
