@@ -61,8 +61,8 @@ PRESETS = {
     "full": dict(unet=UNetConfig(), vae=VAEConfig(), clip=CLIPConfig()),
     "tiny": dict(unet=TINY_UNET, vae=TINY_VAE, clip=TINY_CLIP),  # the demo's configs
 }
-# dense, no sparsity; the first key contained in the device name wins (H100 PCIe / NVL before SXM)
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "A100": 312}
+# dense, no sparsity; the first key contained in the device name wins (PCIe / NVL before SXM)
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200 NVL": 835, "H200": 989, "A100": 312}
 N_TEXT = {"semseg": 150, "depth": 1, "refer": 40}  # context tokens of each task (ADE20K classes, scene, sentence)
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
 WHICH = ("unet_fwd", "unet_fwdbwd", "vae_enc", "train")

@@ -1,16 +1,50 @@
 """bench.py runs on the tiny config: ours against diffusers on the same function, or ours alone."""
 import json
 import math
+from contextlib import nullcontext
+from types import SimpleNamespace
 
 import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import bench_loader
+
+
+def counted_flops(fn):
+    """FLOPs of fn() as FlopCounterMode sees them (MATH attention: no formula for the fused CPU kernel)."""
+    fc = FlopCounterMode(display=False, depth=None)
+    with fc, sdpa_kernel(SDPBackend.MATH):
+        fn()
+    return fc.get_total_flops()
+
+
+def row_flops_by_counter(res, batch, n_ctx):
+    """Each row's work per iteration, counted on freshly built tiny modules (not bench's)."""
+    from vpd.demo import TINY_CLIP, TINY_UNET, TINY_VAE
+    from vpd.model import build_model
+    from vpd.unet import UNet
+    from vpd.vae import VAE
+    torch.manual_seed(0)
+    unet, vae = UNet(TINY_UNET), VAE(TINY_VAE, decoder=False).eval()
+    x = torch.randn(batch, 4, res // 8, res // 8, requires_grad=True)
+    ctx, t = torch.randn(batch, n_ctx, TINY_UNET.context_dim), torch.ones(batch)
+    with torch.no_grad():
+        fwd = counted_flops(lambda: unet(x, t, ctx))
+        enc = counted_flops(lambda: vae.encode(torch.rand(batch, 3, res, res) * 2 - 1).mode())
+    fwdbwd = counted_flops(lambda: unet(x, t, ctx).square().mean().backward())
+    model = build_model("semseg", unet_cfg=TINY_UNET, vae_cfg=TINY_VAE, clip_cfg=TINY_CLIP).train()
+    step = counted_flops(lambda: model.loss(model(torch.rand(batch, 3, res, res) * 2 - 1),
+                                            torch.randint(0, 150, (batch, res, res))).backward())
+    return {"unet_fwd": fwd, "unet_fwdbwd": fwdbwd, "vae_enc": enc, "train_semseg": step}
 
 
 @pytest.mark.parametrize("no_ref", [False, True])
 def test_bench_rows_and_json(tmp_path, no_ref):
     out = tmp_path / "rows.json"
-    argv = ["--size", "tiny", "--res", "128", "--batch", "2", "--which", "unet,vae,train_semseg",
+    argv = ["--size", "tiny", "--res", "128", "--batch", "2", "--ctx", "7", "--which", "unet,vae,train_semseg",
             "--iters", "1", "--warmup", "0", "--json", str(out)] + (["--no-ref"] if no_ref else [])
     rows = bench.main(bench.parse_args(argv))
     impls = ["ours"] if no_ref else ["ours", "ref"]
@@ -23,7 +57,19 @@ def test_bench_rows_and_json(tmp_path, no_ref):
             # the two sides were checked to compute the same function before timing
             assert (r["check_rel_err"] is None) == no_ref and (no_ref or r["check_rel_err"] < 1e-3)
     assert all(("ours_ref_ms" in r) != no_ref for r in rows if r["impl"] == "ours" and r["name"] != "train_semseg")
-    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(rows))
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows))
+    assert saved["device"] == "cpu" and saved["torch"] == torch.__version__
+    assert saved["args"]["batch"] == 2 and saved["args"]["ctx"] == 7 and saved["args"]["no_ref"] == no_ref
+    if not no_ref:
+        # the analytic FLOPs behind TFLOP/s: each row's work counted op by op on the same sizes (the
+        # fwd+bwd figures count input grads of the first layers that autograd skips: within 0.2%)
+        counted = row_flops_by_counter(128, 2, 7)
+        for r in rows:
+            rel = 1e-12 if r["name"] in ("unet_fwd", "vae_enc") else 2e-3  # forward-only rows: exact
+            assert r["gflop_per_iter"] * 1e9 == pytest.approx(counted[r["name"]], rel=rel), r["name"]
+            assert r["tflops"] == pytest.approx(r["gflop_per_iter"] / r["ms"])  # GFLOP per ms = TFLOP/s
+            assert r["img_s"] == pytest.approx(2 * 1000 / r["ms"])
 
 
 def test_bench_profile_appends_a_table_per_row(tmp_path):
@@ -75,3 +121,168 @@ def test_kernel_bench_times_every_layer_shape_of_the_unet(tmp_path):
     assert all(r["ms"]["default"] > 0 for r in rows if r["kind"] == "linear")
     assert totals["attention math"] > 0 and totals["convolution default"] > 0 and totals["linear default"] > 0
     assert json.loads((tmp_path / "k.json").read_text())["totals"] == totals
+
+
+def test_run_pair_figures_from_scripted_times_and_memory(monkeypatch):
+    # timings and memory scripted per call, so every figure of a row has a hand-computed value
+    ms = {"ours": [10, 11, 90, 12, 13, 200, 14, 15, 300], "ref": [40, 22, 30, 24, 13, 100, 28, 30, 150]}
+    mib = {"ours": [100, 300, 120], "ref": [200, 200, 260]}  # one memory iteration per round
+    log = []
+    fns = {impl: (lambda impl=impl: log.append(("call", impl))) for impl in ("ours", "ref")}
+    impl_of = {fn: impl for impl, fn in fns.items()}
+    left = {k: list(v) for k, v in ms.items()}
+    left_mib = {k: list(v) for k, v in mib.items()}
+
+    def timed(fn, device):
+        log.append(("timed", impl_of[fn]))
+        return left[impl_of[fn]].pop(0) / 1000
+    monkeypatch.setattr(bench, "timed", timed)
+    monkeypatch.setattr(bench, "peak_of", lambda fn, device: left_mib[impl_of[fn]].pop(0))
+    monkeypatch.setattr(bench, "tensor_peak_of", lambda fn: {"ours": 50.0, "ref": 80.0}[impl_of[fn]])
+    monkeypatch.setattr(bench, "attention_ops", lambda fn: ["aten::scaled_dot_product_attention"])
+    args = SimpleNamespace(warmup=2, rounds=3, iters=3, compile=False, compile_mode=None, profile="", peak_tflops=800)
+    ours, ref = bench.run_pair("unet_fwd", fns, 2.8e12, 4, args, torch.device("cpu"))
+
+    # --warmup untimed calls of each first, then rounds x iters timed ones, the first alternating
+    assert sorted(log[:4]) == [("call", "ours")] * 2 + [("call", "ref")] * 2
+    timed_log = [impl for what, impl in log if what == "timed"]
+    assert [what for what, _ in log[4:]] == ["timed"] * 18
+    assert timed_log == ["ours", "ref", "ref", "ours"] * 4 + ["ours", "ref"]
+    assert ours["ms_all"] == pytest.approx(ms["ours"]) and ref["ms_all"] == pytest.approx(ms["ref"])
+    assert ours["ms"] == pytest.approx(14) and ref["ms"] == pytest.approx(30)  # medians, not means
+    assert ours["ms_min"] == pytest.approx(10) and ref["ms_min"] == pytest.approx(13)
+    assert ours["img_s"] == pytest.approx(4 / 0.014)
+    assert ours["gflop_per_iter"] == pytest.approx(2800)
+    assert ours["tflops"] == pytest.approx(200) and ours["pct_peak"] == pytest.approx(25)  # 2.8 TFLOP in 14 ms, of 800
+    assert ours["ours_ref_ms"] == pytest.approx(14 / 30)
+    # median of ours/ref per iteration: 0.25 .5 3 .5 1 2 .5 .5 2
+    assert ours["ours_ref_ms_paired"] == pytest.approx(0.5)
+    assert ours["peak_mib_all"] == mib["ours"] and ours["peak_mib"] == 120 and ref["peak_mib"] == 200
+    assert ours["ours_ref_mem"] == pytest.approx(0.6) and ours["ours_ref_tensor_mem"] == pytest.approx(0.625)
+    assert ours["batch"] == 4 and "ours_ref_ms" not in ref
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835),
+                                        ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H200", 989), ("NVIDIA H200 NVL", 835),
+                                        ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA GeForce RTX 4090", None)])
+def test_percent_of_peak_uses_the_devices_dense_bf16_peak(monkeypatch, name, peak):
+    # vendor datasheets, dense bf16 TFLOP/s (half the with-sparsity figure); an unknown GPU gets none
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+    def run_rows(args, *rest):
+        seen["peak"] = args.peak_tflops
+        return []
+    monkeypatch.setattr(bench, "run_rows", run_rows)
+    bench.main(bench.parse_args(["--device", "cuda", "--which", "unet_fwd"]))
+    assert seen["peak"] == peak
+
+
+def test_check_same_rejects_a_different_function():
+    a = torch.ones(4)
+    assert bench.check_same("x", a, a, 1e-3) == 0
+    with pytest.raises(RuntimeError, match="disagree"):
+        bench.check_same("x", a * 1.01, a, 1e-3)
+    with pytest.raises(RuntimeError, match="disagree"):
+        bench.check_same("x", torch.full((4,), float("nan")), a, 1e-3)
+
+
+@pytest.mark.parametrize("which", ["unet_fwd", "vae_enc"])
+def test_bench_stops_before_timing_when_diffusers_computes_something_else(monkeypatch, which):
+    # the reference gets its own, 10% larger output conv: ours is untouched (the models share weights)
+    for make, attr in ((bench.diffusers_unet, "conv_out"), (bench.diffusers_vae, "quant_conv")):
+        def perturbed(ours, cfg, make=make, attr=attr):
+            ref = make(ours, cfg)
+            conv = getattr(ref, attr)
+            conv.weight = torch.nn.Parameter(conv.weight.detach() * 1.1)
+            return ref
+        monkeypatch.setattr(bench, make.__name__, perturbed)
+    monkeypatch.setattr(bench, "run_pair", lambda *a: pytest.fail("timed a pair that computes different functions"))
+    with pytest.raises(RuntimeError, match="disagree"):
+        bench.main(bench.parse_args(["--size", "tiny", "--res", "64", "--which", which]))
+
+
+def test_cpu_peak_memory_counts_only_what_the_call_adds():
+    keep = torch.ones(16 * 2 ** 20)  # 64 MiB live before and during the call: not part of its peak
+    big = torch.ones(64 * 2 ** 20)  # an earlier 256 MiB peak: the high-water mark must be reset
+    del big
+    mib = bench.peak_of(lambda: torch.ones(8 * 2 ** 20).sum(), torch.device("cpu"))  # 32 MiB
+    assert 28 < mib < 44, mib
+    del keep
+
+    # small tensors come from the heap: freed under a live block they stay resident, and a call that
+    # reuses them would look free unless that heap is handed back to the OS before measuring
+    def blocks():
+        return [torch.ones(2 ** 12) for _ in range(2048)]  # 2048 x 16 KiB = 32 MiB
+    old = blocks()
+    sentinel = torch.ones(16)
+    del old
+    mib = bench.peak_of(blocks, torch.device("cpu"))
+    assert 28 < mib < 44, mib
+    del sentinel
+
+
+def test_tensor_peak_is_exact_and_skips_views_and_in_place_results():
+    w = torch.ones(2 ** 20)  # 4 MiB from before: its views and in-place updates allocate nothing
+    with bench.TensorPeak() as tp:
+        w.add_(1)
+        v = w.view(2, -1)
+        a = torch.ones(2 ** 18)  # 1 MiB
+        b = torch.ones(2 ** 19)  # 2 MiB: 3 MiB live
+        del b
+        c = torch.ones(2 ** 18)  # 2 MiB live
+    assert tp.peak == 3 * 2 ** 20 and tp.now == 2 * 2 ** 20
+    del v, a, c
+
+
+@pytest.mark.parametrize("task", ["depth", "refer"])
+def test_train_step_flops_match_flop_counter(task):
+    # the step's FLOPs (UNet + head 3x, frozen VAE and, for refer, frozen CLIP text 1x) against the
+    # counter over one real step: context sizes and the head's count come from the task model
+    args = bench.parse_args(["--size", "tiny", "--res", "64"])
+    args.autocast = nullcontext
+    step, step_flops = bench.train_setup(task, 2, args, torch.device("cpu"), bench.PRESETS["tiny"],
+                                         torch.Generator().manual_seed(0))
+    assert step_flops == pytest.approx(counted_flops(step), rel=2e-3)
+
+
+def test_sweep_batch_builds_each_batch(monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench, "run_pair", lambda name, fns, fl, batch, *a: seen.append((name, fl, batch)) or [])
+    args = bench.parse_args(["--size", "tiny", "--res", "64", "--batch", "3"])
+    args.autocast = nullcontext
+    bench.sweep_batch(args, torch.device("cpu"), bench.PRESETS["tiny"], torch.Generator().manual_seed(0), [2, 4])
+    (n2, f2, b2), (n4, f4, b4) = seen
+    assert (n2, b2, n4, b4) == ("train_semseg bs=2", 2, "train_semseg bs=4", 4)
+    assert f4 == 2 * f2  # every FLOP term is linear in the batch
+
+
+def test_print_table_puts_each_figure_under_its_column(capsys):
+    row = dict(name="unet_fwd", impl="ours", ms=12.25, ms_min=10.5, img_s=163.27, peak_mib=2186.4, tensor_mib=99.25,
+               tflops=0.125, pct_peak=12.06, ours_ref_ms=0.931, ours_ref_mem=1.004, ours_ref_tensor_mem=0.885)
+    bench.print_table([row])
+    head, line = [[c.strip() for c in l.split(" | ")] for l in capsys.readouterr().out.splitlines()]
+    assert dict(zip(head, line)) == {
+        "name": "unet_fwd", "impl": "ours", "ms/iter": "12.2", "min ms": "10.5", "img/s": "163.27", "peak MiB": "2186",
+        "tensor MiB": "99.2", "TFLOP/s": "0.125", "% peak": "12.1", "ours/ref ms": "0.931", "ours/ref mem": "1.004",
+        "ours/ref tensor": "0.885"}
+
+
+def test_loader_rate_excludes_the_warm_up_epoch(monkeypatch):
+    # a fake clock: each sample costs 1 s to load and the very first 100 s more (a start-up cost), so
+    # the rate is 1 image/s exactly when the untimed first epoch takes the start-up and only later ones count
+    clock = [0.0]
+    monkeypatch.setattr(bench_loader, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    class Slow(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            clock[0] += 1 if clock[0] else 101
+            return {"image": torch.zeros(3, 2, 2)}
+
+        def set_epoch(self, epoch):
+            pass
+    assert bench_loader.images_per_second(Slow(), workers=0, batch_size=4, epochs=3) == pytest.approx(1.0)

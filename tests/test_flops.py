@@ -55,6 +55,34 @@ def test_unet_tiny_matches_flop_counter_per_block():
     assert got_feats < got
 
 
+def test_kinds_match_the_ops_flop_counter_sees():
+    # the per-kind split (the notes quote GEGLU and attention shares) against the op each kind runs as:
+    # convolutions, linears (addmm / mm) and the attention matmuls (bmm under the MATH SDPA backend)
+    def per_op(fn):
+        fc = FlopCounterMode(display=False, depth=None)
+        with fc, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            fn()
+        ops = {str(k): v // 2 for k, v in fc.get_flop_counts()["Global"].items()}
+        return ops.get("aten.convolution", 0), ops.get("aten.addmm", 0) + ops.get("aten.mm", 0), ops.get("aten.bmm", 0)
+
+    torch.manual_seed(0)
+    unet = UNet(TINY_UNET).eval()
+    x, ctx = torch.randn(2, 4, 16, 12), torch.randn(2, 5, 16)
+    k = flops.by_kind(flops.unet_layers(TINY_UNET, (16, 12), n_ctx=5, batch=2))
+    conv, linear, bmm = per_op(lambda: unet(x, 1, ctx))
+    assert conv == k["conv3x3"] + k["conv1x1"]  # proj_in / proj_out are 1x1 convs (use_linear_in_transformer=False)
+    assert linear == k["linear"] + k["attn_proj"] + k["geglu"]
+    assert bmm == k["self_attn"] + k["cross_attn"]
+    # which matmuls are cross-attention: QK^T and AV of HW x 5 x C in 3 transformers at 16x12 (C 32),
+    # 3 at 8x6 (C 64) and the middle one at 4x3 (C 64), batch 2
+    assert k["cross_attn"] == 2 * 2 * 5 * (3 * 16 * 12 * 32 + 3 * 8 * 6 * 64 + 4 * 3 * 64)
+    vae = VAE(TINY_VAE, decoder=False).eval()
+    k = flops.by_kind(flops.vae_encoder_layers(TINY_VAE, (24, 16), batch=2))
+    conv, linear, bmm = per_op(lambda: vae.encode(torch.randn(2, 3, 24, 16)).mode())
+    assert conv == k["conv3x3"] + k["conv1x1"] + k["attn_proj"] and linear == 0  # the VAE's q, k, v, proj_out are 1x1 convs
+    assert bmm == k["self_attn"] == 2 * 2 * (6 * 4) ** 2 * 64  # one attention over the 6x4 bottom, 64 channels
+
+
 def test_unet_full_size_matches_ours_and_diffusers_on_meta():
     from diffusers import UNet2DConditionModel
     x, ctx = torch.randn(1, 4, 64, 64, device="meta"), torch.randn(1, 77, 768, device="meta")

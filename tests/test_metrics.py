@@ -350,3 +350,27 @@ def test_two_process_gloo_reduce_equals_one_process(tmp_path):
             assert g.keys() == s.keys()
             for k in s:
                 np.testing.assert_allclose(g[k], s[k], rtol=1e-12, err_msg=k)
+
+
+def _dist_helpers_worker(rank, world, init_file, out_dir):
+    from vpd import dist as vdist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        got = dict(rank=vdist.rank(), gathered=vdist.gather_objects({"rank": rank, "rng": [rank] * 3}),
+                   mean=vdist.mean_over_ranks(float(10 * rank + 1), torch.device("cpu")))
+        vdist.barrier()
+        torch.save(got, f"{out_dir}/helpers{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_dist_helpers(tmp_path):
+    # train.py logs the loss of the global batch (mean over ranks) and saves every rank's own RNG state
+    from vpd import dist as vdist
+    assert vdist.gather_objects("x") == ["x"] and vdist.mean_over_ranks(3.0, "cpu") == 3.0 and vdist.rank() == 0
+    mp.spawn(_dist_helpers_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"helpers{rank}.pt")
+        assert got["rank"] == rank and got["mean"] == 6.0  # (1 + 11) / 2
+        assert got["gathered"] == [{"rank": 0, "rng": [0, 0, 0]}, {"rank": 1, "rng": [1, 1, 1]}]
