@@ -343,7 +343,9 @@ def _write_refer(root, n, seed, size):
             refs.append({"image_id": image_id, "ann_id": image_id * 100 + k, "ref_id": ref_id,
                          "split": REFER_SPLITS[i % 10], "sentences": sents,
                          "sent_ids": [x["sent_id"] for x in sents],
-                         "category_id": KINDS.index(s["objects"][k].kind) + 1, "file_name": name})
+                         "category_id": KINDS.index(s["objects"][k].kind) + 1,
+                         # as REFER's: the image's name with a suffix, which names no file
+                         "file_name": f"{os.path.splitext(name)[0]}_{ref_id}.jpg"})
     categories = [{"id": j + 1, "name": k, "supercategory": "shape"} for j, k in enumerate(KINDS)]
     with open(os.path.join(data, "refcoco", "instances.json"), "w") as f:
         json.dump({"images": images, "annotations": anns, "categories": categories}, f)
