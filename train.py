@@ -14,7 +14,7 @@ import json
 import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 
 import numpy as np
 import torch
@@ -377,7 +377,13 @@ def side_by_side(metrics, baseline=None, title="", baseline_name=None):
 
 
 if __name__ == "__main__":
+    args = get_args()
+    new_out = not os.path.exists(args.out)
     try:
-        main(get_args())
+        main(args)
     except KeyboardInterrupt:  # before training started (the loop says which checkpoint there is)
         raise SystemExit("interrupted") from None
+    finally:  # a run that ended before writing anything leaves no empty --out behind
+        if new_out and os.path.isdir(args.out) and not os.listdir(args.out):
+            with suppress(OSError):  # another rank may have removed it first
+                os.rmdir(args.out)

@@ -272,6 +272,7 @@ def test_bad_input_is_a_clear_error(world, tmp_path):
         assert "Traceback" not in err, (name, err[-2000:])
         for word in cases[name][1]:
             assert word in err, (name, word, err[-2000:])
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()  # no empty --out left behind
 
 
 # ----------------------------------------------------------------------------- weight files
