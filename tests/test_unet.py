@@ -111,6 +111,12 @@ def test_scalar_timestep_and_bad_inputs(tiny):
         assert torch.equal(ours(x, 1, ctx), ours(x, torch.tensor([1.0, 1.0]), ctx))
         with pytest.raises(ValueError, match="multiple of 8"):
             ours(x[..., :12], 1, ctx)
+        with pytest.raises(ValueError, match="multiple of 8"):  # height too, not only width
+            ours(x[..., :12, :], 1, ctx)
+        with pytest.raises(ValueError, match="x must be"):
+            ours(x[:, :3], 1, ctx)
+        with pytest.raises(ValueError, match="context must be"):  # batch 1 would silently mix rows
+            ours(x, 1, ctx[:1])
         with pytest.raises(ValueError, match="context must be"):
             ours(x, 1, ctx[..., :16])
         with pytest.raises(ValueError, match="t must be"):
@@ -227,6 +233,79 @@ def test_features_and_maps_match_diffusers(tiny, groups, fraction, sizes):
     assert counter.softmax == n_kept and counter.sdpa == len(ref.attn_processors) - n_kept
 
 
+def test_feature_defaults_are_vpds_and_a_group_may_be_named_alone(tiny):
+    # defaults: encoder and decoder maps of at most 1/4 of the latent (VPD's 1/2 and 1/4 sizes)
+    ours, ref, _, _ = tiny
+    x, t, ctx = inputs()
+    _, want_maps, _ = reference_features(ref, x, t, ctx, ("input", "output"), 0.25)
+    _, want_mid, _ = reference_features(ref, x, t, ctx, ("middle",), 1.0)
+    with torch.no_grad():
+        _, maps = ours.features(x, t, ctx)
+        _, mid = ours.features(x, t, ctx, map_blocks="middle", map_max_fraction=1.0)
+    for got, want in ((maps, want_maps), (mid, want_mid)):
+        assert set(got) == set(want)
+        for size, m in got.items():
+            torch.testing.assert_close(m, want[size], rtol=0, atol=1e-5)
+    assert set(maps) == {(8, 12), (4, 6)} and set(mid) == {(2, 3)}
+
+
+def test_bfloat16_weights_and_inputs(tiny):
+    # a bf16 model on bf16 inputs (no autocast): runs, stays near the float32 reference, and gives
+    # features and maps in bf16
+    _, ref, _, path = tiny
+    half = UNet.from_checkpoint(path, TINY, dtype=torch.bfloat16).eval()
+    x, t, ctx = inputs()
+    with torch.no_grad():
+        want = ref(x, t, encoder_hidden_states=ctx).sample
+        got = half(x.bfloat16(), t, ctx.bfloat16())
+        feats, maps = half.features(x.bfloat16(), t, ctx.bfloat16())
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() <= 0.1 * want.std()
+    assert all(f.dtype == torch.bfloat16 for f in feats)
+    assert set(maps) == {(8, 12), (4, 6)} and all(m.dtype == torch.bfloat16 for m in maps.values())
+
+
+def test_norm_and_attention_precision_under_autocast():
+    # GroupNorm32 normalises in float32 and hands back the input's dtype; attention maps come out of
+    # a float32 softmax (rows sum to 1 to float32 precision) even when autocast runs the matmuls in bf16
+    from vpd.unet import CrossAttention, GroupNorm32
+    g = torch.Generator().manual_seed(0)
+    norm = GroupNorm32(64)
+    x = torch.randn(2, 64, 4, 4, generator=g).bfloat16()
+    seen = []
+
+    class GroupNormDtype(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") == "group_norm":
+                seen.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    with GroupNormDtype():
+        y = norm(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y_auto = norm(x)
+    assert y.dtype == y_auto.dtype == torch.bfloat16 and seen == [torch.float32] * 2
+    want = torch.nn.functional.group_norm(x.double(), 32, eps=1e-5)
+    assert (y.double() - want).abs().max() <= 2 ** -7 * want.abs().max()
+
+    attn = CrossAttention(64, 32, heads=2, dim_head=32)
+    q_in, c = torch.randn(2, 12, 64, generator=g), torch.randn(2, N, 32, generator=g)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, probs = attn(q_in, c, keep_map=True)
+    assert out.dtype == torch.bfloat16 and probs.dtype == torch.float32 and probs.shape == (2, 12, N)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 12), rtol=0, atol=1e-6)
+
+
+def test_decoder_block_empties_its_input_list(tiny):
+    # the joined (input, skip) list is cleared, so the caller's list drops both maps during the block
+    ours = tiny[0]
+    emb = torch.randn(1, 4 * TINY.model_channels)
+    parts = [torch.randn(1, 128, 2, 3), torch.randn(1, 128, 2, 3)]
+    with torch.no_grad():
+        out, _ = ours.output_blocks[0](parts, emb, torch.randn(1, N, TINY.context_dim))
+    assert parts == [] and out.shape == (1, 128, 2, 3)
+
+
 def test_no_maps_and_map_gradients(tiny):
     ours = tiny[0]
     x, t, ctx = inputs()
@@ -295,6 +374,11 @@ def test_checkpoint_errors(tiny, tmp_path):
     save_file(sd2, tmp_path / "sd2.safetensors")
     with pytest.raises(CheckpointError, match=r"Stable Diffusion 2\.x.*SD v1"):
         UNet.from_checkpoint(tmp_path / "sd2.safetensors", TINY)
+    # a 1024-wide config asked for that width: a bad tensor there is reported as itself, not as SD 2.x
+    wide = UNetConfig(model_channels=32, num_heads=2, context_dim=1024)
+    with pytest.raises(CheckpointError, match="input_blocks.4.0.in_layers.2.weight") as e:
+        UNet.from_checkpoint({**sd2, key: torch.zeros(64, 32, 3, 1)}, wide)
+    assert "2.x" not in str(e.value)
 
 
 def test_no_graph_breaks():
@@ -326,6 +410,10 @@ def test_grad_checkpointing_same_gradients():
         grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
     for k, g in grads[0].items():
         torch.testing.assert_close(grads[1][k], g, rtol=1e-5, atol=1e-6, msg=k)
+    model.eval()  # checkpointing is for training only: in eval the backward recomputes nothing
+    calls.clear()
+    model(x, t, ctx).pow(2).mean().backward()
+    assert len(calls) == 1
 
 
 def test_forward_holds_no_more_tensor_memory_than_diffusers(tiny):

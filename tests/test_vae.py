@@ -80,6 +80,8 @@ def test_parity_with_diffusers(tiny):
         close(post.logvar, logvar)
         close(post.mode(), mean)
         close(vae.decode(post.mean), dec)
+        out, _ = vae(x)  # the posterior's mode by default, as AutoencoderKL's sample_posterior=False
+        close(out, dec)
 
 
 def test_linear_attention_weights_load(tiny, tmp_path):
@@ -131,5 +133,9 @@ def test_bad_inputs(tiny, tmp_path):
     vae = VAE(TINY, decoder=False)
     with pytest.raises(ValueError, match="multiple of 8"):
         vae.encode(torch.zeros(1, 3, 16, 20))
+    with pytest.raises(ValueError, match="multiple of 8"):  # height too, not only width
+        vae.encode(torch.zeros(1, 3, 20, 16))
+    with pytest.raises(ValueError, match="expects"):
+        VAE(TINY).decode(torch.zeros(1, 3, 2, 2))
     with pytest.raises(ValueError, match="expects"):
         vae.encode(torch.zeros(1, 1, 16, 16))
