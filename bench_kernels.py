@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import statistics
-import time
 from collections import Counter
 
 import torch
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bench import sync, timed
 from vpd.demo import TINY_UNET
 from vpd.unet import CrossAttention, UNet, UNetConfig
 
@@ -72,20 +72,8 @@ def timer(device, fn, iters, warmup):
         return None
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    sync(device)
+    return statistics.median(timed(fn, device) * 1e3 for _ in range(iters))
 
 
 def attention_step(shape, dtype, device, backend):
