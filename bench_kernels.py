@@ -27,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench import sync, timed
 from vpd.demo import TINY_UNET
+from vpd.flops import conv_macs
 from vpd.unet import CrossAttention, UNet, UNetConfig
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -154,13 +155,13 @@ def main(argv=None):
     print(f"\n{'convolution (input, weight, stride, pad)':58} {'n':>3} {'default':>9} {'autotuned':>9} {'TFLOP/s':>8}")
     for shape, n in sorted(conv.items(), key=lambda kv: -kv[0][0][2]):
         (B, _, H, W), (cout, cin, kh, kw), stride, pad = shape
-        out_hw = ((H + 2 * pad[0] - kh) // stride[0] + 1) * ((W + 2 * pad[1] - kw) // stride[1] + 1)
+        h_out, w_out = (H + 2 * pad[0] - kh) // stride[0] + 1, (W + 2 * pad[1] - kw) // stride[1] + 1
         ms = {}
         for benchmark, b in ((False, "default"), (True, "autotuned")):  # cuDNN's heuristics, then autotuning
             torch.backends.cudnn.benchmark = benchmark
             ms[b] = timer(device, conv_step(shape, dtype, device), args.iters, args.warmup)
         report("convolution", shape, f"{shape[0]} {shape[1]} s{stride[0]} p{pad[0]}", n,
-               3 * 2 * B * out_hw * cout * cin * kh * kw, ms)
+               3 * 2 * B * conv_macs(h_out, w_out, cin, cout, kh), ms)  # SD's kernels are square
     torch.backends.cudnn.benchmark = False
 
     print(f"\n{'linear (input, weight)':58} {'n':>3} {'default':>9} {'TFLOP/s':>8}")
