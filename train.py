@@ -49,7 +49,7 @@ CROP_MULTIPLE = {"semseg": 64, "depth": 32, "refer": 64}  # the side lengths eac
 RUN_SETTINGS = ("task", "iters", "epochs", "batch_size", "micro_batch", "amp", "lr", "weight_decay", "unet_lr_mult",
                 "warmup_iters", "crop", "seed", "dataset", "split_by", "schedule", "power", "min_lr_ratio",
                 "demo_images", "demo_size")
-RUN_FILES = ("sd_ckpt", "data_root")  # compared too where given (the demo writes its own into --out)
+RUN_FILES = ("sd_ckpt", "data_root", "class_embeddings")  # compared too where given (the demo writes its own into --out)
 
 
 def get_args(argv=None):
@@ -92,6 +92,9 @@ def get_args(argv=None):
     p.add_argument("--save-every", type=count(1), help="steps between checkpoints (default 1000; always at the end)")
     p.add_argument("--stop-after", type=count(1), default=None, help="end the run after this step, having saved a "
                    "checkpoint (the schedule still spans --iters; continue later with --resume)")
+    p.add_argument("--class-embeddings", default=None, metavar="FILE",
+                   help="semseg / depth: a (K, 768) tensor file used as the class embeddings instead of computing "
+                        "them, e.g. VPD's segmentation/class_embeddings.pth (the released model's exact text)")
     p.add_argument("--text-cache", default=None, help="directory caching class embeddings (default: text_cache "
                    "beside --out)")
     args = p.parse_args(argv)
@@ -117,6 +120,8 @@ def get_args(argv=None):
             setattr(args, k, os.path.abspath(getattr(args, k)))
     if args.iters is None and args.epochs is None:
         p.error("give --iters or --epochs")
+    if args.class_embeddings and args.task == "refer":
+        p.error("--class-embeddings is for semseg and depth: the refer model reads its sentences with CLIP")
     if args.crop % CROP_MULTIPLE[args.task]:
         p.error(f"--crop {args.crop}: the {args.task} network takes sides that are multiples of "
                 f"{CROP_MULTIPLE[args.task]}")

@@ -1,5 +1,6 @@
-"""Class-name embeddings: the VPD recipe (pooled CLIP output averaged over the 80 ImageNet templates,
-no normalisation) and the on-disk cache (reused, invalidated by names or checkpoint identity)."""
+"""Class-name embeddings: the VPD recipes (pooled CLIP output averaged over the 80 ImageNet templates
+for depth, one "a photo of a {}" prompt for ADE20K, no normalisation), files of ready embeddings and
+the on-disk cache (reused, invalidated by names or checkpoint identity)."""
 import importlib.util
 import os
 
@@ -8,8 +9,8 @@ import torch
 from torch import nn
 
 from vpd.clip import CLIPConfig, CLIPTextModel, Tokenizer
-from vpd.text import (ADE20K_CLASSES, IMAGENET_TEMPLATES, NYU_SCENES, class_embeddings, file_identity,
-                      weights_fingerprint)
+from vpd.text import (ADE20K_CLASSES, ADE20K_TEMPLATES, IMAGENET_TEMPLATES, NYU_SCENES, class_embeddings,
+                      file_identity, load_class_embeddings, weights_fingerprint)
 
 TINY_CLIP = CLIPConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 
@@ -74,6 +75,60 @@ def test_embedding_is_mean_of_pooled_outputs_at_end_of_text(tok):
         torch.testing.assert_close(row, pooled.mean(0), rtol=1e-5, atol=1e-5)
     # no L2 normalisation anywhere
     assert not torch.allclose(got.norm(dim=-1), torch.ones(2))
+
+
+def test_ade20k_embedding_is_the_pooled_output_of_one_prompt(tok):
+    # the author's description of VPD's ADE20K file (wl-zhao/VPD issue #22): "a photo of a [CLASS LABEL]"
+    assert ADE20K_TEMPLATES == ["a photo of a {}"]
+    clip = tiny_clip()
+    got = class_embeddings(["chest_of_drawers", "wall"], clip, tok, templates=ADE20K_TEMPLATES)
+    ids = tok(["a photo of a chest of drawers", "a photo of a wall"], max_length=77)
+    with torch.no_grad():
+        hidden, _ = clip(ids)
+    eot = [r.tolist().index(49407) for r in ids]
+    torch.testing.assert_close(got, torch.stack([hidden[i, j] for i, j in enumerate(eot)]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="templates"):
+        class_embeddings(["wall"], clip, tok, templates=["a photo"])  # no place for the name
+
+
+def test_models_take_their_tasks_recipe(tmp_path, monkeypatch):
+    from vpd import text
+    from vpd.demo import TINY_CLIP as CLIP, TINY_UNET, TINY_VAE, write_random_sd
+    from vpd.model import build_model
+    sd = write_random_sd(str(tmp_path / "sd.safetensors"))
+    seen = {}
+    real = text.class_embeddings
+
+    def record(names, *a, templates, **kw):
+        seen[len(names)] = templates
+        return real(names[:2], *a, templates=templates, **kw).repeat(len(names), 1)[:len(names)]
+    monkeypatch.setattr(text, "class_embeddings", record)
+    build_model("semseg", sd, TINY_UNET, TINY_VAE, CLIP, channels=32)
+    build_model("depth", sd, TINY_UNET, TINY_VAE, CLIP, fuse_channels=64, deconv_channels=16, out_channels=32)
+    assert seen == {150: ADE20K_TEMPLATES, 27: IMAGENET_TEMPLATES}
+
+
+def test_embeddings_files_are_read_and_checked(tmp_path):
+    from safetensors.torch import save_file
+    emb = torch.randn(3, 8)
+    torch.save(emb, tmp_path / "e.pth")  # as VPD ships them: one pickled tensor
+    save_file({"anything": emb}, str(tmp_path / "e.safetensors"))
+    for name in ("e.pth", "e.safetensors"):
+        assert torch.equal(load_class_embeddings(tmp_path / name, 3, 8), emb)
+    torch.save(emb.half(), tmp_path / "half.pt")
+    assert load_class_embeddings(tmp_path / "half.pt", 3, 8).dtype == torch.float32
+    save_file({"a": emb, "b": emb.clone()}, str(tmp_path / "two.safetensors"))
+    torch.save({"emb": emb}, tmp_path / "dict.pth")
+    (tmp_path / "text.pth").write_text("not a torch file")
+    torch.save(emb.long(), tmp_path / "ints.pth")
+    for name, count, dim, words in [("e.pth", 4, 8, r"must be a \(4, 8\) float tensor, got a \(3, 8\)"),
+                                    ("e.pth", 3, 16, r"\(3, 16\)"), ("two.safetensors", 3, 8, "holds one tensor"),
+                                    ("dict.pth", 3, 8, "got dict"), ("text.pth", 3, 8, "not a torch tensor file"),
+                                    ("ints.pth", 3, 8, "torch.int64")]:
+        with pytest.raises(ValueError, match=words):
+            load_class_embeddings(tmp_path / name, count, dim)
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        load_class_embeddings(tmp_path / "nope.pth", 3, 8)
 
 
 def test_long_prompts_are_truncated_to_20_positions(tok):

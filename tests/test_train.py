@@ -275,6 +275,22 @@ def test_bad_input_is_a_clear_error(world, tmp_path):
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()  # no empty --out left behind
 
 
+def test_class_embeddings_file_is_the_models_text(world, tmp_path, capsys):
+    from vpd.demo import TINY_UNET
+    emb = torch.randn(150, TINY_UNET.context_dim)
+    torch.save(emb, tmp_path / "class_embeddings.pth")
+    out = tmp_path / "run"
+    train_here(flags(world, "semseg", out, "--iters", 1, "--batch-size", 2, "--class-embeddings",
+                     tmp_path / "class_embeddings.pth"))
+    assert torch.equal(load_file(str(out / "model.safetensors"))["class_embeddings"], emb)
+    torch.save(emb[:27], tmp_path / "nyu.pth")  # 27 rows: a depth file, not ADE20K's 150 classes
+    with pytest.raises(SystemExit, match=r"nyu.pth: class embeddings must be a \(150, 32\) float tensor"):
+        train_here(flags(world, "semseg", tmp_path / "bad", "--iters", 1, "--class-embeddings", tmp_path / "nyu.pth"))
+    with pytest.raises(SystemExit):
+        train_here(flags(world, "refer", tmp_path / "refer", "--class-embeddings", tmp_path / "nyu.pth"))
+    assert "--class-embeddings is for semseg and depth" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- weight files
 
 class Toy(torch.nn.Module):

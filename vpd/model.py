@@ -249,8 +249,9 @@ def build_model(task, sd_ckpt=None, unet_cfg=None, vae_cfg=None, clip_cfg=None, 
 
     sd_ckpt: an SD v1 file to take the UNet, VAE encoder (and for refer the CLIP text encoder) from;
     None builds random weights from the configs (the tiny demo). class_embeddings (K, D) for
-    semseg / depth: None computes them from `class_names` (default the ADE20K / NYUv2 names) with the
-    file's CLIP (cached in `cache_dir`; computed on `text_device`), or, with no file, draws random ones. kw goes
+    semseg / depth: None computes them from `class_names` (default the ADE20K / NYUv2 names; one prompt
+    per class for semseg, the 80-template average for depth, see vpd/text.py) with the file's CLIP
+    (cached in `cache_dir`; computed on `text_device`), or, with no file, draws random ones. kw goes
     to the task model (num_classes, max_depth, max_tokens, head widths...).
     """
     from vpd import text as T
@@ -273,8 +274,9 @@ def build_model(task, sd_ckpt=None, unet_cfg=None, vae_cfg=None, clip_cfg=None, 
         names = class_names or (T.ADE20K_CLASSES if task == "semseg" else T.NYU_SCENES)
         if sd_ckpt is not None:
             ckpt_id = None if isinstance(sd_ckpt, dict) else T.file_identity(sd_ckpt)
+            templates = T.ADE20K_TEMPLATES if task == "semseg" else T.IMAGENET_TEMPLATES
             class_embeddings = T.class_embeddings(names, clip_model().to(text_device), Tokenizer(),
-                                                  cache_dir=cache_dir, ckpt_id=ckpt_id)
+                                                  cache_dir=cache_dir, ckpt_id=ckpt_id, templates=templates)
         else:
             k = (kw.get("num_classes") or len(names)) if task == "semseg" else len(names)
             class_embeddings = torch.randn(k, unet_cfg.context_dim)  # stand-ins: no CLIP weights to use

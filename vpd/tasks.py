@@ -14,6 +14,7 @@ from torch import nn
 from vpd import data, dist
 from vpd.clip import CLIPConfig, Tokenizer
 from vpd.model import build_model
+from vpd.text import load_class_embeddings
 from vpd.trained import load_weights, read_meta
 from vpd.unet import UNetConfig
 from vpd.vae import VAEConfig
@@ -132,12 +133,16 @@ def build_task(args, device, log=print):
     log(f"building the {args.task} model from {args.sd_ckpt}")
     cache = args.text_cache or os.path.join(os.path.dirname(os.path.abspath(args.out)), "text_cache")
     names = data.KITTI_SCENES if args.dataset == "kitti" else None  # None: the task's own (NYUv2 / ADE20K)
+    emb = None
+    if args.class_embeddings:
+        count = len(names or (data.ADE20K_CLASSES if args.task == "semseg" else data.NYU_SCENES))
+        emb = load_class_embeddings(args.class_embeddings, count, unet_cfg.context_dim)
     # rank 0 builds first: it computes the class embeddings (on the GPU: 150 names x 80 prompts take
     # minutes on a CPU) and caches them, which the other processes then read
     if dist.rank() != 0:
         dist.barrier()
-    model = build_model(args.task, args.sd_ckpt, unet_cfg, vae_cfg, clip_cfg, cache_dir=cache, class_names=names,
-                        text_device=device, **kw)
+    model = build_model(args.task, args.sd_ckpt, unet_cfg, vae_cfg, clip_cfg, class_embeddings=emb, cache_dir=cache,
+                        class_names=names, text_device=device, **kw)
     if dist.rank() == 0:
         dist.barrier()
     meta = dict(task=args.task, sd_ckpt=os.path.abspath(args.sd_ckpt), demo=args.demo, dataset=args.dataset,

@@ -1,12 +1,16 @@
 """Text embeddings for VPD: class names -> one CLIP vector per class, cached on disk.
 
-Recipe (VPD's depth/dump_nyu_text_embeddings.py): each name (underscores read as spaces) is put
+Depth recipe (VPD's depth/dump_nyu_text_embeddings.py): each name (underscores read as spaces) is put
 into the 80 ImageNet prompt templates of CLIP's zero-shot classifier; each prompt goes through the
 frozen CLIP text encoder, tokenised to 20 positions; the pooled output (final hidden state at the
 end-of-text token) is averaged over the templates. No L2 normalisation, neither per template nor
 after averaging. The causal mask makes the pooled output independent of how much padding follows
 the end-of-text token, so 20 positions only matter through truncation of very long prompts.
-The ADE20K embeddings shipped with VPD have no published recipe; this one is used for them too.
+ADE20K's class embeddings (VPD's segmentation/class_embeddings.pth) take one prompt per class: the
+author describes them as the CLIP features of "a photo of a [CLASS LABEL]" (wl-zhao/VPD issue #22),
+and the file's row norms (27.5-28.9) fit single prompts: the 80-template averages of VPD's NYUv2 file
+are near 22.5 (averaging vectors that point apart shortens them). The exact wording
+is not published: we take it as written there, "a photo of a {}" (also CLIP's README zero-shot prompt).
 """
 import hashlib
 import json
@@ -40,7 +44,33 @@ IMAGENET_TEMPLATES = [
     "a photo of a small {}.", "a tattoo of the {}.",
 ]
 
+ADE20K_TEMPLATES = ["a photo of a {}"]
+
 MAX_LENGTH = 20  # the script's FrozenCLIPEmbedderContext(max_length=20) for the class prompts
+
+
+def load_class_embeddings(path, count, dim) -> torch.Tensor:
+    """(count, dim) float32 class embeddings from a file holding one tensor: a torch file (.pth / .pt,
+    e.g. VPD's segmentation/class_embeddings.pth, the released model's text) or a .safetensors file
+    with one tensor in it. Rows follow the task's class order (ADE20K_CLASSES / NYU_SCENES)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"class embeddings file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        tensors = list(load_file(path).values())
+        if len(tensors) != 1:
+            raise ValueError(f"{path}: a class embeddings file holds one tensor, this one {len(tensors)}")
+        emb = tensors[0]
+    else:
+        try:
+            emb = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 (not a torch file, or one holding objects: say which file)
+            raise ValueError(f"{path}: not a torch tensor file ({type(e).__name__}: {e})") from None
+    if not torch.is_tensor(emb) or tuple(emb.shape) != (count, dim) or not emb.is_floating_point():
+        what = f"a {tuple(emb.shape)} {emb.dtype} tensor" if torch.is_tensor(emb) else type(emb).__name__
+        raise ValueError(f"{path}: class embeddings must be a ({count}, {dim}) float tensor, got {what}")
+    return emb.float()
 
 
 def file_identity(path) -> str:
@@ -64,25 +94,27 @@ def weights_fingerprint(module) -> str:
     return h.hexdigest()
 
 
-def _prompts(name):
+def _prompts(name, templates):
     name = name.replace("_", " ").strip()
-    return [t.format(name) for t in IMAGENET_TEMPLATES]
+    return [t.format(name) for t in templates]
 
 
 @torch.no_grad()
-def compute_class_embeddings(names, clip, tokenizer, max_length=MAX_LENGTH) -> torch.Tensor:
-    """(K, D) float32 on the CPU: per name, the pooled CLIP output averaged over the 80 templates."""
+def compute_class_embeddings(names, clip, tokenizer, max_length=MAX_LENGTH, templates=IMAGENET_TEMPLATES):
+    """(K, D) float32 on the CPU: per name, the pooled CLIP output averaged over the templates."""
     device = next(clip.parameters()).device
     out = []
     for name in tqdm(names, desc="class embeddings", unit="name", leave=False, dynamic_ncols=True):
-        ids = tokenizer(_prompts(name), max_length=max_length).to(device)  # (80, max_length)
-        _, pooled = clip(ids)  # (80, D)
+        ids = tokenizer(_prompts(name, templates), max_length=max_length).to(device)  # (T, max_length)
+        _, pooled = clip(ids)  # (T, D)
         out.append(pooled.float().mean(dim=0).cpu())
     return torch.stack(out)
 
 
-def class_embeddings(names, clip, tokenizer, cache_dir=None, ckpt_id=None, max_length=MAX_LENGTH) -> torch.Tensor:
-    """(K, D) CLIP class embeddings for `names`, cached in `cache_dir` when one is given.
+def class_embeddings(names, clip, tokenizer, cache_dir=None, ckpt_id=None, max_length=MAX_LENGTH,
+                     templates=IMAGENET_TEMPLATES) -> torch.Tensor:
+    """(K, D) CLIP class embeddings for `names` (averaged over `templates`), cached in `cache_dir`
+    when one is given.
 
     The cache file is keyed by the names, the recipe and `ckpt_id`, the identity of the text encoder's
     weights: pass `file_identity(sd_path)` when CLIP was loaded from that file; left as None, it is
@@ -92,18 +124,21 @@ def class_embeddings(names, clip, tokenizer, cache_dir=None, ckpt_id=None, max_l
     names = list(names)
     if not names or not all(isinstance(n, str) and n.strip() for n in names):
         raise ValueError(f"class names must be a non-empty list of non-empty strings, got {names!r}")
+    templates = list(templates)
+    if not templates or not all(isinstance(t, str) and t.count("{}") == 1 for t in templates):
+        raise ValueError(f"templates must be a non-empty list of strings with one '{{}}' each, got {templates!r}")
     if cache_dir is None:
-        return compute_class_embeddings(names, clip, tokenizer, max_length)
+        return compute_class_embeddings(names, clip, tokenizer, max_length, templates)
     if ckpt_id is None:
         ckpt_id = weights_fingerprint(clip)
-    key = {"names": names, "ckpt_id": ckpt_id, "templates": IMAGENET_TEMPLATES, "max_length": max_length}
+    key = {"names": names, "ckpt_id": ckpt_id, "templates": templates, "max_length": max_length}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(os.fspath(cache_dir), f"class_embeddings-{digest}.pt")
     if os.path.isfile(path):
         cached = torch.load(path, map_location="cpu", weights_only=True)
         if cached.get("names") == names and cached.get("ckpt_id") == ckpt_id:
             return cached["embeddings"]
-    emb = compute_class_embeddings(names, clip, tokenizer, max_length)
+    emb = compute_class_embeddings(names, clip, tokenizer, max_length, templates)
     os.makedirs(cache_dir, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     torch.save({"names": names, "ckpt_id": ckpt_id, "embeddings": emb}, tmp)
