@@ -28,8 +28,6 @@ from vpd.metrics import KITTI_CROPS, DepthMetric, ReferMetric, SegMetric, Sharde
 from vpd.model import TASKS
 from vpd.tasks import build_eval, demo_out, to_device
 
-MS_RATIOS = (1.0, 1.125, 1.25, 1.375, 1.5)  # VPD's multi-scale test ratios
-
 
 @torch.no_grad()
 def evaluate(model, task, dataset, device, autocast=nullcontext, max_samples=None, ms_flip=False,
@@ -62,8 +60,11 @@ def evaluate(model, task, dataset, device, autocast=nullcontext, max_samples=Non
         with autocast():
             if task == "semseg":
                 label = batch["label"]
-                probs = semseg_probs(model, image, k, label.shape[-2:], scales=MS_RATIOS if ms_flip else (1.0,),
-                                     flip=ms_flip, crop=seg_crop, stride=seg_crop * 2 // 3)
+                if ms_flip and "ms_images" not in batch:
+                    raise ValueError("ms_flip: the dataset gives no multi-scale views (ADE20K(..., ms_ratios=MS_RATIOS))")
+                views = batch["ms_images"] if ms_flip else [image]
+                probs = semseg_probs(model, views, k, label.shape[-2:], flip=ms_flip, crop=seg_crop,
+                                     stride=seg_crop * 2 // 3)
                 pred = probs.argmax(1)
                 metric.update(pred, label)
             elif task == "depth":

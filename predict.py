@@ -178,7 +178,7 @@ def predict_semseg(model, sample, crop):
     """-> (H, W) int64 class ids at the original size."""
     k = model.num_classes
     size = tuple(sample["orig_size"].tolist())
-    probs = semseg_probs(model, sample["image"][None], k, size, crop=crop, stride=crop * 2 // 3)  # 512 -> 341
+    probs = semseg_probs(model, [sample["image"][None]], k, size, crop=crop, stride=crop * 2 // 3)  # 512 -> 341
     return probs[0].argmax(0)
 
 

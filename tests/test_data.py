@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from vpd import transforms as T
 from vpd.data import (ADE20K, ADE20K_CLASSES, KITTI, NYU_SCENES, NYUv2, RefCOCO, BadSampleError, ImageFolder,
                       depth_eval_mask, read_rgb, undo)
+from vpd.infer import MS_RATIOS
 from vpd.synthetic import make_synthetic, scene_sample
 
 
@@ -106,6 +107,24 @@ def test_ade_eval_view_reduces_labels_at_original_size(synth):
     assert np.all(label[truth == 0] == 0) and np.all(label[truth == 1] == 3) and np.all(label[truth == 2] == 5)
     assert np.all(label[truth == 3] == 255)  # the poster is "other" -> ignore
     torch.testing.assert_close(s["orig_size"], torch.tensor([48, 64]))
+
+
+def test_ade_multi_scale_views_are_resized_from_the_original(synth):
+    # mmseg's MultiScaleFlipAug: scale (int(2048 r), int(512 r)) per ratio, each a keep-ratio resize of
+    # the ORIGINAL image (48x64 here): short side 512 r, long side 64 * 512 r / 48 rounded half up
+    ds = ADE20K(synth["semseg"], split="validation", ms_ratios=MS_RATIOS)
+    s = ds[0]
+    sizes = [tuple(v.shape[-2:]) for v in s["ms_images"]]
+    assert sizes == [(512, 683), (576, 768), (640, 853), (704, 939), (768, 1024)]
+    assert torch.equal(s["ms_images"][0], s["image"])
+    original = np.asarray(Image.open(ds.images[0]).convert("RGB"), dtype=np.float32)
+    once = torch.from_numpy(T.resize_image(original, (640, 853))).permute(2, 0, 1) / 127.5 - 1
+    torch.testing.assert_close(s["ms_images"][2], once)
+    twice = torch.nn.functional.interpolate(s["image"][None], size=(640, 853), mode="bilinear")[0]
+    assert (s["ms_images"][2] - twice).abs().max() > 1e-2  # not a resize of the 512 view (float error: 1e-7)
+    assert "ms_images" not in ADE20K(synth["semseg"], split="validation")[0]
+    with pytest.raises(ValueError, match="ms_ratios"):
+        ADE20K(synth["semseg"], split="training", ms_ratios=MS_RATIOS)
 
 
 def test_ade_train_view_batches(synth):

@@ -75,7 +75,7 @@ def test_semseg_label_at_another_size_than_the_image():
 
 
 def test_semseg_ms_flip_is_vpds_five_scales_each_flipped():
-    # VPD's --aug-test: ratios 1.0, 1.125, 1.25, 1.375, 1.5 of the test scale, each plain and flipped
+    # VPD's --aug-test: the dataset's views at ratios 1.0, 1.125, 1.25, 1.375, 1.5, each plain and flipped
     calls = []
 
     class Recorder(LabelFromImage):
@@ -84,16 +84,22 @@ def test_semseg_ms_flip_is_vpds_five_scales_each_flipped():
             calls.append((int((x[0, 2, 0] != 0).sum()), bool(x[0, 1, 0, 0] == 0)))
             return super().forward(x)
 
-    label = torch.ones(64, 64, dtype=torch.int64)
-    sample = seg_sample(label, 0)
-    sample["image"][1, :, 0] = 1.0
-    sample["image"][2] = 1.0
+    def view(side):
+        image = seg_sample(torch.ones(side, side, dtype=torch.int64), 0)["image"]
+        image[1, :, 0] = 1.0
+        image[2] = 1.0
+        return image
+    sample = dict(seg_sample(torch.ones(64, 64, dtype=torch.int64), 0), image=view(64),
+                  ms_images=[view(side) for side in (64, 72, 80, 88, 96)])  # as ADE20K(ms_ratios=...) gives
     m = run(Recorder(), "semseg", [sample], ms_flip=True)
     assert m["mIoU"] == 100
     assert sorted(calls) == sorted((w, flipped) for w in (64, 72, 80, 88, 96) for flipped in (False, True))
     calls.clear()
     run(Recorder(), "semseg", [sample])  # single scale, no flip: the headline protocol
     assert calls == [(64, False)]
+    del sample["ms_images"]
+    with pytest.raises(ValueError, match="no multi-scale views"):
+        run(Recorder(), "semseg", [sample], ms_flip=True)
 
 
 def test_evaluate_leaves_the_models_mode_as_it_was():

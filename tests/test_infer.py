@@ -77,14 +77,14 @@ def test_semseg_flip_and_output_size():
     model = Pointwise()
     image = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
-        plain = semseg_probs(model, image, 5, (64, 96))
-        flipped = semseg_probs(model, image, 5, (64, 96), flip=True)
+        plain = semseg_probs(model, [image], 5, (64, 96))
+        flipped = semseg_probs(model, [image], 5, (64, 96), flip=True)
         expected = model(image).softmax(1)
-        resized = semseg_probs(model, image, 5, (32, 48))
+        resized = semseg_probs(model, [image], 5, (32, 48))
     assert torch.allclose(plain, expected, atol=1e-5)
     assert torch.allclose(flipped, expected, atol=1e-5)  # a wrong un-flip would mirror the map
     assert resized.shape == (1, 5, 32, 48)
-    ms = semseg_probs(model, image, 5, (64, 96), scales=(1.0, 1.5), flip=True)
+    ms = semseg_probs(model, [image, torch.nn.functional.interpolate(image, size=(96, 144))], 5, (64, 96), flip=True)
     assert ms.shape == (1, 5, 64, 96) and torch.allclose(ms.sum(1), torch.ones(1, 64, 96), atol=1e-5)
 
 
@@ -179,20 +179,17 @@ def test_semseg_logits_are_resized_before_the_softmax():
             logits = torch.zeros(x.shape[0], 2, *x.shape[-2:])
             logits[:, 0, :, x.shape[-1] // 2:] = 4.0  # class 0 favoured on the right half
             return logits
-    probs = semseg_probs(Step(), torch.zeros(1, 3, 64, 128), 2, out_size=(64, 256), crop=512)
+    probs = semseg_probs(Step(), [torch.zeros(1, 3, 64, 128)], 2, out_size=(64, 256), crop=512)
     # output column 127 samples input x = (127 + 0.5) / 2 - 0.5 = 63.25: logit 0.75 * 0 + 0.25 * 4 = 1
     torch.testing.assert_close(probs[0, 0, :, 127], torch.full((64,), torch.sigmoid(torch.tensor(1.0)).item()))
 
 
-def test_multi_scale_input_is_resized_as_opencv_does():
-    # a 2x bilinear downscale with half-pixel centres (OpenCV INTER_LINEAR, mmseg's resize) averages
-    # each pair of columns: a ramp 0..127 becomes 0.5, 2.5, ..., 126.5
-    seen = []
-
-    class Record(nn.Module):
+def test_views_at_other_scales_are_averaged_at_the_output_size():
+    # one view per scale, each predicted and resized to the label's size, softmaxes averaged
+    class Half(nn.Module):  # class 1 where channel 0 is positive, else class 0
         def forward(self, x):
-            seen.append(x)
-            return torch.zeros(x.shape[0], 2, *x.shape[-2:])
-    ramp = torch.arange(128.0).expand(1, 3, 128, 128)
-    semseg_probs(Record(), ramp, 2, out_size=(128, 128), scales=(0.5,), crop=512)
-    torch.testing.assert_close(seen[0][0, 0, 0, :64], torch.arange(64.0) * 2 + 0.5)
+            return torch.cat([torch.zeros_like(x[:, :1]), 4 * x[:, :1]], 1)
+    small, large = torch.ones(1, 3, 32, 32), torch.zeros(1, 3, 64, 64)
+    probs = semseg_probs(Half(), [small, large], 2, out_size=(16, 16))
+    s = torch.sigmoid(torch.tensor(4.0))  # class 1's probability on the small view; 1/2 on the large one
+    torch.testing.assert_close(probs[0, 1], torch.full((16, 16), ((s + 0.5) / 2).item()))

@@ -383,17 +383,22 @@ class ADE20K(_SeededDataset):
     Training view: mmseg's recipe (vpd.transforms.semseg_train), 512x512.
     Evaluation view: the image resized keeping its aspect ratio to fit (2048, 512) (short side 512
     unless the long side would pass 2048), bilinear; `label` is the reduced label at the image's
-    ORIGINAL size, for metrics on the prediction resized back; `orig_size` is (H, W).
+    ORIGINAL size, for metrics on the prediction resized back; `orig_size` is (H, W). With
+    `ms_ratios` (multi-scale test) also `ms_images`, one view per ratio r, each resized from the
+    original to fit (int(2048 r), int(512 r)) as mmseg's MultiScaleFlipAug does.
     Batch evaluation samples one at a time (their sizes differ).
     """
 
     def __init__(self, root, split="training", train=None, crop=(512, 512), scale=(2048, 512), seed=0,
-                 skip_bad=False):
+                 skip_bad=False, ms_ratios=None):
         super().__init__(seed, skip_bad)
         if split not in ("training", "validation"):
             raise ValueError(f"split must be 'training' or 'validation', got {split!r}")
         self.train = split == "training" if train is None else bool(train)
-        self.crop, self.scale = tuple(crop), tuple(scale)
+        if ms_ratios is not None and (self.train or not ms_ratios or min(ms_ratios) <= 0):
+            raise ValueError(f"ms_ratios: positive ratios for the evaluation view, got {ms_ratios} "
+                             f"({'training' if self.train else 'evaluation'} view)")
+        self.crop, self.scale, self.ms_ratios = tuple(crop), tuple(scale), ms_ratios
         base = os.path.join(root, "ADEChallengeData2016")
         image_dir = os.path.join(base, "images", split)
         ann_dir = os.path.join(base, "annotations", split)
@@ -420,7 +425,11 @@ class ADE20K(_SeededDataset):
             return {"image": x, "label": y, "index": index}
         h, w = label.shape
         x = T.to_tensor(T.resize_image(img, T.keep_ratio_size(h, w, self.scale)))
-        return {"image": x, "label": torch.from_numpy(label), "orig_size": torch.tensor([h, w]), "index": index}
+        sample = {"image": x, "label": torch.from_numpy(label), "orig_size": torch.tensor([h, w]), "index": index}
+        if self.ms_ratios:
+            sizes = [T.keep_ratio_size(h, w, [int(s * r) for s in self.scale]) for r in self.ms_ratios]
+            sample["ms_images"] = [T.to_tensor(T.resize_image(img, size)) for size in sizes]
+        return sample
 
 
 # ----------------------------------------------------------------------------- referring segmentation: RefCOCO

@@ -1,13 +1,15 @@
 """Test-time inference of each task: what a model predicts for one full image.
 
-semseg: mmseg's sliding window (512 crops, stride 341), optional multi-scale + flip, softmax
-        averaged at the label's size. depth: VPD's flip + shifted square windows, averaged.
+semseg: mmseg's sliding window (512 crops, stride 341), optional multi-scale (VPD's MS_RATIOS,
+        views resized by the dataset) + flip, softmax averaged at the label's size. depth: VPD's flip + shifted square windows, averaged.
 refer:  one forward, logits resized to the mask's size.
 The segmentation networks take sides that are multiples of 64, the depth network multiples of 32
 (it pads 480 to 512 itself); other sizes are zero-padded here and the padding is cut off the prediction.
 """
 import torch
 import torch.nn.functional as F
+
+MS_RATIOS = (1.0, 1.125, 1.25, 1.375, 1.5)  # VPD's multi-scale test ratios (of ADE20K's (2048, 512) scale)
 
 
 def pad_to(x, multiple=64):
@@ -38,18 +40,18 @@ def slide_logits(model, image, num_classes, crop=512, stride=341):
     return logits / count
 
 
-def semseg_probs(model, image, num_classes, out_size, scales=(1.0,), flip=False, crop=512, stride=341):
-    """Class probabilities (B, K, *out_size), averaged over scales (relative to `image`) and flips."""
+def semseg_probs(model, views, num_classes, out_size, flip=False, crop=512, stride=341):
+    """Class probabilities (B, K, *out_size), averaged over `views` (a list of (B, 3, h, w): one image
+    at one or more scales, e.g. ADE20K's ms_images) and, with flip, their mirror images."""
     probs = 0
-    for s in scales:
-        x = image if s == 1.0 else F.interpolate(image, scale_factor=s, mode="bilinear", align_corners=False)
+    for x in views:
         for flipped in ((False, True) if flip else (False,)):
             xi = x.flip(-1) if flipped else x
             logits = slide_logits(model, xi, num_classes, crop, stride)
             logits = logits.flip(-1) if flipped else logits
             logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
             probs = probs + logits.softmax(1)
-    return probs / (len(scales) * (2 if flip else 1))
+    return probs / (len(views) * (2 if flip else 1))
 
 
 def depth_predict(model, image, scene_ids, flip=True, windows=2):

@@ -13,6 +13,7 @@ from torch import nn
 
 from vpd import data, dist
 from vpd.clip import CLIPConfig, Tokenizer
+from vpd.infer import MS_RATIOS
 from vpd.model import build_model
 from vpd.text import load_class_embeddings
 from vpd.trained import load_weights, read_meta
@@ -34,7 +35,12 @@ DEMO_HEADS = {"semseg": dict(channels=32), "depth": dict(fuse_channels=64, decon
 
 
 def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """Tensors, and lists of tensors (ADE20K's ms_images), moved to `device`; other values as they are."""
+    def move(v):
+        if isinstance(v, list) and all(torch.is_tensor(t) for t in v):
+            return [t.to(device, non_blocking=True) for t in v]
+        return v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+    return {k: move(v) for k, v in batch.items()}
 
 
 def forward_loss(model, raw, task, batch):
@@ -51,9 +57,11 @@ def refer_split_by(dataset, split_by=None):
     return split_by or ("umd" if dataset == "refcocog" else "unc")
 
 
-def datasets(task, root, crop, seed=0, dataset=None, split_by=None, split=None, demo=False, scene_match="exact"):
+def datasets(task, root, crop, seed=0, dataset=None, split_by=None, split=None, demo=False, scene_match="exact",
+             ms_ratios=None):
     """(train_set, eval_set) of `task` under `root`; a clear error when the layout is not there.
-    scene_match: how NYUv2 images get their scene type (data.NYUv2; "vpd" as the released model saw them)."""
+    scene_match: how NYUv2 images get their scene type (data.NYUv2; "vpd" as the released model saw them).
+    ms_ratios: semseg's multi-scale test views (data.ADE20K)."""
     if dataset is not None and dataset not in DATASETS[task]:
         raise SystemExit(f"--dataset {dataset!r} is not a {task} dataset: {', '.join(DATASETS[task])}")
     try:
@@ -67,7 +75,7 @@ def datasets(task, root, crop, seed=0, dataset=None, split_by=None, split=None, 
         if task == "semseg":
             scale = (4 * crop, crop)  # (2048, 512) for the paper's 512 crops
             return (data.ADE20K(root, "training", crop=(crop, crop), scale=scale, seed=seed),
-                    data.ADE20K(root, "validation", train=False, scale=scale))
+                    data.ADE20K(root, "validation", train=False, scale=scale, ms_ratios=ms_ratios))
         tok = Tokenizer().encode
         kw = dict(dataset=dataset or "refcoco", split_by=refer_split_by(dataset, split_by),
                   tokenizer=tok, max_tokens=77 if dataset == "refcocog" else 40, size=(crop, crop))
@@ -208,7 +216,8 @@ def build_eval(args, device):
     dataset = args.dataset or meta.get("dataset") or DATASETS[task][0]
     split_by = refer_split_by(dataset, args.split_by) if task == "refer" else None
     _, eval_set = datasets(task, root, crop, dataset=dataset, split_by=split_by, split=args.split,
-                           demo=meta.get("demo", False), scene_match="vpd" if meta.get("official") else "exact")
+                           demo=meta.get("demo", False), scene_match="vpd" if meta.get("official") else "exact",
+                           ms_ratios=MS_RATIOS if args.ms_flip else None)
     return SimpleNamespace(model=model.to(device), task=task, dataset=eval_set, depth_crop=meta.get("depth_crop"),
                            max_depth=getattr(model, "max_depth", 10.0), crop=crop, dataset_name=dataset,
                            split_by=split_by, split=args.split or EVAL_SPLITS[task])
