@@ -197,6 +197,9 @@ def main(args):
     steps_per_epoch = len(train_set) // args.batch_size
     if steps_per_epoch == 0:
         raise SystemExit(f"the training set has {len(train_set)} samples, fewer than one batch of {args.batch_size}")
+    if state is not None and state.get("train_samples", len(train_set)) != len(train_set):  # batches and length
+        raise SystemExit(f"--resume: the run in {args.out} trained on {state['train_samples']} samples; "
+                         f"--data-root {args.data_root} now holds {len(train_set)}")
     total = args.iters or args.epochs * steps_per_epoch
     stop = min(total, args.stop_after or total)
     peak = (args.epochs // 2) * steps_per_epoch if args.epochs and not args.iters else None
@@ -206,6 +209,10 @@ def main(args):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     optimizer = build_optimizer(raw, args.lr, args.weight_decay, args.unet_lr_mult, fused=device.type == "cuda")
     step, loss_sum, last = 0, 0.0, 0  # loss_sum: this rank's loss since the last log line at step `last`
+    redo_eval = False
+
+    def eval_due(s):
+        return s == total or bool(args.eval_every and s % args.eval_every == 0)
     if state is not None:
         try:
             load_trained_state(raw, state["model"], state_path)
@@ -218,6 +225,9 @@ def main(args):
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step, last = state["step"], state["last_log"]
+        # a run killed in the evaluation that follows its checkpoint evaluates again (metrics.json says
+        # which step was evaluated last)
+        redo_eval = eval_due(step) and read_json(metrics_path).get("step") != step
         mine = state["ranks"][rank]
         loss_sum = mine["loss_sum"]
         torch.set_rng_state(mine["torch"])
@@ -226,10 +236,13 @@ def main(args):
         if device.type == "cuda" and mine.get("cuda") is not None:
             torch.cuda.set_rng_state(mine["cuda"], device)
         if master and os.path.isfile(log_path):  # drop lines a crashed run wrote after this checkpoint,
-            with open(log_path) as f:            # and a last one without its newline, torn by the crash
-                keep = [line for line in f if line.strip() and line.endswith("\n") and json.loads(line)["step"] <= step]
-            with open(log_path, "w") as f:
-                f.writelines(keep)
+            with open(log_path) as f:            # a last one without its newline, torn by the crash, and
+                keep = [json.loads(line) for line in f if line.strip() and line.endswith("\n")]
+            keep = [r for r in keep if r["step"] < step or (r["step"] == step and not (redo_eval and "loss" not in r))]
+            tmp = f"{log_path}.tmp{os.getpid()}"  # the evaluation that is run again
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in keep)
+            os.replace(tmp, log_path)
         print0(f"resumed from {args.out} at step {step}")
 
     if args.compile:
@@ -241,6 +254,12 @@ def main(args):
 
     def save():
         nonlocal saved
+        # every rank holds the same weights and decides alike; a diverged run keeps its last good checkpoint
+        bad = next((k for k, v in raw.state_dict().items() if v.is_floating_point() and not v.isfinite().all()), None)
+        if bad is not None:
+            bar.close()
+            raise SystemExit(f"non-finite weights after step {step} ({bad}): not saved; the checkpoint in "
+                             f"{args.out} stays at step {saved} (lower --lr, or use --amp bf16)")
         mine = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
                     cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                     loss_sum=float(loss_sum))
@@ -248,7 +267,8 @@ def main(args):
         if master:  # state.pt first: it alone is what --resume reads
             weights = trained_state(raw)  # one copy on the host for both files
             save_state(dict(step=step, last_log=last, model=weights, optimizer=optimizer.state_dict(),
-                            scaler=scaler.state_dict(), args=vars(args), ranks=ranks), state_path)
+                            scaler=scaler.state_dict(), args=vars(args), ranks=ranks, train_samples=len(train_set)),
+                       state_path)
             save_weights(raw, weights_path, dict(task.meta, step=step, args=vars(args)), weights)
         dist.barrier()
         saved = step
@@ -298,10 +318,12 @@ def main(args):
            f"({world} processes x {micro} x {accum} accumulation), amp {args.amp}")
     bar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True)
     model.train()
-    t0 = time.time()
+    t0, timed = time.time(), step  # the speed window: steps since `timed`, from t0 (saves and evaluations left out)
     try:
-        if step == total and read_json(metrics_path).get("step") != total:  # the run ended in its last evaluation
+        if redo_eval:
+            model.eval()
             run_eval()
+            model.train()
         while step < stop:
             epoch = step // steps_per_epoch
             train_set.set_epoch(epoch)  # augmentations are a function of (seed, epoch, index)
@@ -334,8 +356,8 @@ def main(args):
                     dt = time.time() - t0
                     loss_avg = dist.mean_over_ranks(float(loss_sum) / (step - last), device)
                     lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_scale"]
-                    rec = dict(step=step, loss=loss_avg, lr=lr, ms=1000 * dt / (step - last),
-                               img_s=(step - last) * args.batch_size / dt)
+                    rec = dict(step=step, loss=loss_avg, lr=lr, ms=1000 * dt / (step - timed),
+                               img_s=(step - timed) * args.batch_size / dt)
                     if device.type == "cuda":  # this rank's peak since the last log line, to size batches by
                         rec["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
                         torch.cuda.reset_peak_memory_stats(device)
@@ -345,13 +367,15 @@ def main(args):
                     if master:
                         with open(log_path, "a") as f:
                             f.write(json.dumps(rec) + "\n")
-                    loss_sum, t0, last = 0.0, time.time(), step
+                    loss_sum, t0, last, timed = 0.0, time.time(), step, step
+                paused = time.time()
                 if step % args.save_every == 0 or step in (total, stop):
                     save()
-                if step == total or (args.eval_every and step % args.eval_every == 0):
+                if eval_due(step):
                     model.eval()
                     run_eval()
                     model.train()
+                t0 += time.time() - paused
     except KeyboardInterrupt:
         raise SystemExit(stopped("interrupted")) from None
     bar.close()

@@ -439,7 +439,7 @@ def test_resume_keeps_the_runs_settings_and_survives_a_crash_in_save_or_final_ev
     assert json.load(open(out / "metrics.json"))["step"] == STEPS
     for k, v in params(out).items():
         assert torch.equal(v, params(ref)[k]), k
-    assert [r["step"] for r in records(out) if "loss" not in r] == [STEPS, STEPS]  # the new evaluation's line
+    assert [r["step"] for r in records(out) if "loss" not in r] == [STEPS]  # the new evaluation's line alone
     os.remove(out / "model.safetensors")  # killed before the first weights file was in place
     train_here(args + ["--resume"])
     assert read_meta(str(out / "model.safetensors"))["step"] == STEPS
@@ -454,6 +454,79 @@ def test_resume_keeps_the_runs_settings_and_survives_a_crash_in_save_or_final_ev
     (out / "state.pt").write_bytes(b"truncated")
     with pytest.raises(SystemExit, match="--resume: cannot read the checkpoint in"):
         train_here(args + ["--resume"])
+
+
+def test_a_diverged_run_keeps_its_last_good_checkpoint(world, tmp_path, monkeypatch):
+    from vpd.tasks import forward_loss
+    calls = []
+
+    def nan_from_third(model, raw, task, batch):  # the third step's gradients, then weights, are NaN
+        calls.append(1)
+        loss = forward_loss(model, raw, task, batch)
+        return loss * float("nan") if len(calls) >= 3 else loss
+    monkeypatch.setattr(train, "forward_loss", nan_from_third)
+    out = tmp_path / "diverged"
+    with pytest.raises(SystemExit, match=f"non-finite weights after step 3 .*checkpoint in {out} stays at step 2"):
+        train_here(flags(world, "depth", out, "--iters", 6, "--batch-size", 2, "--save-every", 1, "--log-every", 6))
+    assert torch.load(out / "state.pt", weights_only=False)["step"] == 2
+    weights = load_file(str(out / "model.safetensors"))
+    assert all(v.isfinite().all() for v in weights.values() if v.is_floating_point())
+    assert not list(out.glob("*.tmp*"))
+
+
+def test_resume_refuses_a_training_set_of_another_size(world, tmp_path):
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(world["roots"]["depth"], root)
+    args = flags(world, "depth", tmp_path / "run", "--iters", 4, "--batch-size", 2)
+    args[args.index("--data-root") + 1] = str(root)
+    train_here(args + ["--stop-after", "1"])
+    lines = (root / "train_list.txt").read_text().splitlines(keepends=True)
+    (root / "train_list.txt").write_text("".join(lines[:-2]))  # same folder, two samples fewer
+    with pytest.raises(SystemExit, match=f"trained on {len(lines)} samples; --data-root {root} now holds "
+                                         f"{len(lines) - 2}"):
+        train_here(args + ["--resume"])
+
+
+def test_a_run_killed_in_an_intermediate_evaluation_evaluates_again_on_resume(world, tmp_path, monkeypatch):
+    real = train.evaluate
+
+    def interrupt(*args, **kwargs):  # Ctrl-C in the evaluation after step 2 (its checkpoint is saved)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "evaluate", interrupt)
+    out = tmp_path / "run"
+    args = flags(world, "depth", out, "--iters", 4, "--batch-size", 2, "--save-every", 2, "--eval-every", 2)
+    with pytest.raises(SystemExit, match="interrupted in the evaluation after step 2"):
+        train_here(args)
+    monkeypatch.setattr(train, "evaluate", real)
+    train_here(args + ["--resume"])
+    assert [r["step"] for r in records(out) if "loss" not in r] == [2, 4]  # each evaluation once
+    assert [r["step"] for r in records(out) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_logged_speed_counts_the_training_steps_alone(world, tmp_path, monkeypatch):
+    # a clock that moves 1 s per step, 100 s per evaluation and 50 s per save: ms is 1000 in every
+    # log line, the first one after a resume included (its window starts at the resumed step)
+    from types import SimpleNamespace
+
+    from vpd.tasks import forward_loss
+    clock = [0.0]
+
+    def tick(seconds, fn):
+        def wrapped(*a, **kw):
+            clock[0] += seconds
+            return fn(*a, **kw)
+        return wrapped
+    monkeypatch.setattr(train, "time", SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(train, "forward_loss", tick(1, forward_loss))
+    monkeypatch.setattr(train, "evaluate", tick(100, train.evaluate))
+    monkeypatch.setattr(train, "save_state", tick(50, train.save_state))
+    args = flags(world, "depth", tmp_path / "run", "--iters", 4, "--batch-size", 2, "--log-every", 3, "--save-every", 1,
+                 "--eval-every", 1)
+    train_here(args + ["--stop-after", "2"])
+    train_here(args + ["--resume"])
+    assert [(r["step"], r["ms"], r["img_s"]) for r in records(tmp_path / "run") if "loss" in r] == [(3, 1000, 2),
+                                                                                                     (4, 1000, 2)]
 
 
 @pytest.mark.parametrize("flag, value", [("--lr", "1e-3"), ("--seed", "1"), ("--crop", "128"),

@@ -3,8 +3,10 @@
 One optimizer step consumes a global batch of `micro * world * accum` samples: the next slice of the
 epoch's permutation (seeded by seed and epoch). The slice is cut into `world * accum` micro-batches;
 process `rank` takes micro-batch `a * world + rank` at accumulation step `a`. So 2 processes x 1
-accumulation and 1 process x 2 accumulations see the same micro-batches (batch norm statistics
-included), and a run resumed at step s continues with exactly the batches it would have had.
+accumulation and 1 process x 2 accumulations see the same micro-batches (so batch norm normalises
+each by the same statistics; its running averages differ: accumulation updates them once per
+micro-batch, DDP once per step from rank 0's), and a run resumed at step s continues with exactly
+the batches it would have had.
 """
 import torch
 

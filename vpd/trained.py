@@ -9,6 +9,7 @@ is written to a temporary name and renamed: a crash never leaves half a file.
 """
 import json
 import os
+from contextlib import suppress
 
 import torch
 from safetensors import safe_open
@@ -19,8 +20,13 @@ FROZEN = ("backbone.vae.", "clip.")  # parts that come from the SD checkpoint an
 
 def _atomic(write, path):
     tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C or a full disk: no half-written copy (GBs at full size) left beside it
+        with suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def trained_state(model):
