@@ -301,6 +301,21 @@ class Toy(torch.nn.Module):
         self.head = torch.nn.Linear(2, width)
 
 
+def test_a_save_cut_short_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    import vpd.trained
+    path = tmp_path / "state.pt"
+    vpd.trained.save_state({"step": 1}, str(path))
+
+    def torn(obj, f):  # half the file written, then Ctrl-C (or a full disk)
+        open(f, "wb").write(b"half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(vpd.trained.torch, "save", torn)
+    with pytest.raises(KeyboardInterrupt):
+        vpd.trained.save_state({"step": 2}, str(path))
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["state.pt"] and torch.load(path)["step"] == 1
+
+
 def test_weights_file_holds_trained_parts_and_checks_shapes(tmp_path):
     from vpd.trained import load_weights, read_meta, save_weights
     path = str(tmp_path / "w.safetensors")
