@@ -174,18 +174,25 @@ def get_args(argv=None):
     return args
 
 
+def check_task_flags(args, task):
+    """Refuse flags of another task: they would be ignored without a word."""
+    for flag, owner in (("ms_flip", "semseg"), ("no_flip", "depth"), ("refer_full_res", "refer"), ("split", "refer"),
+                        ("split_by", "refer")):
+        if getattr(args, flag) and task != owner:
+            raise SystemExit(f"--{flag.replace('_', '-')} is only for the {owner} task, not {task}")
+
+
 def main(args):
     rank, world, _, device = dist.setup(args.device)
+    if args.task is not None:
+        check_task_flags(args, args.task)  # before minutes of model loading
     try:
         ev = build_eval(args, device)  # model from the checkpoint + the evaluation set
     except (ValueError, FileNotFoundError) as e:  # unreadable or mismatched files: say which, no traceback
         raise SystemExit(f"{type(e).__name__}: {e}") from None
     if args.task is None:
         args.task = ev.task
-    for flag, task in (("ms_flip", "semseg"), ("no_flip", "depth"), ("refer_full_res", "refer"), ("split", "refer"),
-                       ("split_by", "refer")):
-        if getattr(args, flag) and ev.task != task:  # would be ignored without a word
-            raise SystemExit(f"--{flag.replace('_', '-')} is only for the {task} task, not {ev.task}")
+    check_task_flags(args, ev.task)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
     try:
         os.makedirs(out, exist_ok=True)

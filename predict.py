@@ -42,7 +42,8 @@ from tqdm import tqdm
 
 from vpd import vis
 from vpd.clip import Tokenizer
-from vpd.data import IMAGE_EXTENSIONS, KITTI_SCENES, NYU_SCENES, BadSampleError, ImageFolder, read_rgb, undo
+from vpd.data import (IMAGE_EXTENSIONS, KITTI_SCENES, NYU_SCENES, BadSampleError, ImageFolder, check_photo, read_rgb,
+                      undo)
 from vpd.dist import setup
 from vpd.infer import depth_predict, refer_logits, semseg_probs
 from vpd.model import TASKS
@@ -89,8 +90,8 @@ def image_paths(inputs):
             raise SystemExit(f"image not found: {item}")
     for path in paths:  # read the headers now: a bad file stops us before the (slow) model load
         try:
-            with Image.open(path):
-                pass
+            with Image.open(path) as im:
+                check_photo(im)
         except (OSError, SyntaxError, ValueError) as e:
             raise SystemExit(f"cannot read image {path}: {e}") from None
     stems = {}
@@ -111,6 +112,8 @@ def resolve_task(args):
         meta = read_meta(args.ckpt) or {}
     except ValueError as e:
         raise SystemExit(f"--ckpt {e}") from None
+    if args.task and meta.get("task", args.task) != args.task:  # before the options of the wrong task
+        raise SystemExit(f"--ckpt {args.ckpt} is a {meta['task']} model, not {args.task}")
     task = args.task or meta.get("task")
     if task is None:
         raise SystemExit(f"--task is required for {args.ckpt} (an official VPD checkpoint)")
@@ -250,13 +253,15 @@ def main(args):
 
     train_crop = int(meta["args"]["crop"]) if "args" in meta else 512  # semseg's sliding window
     dataset = ImageFolder(paths, task, size)
-    written = 0
+    written, skipped = 0, []
     with torch.inference_mode(), autocast:
         for i in tqdm(range(len(dataset)), desc=f"predict {task}", unit="img", dynamic_ncols=True):
             try:
                 sample = dataset[i]
-            except BadSampleError as e:
-                raise SystemExit(str(e)) from None
+            except BadSampleError as e:  # e.g. a truncated file, which only decoding finds: the others go on
+                tqdm.write(f"skipped: {e}")
+                skipped.append(str(e))
+                continue
             sample = {k: v.to(device) if torch.is_tensor(v) else v for k, v in sample.items()}
             if task == "depth":
                 pred = predict_depth(model, sample, scene_id, flip=not args.no_flip).float()
@@ -268,6 +273,8 @@ def main(args):
             save_outputs(task, args.out, stem, pred, sample["path"], depth_units if task == "depth" else 1000)
             written += 1
     print(f"wrote the {task} predictions of {written} image(s) to {args.out}")
+    if skipped:
+        raise SystemExit(f"{len(skipped)} image(s) skipped:\n" + "\n".join(skipped))
 
 
 if __name__ == "__main__":

@@ -55,9 +55,9 @@ RUN_FILES = ("sd_ckpt", "data_root", "class_embeddings")  # compared too where g
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=TASKS, help="semseg (ADE20K), depth (NYUv2 / KITTI) or refer (RefCOCO)")
-    p.add_argument("--demo", action="store_true", help="tiny random model on synthetic data (the default "
-                   "when neither --sd-ckpt nor --data-root is given; with --demo, a given tiny-config --sd-ckpt "
-                   "or synthetic --data-root is used instead of writing one into --out)")
+    p.add_argument("--demo", action="store_true", help="tiny random model on synthetic data (task depth unless "
+                   "--task says; a given tiny-config --sd-ckpt or synthetic --data-root is used instead of writing "
+                   "one into --out)")
     p.add_argument("--sd-ckpt", help="Stable Diffusion v1.x .safetensors or .ckpt")
     p.add_argument("--data-root", help="dataset root in its standard layout (see README)")
     p.add_argument("--dataset", default=None, help="depth: nyu|kitti; refer: refcoco|refcoco+|refcocog")
@@ -100,13 +100,12 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.compile_mode and args.compile != "inductor":
         p.error("--compile-mode is inductor's: give it with --compile (inductor)")
-    args.demo = args.demo or (args.sd_ckpt is None and args.data_root is None)
     if args.task is None:
         if not args.demo:
-            p.error("--task is required (semseg, depth or refer)")
+            p.error("--task is required (semseg, depth or refer), or --demo for the tiny demo")
         args.task = "depth"
     if not args.demo and (args.sd_ckpt is None or args.data_root is None):
-        p.error("real training needs both --sd-ckpt and --data-root (or use --demo)")
+        p.error("real training needs both --sd-ckpt and --data-root (or --demo for the tiny demo)")
     demo = dict(DEMO, crop=DEMO_CROP[args.task]) if args.demo else {}
     common = dict(log_every=50, save_every=1000, workers=min(4, os.cpu_count() or 1))
     epochs_given = args.epochs is not None and args.iters is None
@@ -173,6 +172,9 @@ def main(args):
     elif os.path.isfile(state_path):
         raise SystemExit(f"--out {args.out} holds the checkpoint of an earlier run: continue it with --resume, "
                          "or give another --out")
+    elif os.path.isfile(weights_path):  # a finished run whose state.pt was deleted to save space
+        raise SystemExit(f"--out {args.out} holds the trained weights of an earlier run ({weights_path}): "
+                         "give another --out")
     elif master:  # what a run that ended before its first checkpoint left: not this run's log and results
         for name in (log_path, metrics_path, os.path.join(args.out, "curves.png")):
             if os.path.isfile(name):

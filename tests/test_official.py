@@ -183,6 +183,10 @@ def test_unknown_missing_and_misshapen_names_are_refused(tmp_path):
     assert load_official({**depth, out_head: torch.ones(32)}, "depth").keys() == load_official(depth, "depth").keys()
     with pytest.raises(ValueError, match="unknown task"):
         load_official(good, "detection")
+    # an SD file given as the model: said so, not 600 unknown names
+    sd = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1), "cond_stage_model.x": torch.zeros(1)}
+    with pytest.raises(CheckpointError, match=r"a Stable Diffusion checkpoint .*not a VPD semseg model.*--sd-ckpt"):
+        load_official(sd, "semseg")
 
 
 def test_pickles_with_other_classes_are_refused(tmp_path):

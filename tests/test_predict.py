@@ -217,11 +217,25 @@ def test_missing_and_unreadable_images(world, tmp_path):
     truncated = tmp_path / "cut.png"  # a valid header, the pixel data cut off: fails when decoded
     data = open(world.wide, "rb").read()
     truncated.write_bytes(data[:len(data) // 2])
-    assert f"cannot read image {truncated}" in error_of("--ckpt", ckpt, "--size", SIZE, "--out", tmp_path / "o",
-                                                        truncated)
+    err = error_of("--ckpt", ckpt, "--size", SIZE, "--out", tmp_path / "o", truncated, world.wide)
+    assert err.startswith("1 image(s) skipped:") and f"cannot read image {truncated}" in err
+    assert os.path.isfile(tmp_path / "o" / "wide_depth.png")  # the image after it was still predicted
+    deep = tmp_path / "depth16.png"  # a 16-bit depth map given as a photo: refused from its header
+    Image.fromarray(np.full((8, 8), 3000, np.uint16)).save(deep)
+    err = error_of("--ckpt", ckpt, "--out", tmp_path / "o2", world.wide, deep)
+    assert f"cannot read image {deep}" in err and "(mode I;16) is not a photo" in err
+    assert not os.path.exists(tmp_path / "o2")  # before any prediction was written
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "no images" in error_of("--ckpt", ckpt, "--out", tmp_path, empty)
+
+
+def test_a_strip_of_extreme_aspect_is_predicted_at_its_size(world, tmp_path):
+    strip = tmp_path / "strip.png"  # at --size 64 its 1-pixel side would be resized to 0 rows
+    Image.fromarray(np.full((1, 1000, 3), 128, np.uint8)).save(strip)
+    run("--ckpt", checkpoint(world, "depth"), "--size", SIZE, "--out", tmp_path, strip)
+    mode, mm = png(tmp_path / "strip_depth.png")
+    assert mode == "I;16" and mm.shape == (1, 1000)
 
 
 def test_option_errors(world, tmp_path):
@@ -233,6 +247,7 @@ def test_option_errors(world, tmp_path):
     err = error_of("--ckpt", depth, "--scene", "garage", world.wide)
     assert "'garage' is not an NYUv2 scene type" in err and "living_room" in err
     assert "depth model, not semseg" in error_of("--task", "semseg", "--ckpt", depth, "--out", tmp_path, world.wide)
+    assert "depth model, not refer" in error_of("--task", "refer", "--ckpt", depth, world.wide)  # not "--text"
     assert f"--ckpt {tmp_path / 'x.safetensors'}: no such file" in error_of("--ckpt", tmp_path / "x.safetensors",
                                                                              world.wide)
     other = tmp_path / "b"

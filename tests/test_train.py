@@ -356,6 +356,20 @@ def test_bad_numbers_are_argument_errors(argv, words, capsys):
         assert word in err, (word, err)
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["--task", "semseg"], ["real training needs both --sd-ckpt and --data-root", "--demo"]),  # was: the demo ran
+    ([], ["--task is required", "--demo"]),
+    (["--task", "depth", "--sd-ckpt", "sd.safetensors"], ["real training needs both"]),
+])
+def test_real_training_wants_its_files_and_the_demo_is_asked_for(argv, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.get_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert all(word in err for word in words), err
+    assert train.get_args(["--demo"]).task == "depth"
+
+
 def test_batch_that_does_not_split_stops_before_the_model_is_built(tmp_path):
     args = train.get_args(["--demo", "--out", str(tmp_path), "--batch-size", "3", "--micro-batch", "2"])
     with pytest.raises(SystemExit, match="--batch-size 3 does not split evenly over 1 processes x --micro-batch 2"):
@@ -621,6 +635,11 @@ def test_epochs_alone_set_the_length_and_a_fresh_run_clears_an_unsaved_runs_log(
     (out / "log.jsonl").write_text(json.dumps(dict(step=23, loss=1.0, lr=0.0)) + "\n")  # killed before a save
     train_here(flags(world, "depth", out, "--iters", 2, "--batch-size", 2, "--eval-max", 1))
     assert [r["step"] for r in records(out)] == [1, 2, 2]  # two loss lines and the evaluation
+    os.remove(out / "state.pt")  # finished, its optimizer state deleted to save space: the weights stay
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="holds the trained weights of an earlier run"):
+        train_here(flags(world, "depth", out, "--iters", 1, "--batch-size", 2))
+    assert (out / "model.safetensors").read_bytes() == before and (out / "metrics.json").is_file()
 
 
 def test_dataset_names_are_checked(world):
@@ -705,6 +724,10 @@ def test_eval_flags_of_another_task_are_refused(world, tmp_path):
         args = eval_script.get_args(["--ckpt", ckpt, "--out", str(tmp_path), *flag])
         with pytest.raises(SystemExit, match=f"{flag[0]} is only for the .* task, not depth"):
             eval_script.main(args)
+    # with --task given, before the model is loaded (it can take minutes)
+    args = eval_script.get_args(["--ckpt", str(tmp_path / "not_there.safetensors"), "--task", "depth", "--ms-flip"])
+    with pytest.raises(SystemExit, match="--ms-flip is only for the semseg task, not depth"):
+        eval_script.main(args)
 
 
 def test_eval_writes_one_metrics_file_per_protocol(world, tmp_path):

@@ -77,15 +77,20 @@ def error_line(e):
 
 # ----------------------------------------------------------------------------- file readers
 
+def check_photo(im):
+    """Refuse an opened PIL image that is no photo: 16/32-bit single-channel (depth maps, float TIFFs),
+    which convert("RGB") would clip at 255. The header tells, so this needs no decoding."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        raise ValueError(f"a 16/32-bit single-channel image (mode {im.mode}) is not a photo: give 8-bit RGB or grey")
+
+
 def read_rgb(path, upright=False):
     """Image file -> float32 (H, W, 3) RGB in [0, 255]. upright: turned as the file's EXIF orientation
     says, as viewers show a phone photo (datasets keep the stored pixels: their labels refer to those)."""
     try:
         with Image.open(path) as im:
+            check_photo(im)
             im.load()  # decode now so a truncated file fails here
-            if im.mode in ("I", "F") or im.mode.startswith("I;16"):  # convert("RGB") would clip at 255
-                raise ValueError(f"a 16/32-bit single-channel image (mode {im.mode}) is not a photo: "
-                                 "give 8-bit RGB or grey")
             return np.asarray((ImageOps.exif_transpose(im) if upright else im).convert("RGB"), dtype=np.float32)
     except (OSError, SyntaxError, ValueError) as e:
         raise BadSampleError(f"cannot read image {path}: {e}") from None
@@ -572,6 +577,7 @@ class ImageFolder(Dataset):
             rh, rw = T.keep_ratio_size(h, w, (self.size, self.size))
         else:
             rh, rw = T.keep_ratio_size(h, w, (4 * self.size, self.size))
+        rh, rw = max(rh, 1), max(rw, 1)  # the thin side of an extreme aspect (a 3000x1 strip) would round to 0
         x = T.to_tensor(T.resize_image(img, (rh, rw), antialias=self.task == "refer"))  # as in training
         pad = (self.size - rh, self.size - rw) if self.task == "depth" else (0, 0)
         x = torch.nn.functional.pad(x, (0, pad[1], 0, pad[0]), value=0.0)

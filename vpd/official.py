@@ -117,6 +117,9 @@ def load_official(src, task, model=None):
     _check_task(task)
     rules = RULES[task]
     official = read_official(src)
+    if any(name.startswith("model.diffusion_model.") for name in official):
+        raise CheckpointError(f"a Stable Diffusion checkpoint (model.diffusion_model.*), not a VPD {task} model: "
+                              "it is what --sd-ckpt takes")
     state, unknown, used = {}, [], set()
     for name, t in official.items():
         if name.startswith(DROP[task]):
