@@ -1,13 +1,13 @@
 """Evaluate a trained VPD model (ours or an official release) with the paper's test protocol.
 
     python eval.py --task depth --ckpt out/depth/model.safetensors --data-root data/nyu
-    python eval.py --task semseg --ckpt vpd_seg.pth --data-root data/ade --sd-ckpt v1-5.safetensors --ms-flip
+    python eval.py --task semseg --ckpt vpd_seg.pth --data-root data/ade --ms-flip
     torchrun --nproc_per_node=8 eval.py --task refer --ckpt ... --data-root data/refer --dataset refcoco --split val
     python eval.py --demo     # the checkpoint of `train.py --demo`
 
 semseg: mIoU / aAcc / per-class IoU, sliding windows of the training crop (512, stride 341), optional
-multi-scale + flip. depth: the nine metrics with the Eigen crop (NYU) or Garg crop (KITTI), flip + two
-shifted windows. refer: oIoU, mIoU, precision@0.5:0.9 over every sentence. Results on stdout and in
+multi-scale + flip. depth: the nine metrics with the Eigen crop (NYU) or Garg crop (KITTI), flip +
+shifted square windows (two for NYU's 480x640, as many as cover a KITTI frame). refer: oIoU, mIoU, precision@0.5:0.9 over every sentence. Results on stdout and in
 <out>/metrics_<dataset>[_<refer split set>]_<split>[_<test-time options>].json (one file per protocol;
 default <out>: eval/ next to the checkpoint); --save-vis writes coloured predictions. Under torchrun
 each sample is counted exactly once (no DistributedSampler padding).
@@ -24,8 +24,9 @@ from tqdm import tqdm
 from vpd import dist
 from vpd.data import ADE20K_CLASSES, depth_eval_mask, error_line
 from vpd.infer import depth_predict, refer_logits, semseg_probs
-from vpd.metrics import KITTI_CROPS, DepthMetric, ReferMetric, SegMetric, ShardedEvalSampler
+from vpd.metrics import KITTI_CROPS, DepthMetric, ReferMetric, SegMetric
 from vpd.model import TASKS
+from vpd.sampler import ShardedEvalSampler
 from vpd.tasks import build_eval, demo_out, to_device
 
 
@@ -148,7 +149,8 @@ def get_args(argv=None):
     p.add_argument("--ckpt", help="our model.safetensors, or an official VPD .ckpt/.pth")
     p.add_argument("--demo", action="store_true", help="evaluate the checkpoint of `train.py --demo` (out/demo, or "
                    "out/demo_<task> with --task semseg / refer) on its synthetic set")
-    p.add_argument("--sd-ckpt", help="SD v1.x file for the frozen VAE/CLIP (default: the one training used)")
+    p.add_argument("--sd-ckpt", help="SD v1.x file for the frozen VAE/CLIP (default: the one training used; "
+                   "of the official releases only refer's needs one, for CLIP)")
     p.add_argument("--data-root")
     p.add_argument("--dataset", default=None, help="depth: nyu|kitti; refer: refcoco|refcoco+|refcocog")
     p.add_argument("--split-by", default=None)
@@ -183,7 +185,7 @@ def check_task_flags(args, task):
 
 
 def main(args):
-    rank, world, _, device = dist.setup(args.device)
+    rank, world, device = dist.setup(args.device)
     if args.task is not None:
         check_task_flags(args, args.task)  # before minutes of model loading
     try:

@@ -1,7 +1,7 @@
 """Predict depth, semantic segmentation or a referred object's mask on your own images.
 
     python predict.py --task depth --ckpt out/depth/model.safetensors photo.jpg            # -> predictions/
-    python predict.py --task depth --ckpt vpd_depth.ckpt --sd-ckpt v1-5.safetensors --scene kitchen photos/
+    python predict.py --task depth --ckpt vpd_depth.ckpt --scene kitchen photos/
     python predict.py --task semseg --ckpt out/semseg/model.safetensors a.jpg b.png --out seg/
     python predict.py --task refer --ckpt out/refer/model.safetensors street.jpg --text "the man on the left"
 
@@ -11,7 +11,7 @@ has the input image's own size and is named after it (<name> = the file name wit
   depth   <name>_depth.png         16-bit depth in millimetres (x 1/256 m instead for models whose
                                    maximum depth exceeds 65.5 m, e.g. KITTI; the log says which)
           <name>_depth_color.png   the same, colourised (near = blue, far = red, per image)
-  semseg  <name>_semseg.png        class colours (the ADE20K palette of vpd/vis.py)
+  semseg  <name>_semseg.png        class colours (a fixed palette of vpd/vis.py)
           <name>_semseg_ids.png    class ids 0..K-1 (ADE20K: class i is ADE20K_CLASSES[i])
   refer   <name>_refer.png         the image with the referred object tinted red
           <name>_refer_mask.png    the object's mask: 255 on the object, 0 elsewhere
@@ -43,7 +43,7 @@ from tqdm import tqdm
 from vpd import vis
 from vpd.clip import Tokenizer
 from vpd.data import (IMAGE_EXTENSIONS, KITTI_SCENES, NYU_SCENES, BadSampleError, ImageFolder, check_photo, read_rgb,
-                      undo)
+                      undo, vpd_scene_id)
 from vpd.dist import setup
 from vpd.infer import depth_predict, refer_logits, semseg_probs
 from vpd.model import TASKS
@@ -60,7 +60,8 @@ def get_args(argv=None):
     p.add_argument("--task", choices=TASKS, help="depth, semseg or refer (read from our own checkpoints; "
                    "required for an official VPD file)")
     p.add_argument("--ckpt", required=True, help="our model.safetensors, or an official VPD .ckpt/.pth")
-    p.add_argument("--sd-ckpt", help="SD v1.x file for the frozen VAE/CLIP (default: the one training used)")
+    p.add_argument("--sd-ckpt", help="SD v1.x file for the frozen VAE/CLIP (default: the one training used; "
+                   "of the official releases only refer's needs one, for CLIP)")
     p.add_argument("--text", help="refer: the referring expression, e.g. \"the man on the left\"")
     p.add_argument("--scene", default=None, help=f"depth: NYUv2 scene type (default {DEFAULT_SCENE}); one of "
                    + ", ".join(NYU_SCENES))
@@ -148,9 +149,7 @@ def scene_index(scene, official):
     """Row of the depth model's scene embeddings for an NYUv2 scene name. The released VPD model was
     trained with its loader's substring match (the first name contained: study_room -> study,
     office_kitchen -> kitchen), so its rows for such names never saw an image."""
-    if official:
-        return next(i for i, s in enumerate(NYU_SCENES) if s in scene)
-    return NYU_SCENES.index(scene)
+    return vpd_scene_id(scene) if official else NYU_SCENES.index(scene)
 
 
 def default_size(task, meta):
@@ -224,7 +223,7 @@ def main(args):
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
         raise SystemExit(f"--out {args.out}: cannot create the folder ({e})") from None
-    _, _, _, device = setup(args.device)
+    _, _, device = setup(args.device)
 
     try:
         model, loaded = load_model(args.ckpt, args.task, args.sd_ckpt)

@@ -129,7 +129,7 @@ def get_args(argv=None):
 
 
 def main(args):
-    rank, world, _, device = dist.setup(args.device)
+    rank, world, device = dist.setup(args.device)
     master = rank == 0
     print0 = print if master else (lambda *a, **k: None)
     try:

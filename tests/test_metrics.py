@@ -6,7 +6,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vpd.metrics import DepthMetric, ReferMetric, SegMetric, ShardedEvalSampler
+from vpd.metrics import DepthMetric, ReferMetric, SegMetric
+from vpd.sampler import ShardedEvalSampler
 
 approx = pytest.approx
 

@@ -138,14 +138,6 @@ def test_backbone_equals_hand_computed_vpd_feature_path(shared_text):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_backbone_scale_latents_option():
-    torch.manual_seed(0)
-    bb = VPDBackbone(TINY_UNET, TINY_VAE, text_dim=32, scale_latents=True)
-    x = images(1)
-    with torch.no_grad():
-        torch.testing.assert_close(bb.encode_images(x), bb.vae.encode(x).mean * 0.18215)
-
-
 def test_backbone_runs_the_frozen_vae_under_the_callers_autocast():
     torch.manual_seed(0)
     bb = VPDBackbone(TINY_UNET, TINY_VAE, text_dim=32)

@@ -220,3 +220,12 @@ def test_official_model_is_built_from_the_file_alone(task, tmp_path):
     if task == "refer":
         with pytest.raises(ValueError, match="sd_ckpt"):
             official_model(path, task)
+
+
+def test_an_sd_file_for_an_official_depth_or_semseg_model_is_refused(tmp_path):
+    # their files hold the VAE and UNet; an --sd-ckpt would be read for nothing (only refer takes CLIP from it)
+    from vpd.tasks import load_model
+    for task in ("depth", "semseg"):
+        path = official_file(task, {}, tmp_path)
+        with pytest.raises(SystemExit, match=f"--sd-ckpt: the released {task} model holds its own VAE and UNet"):
+            load_model(str(path), task, sd_ckpt="v1-5.safetensors")

@@ -188,6 +188,12 @@ def nyu_scene(scene_dir):
     return re.sub(r"^nyu_|_\d+[a-z]?$", "", scene_dir)
 
 
+def vpd_scene_id(text):
+    """VPD's loader's scene match: the first of the 27 names contained in `text` (None if none is), so
+    study_room -> study and office_kitchen -> kitchen; the released depth model was trained with it."""
+    return next((i for i, s in enumerate(NYU_SCENES) if s in text), None)
+
+
 class _DepthDataset(_SeededDataset):
     """What NYUv2 and KITTI share: an RGB + 16-bit depth PNG pair per sample, and the depth recipe."""
 
@@ -256,8 +262,7 @@ class NYUv2(_DepthDataset):
         if scene_match == "exact":
             scene = nyu_scene(scene_dir)
             return NYU_SCENES.index(scene) if scene in NYU_SCENES else None
-        key = f"{scene_dir}_{name}"
-        return next((i for i, s in enumerate(NYU_SCENES) if s in key), None)
+        return vpd_scene_id(f"{scene_dir}_{name}")
 
     def __len__(self):
         return len(self.images)
@@ -456,7 +461,8 @@ class RefCOCO(_SeededDataset):
     nearest-resized mask (the official LAVT/VPD protocol scores at that size), `orig_size` (H, W).
     With a `tokenizer` (a callable sentence -> list of ids), `tokens` holds max_tokens ids (longer
     lists are cut, keeping their last id, the end token for CLIP; shorter ones padded with pad_id,
-    CLIP's end-of-text 49407 by default) and `token_mask` marks the real tokens.
+    CLIP's end-of-text 49407 by default; no mask: CLIP's causal attention never lets a real token
+    see the padding after it, as in VPD).
     The refs pickle is read without allowing any class (vpd.masks.load_plain_pickle).
     """
 
@@ -509,7 +515,7 @@ class RefCOCO(_SeededDataset):
         n = len(ids)
         tokens = torch.full((self.max_tokens,), self.pad_id, dtype=torch.long)
         tokens[:n] = torch.tensor(ids, dtype=torch.long)
-        return tokens, torch.arange(self.max_tokens) < n
+        return tokens
 
     def load(self, index):
         ref_pos, sent_pos = self.items[index]
@@ -530,7 +536,7 @@ class RefCOCO(_SeededDataset):
         if not self.train:
             sample.update(mask=torch.from_numpy(mask), mask_resized=m, orig_size=torch.tensor(mask.shape))
         if self.tokenizer is not None:
-            sample["tokens"], sample["token_mask"] = self.tokenize(sentence)
+            sample["tokens"] = self.tokenize(sentence)
         return sample
 
 
@@ -543,27 +549,19 @@ class ImageFolder(Dataset):
     task "semseg": keep-ratio resize to fit (4*size, size) as ADE20K evaluation does, no padding
                    (sizes differ: batch one at a time);
     task "refer":  resize to size x size (aspect not kept), as LAVT/VPD do.
-    Samples: image, orig_size (H, W), resized_size (h, w), pad (bottom, right), path, index.
+    Samples: image, orig_size (H, W), resized_size (h, w), path, index. (predict.py lists the files.)
     """
 
     TASKS = ("depth", "semseg", "refer")
 
-    def __init__(self, paths_or_dir, task, size=512):
+    def __init__(self, paths, task, size=512):
         if task not in self.TASKS:
             raise ValueError(f"task must be one of {self.TASKS}, got {task!r}")
         self.task, self.size = task, int(size)
-        if isinstance(paths_or_dir, (str, os.PathLike)):
-            d = os.fspath(paths_or_dir)
-            _require_dir(d, "a folder of images")
-            paths = sorted(os.path.join(d, n) for n in os.listdir(d) if n.lower().endswith(IMAGE_EXTENSIONS))
-            if not paths:
-                raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {d}")
-        else:
-            paths = [os.fspath(p) for p in paths_or_dir]
-            if not paths:
-                raise ValueError("ImageFolder needs at least one image path")
-            _require_files(paths, "image")
-        self.paths = paths
+        self.paths = [os.fspath(p) for p in paths]
+        if not self.paths:
+            raise ValueError("ImageFolder needs at least one image path")
+        _require_files(self.paths, "image")
 
     def __len__(self):
         return len(self.paths)
@@ -579,24 +577,25 @@ class ImageFolder(Dataset):
             rh, rw = T.keep_ratio_size(h, w, (4 * self.size, self.size))
         rh, rw = max(rh, 1), max(rw, 1)  # the thin side of an extreme aspect (a 3000x1 strip) would round to 0
         x = T.to_tensor(T.resize_image(img, (rh, rw), antialias=self.task == "refer"))  # as in training
-        pad = (self.size - rh, self.size - rw) if self.task == "depth" else (0, 0)
-        x = torch.nn.functional.pad(x, (0, pad[1], 0, pad[0]), value=0.0)
+        if self.task == "depth":  # bottom / right, so that depth images batch
+            x = torch.nn.functional.pad(x, (0, self.size - rw, 0, self.size - rh), value=0.0)
         return {"image": x, "orig_size": torch.tensor([h, w]), "resized_size": torch.tensor([rh, rw]),
-                "pad": torch.tensor(pad), "path": self.paths[index], "index": index}
+                "path": self.paths[index], "index": index}
 
 
 def undo(pred, meta):
     """Map a prediction at network-input resolution back to the original image size.
 
     pred: (..., H_in, W_in) for one image, or (B, ..., H_in, W_in) with a collated batch of meta.
-    meta: a sample of ImageFolder (or any dict with `orig_size`, `resized_size`, `pad`).
+    meta: a sample of ImageFolder (or any dict with `orig_size` and `resized_size`; what lies beyond
+    the resized size is padding, dropped).
     Floating predictions (logits, depth) are resized bilinearly, integer ones (class ids, masks)
     by nearest neighbour. A batch returns a list (the original sizes may differ).
     """
     orig = torch.as_tensor(meta["orig_size"])
     resized = torch.as_tensor(meta["resized_size"])
     if orig.ndim == 2:
-        return [undo(pred[i], {"orig_size": orig[i], "resized_size": resized[i], "pad": None})
+        return [undo(pred[i], {"orig_size": orig[i], "resized_size": resized[i]})
                 for i in range(orig.shape[0])]
     rh, rw = int(resized[0]), int(resized[1])
     if pred.shape[-2] < rh or pred.shape[-1] < rw:

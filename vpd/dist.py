@@ -6,7 +6,8 @@ import torch.distributed as dist
 
 
 def setup(device_arg="auto"):
-    """Initialise DDP when launched by torchrun (RANK set); return (rank, world, local_rank, device)."""
+    """Initialise DDP when launched by torchrun (RANK set); return (rank, world, device): on a GPU,
+    cuda:LOCAL_RANK, the GPU of this process on its node."""
     if device_arg == "auto":
         device_arg = "cuda" if torch.cuda.is_available() else "cpu"
     if device_arg not in ("cpu", "cuda"):
@@ -14,7 +15,7 @@ def setup(device_arg="auto"):
     if device_arg == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
     if "RANK" not in os.environ:
-        return 0, 1, 0, torch.device(device_arg)
+        return 0, 1, torch.device(device_arg)
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if device_arg == "cuda":
         torch.cuda.set_device(local)
@@ -22,7 +23,7 @@ def setup(device_arg="auto"):
     else:
         device = torch.device("cpu")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
-    return rank, world, local, device
+    return rank, world, device
 
 
 def is_dist():
@@ -59,3 +60,7 @@ def gather_objects(obj):
 
 def rank():
     return dist.get_rank() if is_dist() else 0
+
+
+def world_size():
+    return dist.get_world_size() if is_dist() else 1

@@ -1,4 +1,4 @@
-"""Evaluation metrics of the three VPD tasks, and a sampler that shards an eval set without padding.
+"""Evaluation metrics of the three VPD tasks.
 
 Each metric keeps only running sums in one small CPU tensor, so evaluation under torch.distributed is:
 every rank `update()`s its own shard, then `reduce()` all-reduces the sums, then `compute()` on any rank
@@ -9,26 +9,19 @@ gives the numbers of the whole set. Definitions follow the reference code of eac
   mean over images.
 - ReferMetric: VPD's refer/test.py (from LAVT): overall IoU, mean IoU and precision@0.5:0.9 over
   sentences.
-
-torch.utils.data.DistributedSampler pads the set with repeated samples so that every rank gets the
-same count; those repeats would be counted twice. ShardedEvalSampler gives each index to exactly one
-rank instead. Ranks may then hold one sample more or less, so run the eval forward on the bare module,
-not through the DistributedDataParallel wrapper, and keep collective calls out of the eval loop.
+Each rank evaluates its own shard (vpd.sampler.ShardedEvalSampler, no sample counted twice).
 """
 import math
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
 
-
-def _dist_on():
-    return dist.is_available() and dist.is_initialized()
+from vpd.dist import is_dist
 
 
 def _all_reduce_sum_(t):
     """Sum `t` over all ranks, in place; outside torch.distributed it is left as it is."""
-    if not _dist_on():
+    if not is_dist():
         return t
     # NCCL reduces only CUDA tensors; gloo reduces CPU ones
     dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
@@ -254,28 +247,3 @@ class ReferMetric(_Sums):
         for t, hits in zip(self.THRESHOLDS, self.sums[4:].tolist()):
             out[f"P@{t}"] = 100 * hits / n
         return out
-
-
-class ShardedEvalSampler(Sampler):
-    """Rank r of `world` yields r, r + world, r + 2*world, ... < dataset_len: each index exactly once
-    over all ranks, in DistributedSampler's (unshuffled) order but without its padding duplicates.
-
-    rank/world default to torch.distributed's when it is initialised, else 0 and 1.
-    """
-
-    def __init__(self, dataset_len, rank=None, world=None):
-        if rank is None:
-            rank = dist.get_rank() if _dist_on() else 0
-        if world is None:
-            world = dist.get_world_size() if _dist_on() else 1
-        if dataset_len < 0:
-            raise ValueError(f"dataset_len must be >= 0, got {dataset_len}")
-        if world < 1 or not 0 <= rank < world:
-            raise ValueError(f"need world >= 1 and 0 <= rank < world, got rank {rank}, world {world}")
-        self.dataset_len, self.rank, self.world = dataset_len, rank, world
-
-    def __iter__(self):
-        return iter(range(self.rank, self.dataset_len, self.world))
-
-    def __len__(self):
-        return len(range(self.rank, self.dataset_len, self.world))

@@ -22,7 +22,6 @@ from vpd.heads import DepthHead, FPNSegHead, ReferHead
 from vpd.unet import UNet, UNetConfig
 from vpd.vae import VAE, VAEConfig
 
-LATENT_SCALE = 0.18215  # SD's latent scale; VPD does not apply it
 MAP_MAX_FRACTION = 0.25  # keep maps with h*w <= 1/4 of the latent's: 1/16 and 1/32 of the image
 TASKS = ("semseg", "depth", "refer")
 
@@ -46,7 +45,7 @@ class VPDBackbone(nn.Module):
     """
 
     def __init__(self, unet_cfg: UNetConfig = None, vae_cfg: VAEConfig = None, text_dim: int = 768,
-                 scale_latents: bool = False, map_blocks=("input", "output"), detach_maps: bool = True,
+                 map_blocks=("input", "output"), detach_maps: bool = True,
                  gamma_init: float = 1e-4):
         super().__init__()
         self.unet_cfg = unet_cfg = unet_cfg or UNetConfig()
@@ -55,7 +54,6 @@ class VPDBackbone(nn.Module):
             raise ValueError(f"text_dim {text_dim} must equal the UNet's context_dim {unet_cfg.context_dim}")
         if vae_cfg.embed_dim != unet_cfg.in_channels:
             raise ValueError(f"VAE latent channels {vae_cfg.embed_dim} != UNet in_channels {unet_cfg.in_channels}")
-        self.scale_latents = scale_latents
         self.map_blocks = tuple(map_blocks)
         self.detach_maps = detach_maps
         self.vae = VAE(vae_cfg, decoder=False)
@@ -101,10 +99,10 @@ class VPDBackbone(nn.Module):
         return [mc * m + (n_text if i in levels else 0) for i, m in enumerate(self.unet_cfg.channel_mult)]
 
     def encode_images(self, images):
-        """(B, 3, H, W) in [-1, 1] -> VAE posterior mode (B, 4, H/8, W/8); no gradient."""
+        """(B, 3, H, W) in [-1, 1] -> VAE posterior mode (B, 4, H/8, W/8); no gradient. Not multiplied
+        by SD's latent scale 0.18215: VPD feeds the UNet the raw posterior mode."""
         with torch.no_grad():
-            latents = self.vae.encode(images).mode()
-        return latents * LATENT_SCALE if self.scale_latents else latents
+            return self.vae.encode(images).mode()
 
     def forward(self, images, text):
         """images (B, 3, H, W) in [-1, 1], H and W multiples of 64; text (N, D) shared by the batch or

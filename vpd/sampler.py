@@ -7,8 +7,16 @@ accumulation and 1 process x 2 accumulations see the same micro-batches (so batc
 each by the same statistics; its running averages differ: accumulation updates them once per
 micro-batch, DDP once per step from rank 0's), and a run resumed at step s continues with exactly
 the batches it would have had.
+
+Evaluation: torch.utils.data.DistributedSampler pads the set with repeated samples so that every rank
+gets the same count; those repeats would be counted twice. ShardedEvalSampler gives each index to
+exactly one rank instead. Ranks may then hold one sample more or less, so run the eval forward on the
+bare module, not through the DistributedDataParallel wrapper, and keep collective calls out of the
+eval loop.
 """
 import torch
+
+from vpd import dist
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
@@ -30,3 +38,27 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
                 start = base + (a * self.world + self.rank) * self.micro
                 yield perm[start:start + self.micro]
 
+
+class ShardedEvalSampler(torch.utils.data.Sampler):
+    """Rank r of `world` yields r, r + world, r + 2*world, ... < dataset_len: each index exactly once
+    over all ranks, in DistributedSampler's (unshuffled) order but without its padding duplicates.
+
+    rank/world default to torch.distributed's when it is initialised, else 0 and 1.
+    """
+
+    def __init__(self, dataset_len, rank=None, world=None):
+        if rank is None:
+            rank = dist.rank()
+        if world is None:
+            world = dist.world_size()
+        if dataset_len < 0:
+            raise ValueError(f"dataset_len must be >= 0, got {dataset_len}")
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"need world >= 1 and 0 <= rank < world, got rank {rank}, world {world}")
+        self.dataset_len, self.rank, self.world = dataset_len, rank, world
+
+    def __iter__(self):
+        return iter(range(self.rank, self.dataset_len, self.world))
+
+    def __len__(self):
+        return len(range(self.rank, self.dataset_len, self.world))

@@ -8,7 +8,7 @@ stripe period follow the room's scene type, so depth, class and scene can be lea
 Referring expressions ("the red box", "the sphere on the left", "the largest cylinder") are kept
 only when exactly one visible object satisfies them.
 
-    root = make_synthetic("data/synth", "depth", n=200)      # then NYUv2(root), ADE20K(root), ...
+    root = make_synthetic("data/synth", "depth", n=200)      # then NYUv2(root); "semseg" for ADE20K, "refer" for RefCOCO
     python -m vpd.synthetic --task depth --n 200 --out data/synth
 """
 import argparse

@@ -145,8 +145,8 @@ def build_task(args, device, log=print):
     if args.class_embeddings:
         count = len(names or (data.ADE20K_CLASSES if args.task == "semseg" else data.NYU_SCENES))
         emb = load_class_embeddings(args.class_embeddings, count, unet_cfg.context_dim)
-    # rank 0 builds first: it computes the class embeddings (on the GPU: 150 names x 80 prompts take
-    # minutes on a CPU) and caches them, which the other processes then read
+    # rank 0 builds first: it computes the class embeddings (on the GPU: NYUv2's 27 names x 80 prompts
+    # take minutes on a CPU) and caches them, which the other processes then read
     if dist.rank() != 0:
         dist.barrier()
     model = build_model(args.task, args.sd_ckpt, unet_cfg, vae_cfg, clip_cfg, class_embeddings=emb, cache_dir=cache,
@@ -181,6 +181,9 @@ def load_model(ckpt, task=None, sd_ckpt=None):
     if meta is None:  # an official VPD checkpoint
         if task is None:
             raise SystemExit("--task is required for an official VPD checkpoint")
+        if sd_ckpt is not None and task != "refer":  # would be read for nothing
+            raise SystemExit(f"--sd-ckpt: the released {task} model holds its own VAE and UNet; only the refer "
+                             "model takes its CLIP from an SD file")
         from vpd.official import official_model
         try:
             model = official_model(ckpt, task, sd_ckpt=sd_ckpt)
@@ -212,9 +215,9 @@ def build_eval(args, device):
         raise SystemExit("--data-root is required")
     # the input size training used (its own evaluation too); official releases: the paper's
     crop = meta["args"]["crop"] if "args" in meta else (480 if task == "depth" else 512)
-    # the released depth model was trained with VPD's substring scene match (study_room -> study)
     dataset = args.dataset or meta.get("dataset") or DATASETS[task][0]
     split_by = refer_split_by(dataset, args.split_by) if task == "refer" else None
+    # the released depth model was trained with VPD's substring scene match (study_room -> study)
     _, eval_set = datasets(task, root, crop, dataset=dataset, split_by=split_by, split=args.split,
                            demo=meta.get("demo", False), scene_match="vpd" if meta.get("official") else "exact",
                            ms_ratios=MS_RATIOS if args.ms_flip else None)
