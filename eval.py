@@ -91,8 +91,7 @@ def kitti_region(batch, crop):
         return None
     if len(batch["orig_size"]) != 1:
         raise ValueError("KITTI evaluation takes one image per batch")
-    name = "eigen" if crop == "kitti_eigen" else crop  # vpd.data's name of KITTI's Eigen crop
-    return depth_eval_mask(batch["orig_size"][0].tolist(), name, kb_crop=True)
+    return depth_eval_mask(batch["orig_size"][0].tolist(), crop, kb_crop=True)
 
 
 def format_metrics(metrics, class_names=None):

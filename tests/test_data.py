@@ -243,7 +243,7 @@ def test_kitti_kb_crop_depth_scale_and_eval_mask(tmp_path):
 
 
 def test_nyu_eigen_mask():
-    m = depth_eval_mask((480, 640), "nyu")
+    m = depth_eval_mask((480, 640), "eigen")
     assert m.sum() == 426 * 560 and m[45, 41] and not m[44, 41] and not m[471, 600]
 
 
@@ -599,8 +599,9 @@ def test_kitti_eigen_eval_mask_by_hand():
     # columns int(0.0359477*1242) = 44 .. int(0.96405229*1242) = 1197
     full = np.zeros((375, 1242), bool)
     full[124:342, 44:1197] = True
-    np.testing.assert_array_equal(depth_eval_mask((375, 1242), "eigen").numpy(), full)
-    np.testing.assert_array_equal(depth_eval_mask((375, 1242), "eigen", kb_crop=True).numpy(), full[23:, 13:1229])
+    np.testing.assert_array_equal(depth_eval_mask((375, 1242), "kitti_eigen").numpy(), full)
+    np.testing.assert_array_equal(depth_eval_mask((375, 1242), "kitti_eigen", kb_crop=True).numpy(),
+                                  full[23:, 13:1229])
 
 
 def test_refcoco_train_view_draws_every_sentence_of_a_ref(synth):

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 
 from vpd import transforms as T
 from vpd.masks import load_plain_pickle, segmentation_to_mask
+from vpd.metrics import depth_crop_mask
 
 # The 27 NYUv2 scene types, in the order of VPD's depth/nyu_class_list.json: a depth model's
 # `class_embeddings` row i is the text embedding of NYU_SCENES[i] ("excercise_room" is NYU's spelling).
@@ -222,7 +223,7 @@ class NYUv2(_DepthDataset):
 
     Training view: VPD's recipe (vpd.transforms.depth_train), crop (480, 480) by default.
     Evaluation view: the full image and depth map (480x640 for NYU), no resize, no crop; the Eigen
-    crop for metrics is `depth_eval_mask(depth.shape[-2:], "nyu")`.
+    crop for metrics is `depth_eval_mask(depth.shape[-2:], "eigen")`.
     `scene_match="exact"` maps the directory's scene type to NYU_SCENES by name; "vpd" reproduces
     the official loader, which takes the first NYU_SCENES name contained in "<dir>_<file>" (so
     study_room -> study and office_kitchen -> kitchen), as the released depth model was trained with.
@@ -286,30 +287,16 @@ def kb_crop_box(h, w):
 
 
 def depth_eval_mask(size, crop, kb_crop=False):
-    """Boolean (H, W) mask of the pixels a depth benchmark scores (before the valid-depth test).
-
-    crop: "nyu"   the Eigen crop [45:471, 41:601] of a 480x640 NYU map;
-          "garg"  KITTI rows 0.408..0.992 H, columns 0.036..0.964 W of the full image;
-          "eigen" KITTI rows 0.332..0.914 H, same columns;
-    size is the full image (H, W). For KITTI with kb_crop=True the mask is returned in the
-    coordinates of the 352x1216 KB crop of that image (both crops lie inside it).
-    """
+    """Boolean mask of the pixels a depth benchmark scores on an image of size (H, W): crop as
+    vpd.metrics.depth_crop_mask ("eigen" NYU, "garg" / "kitti_eigen" KITTI). For KITTI with
+    kb_crop=True it is returned in the coordinates of the 352x1216 KB crop of that image (the crops,
+    fractions of the full frame, lie inside it)."""
     h, w = int(size[0]), int(size[1])
-    mask = np.zeros((h, w), dtype=bool)
-    if crop == "nyu":
-        if (h, w) != (480, 640):
-            raise ValueError(f"the NYU Eigen crop is defined on 480x640 maps, got {h}x{w}")
-        mask[45:471, 41:601] = True
-    elif crop == "garg":
-        mask[int(0.40810811 * h):int(0.99189189 * h), int(0.03594771 * w):int(0.96405229 * w)] = True
-    elif crop == "eigen":
-        mask[int(0.3324324 * h):int(0.91351351 * h), int(0.0359477 * w):int(0.96405229 * w)] = True
-    else:
-        raise ValueError(f"crop must be 'nyu', 'garg' or 'eigen', got {crop!r}")
+    mask = depth_crop_mask(h, w, crop)
     if kb_crop:
         t, l = kb_crop_box(h, w)
         mask = mask[t:t + KB_CROP[0], l:l + KB_CROP[1]]
-    return torch.from_numpy(mask)
+    return mask
 
 
 class KITTI(_DepthDataset):

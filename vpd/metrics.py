@@ -122,11 +122,32 @@ KITTI_CROPS = {"garg": (0.40810811, 0.99189189, 0.03594771, 0.96405229),
 DEPTH_METRICS = ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog")
 
 
+def depth_crop_mask(h, w, crop):
+    """(h, w) bool mask of the pixels a depth benchmark scores (before the valid-depth test): crop
+    "eigen" (NYU, rows 45:471, cols 41:601 of a 480x640 map), "garg" or "kitti_eigen" (KITTI, the
+    fractions KITTI_CROPS of the full frame), or None (every pixel)."""
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    if crop is None:
+        mask[:] = True
+    elif crop == "eigen":
+        if (h, w) != (480, 640):
+            raise ValueError(f"the NYU Eigen crop needs a 480x640 depth map, got {h}x{w}; "
+                             "use crop=None for other sizes")
+        t, b, l, r = NYU_EIGEN_CROP
+        mask[t:b, l:r] = True
+    elif crop in KITTI_CROPS:
+        t, b, l, r = KITTI_CROPS[crop]
+        mask[int(t * h):int(b * h), int(l * w):int(r * w)] = True
+    else:
+        raise ValueError(f"unknown crop {crop!r}: use 'eigen' (NYU), 'garg', 'kitti_eigen' or None")
+    return mask
+
+
 class DepthMetric(_Sums):
     """Monocular depth: VPD's nine metrics on each image's valid pixels, averaged over images.
 
-    valid = min_depth < gt < max_depth, inside the crop: "eigen" (NYU, rows 45:471, cols 41:601 of a
-    480x640 map), "garg" or "kitti_eigen" (KITTI, fractions of the map), or None. Predictions have NaN
+    valid = min_depth < gt < max_depth, inside the crop (depth_crop_mask: "eigen" for NYU, "garg" or
+    "kitti_eigen" for KITTI, None for none). Predictions have NaN
     set to min_depth and +inf to max_depth (as VPD), then are clamped to [min_depth, max_depth] (as BTS;
     VPD's eval stops at the NaN/inf repair, but its head outputs sigmoid * max_depth, which lies inside
     the range unless it falls below min_depth, so the clamp changes nothing there).
@@ -139,26 +160,13 @@ class DepthMetric(_Sums):
     def __init__(self, min_depth=1e-3, max_depth=10.0, crop="eigen"):
         if not 0 <= min_depth < max_depth:
             raise ValueError(f"need 0 <= min_depth < max_depth, got {min_depth}, {max_depth}")
-        if crop is not None and crop != "eigen" and crop not in KITTI_CROPS:
-            raise ValueError(f"unknown crop {crop!r}: use 'eigen' (NYU), 'garg', 'kitti_eigen' or None")
+        depth_crop_mask(480, 640, crop)  # an unknown crop fails here, not at the first image
         self.min_depth, self.max_depth, self.crop = min_depth, max_depth, crop
         super().__init__(torch.zeros(len(DEPTH_METRICS) + 1, dtype=torch.float64))  # metric sums, images
 
     def crop_mask(self, h, w):
         """(h, w) bool mask of the evaluated region."""
-        mask = torch.zeros(h, w, dtype=torch.bool)
-        if self.crop is None:
-            mask[:] = True
-        elif self.crop == "eigen":
-            if (h, w) != (480, 640):
-                raise ValueError(f"the NYU Eigen crop needs a 480x640 depth map, got {h}x{w}; "
-                                 "use crop=None for other sizes")
-            t, b, l, r = NYU_EIGEN_CROP
-            mask[t:b, l:r] = True
-        else:
-            t, b, l, r = KITTI_CROPS[self.crop]
-            mask[int(t * h):int(b * h), int(l * w):int(r * w)] = True
-        return mask
+        return depth_crop_mask(h, w, self.crop)
 
     @torch.no_grad()
     def update(self, pred, gt, region=None):
