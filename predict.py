@@ -226,7 +226,7 @@ def main(args):
     _, _, device = setup(args.device)
 
     try:
-        model, loaded = load_model(args.ckpt, args.task, args.sd_ckpt)
+        model, meta = load_model(args.ckpt, args.task, args.sd_ckpt)  # the same metadata, official files too
     except (ValueError, FileNotFoundError) as e:  # unreadable or mismatched files: say which, no traceback
         raise SystemExit(f"{type(e).__name__}: {e}") from None
     model = model.to(device).eval()
@@ -234,13 +234,13 @@ def main(args):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 
-    if task == "depth" and loaded.get("dataset") == "kitti":  # one text condition for every KITTI frame
+    if task == "depth" and meta.get("dataset") == "kitti":  # one text condition for every KITTI frame
         if args.scene is not None:
             raise SystemExit(f"--scene: {args.ckpt} is a KITTI model, conditioned on one scene only")
         args.scene, scene_id = KITTI_SCENES[0], 0
     elif task == "depth":
         args.scene = args.scene or DEFAULT_SCENE
-        scene_id = scene_index(args.scene, loaded.get("official", False))
+        scene_id = scene_index(args.scene, meta.get("official", False))
         if model.class_embeddings.shape[0] != len(NYU_SCENES):
             raise SystemExit(f"--ckpt {args.ckpt} has {model.class_embeddings.shape[0]} scene embeddings, "
                              f"not NYUv2's {len(NYU_SCENES)}: --scene cannot name one")
