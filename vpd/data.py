@@ -10,13 +10,11 @@ Every sample is a dict a default DataLoader collate can batch in training:
 `train=True` gives the augmented training view, seeded by (seed, epoch, index) (see
 vpd/transforms.py; call `set_epoch` every epoch). `train=False` gives the evaluation view each
 class documents. Files are checked at construction; a file that cannot be read raises an error
-naming it when loaded, unless `skip_bad=True`, which substitutes the next readable sample, warns,
-and records the file in `dataset.bad` (per process: each loader worker keeps its own list).
+naming it when loaded (BadSampleError: train.py and eval.py stop with that one line).
 """
 import json
 import os
 import re
-import warnings
 
 import numpy as np
 import torch
@@ -155,11 +153,10 @@ def _read_pair_list(list_file, hint):
 # ----------------------------------------------------------------------------- shared machinery
 
 class _SeededDataset(Dataset):
-    """Seeded per-sample augmentation, `set_epoch`, and the opt-in skipping of unreadable samples."""
+    """Seeded per-sample augmentation and `set_epoch`; subclasses `load(index)` a sample."""
 
-    def __init__(self, seed, skip_bad):
-        self.seed, self.epoch, self.skip_bad = int(seed), 0, bool(skip_bad)
-        self.bad = []  # (path or message) of every sample skipped so far in this process
+    def __init__(self, seed):
+        self.seed, self.epoch = int(seed), 0
 
     def set_epoch(self, epoch):
         self.epoch = int(epoch)
@@ -168,17 +165,7 @@ class _SeededDataset(Dataset):
         return T.sample_rng(self.seed, self.epoch, index)
 
     def __getitem__(self, index):
-        if not self.skip_bad:
-            return self.load(index)
-        for k in range(len(self)):
-            i = (index + k) % len(self)
-            try:
-                return self.load(i)
-            except BadSampleError as e:
-                if str(e) not in self.bad:
-                    self.bad.append(str(e))
-                    warnings.warn(f"skipping sample {i}: {e}")
-        raise BadSampleError(f"no readable sample in {type(self).__name__} ({len(self.bad)} bad)")
+        return self.load(index)
 
 
 # ----------------------------------------------------------------------------- depth: NYUv2
@@ -230,8 +217,8 @@ class NYUv2(_DepthDataset):
     """
 
     def __init__(self, root, split="train", train=None, crop=(480, 480), list_file=None, max_depth=10.0,
-                 scene_match="exact", seed=0, skip_bad=False):
-        super().__init__(seed, skip_bad)
+                 scene_match="exact", seed=0):
+        super().__init__(seed)
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         if scene_match not in ("exact", "vpd"):
@@ -316,9 +303,8 @@ class KITTI(_DepthDataset):
     `depth_eval_mask(orig_size, "garg", kb_crop=True)` gives the Garg crop in the same frame.
     """
 
-    def __init__(self, root, split="train", train=None, crop=(352, 704), list_file=None, max_depth=80.0,
-                 seed=0, skip_bad=False):
-        super().__init__(seed, skip_bad)
+    def __init__(self, root, split="train", train=None, crop=(352, 704), list_file=None, max_depth=80.0, seed=0):
+        super().__init__(seed)
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         self.train = split == "train" if train is None else bool(train)
@@ -387,8 +373,8 @@ class ADE20K(_SeededDataset):
     """
 
     def __init__(self, root, split="training", train=None, crop=(512, 512), scale=(2048, 512), seed=0,
-                 skip_bad=False, ms_ratios=None):
-        super().__init__(seed, skip_bad)
+                 ms_ratios=None):
+        super().__init__(seed)
         if split not in ("training", "validation"):
             raise ValueError(f"split must be 'training' or 'validation', got {split!r}")
         self.train = split == "training" if train is None else bool(train)
@@ -454,8 +440,8 @@ class RefCOCO(_SeededDataset):
     """
 
     def __init__(self, root, dataset="refcoco", split_by="unc", split="train", train=None, images=None,
-                 tokenizer=None, max_tokens=40, pad_id=49407, size=(512, 512), seed=0, skip_bad=False):
-        super().__init__(seed, skip_bad)
+                 tokenizer=None, max_tokens=40, pad_id=49407, size=(512, 512), seed=0):
+        super().__init__(seed)
         self.train = split == "train" if train is None else bool(train)
         self.tokenizer, self.max_tokens, self.pad_id, self.size = tokenizer, int(max_tokens), int(pad_id), tuple(size)
         data_dir = os.path.join(root, "refer", "data", dataset)
