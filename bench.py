@@ -447,6 +447,7 @@ def bench_train(args, device, cfgs, gen, tasks):
 def sweep_batch(args, device, cfgs, gen, batches):
     rows = []
     for B in batches:
+        torch._dynamo.reset()  # compiled: a static graph per batch, not a recompile with a dynamic batch dimension
         step, step_flops = train_setup("semseg", B, args, device, cfgs, gen)
         rows += run_pair(f"train_semseg bs={B}", {"ours": step}, step_flops, B, args, device)
         del step

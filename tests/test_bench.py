@@ -123,6 +123,21 @@ def test_kernel_bench_times_every_layer_shape_of_the_unet(tmp_path):
     assert json.loads((tmp_path / "k.json").read_text())["totals"] == totals
 
 
+def test_kernel_steps_start_from_fresh_gradients():
+    # as in training, each timed step writes its gradients anew, not onto the last step's (an extra add)
+    import bench_kernels
+    cpu = torch.device("cpu")
+    for step in (bench_kernels.attention_step((1, 2, 8, 4, 8), torch.float32, cpu, bench_kernels.BACKENDS["math"]),
+                 bench_kernels.conv_step(((1, 4, 6, 6), (4, 4, 3, 3), (1, 1), (1, 1)), torch.float32, cpu),
+                 bench_kernels.linear_step(((3, 5), (2, 5)), torch.float32, cpu)):
+        step()
+        leaves = [c.cell_contents for c in step.__closure__ if torch.is_tensor(c.cell_contents)
+                  and c.cell_contents.requires_grad]
+        once = [t.grad.clone() for t in leaves]
+        step()
+        assert leaves and all(torch.equal(t.grad, g) for t, g in zip(leaves, once))
+
+
 def test_run_pair_figures_from_scripted_times_and_memory(monkeypatch):
     # timings and memory scripted per call, so every figure of a row has a hand-computed value
     ms = {"ours": [10, 11, 90, 12, 13, 200, 14, 15, 300], "ref": [40, 22, 30, 24, 13, 100, 28, 30, 150]}

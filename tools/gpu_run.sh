@@ -1,48 +1,71 @@
 #!/usr/bin/env bash
 # The GPU runs behind the README's GPU figures, in parts that each fit a 10-minute call
-# (tables in $OUT/*.txt; at most 8 files come back from a device call):
+# (tables in $OUT/*.txt, each ending with its command's exit status, 124 when it timed out;
+# at most 8 files come back from a device call):
 #   OUT=results bash tools/gpu_run.sh eager      # flash/bf16/compile checks, eager benchmarks, DDP demo (~9 min)
 #   OUT=results bash tools/gpu_run.sh compiled   # compiled bf16 at batch 16, NHWC: semseg step, UNet fwd+bwd (~9 min)
 #   OUT=results bash tools/gpu_run.sh graphs     # the semseg step at batch 2 under CUDA graphs (reduce-overhead, ~5 min)
 #   OUT=results bash tools/gpu_run.sh kernels    # SD's attention and conv shapes under each kernel choice, eager (~2 min)
 #   OUT=results bash tools/gpu_run.sh cudnn      # compiled UNet fwd+bwd, batch 16: cuDNN attention / conv autotuning (~6 min)
 #   OUT=results bash tools/gpu_run.sh breakdown  # compiled VAE encoder alone; a kernel profile of the semseg step (~4 min)
-#   OUT=results bash tools/gpu_run.sh sweep      # compiled NHWC semseg step at batch 2 and 8: speed and peak memory (~6 min)
-# Compiling the full model takes minutes (about 4 on an H200), so each compiled row has a long timeout.
+#   OUT=results bash tools/gpu_run.sh sweep 2 8  # compiled NHWC semseg step at these batches: speed, peak memory (~4.5 min each)
+# Compiling the full model takes minutes (about 4 on an H200), so each compiled row has a long timeout,
+# and each batch of the sweep is its own process: one static-shape compile each (a second batch in
+# the same process would be recompiled with a dynamic batch dimension), each row kept if a later one
+# runs out of time.
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 OUT=${OUT:-gpu_results}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 B="python3 bench.py --size full --res 512 --device cuda"
-case "${1:-eager}" in
+
+# run FILE SECONDS COMMAND...: the output on screen and in $OUT/FILE, then the command's exit status
+run() {
+  local file=$1 seconds=$2
+  shift 2
+  timeout "$seconds" "$@" 2>&1 | tee "$OUT/$file"
+  echo "exit status ${PIPESTATUS[0]}" | tee -a "$OUT/$file"
+}
+
+part=${1:-eager}
+shift || true
+case "$part" in
 eager)
-  timeout 270 python3 tools/gpu_check.py 2>&1 | tee "$OUT/check.txt"
-  timeout 75 $B --batch 8 --dtype bf16 --which unet --iters 10 --warmup 3 2>&1 | tee "$OUT/unet_bf16.txt"
-  timeout 60 $B --batch 2 --dtype fp32 --which unet_fwdbwd,train_semseg --iters 5 --warmup 2 2>&1 | tee "$OUT/eager_fp32.txt"
-  timeout 80 $B --dtype bf16 --which "" --sweep-batch 2,8,16 --iters 5 --warmup 2 2>&1 | tee "$OUT/sweep_bf16.txt"
+  run check.txt 270 python3 tools/gpu_check.py
+  run unet_bf16.txt 75 $B --batch 8 --dtype bf16 --which unet --iters 10 --warmup 3
+  run eager_fp32.txt 60 $B --batch 2 --dtype fp32 --which unet_fwdbwd,train_semseg --iters 5 --warmup 2
+  run sweep_bf16.txt 80 $B --dtype bf16 --which "" --sweep-batch 2,8,16 --iters 5 --warmup 2
   rm -rf /tmp/demo_gpu  # a warm machine keeps the last run's checkpoint, which train.py would refuse to overwrite
-  timeout 60 torchrun --nproc_per_node=1 train.py --demo --iters 20 --log-every 5 --eval-max 8 --device cuda --out /tmp/demo_gpu 2>&1 | tail -15 | tee "$OUT/demo_train.txt" ;;
+  run demo_train.txt 60 torchrun --nproc_per_node=1 train.py --demo --iters 20 --log-every 5 --eval-max 8 \
+    --device cuda --out /tmp/demo_gpu ;;
 compiled)
-  timeout 300 $B --batch 16 --dtype bf16 --compile --channels-last --which train_semseg --iters 5 --warmup 2 --json "$OUT/compiled_semseg16.json" 2>&1 | tee "$OUT/compiled_semseg16.txt"
-  timeout 240 $B --batch 16 --dtype bf16 --compile --channels-last --no-ref --which unet_fwdbwd --iters 5 --warmup 2 --json "$OUT/compiled_unet16.json" 2>&1 | tee "$OUT/compiled_unet16.txt" ;;
+  run compiled_semseg16.txt 300 $B --batch 16 --dtype bf16 --compile --channels-last --which train_semseg \
+    --iters 5 --warmup 2 --json "$OUT/compiled_semseg16.json"
+  run compiled_unet16.txt 240 $B --batch 16 --dtype bf16 --compile --channels-last --no-ref --which unet_fwdbwd \
+    --iters 5 --warmup 2 --json "$OUT/compiled_unet16.json" ;;
 graphs)
-  timeout 300 $B --batch 2 --dtype bf16 --compile --compile-mode reduce-overhead --channels-last --which train_semseg --iters 10 --warmup 3 --json "$OUT/graphs_semseg2.json" 2>&1 | tee "$OUT/graphs_semseg2.txt" ;;
+  run graphs_semseg2.txt 300 $B --batch 2 --dtype bf16 --compile --compile-mode reduce-overhead --channels-last \
+    --which train_semseg --iters 10 --warmup 3 --json "$OUT/graphs_semseg2.json" ;;
 kernels)  # where the UNet's time goes, and whether another attention or convolution kernel would pay
   for b in 16 2; do
-    timeout 100 python3 bench_kernels.py --batch $b --res 512 --json "$OUT/kernels$b.json" 2>&1 | tee "$OUT/kernels$b.txt"
+    run kernels$b.txt 100 python3 bench_kernels.py --batch $b --res 512 --json "$OUT/kernels$b.json"
   done ;;
 cudnn)  # the same run three times on one machine; the caches make the later compiles shorter, but the
   # cuDNN-attention run must not take the first run's traced graph (the SDPA priority is not in the cache key)
   U="$B --batch 16 --dtype bf16 --compile --channels-last --no-ref --which unet_fwdbwd --iters 5 --warmup 2"
-  timeout 220 $U --json "$OUT/unet16_default.json" 2>&1 | tee "$OUT/unet16_default.txt"
-  TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0 \
-    timeout 200 $U --sdpa cudnn --json "$OUT/unet16_sdpa_cudnn.json" 2>&1 | tee "$OUT/unet16_sdpa_cudnn.txt"
-  timeout 150 $U --cudnn-benchmark --json "$OUT/unet16_cudnn_benchmark.json" 2>&1 | tee "$OUT/unet16_cudnn_benchmark.txt" ;;
+  run unet16_default.txt 220 $U --json "$OUT/unet16_default.json"
+  run unet16_sdpa_cudnn.txt 200 env TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0 \
+    $U --sdpa cudnn --json "$OUT/unet16_sdpa_cudnn.json"
+  run unet16_cudnn_benchmark.txt 150 $U --cudnn-benchmark --json "$OUT/unet16_cudnn_benchmark.json" ;;
 breakdown)  # where the semseg step's time goes beyond the UNet (240 ms against 124 ms at batch 16)
-  timeout 120 $B --batch 16 --dtype bf16 --compile --channels-last --no-ref --which vae_enc --iters 5 --warmup 2 2>&1 | tee "$OUT/vae16.txt"
-  timeout 300 $B --batch 16 --dtype bf16 --compile --channels-last --which train_semseg --iters 3 --warmup 2 \
-    --profile "$OUT/profile_semseg16.txt" 2>&1 | tee "$OUT/semseg16.txt" ;;
+  run vae16.txt 120 $B --batch 16 --dtype bf16 --compile --channels-last --no-ref --which vae_enc --iters 5 --warmup 2
+  run semseg16.txt 300 $B --batch 16 --dtype bf16 --compile --channels-last --which train_semseg --iters 3 \
+    --warmup 2 --profile "$OUT/profile_semseg16.txt" ;;
 sweep)
-  timeout 450 $B --dtype bf16 --compile --channels-last --which "" --sweep-batch 2,8 --iters 5 --warmup 2 \
-    --json "$OUT/compiled_sweep.json" 2>&1 | tee "$OUT/compiled_sweep.txt" ;;
-*) echo "usage: bash tools/gpu_run.sh eager|compiled|graphs|kernels|cudnn|breakdown|sweep" >&2; exit 2 ;;
+  for b in "${@:-2 8}"; do
+    for batch in $b; do
+      run compiled_semseg$batch.txt 280 $B --batch "$batch" --dtype bf16 --compile --channels-last \
+        --which train_semseg --iters 5 --warmup 2 --json "$OUT/compiled_semseg$batch.json"
+    done
+  done ;;
+*) echo "usage: bash tools/gpu_run.sh eager|compiled|graphs|kernels|cudnn|breakdown|sweep [batches]" >&2; exit 2 ;;
 esac
