@@ -255,13 +255,14 @@ def main(args):
     saved = step if state is not None else None  # the step of the checkpoint in --out
 
     def save():
-        nonlocal saved
+        nonlocal saved, doing
         # every rank holds the same weights and decides alike; a diverged run keeps its last good checkpoint
         bad = next((k for k, v in raw.state_dict().items() if v.is_floating_point() and not v.isfinite().all()), None)
         if bad is not None:
             bar.close()
             raise SystemExit(f"non-finite weights after step {step} ({bad}): not saved; the checkpoint in "
                              f"{args.out} stays at step {saved} (lower --lr, or use --amp bf16)")
+        doing = "save"
         mine = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
                     cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                     loss_sum=float(loss_sum))
@@ -273,16 +274,20 @@ def main(args):
                        state_path)
             save_weights(raw, weights_path, dict(task.meta, step=step, args=vars(args)), weights)
         dist.barrier()
-        saved = step
+        saved, doing = step, None
 
-    evaluating = False  # what the run was doing when it stopped: an evaluation or step + 1
+    doing = None  # what the run was doing besides training when it stopped: "save" or "eval"
 
     def stopped(what):
         """One line for a run that ends early, and how it can go on."""
         bar.close()  # the message on a line of its own
-        where = (f"the checkpoint in {args.out} is at step {saved}: continue with the same flags and --resume"
-                 if saved is not None else "no checkpoint was written yet")
-        return f"{what} {f'in the evaluation after step {step}' if evaluating else f'in step {step + 1}'}; {where}"
+        at = saved
+        if doing == "save":  # state.pt is replaced whole or not at all: the old checkpoint or the new one
+            at = f"{step}, if the save got that far" + (f", else {saved}" if saved is not None else "")
+        where = (f"the checkpoint in {args.out} is at step {at}: continue with the same flags and --resume"
+                 if at is not None else "no checkpoint was written yet")
+        when = {"save": f"in the save after step {step}", "eval": f"in the evaluation after step {step}"}
+        return f"{what} {when.get(doing, f'in step {step + 1}')}; {where}"
 
     def next_batch(it):
         try:
@@ -291,8 +296,8 @@ def main(args):
             raise SystemExit(stopped(error_line(e))) from None
 
     def run_eval():
-        nonlocal evaluating
-        evaluating = True
+        nonlocal doing
+        doing = "eval"
         protocol = dict(workers=args.workers, depth_crop=task.meta["depth_crop"],  # the baseline's too
                         max_depth=getattr(raw, "max_depth", 10.0), seg_crop=args.crop)
         try:
@@ -313,7 +318,7 @@ def main(args):
             with open(metrics_path, "w") as f:
                 json.dump(dict(step=step, **metrics, **({"baseline": dict(name=base_name, **baseline)}
                                                         if baseline else {})), f, indent=1)
-        evaluating = False
+        doing = None
         return metrics
 
     print0(f"{args.task}: {len(train_set)} training samples, {total} steps of {args.batch_size} images "

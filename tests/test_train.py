@@ -387,6 +387,7 @@ def test_ctrl_c_and_unreadable_file_end_in_one_line_naming_the_checkpoint(world,
         return forward_loss(model, raw, task, batch)
 
     from vpd.tasks import forward_loss
+    from vpd.trained import save_state
     monkeypatch.setattr(train, "forward_loss", interrupt_third)
     out = tmp_path / "interrupted"
     with pytest.raises(SystemExit) as e:
@@ -394,6 +395,16 @@ def test_ctrl_c_and_unreadable_file_end_in_one_line_naming_the_checkpoint(world,
     assert e.value.code == (f"interrupted in step 3; the checkpoint in {out} is at step 2: "
                             "continue with the same flags and --resume")
     assert torch.load(out / "state.pt", weights_only=False)["step"] == 2
+    monkeypatch.undo()
+
+    def interrupt_save(*args, **kwargs):  # Ctrl-C while the step-2 checkpoint is written
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "save_state", lambda obj, path: (interrupt_save() if obj["step"] == 2 else
+                                                               save_state(obj, path)))
+    with pytest.raises(SystemExit) as e:
+        train_here(flags(world, "depth", tmp_path / "in_save", "--iters", 3, "--batch-size", 2, "--save-every", 1))
+    assert e.value.code == (f"interrupted in the save after step 2; the checkpoint in {tmp_path / 'in_save'} is at "
+                            "step 2, if the save got that far, else 1: continue with the same flags and --resume")
     monkeypatch.undo()
 
     def interrupt(*args, **kwargs):  # Ctrl-C during the last evaluation
