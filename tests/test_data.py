@@ -198,6 +198,7 @@ def test_refcoco_bad_inputs(synth, tmp_path):
 # ----------------------------------------------------------------------------- KITTI
 
 def test_kitti_kb_crop_depth_scale_and_eval_mask(tmp_path):
+    import shutil
     h, w = 375, 1242
     drive = "2011_09_26_drive_0002_sync"
     img_dir = tmp_path / "2011_09_26" / drive / "image_02" / "data"
@@ -236,6 +237,15 @@ def test_kitti_kb_crop_depth_scale_and_eval_mask(tmp_path):
     (merged / "train" / drive).rename(merged / drive)
     vpd_style = KITTI(str(tmp_path), split="test", list_file=str(tmp_path / "vpd_list.txt"))
     np.testing.assert_array_equal(vpd_style[0]["depth"].numpy(), s["depth"].numpy())
+    # data_depth_annotated.zip unzipped in the root itself: train/ and val/ there, no data_depth_annotated/
+    (tmp_path / "train").mkdir()
+    (merged / drive).rename(tmp_path / "train" / drive)
+    shutil.rmtree(merged)  # (with its emptied train/)
+    (tmp_path / "bts_list.txt").write_text(  # BTS's depth path, without train/
+        f"raw_data/2011_09_26/{drive}/image_02/data/0000000005.png {drive}/proj_depth/groundtruth/image_02/0000000005.png\n")
+    for list_file in ("bts_list.txt", "vpd_list.txt"):
+        unzipped = KITTI(str(tmp_path), split="test", list_file=str(tmp_path / list_file))
+        np.testing.assert_array_equal(unzipped[0]["depth"].numpy(), s["depth"].numpy())
 
 
 def test_nyu_eigen_mask():

@@ -120,6 +120,16 @@ def test_slanted_polygon_takes_the_pixels_whose_centres_are_inside():
     assert all(mask[y, :w].all() and not mask[y, w:].any() for y, w in enumerate([4, 3, 2, 1]))
 
 
+def test_polygons_of_one_or_two_points_add_nothing_and_malformed_ones_are_refused():
+    square = [1, 1, 4, 1, 4, 4, 1, 4]
+    want = polygon_to_mask([square], 6, 6)
+    assert want.sum() == 9
+    assert np.array_equal(polygon_to_mask([[2, 2, 5, 5], square, [3, 3]], 6, 6), want)
+    for bad in ([1, 1, 4, 1, 4], [1, 1, 4, 1, 4, 4, 1]):  # an odd count of numbers
+        with pytest.raises(ValueError, match="flat list of \\(x, y\\) pairs"):
+            polygon_to_mask([square, bad], 6, 6)
+
+
 def test_overlapping_polygons_give_their_union():
     a, b = [0, 0, 4, 0, 4, 4, 0, 4], [2, 2, 6, 2, 6, 6, 2, 6]
     expected = np.zeros((7, 7), np.uint8)

@@ -310,8 +310,11 @@ class KITTI(_DepthDataset):
         self.train = split == "train" if train is None else bool(train)
         self.crop, self.max_depth = tuple(crop), float(max_depth)
         gt_root = os.path.join(root, "data_depth_annotated")
+        if not os.path.isdir(gt_root) and any(os.path.isdir(os.path.join(root, s)) for s in ("train", "val")):
+            gt_root = root  # data_depth_annotated.zip unzipped in the root: its own train/ and val/ folders
         _require_dir(gt_root, f"{root}/data_depth_annotated/<drive>/proj_depth/groundtruth/image_02/*.png "
-                     f"next to the raw {root}/<date>/<drive>/image_02/data/*.png (BTS KITTI)")
+                     f"(data_depth_annotated.zip holds train/ and val/: unzip it there or in {root}) next "
+                     f"to the raw {root}/<date>/<drive>/image_02/data/*.png (BTS KITTI)")
         list_file = list_file or os.path.join(root, f"{split}_list.txt")
         pairs = _read_pair_list(list_file, "The standard Eigen lists come from the BTS repository "
                                 "(eigen_train_files_with_gt.txt, eigen_test_files_with_gt.txt); "

@@ -128,17 +128,19 @@ def rle_encode(mask, compressed=True):
 # ----------------------------------------------------------------------------- polygons
 
 def polygon_to_mask(polygons, height, width):
-    """Union of COCO polygons (list of flat [x0, y0, x1, y1, ...] lists) -> uint8 mask (h, w)."""
+    """Union of COCO polygons (list of flat [x0, y0, x1, y1, ...] lists) -> uint8 mask (h, w). A polygon
+    of one or two points has no area: skipped (COCO has a few; detectron2 and mmdet drop them too)."""
     mask = np.zeros((height, width), dtype=np.uint8)
     for poly in polygons:
-        mask |= _rasterise(poly, height, width)
+        if len(poly) not in (2, 4):
+            mask |= _rasterise(poly, height, width)
     return mask
 
 
 def _rasterise(poly, height, width):
     xy = np.asarray(poly, dtype=np.float64)
     if xy.ndim != 1 or xy.size % 2 or xy.size < 6:
-        raise ValueError(f"a polygon needs a flat list of at least 3 (x, y) pairs, got {xy.size} numbers")
+        raise ValueError(f"a polygon needs a flat list of (x, y) pairs, at least 3, got {xy.size} numbers")
     xy = xy.reshape(-1, 2)
     x0, y0 = xy[:, 0], xy[:, 1]
     x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
