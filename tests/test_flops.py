@@ -50,7 +50,7 @@ def test_unet_tiny_matches_flop_counter_per_block():
     for block, macs in analytic_by_block(layers, "UNet").items():
         assert per_module.get(block) == macs, block
     # VPD's feature pass skips `out`; writing the softmax out for the maps costs the same matmuls
-    got_feats, _ = counted_macs(lambda: model.features(x, 1, ctx, keep_maps=True))
+    got_feats, _ = counted_macs(lambda: model.features(x, 1, ctx))
     assert got_feats == flops.unet_macs(TINY_UNET, (h, w), n_ctx=N, batch=B, out_head=False)
     assert got_feats < got
 

@@ -311,7 +311,7 @@ def test_no_maps_and_map_gradients(tiny):
     x, t, ctx = inputs()
     counter = CountAttention()
     with torch.no_grad(), counter:
-        feats, maps = ours.features(x, t, ctx, keep_maps=False)
+        feats, maps = ours.features(x, t, ctx, map_blocks=())
     assert maps == {} and len(feats) == 4 and counter.softmax == 0 and counter.sdpa == 32
     _, maps = ours.features(x, t, ctx)
     assert all(not m.requires_grad for m in maps.values())  # detached by default, as VPD trains

@@ -116,9 +116,8 @@ class VPDBackbone(nn.Module):
         context = self.text_adapter(text, self.gamma)
         if context.ndim == 2:
             context = context.expand(B, -1, -1)  # (B, N, D): the same text for every image
-        feats, maps = self.unet.features(latents, 1, context, keep_maps=bool(self.map_blocks),
-                                         map_blocks=self.map_blocks, map_max_fraction=MAP_MAX_FRACTION,
-                                         detach_maps=self.detach_maps)
+        feats, maps = self.unet.features(latents, 1, context, map_blocks=self.map_blocks,
+                                         map_max_fraction=MAP_MAX_FRACTION, detach_maps=self.detach_maps)
         out = []
         for f in feats:
             m = maps.pop((f.shape[-2], f.shape[-1]), None)

@@ -371,8 +371,7 @@ class UNet(nn.Module):
         h, _, _ = self._run(x, t, context)
         return self.out(h)
 
-    def features(self, x, t, context, keep_maps=True, map_blocks=("input", "output"),
-                 map_max_fraction=0.25, detach_maps=True):
+    def features(self, x, t, context, map_blocks=("input", "output"), map_max_fraction=0.25, detach_maps=True):
         """VPD's backbone pass (the `out` head is not computed).
 
         -> feats: outputs of the `feature_blocks`, finest first ([C@h, 2C@h/2, 4C@h/4, 4C@h/8] in SD),
@@ -380,13 +379,12 @@ class UNet(nn.Module):
            "middle", "output") whose h*w <= map_max_fraction * latent h*w, the softmax over the
            text tokens averaged over heads, then over all kept layers of the same size. For a 64x64
            latent the defaults keep the 32x32 and 16x16 maps of the encoder and decoder, as VPD.
-           Maps carry no gradient unless detach_maps=False. keep_maps=False: no maps, {}."""
+           Maps carry no gradient unless detach_maps=False. map_blocks=(): no maps, {}."""
         map_blocks = (map_blocks,) if isinstance(map_blocks, str) else tuple(map_blocks)
         bad = [g for g in map_blocks if g not in MAP_BLOCKS]
         if bad:
             raise ValueError(f"map_blocks must be among {MAP_BLOCKS}, got {bad}")
-        groups = map_blocks if keep_maps else ()
-        _, feats, maps = self._run(x, t, context, groups, map_max_fraction * x.shape[-2] * x.shape[-1],
+        _, feats, maps = self._run(x, t, context, map_blocks, map_max_fraction * x.shape[-2] * x.shape[-1],
                                    keep_feats=True)
         by_size = {}
         for m in maps:
