@@ -331,6 +331,7 @@ def main(args):
             model.eval()
             run_eval()
             model.train()
+            t0 = time.time()  # the redone evaluation is no training time either
         while step < stop:
             epoch = step // steps_per_epoch
             train_set.set_epoch(epoch)  # augmentations are a function of (seed, epoch, index)

@@ -123,6 +123,22 @@ def test_kernel_bench_times_every_layer_shape_of_the_unet(tmp_path):
     assert json.loads((tmp_path / "k.json").read_text())["totals"] == totals
 
 
+def test_kernel_totals_of_a_shape_no_kernel_takes_are_none(monkeypatch):
+    # every backend refuses one attention shape: its kind's "best per shape" total is None, not a sum without it
+    import bench_kernels
+    refused, seen = object(), []
+
+    def attention_step(shape, *args):
+        seen.append(shape)
+        return refused if shape == seen[0] else (lambda: None)
+    monkeypatch.setattr(bench_kernels, "attention_step", attention_step)
+    monkeypatch.setattr(bench_kernels, "timer", lambda device, fn, iters, warmup: None if fn is refused else 1.0)
+    _, totals = bench_kernels.main(["--device", "cpu", "--size", "tiny", "--dtype", "fp32", "--res", "64",
+                                    "--batch", "2", "--text", "7", "--iters", "1", "--warmup", "0"])
+    assert len(set(seen)) > 1 and totals["attention best per shape"] is None and totals["attention math"] is None
+    assert totals["convolution best per shape"] > 0 and totals["linear best per shape"] > 0
+
+
 def test_kernel_steps_start_from_fresh_gradients():
     # as in training, each timed step writes its gradients anew, not onto the last step's (an extra add)
     import bench_kernels
@@ -271,6 +287,20 @@ def test_sweep_batch_builds_each_batch(monkeypatch):
     (n2, f2, b2), (n4, f4, b4) = seen
     assert (n2, b2, n4, b4) == ("train_semseg bs=2", 2, "train_semseg bs=4", 4)
     assert f4 == 2 * f2  # every FLOP term is linear in the batch
+
+
+def test_sweep_batch_resets_dynamo_before_each_batch(monkeypatch):
+    # each batch size gets its own static-shape compile, not a recompile with a dynamic batch dimension
+    events = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: events.append("reset"))
+
+    def train_setup(task, B, *args):
+        events.append(B)
+        return None, 0
+    monkeypatch.setattr(bench, "train_setup", train_setup)
+    monkeypatch.setattr(bench, "run_pair", lambda *a: [])
+    bench.sweep_batch(SimpleNamespace(), torch.device("cpu"), None, None, [2, 4])
+    assert events == ["reset", 2, "reset", 4]
 
 
 def test_print_table_puts_each_figure_under_its_column(capsys):

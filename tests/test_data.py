@@ -61,6 +61,7 @@ def test_nyu_scene_names():
         assert NYUv2._scene_id(d, "rgb_00001.jpg", "vpd") == NYU_SCENES.index("office")
     # the official loader's substring match sends study_room to "study"
     assert NYUv2._scene_id("study_room_0004", "rgb_1.jpg", "vpd") == NYU_SCENES.index("study")
+    assert NYUv2._scene_id("garage_0001", "rgb_1.jpg", "vpd") is None  # no name contained: None, not StopIteration
     assert len(NYU_SCENES) == 27 and len(ADE20K_CLASSES) == 150
 
 
@@ -121,6 +122,15 @@ def test_ade_multi_scale_views_are_resized_from_the_original(synth):
     assert "ms_images" not in ADE20K(synth["semseg"], split="validation")[0]
     with pytest.raises(ValueError, match="ms_ratios"):
         ADE20K(synth["semseg"], split="training", ms_ratios=MS_RATIOS)
+
+
+def test_ade_one_ratio_is_a_view_and_scales_are_truncated_as_mmsegs(synth):
+    # a single ratio is still a multi-scale view; int(512 * 1.001) = 512 (round would give 513)
+    s = ADE20K(synth["semseg"], split="validation", ms_ratios=[1.001])[0]
+    assert [tuple(v.shape[-2:]) for v in s["ms_images"]] == [(512, 683)]
+    for bad in ([], [1.0, 0.0], [-0.5]):
+        with pytest.raises(ValueError, match="ms_ratios"):
+            ADE20K(synth["semseg"], split="validation", ms_ratios=bad)
 
 
 def test_ade_train_view_batches(synth):
@@ -248,6 +258,43 @@ def test_kitti_kb_crop_depth_scale_and_eval_mask(tmp_path):
         np.testing.assert_array_equal(unzipped[0]["depth"].numpy(), s["depth"].numpy())
 
 
+def _kitti_root(root, gt_dir):
+    """One 375x1242 KITTI frame under root, its ground truth under root/<gt_dir>; a BTS-style list."""
+    drive = "2011_09_26_drive_0002_sync"
+    img_dir = root / "2011_09_26" / drive / "image_02" / "data"
+    gt = root / gt_dir / drive / "proj_depth" / "groundtruth" / "image_02"
+    img_dir.mkdir(parents=True)
+    gt.mkdir(parents=True)
+    Image.fromarray(np.zeros((375, 1242, 3), np.uint8)).save(img_dir / "0000000005.png")
+    Image.fromarray(np.full((375, 1242), 10 * 256, np.uint16)).save(gt / "0000000005.png")
+    (root / "test_list.txt").write_text(f"2011_09_26/{drive}/image_02/data/0000000005.png "
+                                        f"{drive}/proj_depth/groundtruth/image_02/0000000005.png 721.5377\n")
+    return str(gt / "0000000005.png")
+
+
+def test_kitti_unzipped_annotations_are_found_with_val_alone_and_the_folder_wins(tmp_path):
+    # data_depth_annotated.zip unzipped in the root, of which only val/ is there (an eval-only setup)
+    gt = _kitti_root(tmp_path / "a", "val")
+    assert KITTI(str(tmp_path / "a"), split="test").depths == [gt]
+    # data_depth_annotated/ is there: a train/ folder of something else in the root does not replace it
+    gt = _kitti_root(tmp_path / "b", os.path.join("data_depth_annotated", "train"))
+    (tmp_path / "b" / "train").mkdir()
+    assert KITTI(str(tmp_path / "b"), split="test").depths == [gt]
+
+
+def test_float_and_32_bit_images_are_refused_as_photos(tmp_path):
+    from vpd.data import check_photo
+    Image.fromarray(np.ones((8, 8), np.float32)).save(tmp_path / "float.tif")
+    Image.fromarray(np.ones((8, 8), np.int32)).save(tmp_path / "int32.tif")
+    for name, mode in (("float.tif", "F"), ("int32.tif", "I")):
+        with Image.open(tmp_path / name) as im:
+            assert im.mode == mode
+            with pytest.raises(ValueError, match=f"mode {mode}"):
+                check_photo(im)
+        with pytest.raises(BadSampleError, match="16/32-bit"):
+            read_rgb(tmp_path / name)
+
+
 def test_nyu_eigen_mask():
     m = depth_eval_mask((480, 640), "eigen")
     assert m.sum() == 426 * 560 and m[45, 41] and not m[44, 41] and not m[471, 600]
@@ -290,6 +337,11 @@ def test_image_folder_and_undo(tmp_path):
     batch = next(iter(DataLoader(ImageFolder(paths, "refer", size=32), batch_size=2)))
     outs = undo(torch.zeros(2, 1, 32, 32), batch)
     assert [tuple(o.shape) for o in outs] == [(1, 30, 50), (1, 40, 20)]
+    (tmp_path / "strips").mkdir()  # an extreme aspect either way: the thin side resized to 1 pixel, not 0
+    for name, (h, w) in {"wide.png": (1, 1000), "tall.png": (1000, 1)}.items():
+        Image.fromarray(np.full((h, w, 3), 128, np.uint8)).save(tmp_path / "strips" / name)
+        s = ImageFolder([str(tmp_path / "strips" / name)], "depth", size=64)[0]
+        assert s["image"].shape == (3, 64, 64) and min(s["resized_size"].tolist()) == 1
     with pytest.raises(ValueError, match="at least one image"):
         ImageFolder([], "depth")
     with pytest.raises(FileNotFoundError, match="c.jpg"):

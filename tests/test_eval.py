@@ -294,3 +294,11 @@ def test_semseg_windows_are_the_training_crop():
     sizes.clear()
     run(Recorder(), "semseg", [seg_sample(label, 0)])  # the paper's 512 window covers it whole
     assert len(sizes) == 1
+
+
+def test_to_device_moves_the_multi_scale_views_too():
+    from vpd.tasks import to_device
+    batch = {"image": torch.zeros(1, 3, 4, 4), "ms_images": [torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 5, 5)],
+             "path": ["a.jpg"]}
+    moved = to_device(batch, torch.device("meta"))
+    assert moved["image"].is_meta and all(v.is_meta for v in moved["ms_images"]) and moved["path"] == ["a.jpg"]

@@ -191,6 +191,14 @@ def test_cache_holds_one_file_per_name_list(tmp_path, tok):
     assert clip.calls == 2 and len(os.listdir(tmp_path)) == 2
 
 
+def test_cache_keyed_by_templates(tmp_path, tok):
+    # semseg (one prompt) and depth (80 templates) from one SD file and one name list: two cache files
+    clip = Counting(tiny_clip())
+    one = class_embeddings(["wall"], clip, tok, cache_dir=tmp_path, ckpt_id="sd", templates=ADE20K_TEMPLATES)
+    avg = class_embeddings(["wall"], clip, tok, cache_dir=tmp_path, ckpt_id="sd")
+    assert clip.calls == 2 and len(os.listdir(tmp_path)) == 2 and not torch.allclose(one, avg)
+
+
 def test_file_identity_sees_path_size_and_mtime(tmp_path):
     a, b = tmp_path / "a" / "sd.ckpt", tmp_path / "b" / "sd.ckpt"
     for p in (a, b):

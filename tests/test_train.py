@@ -283,6 +283,10 @@ def test_class_embeddings_file_is_the_models_text(world, tmp_path, capsys):
     train_here(flags(world, "semseg", out, "--iters", 1, "--batch-size", 2, "--class-embeddings",
                      tmp_path / "class_embeddings.pth"))
     assert torch.equal(load_file(str(out / "model.safetensors"))["class_embeddings"], emb)
+    torch.save(emb + 1, tmp_path / "other.pth")  # --resume with another text: refused like any other file
+    with pytest.raises(SystemExit, match=r"started with --class-embeddings .*class_embeddings.pth \(not .*other.pth"):
+        train_here(flags(world, "semseg", out, "--iters", 1, "--batch-size", 2, "--class-embeddings",
+                         tmp_path / "other.pth", "--resume"))
     torch.save(emb[:27], tmp_path / "nyu.pth")  # 27 rows: a depth file, not ADE20K's 150 classes
     with pytest.raises(SystemExit, match=r"nyu.pth: class embeddings must be a \(150, 32\) float tensor"):
         train_here(flags(world, "semseg", tmp_path / "bad", "--iters", 1, "--class-embeddings", tmp_path / "nyu.pth"))
@@ -567,6 +571,37 @@ def test_logged_speed_counts_the_training_steps_alone(world, tmp_path, monkeypat
     train_here(args + ["--resume"])
     assert [(r["step"], r["ms"], r["img_s"]) for r in records(tmp_path / "run") if "loss" in r] == [(3, 1000, 2),
                                                                                                      (4, 1000, 2)]
+    args = flags(world, "depth", tmp_path / "pairs", "--iters", 4, "--batch-size", 2, "--log-every", 2,
+                 "--save-every", 1, "--eval-every", 1)  # windows of two steps, a save and an evaluation after each
+    train_here(args)
+    assert [(r["step"], r["ms"]) for r in records(tmp_path / "pairs") if "loss" in r] == [(2, 1000), (4, 1000)]
+
+
+def test_an_evaluation_redone_on_resume_is_not_counted_in_the_speed(world, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from vpd.tasks import forward_loss
+    clock = [0.0]
+
+    def tick(seconds, fn):
+        def wrapped(*a, **kw):
+            clock[0] += seconds
+            return fn(*a, **kw)
+        return wrapped
+    real_eval = train.evaluate
+
+    def interrupt(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "time", SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(train, "forward_loss", tick(1, forward_loss))
+    monkeypatch.setattr(train, "evaluate", interrupt)
+    args = flags(world, "depth", tmp_path / "run", "--iters", 4, "--batch-size", 2, "--log-every", 4,
+                 "--save-every", 2, "--eval-every", 2)
+    with pytest.raises(SystemExit, match="in the evaluation after step 2"):
+        train_here(args)
+    monkeypatch.setattr(train, "evaluate", tick(100, real_eval))
+    train_here(args + ["--resume"])  # evaluates step 2 again, then trains steps 3-4
+    assert [(r["step"], r["ms"]) for r in records(tmp_path / "run") if "loss" in r] == [(4, 1000)]
 
 
 @pytest.mark.parametrize("flag, value", [("--lr", "1e-3"), ("--seed", "1"), ("--crop", "128"),
@@ -731,7 +766,7 @@ def test_official_depth_model_is_evaluated_with_vpds_scene_ids(world, tmp_path, 
 
 def test_eval_flags_of_another_task_are_refused(world, tmp_path):
     ckpt = str(loss_run(world, "depth") / "model.safetensors")
-    for flag in (["--ms-flip"], ["--refer-full-res"], ["--split", "testA"]):
+    for flag in (["--ms-flip"], ["--refer-full-res"], ["--split", "testA"], ["--split-by", "unc"]):
         args = eval_script.get_args(["--ckpt", ckpt, "--out", str(tmp_path), *flag])
         with pytest.raises(SystemExit, match=f"{flag[0]} is only for the .* task, not depth"):
             eval_script.main(args)
@@ -766,3 +801,42 @@ def test_demo_resume_takes_its_own_files_named_relatively(world, tmp_path, monke
     train_here(argv + ["--resume", "--sd-ckpt", os.path.join("run", "tiny_sd.safetensors")])
     with pytest.raises(SystemExit, match=r"started with --sd-ckpt .*run/tiny_sd.safetensors \(not .*other"):
         train_here(argv + ["--resume", "--sd-ckpt", world["sd"].replace("sd.safetensors", "other.safetensors")])
+
+
+def test_ctrl_c_after_an_evaluation_or_in_the_first_save_says_where_the_run_stands(world, tmp_path, monkeypatch):
+    from vpd.tasks import forward_loss
+    from vpd.trained import save_state
+    calls = []
+
+    def interrupt_second(model, raw, task, batch):  # Ctrl-C in step 2, after step 1's save and evaluation
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return forward_loss(model, raw, task, batch)
+    monkeypatch.setattr(train, "forward_loss", interrupt_second)
+    out = tmp_path / "after_eval"
+    with pytest.raises(SystemExit) as e:
+        train_here(flags(world, "depth", out, "--iters", 3, "--batch-size", 2, "--save-every", 1, "--eval-every", 1,
+                         "--eval-max", 1))
+    assert e.value.code == (f"interrupted in step 2; the checkpoint in {out} is at step 1: "
+                            "continue with the same flags and --resume")
+    monkeypatch.undo()
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "save_state",
+                        lambda obj, path: interrupt() if obj["step"] == 1 else save_state(obj, path))
+    out = tmp_path / "first_save"  # no earlier checkpoint: the new one, or none
+    with pytest.raises(SystemExit) as e:
+        train_here(flags(world, "depth", out, "--iters", 3, "--batch-size", 2, "--save-every", 1))
+    assert e.value.code == (f"interrupted in the save after step 1; the checkpoint in {out} is at step 1, if the "
+                            "save got that far: continue with the same flags and --resume")
+
+
+def test_eval_ms_flip_gives_the_dataset_vpds_ratios(world):
+    from vpd.infer import MS_RATIOS
+    from vpd.tasks import build_eval
+    ckpt = str(loss_run(world, "semseg") / "model.safetensors")
+    ev = build_eval(eval_script.get_args(["--ckpt", ckpt, "--ms-flip"]), torch.device("cpu"))
+    assert tuple(ev.dataset.ms_ratios) == MS_RATIOS and len(ev.dataset[0]["ms_images"]) == len(MS_RATIOS)
+    assert build_eval(eval_script.get_args(["--ckpt", ckpt]), torch.device("cpu")).dataset.ms_ratios is None
