@@ -381,18 +381,22 @@ def test_batch_that_does_not_split_stops_before_the_model_is_built(tmp_path):
     assert not os.path.exists(tmp_path / "tiny_sd.safetensors")  # nothing written or built yet
 
 
-def test_ctrl_c_and_unreadable_file_end_in_one_line_naming_the_checkpoint(world, tmp_path, monkeypatch):
+def interrupt_in_step(monkeypatch, n):
+    """Ctrl-C arrives during the n-th step's forward (one micro-batch per step in these runs)."""
+    from vpd.tasks import forward_loss
     calls = []
 
-    def interrupt_third(model, raw, task, batch):  # Ctrl-C arrives during the third step's forward
+    def forward(*args):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == n:
             raise KeyboardInterrupt
-        return forward_loss(model, raw, task, batch)
+        return forward_loss(*args)
+    monkeypatch.setattr(train, "forward_loss", forward)
 
-    from vpd.tasks import forward_loss
+
+def test_ctrl_c_and_unreadable_file_end_in_one_line_naming_the_checkpoint(world, tmp_path, monkeypatch):
     from vpd.trained import save_state
-    monkeypatch.setattr(train, "forward_loss", interrupt_third)
+    interrupt_in_step(monkeypatch, 3)
     out = tmp_path / "interrupted"
     with pytest.raises(SystemExit) as e:
         train_here(flags(world, "depth", out, "--iters", 5, "--batch-size", 2, "--save-every", 1))
@@ -548,9 +552,9 @@ def test_a_run_killed_in_an_intermediate_evaluation_evaluates_again_on_resume(wo
     assert [r["step"] for r in records(out) if "loss" in r] == [1, 2, 3, 4]
 
 
-def test_logged_speed_counts_the_training_steps_alone(world, tmp_path, monkeypatch):
-    # a clock that moves 1 s per step, 100 s per evaluation and 50 s per save: ms is 1000 in every
-    # log line, the first one after a resume included (its window starts at the resumed step)
+def fake_clock(monkeypatch):
+    """train.py's clock replaced by one that stands still; returns tick(seconds, fn): fn, moving it on
+    by `seconds` at each call. Training steps tick 1 s each (one micro-batch per step in these runs)."""
     from types import SimpleNamespace
 
     from vpd.tasks import forward_loss
@@ -563,6 +567,13 @@ def test_logged_speed_counts_the_training_steps_alone(world, tmp_path, monkeypat
         return wrapped
     monkeypatch.setattr(train, "time", SimpleNamespace(time=lambda: clock[0]))
     monkeypatch.setattr(train, "forward_loss", tick(1, forward_loss))
+    return tick
+
+
+def test_logged_speed_counts_the_training_steps_alone(world, tmp_path, monkeypatch):
+    # 1 s per step, 100 s per evaluation and 50 s per save: ms is 1000 in every log line, the first
+    # one after a resume included (its window starts at the resumed step)
+    tick = fake_clock(monkeypatch)
     monkeypatch.setattr(train, "evaluate", tick(100, train.evaluate))
     monkeypatch.setattr(train, "save_state", tick(50, train.save_state))
     args = flags(world, "depth", tmp_path / "run", "--iters", 4, "--batch-size", 2, "--log-every", 3, "--save-every", 1,
@@ -578,22 +589,11 @@ def test_logged_speed_counts_the_training_steps_alone(world, tmp_path, monkeypat
 
 
 def test_an_evaluation_redone_on_resume_is_not_counted_in_the_speed(world, tmp_path, monkeypatch):
-    from types import SimpleNamespace
-
-    from vpd.tasks import forward_loss
-    clock = [0.0]
-
-    def tick(seconds, fn):
-        def wrapped(*a, **kw):
-            clock[0] += seconds
-            return fn(*a, **kw)
-        return wrapped
+    tick = fake_clock(monkeypatch)
     real_eval = train.evaluate
 
     def interrupt(*a, **kw):
         raise KeyboardInterrupt
-    monkeypatch.setattr(train, "time", SimpleNamespace(time=lambda: clock[0]))
-    monkeypatch.setattr(train, "forward_loss", tick(1, forward_loss))
     monkeypatch.setattr(train, "evaluate", interrupt)
     args = flags(world, "depth", tmp_path / "run", "--iters", 4, "--batch-size", 2, "--log-every", 4,
                  "--save-every", 2, "--eval-every", 2)
@@ -804,16 +804,8 @@ def test_demo_resume_takes_its_own_files_named_relatively(world, tmp_path, monke
 
 
 def test_ctrl_c_after_an_evaluation_or_in_the_first_save_says_where_the_run_stands(world, tmp_path, monkeypatch):
-    from vpd.tasks import forward_loss
     from vpd.trained import save_state
-    calls = []
-
-    def interrupt_second(model, raw, task, batch):  # Ctrl-C in step 2, after step 1's save and evaluation
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return forward_loss(model, raw, task, batch)
-    monkeypatch.setattr(train, "forward_loss", interrupt_second)
+    interrupt_in_step(monkeypatch, 2)  # in step 2, after step 1's save and evaluation
     out = tmp_path / "after_eval"
     with pytest.raises(SystemExit) as e:
         train_here(flags(world, "depth", out, "--iters", 3, "--batch-size", 2, "--save-every", 1, "--eval-every", 1,
