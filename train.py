@@ -237,11 +237,13 @@ def main(args):
         random.setstate(mine["python"])
         if device.type == "cuda" and mine.get("cuda") is not None:
             torch.cuda.set_rng_state(mine["cuda"], device)
-        if master and os.path.isfile(log_path):  # drop lines a crashed run wrote after this checkpoint,
-            with open(log_path) as f:            # a last one without its newline, torn by the crash, and
+        if master and os.path.isfile(log_path):
+            # drop the lines a crashed run wrote after this checkpoint, a last one without its newline
+            # (torn by the crash), and the line of an evaluation that is run again
+            with open(log_path) as f:
                 keep = [json.loads(line) for line in f if line.strip() and line.endswith("\n")]
-            keep = [r for r in keep if r["step"] < step or (r["step"] == step and not (redo_eval and "loss" not in r))]
-            tmp = f"{log_path}.tmp{os.getpid()}"  # the evaluation that is run again
+            keep = [r for r in keep if r["step"] < step or (r["step"] == step and ("loss" in r or not redo_eval))]
+            tmp = f"{log_path}.tmp{os.getpid()}"
             with open(tmp, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in keep)
             os.replace(tmp, log_path)
@@ -327,10 +329,8 @@ def main(args):
     model.train()
     t0, timed = time.time(), step  # the speed window: steps since `timed`, from t0 (saves and evaluations left out)
     try:
-        if redo_eval:
-            model.eval()
+        if redo_eval:  # (evaluate() puts the model in eval mode and back)
             run_eval()
-            model.train()
             t0 = time.time()  # the redone evaluation is no training time either
         while step < stop:
             epoch = step // steps_per_epoch
@@ -380,9 +380,7 @@ def main(args):
                 if step % args.save_every == 0 or step in (total, stop):
                     save()
                 if eval_due(step):
-                    model.eval()
                     run_eval()
-                    model.train()
                 t0 += time.time() - paused
     except KeyboardInterrupt:
         raise SystemExit(stopped("interrupted")) from None
