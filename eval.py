@@ -7,7 +7,8 @@
 
 semseg: mIoU / aAcc / per-class IoU, sliding windows of the training crop (512, stride 341), optional
 multi-scale + flip. depth: the nine metrics with the Eigen crop (NYU) or Garg crop (KITTI), flip +
-shifted square windows (two for NYU's 480x640, as many as cover a KITTI frame). refer: oIoU, mIoU, precision@0.5:0.9 over every sentence. Results on stdout and in
+shifted square windows (two for NYU's 480x640, as many as cover a KITTI frame). refer: oIoU, mIoU,
+precision@0.5:0.9 over every sentence. Results on stdout and in
 <out>/metrics_<dataset>[_<refer split set>]_<split>[_<test-time options>].json (one file per protocol;
 default <out>: eval/ next to the checkpoint); --save-vis writes coloured predictions. Under torchrun
 each sample is counted exactly once (no DistributedSampler padding).
@@ -191,9 +192,9 @@ def main(args):
         ev = build_eval(args, device)  # model from the checkpoint + the evaluation set
     except (ValueError, FileNotFoundError) as e:  # unreadable or mismatched files: say which, no traceback
         raise SystemExit(f"{type(e).__name__}: {e}") from None
-    if args.task is None:
+    if args.task is None:  # (a given --task was checked above, and the checkpoint's matches it)
         args.task = ev.task
-    check_task_flags(args, ev.task)
+        check_task_flags(args, ev.task)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
     try:
         os.makedirs(out, exist_ok=True)

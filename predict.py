@@ -47,7 +47,7 @@ from vpd.data import (IMAGE_EXTENSIONS, KITTI_SCENES, NYU_SCENES, BadSampleError
 from vpd.dist import setup
 from vpd.infer import depth_predict, refer_logits, semseg_probs
 from vpd.model import TASKS
-from vpd.tasks import load_model
+from vpd.tasks import load_model, to_device
 from vpd.trained import read_meta
 
 SIZES = {"depth": 640, "semseg": 512, "refer": 512}  # see the docstring: --size per task
@@ -261,7 +261,7 @@ def main(args):
                 tqdm.write(f"skipped: {e}")
                 skipped.append(str(e))
                 continue
-            sample = {k: v.to(device) if torch.is_tensor(v) else v for k, v in sample.items()}
+            sample = to_device(sample, device)
             if task == "depth":
                 pred = predict_depth(model, sample, scene_id, flip=not args.no_flip).float()
             elif task == "semseg":

@@ -1,7 +1,8 @@
 """Test-time inference of each task: what a model predicts for one full image.
 
 semseg: mmseg's sliding window (512 crops, stride 341), optional multi-scale (VPD's MS_RATIOS,
-        views resized by the dataset) + flip, softmax averaged at the label's size. depth: VPD's flip + shifted square windows, averaged.
+        views resized by the dataset) + flip, softmax averaged at the label's size.
+depth:  VPD's flip + shifted square windows, averaged.
 refer:  one forward, logits resized to the mask's size.
 The segmentation networks take sides that are multiples of 64, the depth network multiples of 32
 (it pads 480 to 512 itself); other sizes are zero-padded here and the padding is cut off the prediction.
