@@ -89,6 +89,9 @@ def test_nyu_unreadable_files_name_the_file(synth, tmp_path):
         f.truncate(200)  # a truncated JPEG
     with pytest.raises(BadSampleError, match=os.path.basename(ds.images[0])):
         ds[0]
+    Image.fromarray(np.zeros((48, 64), np.uint16)).save(ds.depths[1])  # no measurement at all
+    with pytest.raises(BadSampleError, match=os.path.basename(ds.depths[1]) + ".*no valid"):
+        ds[1]
 
 
 # ----------------------------------------------------------------------------- ADE20K

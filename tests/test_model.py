@@ -323,8 +323,23 @@ def test_depth_loss_is_scale_invariant_log_loss():
     assert VPDDepth.loss(pred * 3, gt).item() == pytest.approx(
         math.sqrt(sum(x * x for x in [v - math.log(3) for v in d]) / 3 - 0.5 * (sum(d) / 3 - math.log(3)) ** 2),
         rel=1e-6)
-    with pytest.raises(ValueError, match="no valid"):
-        VPDDepth.loss(pred, torch.zeros_like(gt))
+    assert VPDDepth.loss(pred, torch.zeros_like(gt)).isnan()  # no valid pixel: NaN, as the official loss
+
+
+def test_depth_loss_gradient_is_that_of_the_valid_pixels_alone():
+    # the loss is written with masks (no host sync); its gradient must be that of the loss over the
+    # selected valid pixels, also where an invalid pixel's prediction is 0 (log 0 there must not leak NaN)
+    torch.manual_seed(0)
+    gt = torch.rand(2, 1, 4, 5) * 5
+    gt[gt < 1.5] = 0.0
+    pred = (torch.rand(2, 1, 4, 5) * 5 + 0.1).where(gt > 0, torch.zeros(())).requires_grad_()
+    ref = pred.detach().clone().requires_grad_()
+    VPDDepth.loss(pred, gt).backward()
+    valid = gt > 0
+    d = torch.log(gt[valid]) - torch.log(ref[valid])
+    torch.sqrt((d ** 2).mean() - 0.5 * d.mean() ** 2).backward()
+    assert torch.isfinite(pred.grad).all() and (pred.grad[~valid] == 0).all()
+    torch.testing.assert_close(pred.grad, ref.grad)
 
 
 def test_refer_loss_is_weighted_cross_entropy():
@@ -333,6 +348,20 @@ def test_refer_loss_is_weighted_cross_entropy():
     logp = logits.log_softmax(1)[0, :, 0]
     want = -(0.9 * logp[0, 0] + 1.1 * logp[1, 1] + 1.1 * logp[1, 2]) / (0.9 + 1.1 + 1.1)
     torch.testing.assert_close(VPDRefer.loss(logits, target), want)
+    logits, target = torch.randn(2, 2, 3, 4), torch.randint(0, 2, (2, 3, 4))
+    torch.testing.assert_close(VPDRefer.loss(logits, target),
+                               F.cross_entropy(logits, target, weight=torch.tensor([0.9, 1.1])))
+
+
+def test_losses_have_no_graph_breaks():
+    # a break here is a host sync per training step (a data-dependent branch or shape)
+    torch._dynamo.reset()
+    for loss, args in [(VPDSeg.loss, (torch.randn(2, 5, 4, 4), torch.randint(0, 5, (2, 4, 4)))),
+                       (VPDDepth.loss, (torch.rand(2, 1, 4, 4) + 0.1, torch.rand(2, 1, 4, 4) - 0.3)),
+                       (VPDRefer.loss, (torch.randn(2, 2, 4, 4), torch.randint(0, 2, (2, 4, 4))))]:
+        report = torch._dynamo.explain(loss)(*args)
+        assert report.graph_break_count == 0, report.break_reasons
+    torch._dynamo.reset()
 
 
 # --- construction ------------------------------------------------------------------------------

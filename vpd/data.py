@@ -190,6 +190,8 @@ class _DepthDataset(_SeededDataset):
         depth = read_depth_png(self.depths[index], units_per_metre)
         if img.shape[:2] != depth.shape:
             raise BadSampleError(f"{self.images[index]} is {img.shape[:2]} but its depth map is {depth.shape}")
+        if not (depth > 0).any():  # nothing to learn or measure (and the training loss would be NaN)
+            raise BadSampleError(f"depth map {self.depths[index]} has no valid (> 0) pixel")
         return img, depth
 
     def _depth_view(self, img, depth, index):

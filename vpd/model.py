@@ -194,12 +194,15 @@ class VPDDepth(nn.Module):
 
     @staticmethod
     def loss(pred, gt, lambd=0.5):
-        """Scale-invariant log loss on gt > 0: sqrt(mean(d^2) - lambd * mean(d)^2), d = log gt - log pred."""
+        """Scale-invariant log loss on gt > 0: sqrt(mean(d^2) - lambd * mean(d)^2), d = log gt - log pred.
+        Written with masks, not by selecting the valid pixels, so a step has no host sync; a batch with no
+        valid pixel gives NaN (the datasets refuse depth maps with none)."""
         valid = gt > 0
-        if not valid.any():
-            raise ValueError("depth loss: the ground truth has no valid (> 0) pixel")
-        d = torch.log(gt[valid]) - torch.log(pred[valid].float())
-        return torch.sqrt((d ** 2).mean() - lambd * d.mean() ** 2)
+        n = valid.sum()
+        # log(1) = 0 on invalid pixels: no log(0), whose infinite gradient times the mask's 0 would be NaN
+        d = torch.log(torch.where(valid, gt, 1.0)) - torch.log(torch.where(valid, pred.float(), 1.0))
+        mean = d.sum() / n
+        return torch.sqrt((d ** 2).sum() / n - lambd * mean ** 2)
 
 
 class VPDRefer(nn.Module):
@@ -236,8 +239,10 @@ class VPDRefer(nn.Module):
     @staticmethod
     def loss(logits, target):
         """Cross-entropy with class weights [0.9, 1.1] (background, target). target: (B, H, W) int64."""
-        weight = torch.tensor([0.9, 1.1], device=logits.device)
-        return F.cross_entropy(logits.float(), target, weight=weight)
+        # the weighted mean F.cross_entropy(weight=[0.9, 1.1]) takes, with the weights made on the device:
+        # a weight tensor built from a Python list is a copy from the host, which waits for the GPU
+        w = torch.where(target == 1, 1.1, 0.9)
+        return (w * F.cross_entropy(logits.float(), target, reduction="none")).sum() / w.sum()
 
 
 def build_model(task, sd_ckpt=None, unet_cfg=None, vae_cfg=None, clip_cfg=None, class_embeddings=None,
