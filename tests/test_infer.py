@@ -193,3 +193,26 @@ def test_views_at_other_scales_are_averaged_at_the_output_size():
     probs = semseg_probs(Half(), [small, large], 2, out_size=(16, 16))
     s = torch.sigmoid(torch.tensor(4.0))  # class 1's probability on the small view; 1/2 on the large one
     torch.testing.assert_close(probs[0, 1], torch.full((16, 16), ((s + 0.5) / 2).item()))
+
+
+def test_slide_rows_follow_mmseg_grid_for_a_tall_image():
+    # the row count is mmseg's too: H=150, crop 64, stride 43 gives (150-64+42)//43+1 = 3 rows (86 = 2 strides
+    # exactly: without mmseg's "- 1" a 4th row would repeat the last window and weigh it twice)
+    rec = Recorder()
+    slide_logits(rec, coords(150, 100), 2, crop=64, stride=43)
+    assert sorted(rec.seen) == sorted((y, x, (64, 64)) for y in (0, 43, 86) for x in (0, 36))
+
+
+def test_image_between_half_a_crop_and_a_crop_is_one_window_from_the_corner():
+    # mmseg: y1 = max(y2 - crop, 0); a 40x50 image under a 64 crop is one window at (0, 0), padded to 64x64
+    # (y2 - crop = -24 as a slice start would take only rows 16..39 and leave the others uncounted)
+    rec = Recorder()
+    out = slide_logits(rec, coords(40, 50), 2, crop=64, stride=43)
+    assert rec.seen == [(0, 0, (64, 64))]
+    assert torch.equal(out, torch.ones(1, 2, 40, 50))
+
+
+def test_depth_windows_that_tile_the_image_exactly_are_allowed():
+    # 2 windows of 32 cover a 32x64 image with no overlap: [0, 32) and [32, 64), crop-local columns 0..31 twice
+    out = depth_predict(DepthFake("column"), torch.zeros(1, 3, 32, 64), torch.tensor([0]), flip=False, windows=2)
+    assert torch.equal(out[0, 0, 7], torch.arange(32, dtype=torch.float32).repeat(2))
