@@ -709,3 +709,100 @@ def test_refcoco_view_follows_train_not_the_split_name(synth):
     assert s["orig_size"].tolist() == list(s["mask"].shape) == [48, 64]  # (H, W) of the 64-wide, 48-high image
     tr = RefCOCO(synth["refer"], split="val", train=True)
     assert len(tr) == len(tr.refs) and "orig_size" not in tr[0]
+
+
+# ----------------------------------------------------------------------------- transforms: third mutation pass
+
+def test_semseg_label_resize_is_opencv_nearest():
+    # mmcv rescales labels with cv2.INTER_NEAREST: output pixel d takes source floor(d * in / out), not the
+    # pixel-centre floor((d + 0.5) * in / out). 7 -> 5 (scale 1.4): sources 0, 1, 2, 4, 5 (centres: 0, 2, 3, 4, 6)
+    label = 10 * np.arange(7)[:, None] + np.arange(7)[None]  # label[y, x] = 10 y + x
+    img = np.zeros((7, 7, 3), np.float32)
+    _, y = T.semseg_train(img, label, Scripted(1.0, 0, 0, 0.9, 0, 0, 0, 0, 0), scale=(5, 5), crop=(5, 5),
+                          cat_max_ratio=1.0)  # ratio 1, crop at (0, 0), no flip, photometric steps off
+    src = np.array([0, 1, 2, 4, 5])
+    np.testing.assert_array_equal(y.numpy(), 10 * src[:, None] + src[None])
+
+
+def test_semseg_scale_ratio_is_truncated_as_mmsegs():
+    # mmseg Resize(ratio_range): scale (int(2048 r), int(512 r)); r = 0.9995 gives (2046, 511), so a 100x100
+    # label becomes 511x511 and the 512 crop is padded by one ignored row and column (rounding: 512, no pad)
+    rng = np.random.default_rng(0)
+    img, label = rng.uniform(0, 255, (100, 100, 3)).astype(np.float32), rng.integers(0, 5, (100, 100))
+    _, y = T.semseg_train(img, label, Scripted(0.9995, 0, 0, 0.9, 0, 0, 0, 0, 0), cat_max_ratio=1.0)
+    assert (y[511] == 255).all() and (y[:, 511] == 255).all() and (y[:511, :511] != 255).all()
+
+
+def test_random_crop_reaches_every_offset():
+    # mmseg / albumentations: offset = randint(0, margin + 1), so the last offset (the crop at the far
+    # edge) is drawn too: margins 2 and 4 give tops 0..2 and lefts 0..4
+    boxes = {T.random_crop_box(10, 12, (8, 8), np.random.default_rng(s)) for s in range(200)}
+    assert {t for t, _ in boxes} == {0, 1, 2} and {l for _, l in boxes} == {0, 1, 2, 3, 4}
+
+
+def test_cat_max_ratio_tries_ten_crops_then_takes_an_eleventh():
+    # mmseg RandomCrop: a first box, up to 10 checks each drawing a new box on failure: the 11th box is
+    # taken unchecked. A one-class label fails every check, so the boxes drawn are (0, 0), (0, 1), ... (0, 10)
+    label = np.zeros((8, 16), np.int64)
+    draws = Scripted(*[v for i in range(11) for v in (0, i)])
+    assert T.crop_with_cat_max_ratio(label, (4, 4), draws) == (0, 10)
+    assert draws.draws == []
+
+
+def test_photometric_contrast_is_applied_first_or_last():
+    # mmseg: contrast (alpha in 0.5..1.5, clipped to [0, 255]) either right after brightness or at the end
+    grey = np.full((1, 1, 3), 100.0, np.float32)
+    # brightness off, contrast first (on, x1.5), saturation off, hue off
+    assert T.photometric_distortion(grey, Scripted(0, 1, 1, 1.5, 0, 0)).tolist() == [[[150.0] * 3]]
+    # brightness off, contrast last: saturation off, hue off, contrast on (x0.5)
+    assert T.photometric_distortion(grey, Scripted(0, 0, 0, 0, 1, 0.5)).tolist() == [[[50.0] * 3]]
+    # 200 x 1.5 = 300 is clipped to 255
+    assert T.photometric_distortion(2 * grey, Scripted(0, 1, 1, 1.5, 0, 0)).tolist() == [[[255.0] * 3]]
+
+
+class Ranges:
+    """A generator recording the (low, high) each uniform draw asks for; every step on, neutral values."""
+
+    def __init__(self):
+        self.asked = []
+
+    def random(self):
+        return 0.1  # below every probability: each step applies
+
+    def uniform(self, low=0.0, high=1.0):
+        self.asked.append((low, high))
+        return (low + high) / 2
+
+    def integers(self, low, high=None):
+        return 0 if high is not None else 1
+
+
+def test_augmentation_ranges_are_the_recipes():
+    img = np.full((8, 8, 3), 100.0, np.float32)
+    # mmseg PhotoMetricDistortion defaults: brightness +-32, contrast 0.5..1.5, saturation 0.5..1.5
+    rng = Ranges()
+    T.photometric_distortion(img, rng)
+    assert rng.asked == [(-32, 32), (0.5, 1.5), (0.5, 1.5)]
+    # VPD's NYU recipe (albumentations): RandomBrightnessContrast(0.2, 0.2), RandomGamma(80, 120),
+    # HueSaturationValue(20, 30, 20)
+    rng = Ranges()
+    T.depth_train(img, np.ones((8, 8), np.float32), rng, (8, 8))
+    assert rng.asked == [(-0.2, 0.2), (-0.2, 0.2), (80, 120), (-20, 20), (-30, 30), (-20, 20)]
+
+
+def test_depth_gamma_by_hand():
+    # albumentations RandomGamma: (x / 255) ** (g / 100) * 255; g = 120 on grey 127.5 -> 255 * 0.5 ** 1.2
+    img, depth = np.full((4, 4, 3), 127.5, np.float32), np.ones((4, 4), np.float32)
+    draws = Scripted(0.9, 0.9, 0, 0,  # no CutDepth, no flip, crop at (0, 0)
+                     0.9,  # no brightness/contrast
+                     0.1, 120.0,  # gamma on, 1.2
+                     0.9)  # no hue/saturation/value
+    x, _ = T.depth_train(img, depth, draws, (4, 4))
+    torch.testing.assert_close((x + 1) * 127.5, torch.full_like(x, 255 * 0.5 ** 1.2))
+
+
+def test_cut_depth_stripe_starts_at_the_truncated_position():
+    # VPD: l = int(alpha * W); alpha = 0.37, W = 10 -> column 3 (not 4), one column wide (beta = 0)
+    out = T.cut_depth(np.zeros((2, 10, 3), np.float32), np.full((2, 10), 5.0, np.float32), Scripted(0.37, 0.0),
+                      max_depth=10.0)
+    assert np.flatnonzero(out[0, :, 0]).tolist() == [3]
