@@ -248,3 +248,13 @@ def test_heads_refuse_wrong_feature_channels(cls, kw):
         head(pyramid([16, 17, 32, 32], h=8, w=8))
     with pytest.raises(ValueError, match="4 feature maps"):
         head(pyramid([16, 16, 32], h=8, w=8))
+
+
+def test_head_norms_use_torchs_default_eps():
+    # VPD's depth decoder, mmseg's SyncBN ConvModules and LAVT's SimpleDecoding all build their norms with
+    # the defaults: eps 1e-5 (the UNet's transformer GroupNorms use 1e-6; these must not)
+    with torch.device("meta"):
+        heads = [FPNSegHead(SD_SEG, num_classes=150), DepthHead(SD_DEPTH), ReferHead(SD_REFER)]
+    norms = [m for h in heads for m in h.modules() if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm))]
+    assert len(norms) == 7 + 6 + 6  # FPN: 7 BN; depth: 2 GN + 4 BN; refer: 6 BN
+    assert all(m.eps == 1e-5 for m in norms)
