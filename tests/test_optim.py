@@ -117,3 +117,6 @@ def test_adamw_hyperparameters_are_the_recipes(model):
     opt = build_optimizer(model, 8e-5, 1e-3, 0.1)
     assert isinstance(opt, torch.optim.AdamW)
     assert all(g["betas"] == (0.9, 0.999) and g["eps"] == 1e-8 for g in opt.param_groups)
+    # train.py asks for the fused kernel on CUDA (bench.py's step times assume it); only then
+    assert not any(g["fused"] for g in opt.param_groups)
+    assert all(g["fused"] for g in build_optimizer(model, 8e-5, 1e-3, 0.1, fused=True).param_groups)
