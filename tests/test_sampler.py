@@ -1,4 +1,6 @@
-from vpd.sampler import GlobalBatchSampler
+import pytest
+
+from vpd.sampler import GlobalBatchSampler, ShardedEvalSampler
 
 
 def batches(n, micro, world, accum, epoch=0, start=0):
@@ -47,3 +49,9 @@ def test_seed_and_epoch_do_not_alias():
     # seed 0's second epoch must not replay seed 1's first
     assert list(GlobalBatchSampler(20, 2, 1, 0, 1, seed=1, epoch=0)) != \
         list(GlobalBatchSampler(20, 2, 1, 0, 1, seed=0, epoch=1))
+
+
+def test_sharded_eval_sampler_refuses_a_negative_length():
+    with pytest.raises(ValueError, match="dataset_len"):
+        ShardedEvalSampler(-1, 0, 1)
+    assert list(ShardedEvalSampler(0, 0, 1)) == []  # an empty set is fine
