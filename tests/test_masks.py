@@ -161,3 +161,18 @@ def test_traced_rectangle_is_its_four_corners():
     polys = mask_to_polygons(m)
     assert len(polys) == 1 and len(polys[0]) == 8  # collinear points along the sides are dropped
     assert {tuple(polys[0][i:i + 2]) for i in range(0, 8, 2)} == {(2.0, 1.0), (6.0, 1.0), (6.0, 4.0), (2.0, 4.0)}
+
+
+def test_centres_on_half_integer_edges_are_decided_as_pycocotools():
+    # pixel centres lie exactly on the edges of a rectangle x 2.5..5.5, y 1.5..3.5. pycocotools (rleFrPoly:
+    # vertices x5 rounded half up, a column's run starts at row ceil((5 y + 0.5) / 5 - 0.5)) takes rows 2, 3
+    # and columns 3, 4, 5: a centre on the top or left edge is outside, on the bottom or right edge inside
+    m = polygon_to_mask([[2.5, 1.5, 5.5, 1.5, 5.5, 3.5, 2.5, 3.5]], 6, 8)
+    expected = np.zeros((6, 8), np.uint8)
+    expected[2:4, 3:6] = 1
+    np.testing.assert_array_equal(m, expected)
+
+
+def test_sliver_between_two_pixel_centres_covers_nothing():
+    # x 2.1..2.4 holds no centre (2.5 is past it): both crossings of a row toggle the same column and cancel
+    assert polygon_to_mask([[2.1, 0, 2.4, 0, 2.4, 3, 2.1, 3]], 4, 6).sum() == 0

@@ -8,10 +8,11 @@ RLE runs alternate background/foreground, start with background, and walk the im
 (Fortran) order: down the first column, then the second, ...
 
 Polygons are rasterised by the pixel-centre rule: pixel (x, y) belongs to a polygon when its centre
-(x + 0.5, y + 0.5) lies inside it (even-odd rule). On axis-aligned edges at integer coordinates
-(rectangles, L shapes, the pixel-edge outlines `mask_to_polygons` writes) this gives exactly
-pycocotools' masks; along slanted edges pycocotools' own rasteriser can differ by a boundary pixel
-(about 2% of the area on random 40-pixel polygons).
+(x + 0.5, y + 0.5) lies inside it (even-odd rule); a centre exactly on an edge counts as inside on a
+bottom or right edge and outside on a top or left one, as pycocotools decides. On axis-aligned edges
+at integer or half-integer coordinates (rectangles, L shapes, the pixel-edge outlines
+`mask_to_polygons` writes) this gives exactly pycocotools' masks; along slanted edges pycocotools'
+own rasteriser can differ by a boundary pixel (about 2% of the area on random 40-pixel polygons).
 """
 import pickle
 
@@ -144,14 +145,17 @@ def _rasterise(poly, height, width):
     xy = xy.reshape(-1, 2)
     x0, y0 = xy[:, 0], xy[:, 1]
     x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
-    # Scanline at every row centre yc = r + 0.5; an edge crosses it when yc lies in [min y, max y).
+    # Scanline at every row centre yc = r + 0.5; an edge crosses it when yc lies in (min y, max y]:
+    # half-open, so a vertex on a scanline is crossed once, and a centre on a horizontal edge is inside
+    # on the bottom one only (pycocotools' choice; [min y, max y) would move such a rectangle up a row).
     rows = np.arange(height) + 0.5
     lo, hi = np.minimum(y0, y1), np.maximum(y0, y1)
-    crosses = (rows[:, None] >= lo[None]) & (rows[:, None] < hi[None])  # (H, E)
+    crosses = (rows[:, None] > lo[None]) & (rows[:, None] <= hi[None])  # (H, E)
     r, e = np.nonzero(crosses)
     t = (rows[r] - y0[e]) / (y1[e] - y0[e])
     xc = x0[e] + t * (x1[e] - x0[e])
-    # Every crossing toggles all pixels whose centre lies right of it: first such column.
+    # Every crossing toggles all pixels whose centre lies strictly right of it: first such column
+    # (a centre on a vertical edge is inside on the right edge only, again as pycocotools).
     col = np.clip(np.floor(xc - 0.5).astype(np.int64) + 1, 0, width)
     toggles = np.zeros((height, width + 1), dtype=np.int64)
     np.add.at(toggles, (r, col), 1)
