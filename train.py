@@ -249,8 +249,9 @@ def main(args):
             os.replace(tmp, log_path)
         print0(f"resumed from {args.out} at step {step}")
 
-    if args.compile:
+    if args.compile:  # compiled at the first step, not here
         model = torch.compile(model, backend=args.compile, mode=args.compile_mode)
+        print0(f"--compile {args.compile}: the first step compiles the model (minutes for SD v1.5 with inductor)")
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
