@@ -587,7 +587,7 @@ def test_depth_crop_larger_than_the_image_in_one_side_is_an_error():
                       (32, 32))
 
 
-# ----------------------------------------------------------------------------- second mutation pass
+# ----------------------------------------------------------------------------- published class orders, dataset details
 
 def test_nyu_and_ade_class_orders_are_the_published_ones():
     # row i of a released depth model's class_embeddings is VPD's depth/nyu_class_list.json entry i
@@ -711,7 +711,7 @@ def test_refcoco_view_follows_train_not_the_split_name(synth):
     assert len(tr) == len(tr.refs) and "orig_size" not in tr[0]
 
 
-# ----------------------------------------------------------------------------- transforms: third mutation pass
+# ----------------------------------------------------------------------------- transforms: the recipes in detail
 
 def test_semseg_label_resize_is_opencv_nearest():
     # mmcv rescales labels with cv2.INTER_NEAREST: output pixel d takes source floor(d * in / out), not the
