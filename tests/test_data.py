@@ -806,3 +806,156 @@ def test_cut_depth_stripe_starts_at_the_truncated_position():
     out = T.cut_depth(np.zeros((2, 10, 3), np.float32), np.full((2, 10), 5.0, np.float32), Scripted(0.37, 0.0),
                       max_depth=10.0)
     assert np.flatnonzero(out[0, :, 0]).tolist() == [3]
+
+
+# ----------------------------------------------------------------------------- dataset classes: lists, defaults, file checks
+
+def test_split_list_skips_blank_lines_and_refuses_short_lines_and_empty_lists(synth, tmp_path):
+    lines = open(os.path.join(synth["depth"], "train_list.txt")).read().splitlines()
+    spaced = tmp_path / "spaced.txt"
+    spaced.write_text("\n" + "\n\n".join(lines) + "\n\n")  # blank lines anywhere are no samples
+    assert NYUv2(synth["depth"], list_file=str(spaced)).images == NYUv2(synth["depth"]).images
+    short = tmp_path / "short.txt"
+    short.write_text(lines[0] + "\n/classroom_0000/rgb_00001.jpg\n")  # a line without its depth path
+    with pytest.raises(ValueError, match=r"short\.txt:2: expected 'image depth"):
+        NYUv2(synth["depth"], list_file=str(short))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="is empty"):
+        NYUv2(synth["depth"], list_file=str(empty))
+
+
+def _write_nyu_frame(root, depth_mm):
+    """One 480x640 NYU training frame (black image, constant depth) and its BTS list line."""
+    scene = root / "sync" / "kitchen_0001"
+    scene.mkdir(parents=True)
+    Image.fromarray(np.zeros((480, 640, 3), np.uint8)).save(scene / "rgb_00001.png")
+    Image.fromarray(np.full((480, 640), depth_mm, np.uint16)).save(scene / "sync_depth_00001.png")
+    (root / "train_list.txt").write_text("/kitchen_0001/rgb_00001.png /kitchen_0001/sync_depth_00001.png 518.8\n")
+
+
+def test_nyu_training_defaults_are_vpds_480_crop_and_10_m(tmp_path):
+    # VPD's NYU recipe: 480x480 crops; depths up to 10 m, which is also the model's output cap and the
+    # scale CutDepth writes depth with (5 m -> grey 127.5, i.e. 0 in [-1, 1])
+    from vpd.tasks import model_kwargs
+    _write_nyu_frame(tmp_path, 5000)
+    ds = NYUv2(str(tmp_path))
+    assert model_kwargs("depth", ds, demo=False)["max_depth"] == 10.0
+    # CutDepth on (a = 0.5, b = 0: column 320), no flip, crop at (0, 0), colour steps off
+    ds.rng = lambda index: Scripted(0.0, 0.5, 0.0, 0.9, 0, 0, 0.9, 0.9, 0.9)
+    s = ds[0]
+    assert s["image"].shape == (3, 480, 480) and s["depth"].shape == (1, 480, 480)
+    torch.testing.assert_close(s["image"][:, :, 320], torch.zeros(3, 480))
+    assert (s["image"][:, :, 319] == -1).all() and (s["image"][:, :, 321] == -1).all()
+
+
+def test_kitti_frame_of_exactly_the_kb_size_and_cut_depth_at_80_m(tmp_path):
+    # a frame already 352x1216 is its own KB crop; KITTI's CutDepth writes depth / 80 m * 255
+    from vpd.data import kb_crop_box
+    assert kb_crop_box(352, 1216) == (0, 0)
+    assert kb_crop_box(352, 1219) == (0, 1)  # BTS: int((1219 - 1216) / 2) = int(1.5) = 1
+    drive = "2011_09_26_drive_0002_sync"
+    img_dir = tmp_path / "2011_09_26" / drive / "image_02" / "data"
+    gt_dir = tmp_path / "data_depth_annotated" / drive / "proj_depth" / "groundtruth" / "image_02"
+    img_dir.mkdir(parents=True)
+    gt_dir.mkdir(parents=True)
+    Image.fromarray(np.zeros((352, 1216, 3), np.uint8)).save(img_dir / "0000000001.png")
+    Image.fromarray(np.full((352, 1216), 40 * 256, np.uint16)).save(gt_dir / "0000000001.png")
+    (tmp_path / "train_list.txt").write_text(f"2011_09_26/{drive}/image_02/data/0000000001.png "
+                                             f"{drive}/proj_depth/groundtruth/image_02/0000000001.png 721.5\n")
+    ds = KITTI(str(tmp_path))
+    # CutDepth on (a = 0.5, b = 0: column 608), no flip, crop at (0, 0), colour steps off
+    ds.rng = lambda index: Scripted(0.0, 0.5, 0.0, 0.9, 0, 0, 0.9, 0.9, 0.9)
+    s = ds[0]
+    assert s["image"].shape == (3, 352, 704)
+    torch.testing.assert_close(s["image"][:, :, 608], torch.zeros(3, 352))  # 40 m of 80 -> grey 127.5
+    assert (s["image"][:, :, 607] == -1).all() and (s["image"][:, :, 609] == -1).all()
+    assert KITTI(str(tmp_path), train=False)[0]["image"].shape == (3, 352, 1216)  # the view follows `train`
+
+
+def test_nyu_missing_depth_file_is_reported_at_construction(synth, tmp_path):
+    import shutil
+    root = tmp_path / "nyu"
+    shutil.copytree(synth["depth"], root)
+    os.remove(root / "official_splits/test/bathroom/sync_depth_00007.png")
+    with pytest.raises(FileNotFoundError, match="sync_depth_00007.png"):
+        NYUv2(str(root), split="test")
+
+
+def test_annotation_of_another_size_than_its_image_is_refused(synth, tmp_path):
+    # a depth / label map must cover its image pixel for pixel (the eval view keeps both at full size)
+    import shutil
+    shutil.copytree(synth["depth"], tmp_path / "nyu")
+    ds = NYUv2(str(tmp_path / "nyu"), split="test")
+    Image.fromarray(np.full((48, 60), 1000, np.uint16)).save(ds.depths[0])
+    with pytest.raises(BadSampleError, match="rgb_00006.jpg.*depth map"):
+        ds[0]
+    shutil.copytree(synth["semseg"], tmp_path / "ade")
+    ds = ADE20K(str(tmp_path / "ade"), "validation")
+    Image.fromarray(np.ones((48, 60), np.uint8)).save(ds.labels[0])
+    with pytest.raises(BadSampleError, match="ADE_val_00000005.jpg.*label"):
+        ds[0]
+
+
+def test_ade_label_must_be_an_8_bit_png(synth, tmp_path):
+    # a 16-bit map would be cut to 8 bits without a word (300 -> 44, a valid class)
+    import shutil
+    shutil.copytree(synth["semseg"], tmp_path / "ade")
+    ds = ADE20K(str(tmp_path / "ade"), "validation")
+    Image.fromarray(np.full((48, 64), 300, np.uint16)).save(ds.labels[0])
+    with pytest.raises(BadSampleError, match="ADE_val_00000005.png.*8-bit"):
+        ds[0]
+
+
+def test_ade_view_follows_train_not_the_split_name_and_only_jpgs_are_samples(synth, tmp_path):
+    ev = ADE20K(synth["semseg"], "training", train=False)
+    s = ev[0]
+    assert s["label"].shape == (48, 64) and s["orig_size"].tolist() == [48, 64]
+    tr = ADE20K(synth["semseg"], "validation", train=True)[0]
+    assert tr["image"].shape == (3, 512, 512) and "orig_size" not in tr
+    import shutil
+    shutil.copytree(synth["semseg"], tmp_path / "ade")
+    (tmp_path / "ade/ADEChallengeData2016/images/validation/Thumbs.db").write_bytes(b"\0")  # not an image
+    assert len(ADE20K(str(tmp_path / "ade"), "validation")) == 1
+
+
+def test_refcoco_ref_naming_an_image_missing_from_instances_is_refused(synth, tmp_path):
+    import pickle
+    import shutil
+    root = tmp_path / "coco"
+    shutil.copytree(synth["refer"], root)
+    refs_file = root / "refer/data/refcoco/refs(unc).p"
+    refs = pickle.loads(refs_file.read_bytes())
+    val = next(r for r in refs if r["split"] == "val")
+    val["image_id"] = 999
+    refs_file.write_bytes(pickle.dumps(refs, protocol=2))
+    with pytest.raises(ValueError, match=f"ref {val['ref_id']} .* image 999"):
+        RefCOCO(str(root), split="val")
+
+
+def test_image_folder_resize_rules_per_task(tmp_path):
+    # semseg fits (4 size, size) as ADE20K's (2048, 512): a 10x100 strip at size 8 -> factor min(32/100, 8/10)
+    Image.fromarray(np.full((10, 100, 3), 128, np.uint8)).save(tmp_path / "strip.png")
+    assert ImageFolder([str(tmp_path / "strip.png")], "semseg", size=8)[0]["resized_size"].tolist() == [3, 32]
+    # depth and semseg resize as OpenCV's INTER_LINEAR (a 2x downscale averages 2x2 blocks), refer as
+    # PIL's antialiased bilinear (LAVT/VPD resize PIL images)
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    blocks = torch.from_numpy(img.astype(np.float32).reshape(4, 2, 4, 2, 3).mean((1, 3))).permute(2, 0, 1) / 127.5 - 1
+    for task, size in (("depth", 4), ("semseg", 4)):
+        torch.testing.assert_close(ImageFolder([str(tmp_path / "a.png")], task, size=size)[0]["image"], blocks,
+                                   atol=1e-5, rtol=0)
+    x = ImageFolder([str(tmp_path / "a.png")], "refer", size=4)[0]["image"]
+    ref = np.asarray(Image.fromarray(img).resize((4, 4), Image.BILINEAR)).astype(np.float32)
+    assert np.abs(((x.permute(1, 2, 0) + 1) * 127.5).numpy() - ref).max() <= 1.01  # PIL rounds to uint8
+    assert (x - blocks).abs().max() > 0.05  # the wider filter is not a block average
+
+
+def test_undo_maps_class_ids_by_nearest_and_refuses_a_smaller_prediction():
+    meta = {"orig_size": torch.tensor([4, 4]), "resized_size": torch.tensor([2, 2])}
+    ids = torch.tensor([[0, 4], [4, 0]])
+    expected = torch.tensor([[0, 0, 4, 4], [0, 0, 4, 4], [4, 4, 0, 0], [4, 4, 0, 0]])  # each id a 2x2 block
+    assert torch.equal(undo(ids, meta), expected)
+    with pytest.raises(ValueError, match="smaller than the resized image"):
+        undo(torch.zeros(2, 2, 1), meta)
