@@ -172,6 +172,30 @@ def test_backbone_keeps_channels_last():
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("blocks,channels", [((), [32, 64, 128, 128]), (("input",), [32, 67, 131, 128]),
+                                             (("middle",), [32, 64, 128, 131]),
+                                             (("input", "output", "middle"), [32, 67, 131, 131])])
+def test_feature_channels_follow_the_map_blocks(blocks, channels):
+    # maps of 1/16 and 1/32 come from the encoder / decoder layers, the middle block's from 1/64
+    # (a quarter of the latent or less): the announced channels are those the forward returns
+    torch.manual_seed(0)
+    bb = VPDBackbone(TINY_UNET, TINY_VAE, text_dim=32, map_blocks=blocks).eval()
+    assert bb.feature_channels(3) == channels
+    with torch.no_grad():
+        assert [f.shape[1] for f in bb(images(1), torch.randn(3, 32))] == channels
+
+
+def test_maps_pass_gradients_when_not_detached():
+    # detach_maps=False: the maps' gradient reaches the UNet's attn2 queries/keys and the text adapter
+    torch.manual_seed(0)
+    bb = wake(VPDBackbone(TINY_UNET, TINY_VAE, text_dim=32, detach_maps=False))
+    feats = bb(images(1), torch.randn(3, 32))
+    feats[1][:, 64:].pow(2).sum().backward()  # the 1/16 level's 3 map channels only
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in bb.text_adapter.parameters())
+    to_k = [m.to_k.weight for n, m in bb.unet.named_modules() if n.endswith("attn2")]
+    assert any(w.grad is not None and w.grad.abs().sum() > 0 for w in to_k)
+
+
 def test_sd_feature_channels_and_blocks():
     with torch.device("meta"):
         seg = VPDBackbone()
@@ -192,6 +216,31 @@ def test_tiny_task_models_output_shapes(h, w):
         assert tiny("refer").eval()(x, torch.randint(0, 49407, (2, 40))).shape == (2, 2, h, w)
         depth = tiny("depth").eval()(x, torch.tensor([0, 26]))
         assert depth.shape == (2, 1, h, w) and depth.min() > 0 and depth.max() < 10
+
+
+def test_refer_text_is_the_sentences_clip_token_states():
+    # VPD/LAVT condition on CLIP's last hidden states, one vector per token (not the pooled sentence vector)
+    model = tiny("refer").eval()
+    ids = torch.randint(1, 49406, (2, 40))
+    ids[:, 0], ids[:, 6], ids[:, 7:] = 49406, 49407, 49407
+    seen = {}
+    model.backbone.register_forward_pre_hook(lambda m, a: seen.update(text=a[1]))
+    with torch.no_grad():
+        model(images(2), ids)
+        states = model.clip.final_layer_norm(model.clip.encoder.layers[-1](
+            model.clip.encoder.layers[-2](model.clip.embeddings(ids))))  # TINY_CLIP has 2 layers
+    assert seen["text"].shape == (2, 40, 32)
+    torch.testing.assert_close(seen["text"], states)
+
+
+def test_seg_classes_need_not_be_the_text_rows():
+    # num_classes sets the logits; the class embeddings only set the text (and map) count N
+    torch.manual_seed(0)
+    bb = VPDBackbone(TINY_UNET, TINY_VAE, text_dim=32)
+    model = VPDSeg(bb, torch.randn(3, 32), num_classes=5, channels=16).eval()
+    assert model.head.in_channels == [32, 67, 131, 128]
+    with torch.no_grad():
+        assert model(images(1)).shape == (1, 5, 64, 64)
 
 
 def test_seg_and_refer_logits_are_upsampled_as_mmseg_and_lavt_do():
@@ -378,6 +427,8 @@ def test_bad_inputs_are_refused():
         VPDBackbone(TINY_UNET, TINY_VAE, text_dim=768)
     with pytest.raises(ValueError, match=r"must be .*\(2, N, "):  # per-image text for another batch size
         VPDBackbone(TINY_UNET, TINY_VAE, text_dim=32)(images(2), torch.randn(1, 3, 32))
+    with pytest.raises(ValueError, match="VAE latent channels 8"):  # the UNet reads 4-channel latents
+        VPDBackbone(TINY_UNET, VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, embed_dim=8), text_dim=32)
 
 
 def test_from_checkpoint_takes_unet_vae_and_clip_from_an_sd_file(tmp_path):
@@ -402,4 +453,6 @@ def test_from_checkpoint_takes_unet_vae_and_clip_from_an_sd_file(tmp_path):
     assert not any(t.is_meta for t in ours.values())
     assert torch.equal(model.backbone.gamma, torch.full((32,), 1e-4))
     assert not any(p.requires_grad for p in model.backbone.vae.parameters())
+    bb = VPDBackbone.from_checkpoint(sd, TINY_UNET, TINY_VAE, text_dim=32, gamma_init=0.25)  # a chosen start
+    assert torch.equal(bb.gamma, torch.full((32,), 0.25))
     assert all(p.requires_grad for p in model.backbone.unet.parameters())
