@@ -263,6 +263,15 @@ def test_refer_whole_image_baseline():
     assert m["oIoU"] == pytest.approx(100 * 64 / 256)
 
 
+def test_refer_baseline_model_takes_the_whole_image_as_the_target():
+    from vpd.tasks import baseline_model
+    model, name = baseline_model("refer", [])
+    square = torch.zeros(16, 16, dtype=torch.bool)
+    square[:4] = True
+    m = run(model, "refer", [refer_sample(square, square, 0)])
+    assert name == "whole image" and m["oIoU"] == pytest.approx(100 * 64 / 256)
+
+
 # ----------------------------------------------------------------------------- visualisations, printing
 
 def test_save_vis_writes_one_png_per_sample(tmp_path):

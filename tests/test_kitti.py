@@ -43,6 +43,8 @@ def test_kitti_trains_on_2_to_1_crops_and_is_scored_in_the_garg_crop(tmp_path):
     from vpd.tasks import datasets, depth_crop
     train_set, _ = datasets("depth", str(kitti_layout(tmp_path, 2)), 352, dataset="kitti")
     assert train_set[0]["image"].shape[-2:] == (352, 704)  # the KB-cropped frame's height, half its width
+    train_set, _ = datasets("depth", str(tmp_path), 480, dataset="kitti")  # NYU's 480 crop asked: capped at 352
+    assert train_set[0]["image"].shape[-2:] == (352, 704)
     assert depth_crop("depth", "kitti", demo=False) == "garg" and depth_crop("depth", "nyu", demo=False) == "eigen"
     assert predict.default_size("depth", {"dataset": "kitti", "args": {"crop": 352}}) == KB_CROP[1] == 1216
 
@@ -78,3 +80,20 @@ def test_kitti_trains_evaluates_and_predicts(tmp_path, monkeypatch):
     assert 0 < depth.max() <= 80 * 256  # a KITTI model (80 m) writes 1/256 m units
     with pytest.raises(SystemExit, match="KITTI model"):
         predict.main(predict.get_args([str(photo), "--ckpt", ckpt, "--scene", "kitchen", "--out", str(tmp_path / "p2")]))
+
+
+def test_eval_of_a_kitti_model_reads_kitti_in_the_garg_crop_up_to_80_m(tmp_path, monkeypatch):
+    # eval.py without --dataset: the checkpoint's dataset, its Garg crop and its 80 m cap (not NYU's 10 m)
+    import torch
+
+    import eval as eval_script
+    import vpd.tasks
+    root = kitti_layout(tmp_path, 2)
+    model = torch.nn.Identity()
+    model.max_depth = 80.0
+    meta = dict(task="depth", demo=False, dataset="kitti", depth_crop="garg")
+    monkeypatch.setattr(vpd.tasks, "load_model", lambda *a: (model, meta))
+    ev = vpd.tasks.build_eval(eval_script.get_args(["--ckpt", "model.safetensors", "--data-root", str(root)]),
+                              torch.device("cpu"))
+    assert isinstance(ev.dataset, KITTI) and ev.dataset_name == "kitti"
+    assert ev.depth_crop == "garg" and ev.max_depth == 80.0

@@ -727,6 +727,46 @@ def test_refcocog_takes_77_tokens_and_the_umd_split(monkeypatch):
     assert [model_kwargs("refer", None, False, d)["max_tokens"] for d in ("refcocog", "refcoco")] == [77, 40]
 
 
+def test_forward_loss_scores_each_task_against_its_own_target():
+    # a model that predicts each batch's target exactly has a near-zero loss: the refer mask's 1s are
+    # the target class, the semseg label is the class map, the depth model is asked for each image's scene
+    from vpd.model import VPDDepth, VPDRefer, VPDSeg
+    from vpd.tasks import forward_loss
+    image = torch.zeros(2, 3, 4, 4)
+    mask = torch.zeros(2, 4, 4, dtype=torch.uint8)
+    mask[:, :2] = 1
+    refer = lambda x, tokens: torch.stack([1 - mask, mask], 1).float() * 40 - 20  # +-20 on the right class
+    assert forward_loss(refer, VPDRefer, "refer", {"image": image, "tokens": None, "mask": mask}) < 1e-6
+    label = torch.randint(0, 3, (2, 4, 4))
+    seg = lambda x: torch.nn.functional.one_hot(label, 3).permute(0, 3, 1, 2).float() * 40
+    assert forward_loss(seg, VPDSeg, "semseg", {"image": image, "label": label}) < 1e-6
+    gt = torch.rand(2, 1, 4, 4) + 0.5
+    depth = lambda x, ids: gt * ids.view(-1, 1, 1, 1) / torch.tensor([3.0, 5.0]).view(-1, 1, 1, 1)
+    assert forward_loss(depth, VPDDepth, "depth", {"image": image, "scene_id": torch.tensor([3, 5]), "depth": gt}) < 1e-3
+
+
+def test_refer_eval_set_is_the_models_dataset_on_val_unless_a_split_is_given(monkeypatch):
+    # the paper's headline numbers are on val; a G-Ref model is evaluated on G-Ref's UMD split by default
+    import vpd.data
+    import vpd.tasks
+    seen = []
+    monkeypatch.setattr(vpd.data, "RefCOCO", lambda root, **kw: seen.append(kw) or kw)
+    meta = dict(task="refer", demo=False, dataset="refcocog")
+    monkeypatch.setattr(vpd.tasks, "load_model", lambda *a: (torch.nn.Identity(), meta))
+    for flags, split in (([], "val"), (["--split", "test"], "test")):
+        ev = vpd.tasks.build_eval(eval_script.get_args(["--ckpt", "vpd_refer.pth", "--data-root", "root", *flags]),
+                                  torch.device("cpu"))
+        assert (ev.dataset_name, ev.split_by, ev.split) == ("refcocog", "umd", split)
+        assert (seen[-1]["dataset"], seen[-1]["split_by"], seen[-1]["split"]) == ("refcocog", "umd", split)
+
+
+def test_training_sets_take_the_runs_seed(world):
+    # the augmentation (and refer's sentence draw) of every task is seeded by --seed
+    from vpd.tasks import datasets
+    for task, crop in (("depth", 32), ("semseg", 64), ("refer", 64)):
+        assert datasets(task, world["roots"][task], crop, seed=7)[0].seed == 7
+
+
 def test_eval_uses_the_training_crop(world, tmp_path):
     # a semseg model trained at --crop 64 is evaluated at the scale it trained and was evaluated at
     # during training, (256, 64), by eval.py too (it took the paper's (2048, 512) unless --demo)
