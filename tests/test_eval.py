@@ -305,6 +305,48 @@ def test_semseg_windows_are_the_training_crop():
     assert len(sizes) == 1
 
 
+def test_default_semseg_window_is_the_papers_512():
+    # mmseg's slide test of VPD: 512x512 windows, stride 341; a 40x600 image takes two, at x = 0 and x = 88
+    widths = []
+
+    class Recorder(LabelFromImage):
+        def forward(self, x):
+            widths.append(int((x[0, 2, 0] != 0).sum()))  # channel 2 is 1 on the image, 0 on the padding
+            return super().forward(x)
+    sample = seg_sample(torch.ones(40, 600, dtype=torch.int64), 0)
+    sample["image"][2] = 1.0
+    run(Recorder(), "semseg", [sample])
+    assert widths == [512, 512]
+
+
+def test_eval_main_hands_the_protocol_to_evaluate(tmp_path, monkeypatch):
+    # eval.py passes on the checkpoint's crop, depth crop and cap, and the flags given; on a CPU it
+    # evaluates in float32 unless --amp asks otherwise
+    from types import SimpleNamespace
+
+    import eval as eval_script
+    calls = []
+
+    def recording(model, task, dataset, device, autocast, max_samples, **kw):
+        with autocast():
+            kw["autocast"] = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        calls.append(kw)
+        return {"score": 1.0}
+    monkeypatch.setattr(eval_script, "evaluate", recording)
+    for task, flags in (("depth", ["--no-flip"]), ("semseg", ["--ms-flip", "--amp", "bf16"]),
+                        ("refer", ["--refer-full-res"])):
+        ev = SimpleNamespace(model=None, task=task, dataset=[0], depth_crop="garg", max_depth=80.0, crop=64,
+                             dataset_name="x", split_by=None, split="y")
+        monkeypatch.setattr(eval_script, "build_eval", lambda args, device, ev=ev: ev)
+        eval_script.main(eval_script.get_args(["--ckpt", str(tmp_path / "model.safetensors"), "--out", str(tmp_path),
+                                               "--device", "cpu", *flags]))
+    depth, semseg, refer = calls
+    assert depth["depth_crop"] == "garg" and depth["max_depth"] == 80.0 and not depth["flip"]
+    assert semseg["seg_crop"] == 64 and semseg["ms_flip"] and not depth["ms_flip"]
+    assert refer["refer_full_res"] and not semseg["refer_full_res"]
+    assert depth["autocast"] is None and semseg["autocast"] == torch.bfloat16
+
+
 def test_to_device_moves_the_multi_scale_views_too():
     from vpd.tasks import to_device
     batch = {"image": torch.zeros(1, 3, 4, 4), "ms_images": [torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 5, 5)],
