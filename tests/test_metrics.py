@@ -65,12 +65,25 @@ def test_seg_rejects_bad_input():
         m.update(torch.full((1, 2, 2), 3), torch.zeros(1, 2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="integer class maps"):
         m.update(torch.zeros(1, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer class maps"):  # a float label map (e.g. not yet .long())
+        m.update(torch.zeros(1, 2, 2, dtype=torch.long), torch.zeros(1, 2, 2))
+    with pytest.raises(ValueError, match="integer class maps"):  # a bool mask is not a class map
+        m.update(torch.zeros(1, 2, 2, dtype=torch.bool), torch.zeros(1, 2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="must have 3 dims"):  # one map needs its batch axis
+        m.update(torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="differ in shape"):
         m.update(torch.zeros(1, 2, 2, dtype=torch.long), torch.zeros(1, 2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="no labelled pixel"):
         m.compute()
     with pytest.raises(ValueError, match="real class id"):
         SegMetric(300, ignore_index=255)
+
+
+def test_seg_ignore_index_just_past_the_classes():
+    # ignore_index == num_classes is no class id, so it is a valid ignore label
+    m = SegMetric(3, ignore_index=3)
+    m.update(torch.tensor([[[0, 2, 1]]]), torch.tensor([[[0, 3, 1]]]))
+    assert m.compute()["aAcc"] == 100
 
 
 def np_seg_reference(preds, labels, n, ignore=255):
@@ -145,9 +158,17 @@ def test_depth_thresholds_are_strict_at_exactly_1_25_powers():
 
 def test_depth_clamps_and_repairs_predictions():
     m = DepthMetric(min_depth=1e-3, max_depth=10.0, crop=None)
-    m.update(torch.tensor([[20.0, math.inf, math.nan, -1.0]]), torch.tensor([[5.0, 5.0, 5.0, 5.0]]))
-    # predictions become 10, 10, 1e-3, 1e-3
-    assert m.compute()["abs_rel"] == approx((1 + 1 + 2 * (5 - 1e-3) / 5) / 4)
+    m.update(torch.tensor([[20.0, math.inf, math.nan, -1.0, -math.inf]]), torch.full((1, 5), 5.0))
+    # predictions become 10, 10, 1e-3, 1e-3, 1e-3 (-inf lies below the range: clamped up, as BTS)
+    assert m.compute()["abs_rel"] == approx((1 + 1 + 3 * (5 - 1e-3) / 5) / 5)
+
+
+def test_depth_defaults_are_the_nyu_protocol():
+    # NYUv2: depths scored in (1e-3, 10) m inside the Eigen crop; eval.py relies on the min_depth default
+    m = DepthMetric()
+    assert (m.min_depth, m.max_depth, m.crop) == (1e-3, 10.0, "eigen")
+    with pytest.raises(ValueError, match="min_depth < max_depth"):  # an empty range scores nothing
+        DepthMetric(min_depth=5.0, max_depth=5.0)
 
 
 def test_nyu_eigen_crop_excludes_a_corrupted_border():
@@ -175,8 +196,9 @@ def test_kitti_garg_crop_on_a_kitti_sized_map():
     # 0.40810811*375 = 153.04, 0.99189189*375 = 371.96, 0.03594771*1242 = 44.65, 0.96405229*1242 = 1197.35
     assert (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1) == (153, 371, 44, 1197)
     mask = DepthMetric(max_depth=80, crop="kitti_eigen").crop_mask(375, 1242)
-    rows = mask.any(1).nonzero().flatten()
+    rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
     assert (rows[0], rows[-1] + 1) == (124, 342)  # 0.3324324*375 = 124.66, 0.91351351*375 = 342.57
+    assert (cols[0], cols[-1] + 1) == (44, 1197)  # 0.0359477*1242 = 44.65, 0.96405229*1242 = 1197.35
 
 
 def test_depth_rejects_bad_input():
@@ -190,6 +212,8 @@ def test_depth_rejects_bad_input():
         DepthMetric(crop=None).update(torch.ones(1, 2, 3, 3), torch.ones(1, 2, 3, 3))
     with pytest.raises(ValueError, match=r"region must be a bool \(2, 3\) mask"):
         DepthMetric(crop=None).update(torch.ones(2, 3), torch.ones(2, 3), region=torch.ones(3, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"region must be a bool \(2, 3\) mask"):  # 0/1 ints would index rows
+        DepthMetric(crop=None).update(torch.ones(2, 3), torch.ones(2, 3), region=torch.ones(2, 3, dtype=torch.long))
 
 
 def test_depth_region_replaces_the_crop():
@@ -257,6 +281,17 @@ def test_refer_threshold_is_inclusive_at_0_7():
 def test_refer_rejects_non_bool_masks():
     with pytest.raises(ValueError, match="bool masks"):
         ReferMetric().update(torch.ones(1, 2, 2, dtype=torch.long), torch.ones(1, 2, 2, dtype=torch.bool))
+    # one (H, W) mask would be read as H sentences of one row each
+    with pytest.raises(ValueError, match="must have 3 dims"):
+        ReferMetric().update(torch.ones(2, 2, dtype=torch.bool), torch.ones(2, 2, dtype=torch.bool))
+
+
+def test_refer_all_empty_unions_give_nan_oiou():
+    # sum I / sum U is 0/0 when every sentence has both masks empty: undefined, not 0
+    m = ReferMetric()
+    m.update(torch.zeros(2, 3, 3, dtype=torch.bool), torch.zeros(2, 3, 3, dtype=torch.bool))
+    r = m.compute()
+    assert math.isnan(r["oIoU"]) and r["mIoU"] == 0 and r["P@0.5"] == 0
 
 
 def test_refer_matches_numpy_loop_on_random_masks():
