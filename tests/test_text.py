@@ -89,6 +89,8 @@ def test_ade20k_embedding_is_the_pooled_output_of_one_prompt(tok):
     torch.testing.assert_close(got, torch.stack([hidden[i, j] for i, j in enumerate(eot)]), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="templates"):
         class_embeddings(["wall"], clip, tok, templates=["a photo"])  # no place for the name
+    with pytest.raises(ValueError, match="templates"):
+        class_embeddings(["wall"], clip, tok, templates=["a {} or a {}"])  # one name fills one place
 
 
 def test_models_take_their_tasks_recipe(tmp_path, monkeypatch):
@@ -121,10 +123,15 @@ def test_embeddings_files_are_read_and_checked(tmp_path):
     torch.save({"emb": emb}, tmp_path / "dict.pth")
     (tmp_path / "text.pth").write_text("not a torch file")
     torch.save(emb.long(), tmp_path / "ints.pth")
+    torch.save(emb.t().contiguous(), tmp_path / "transposed.pth")  # (dim, count): rows would not be classes
+    save_file({}, str(tmp_path / "empty.safetensors"))
+    torch.save({"emb": emb, "obj": Counting(nn.Identity())}, tmp_path / "pickled.pth")  # code, not data
     for name, count, dim, words in [("e.pth", 4, 8, r"must be a \(4, 8\) float tensor, got a \(3, 8\)"),
                                     ("e.pth", 3, 16, r"\(3, 16\)"), ("two.safetensors", 3, 8, "holds one tensor"),
                                     ("dict.pth", 3, 8, "got dict"), ("text.pth", 3, 8, "not a torch tensor file"),
-                                    ("ints.pth", 3, 8, "torch.int64")]:
+                                    ("ints.pth", 3, 8, "torch.int64"), ("transposed.pth", 3, 8, r"got a \(8, 3\)"),
+                                    ("empty.safetensors", 3, 8, "this one 0"),
+                                    ("pickled.pth", 3, 8, "not a torch tensor file")]:
         with pytest.raises(ValueError, match=words):
             load_class_embeddings(tmp_path / name, count, dim)
     with pytest.raises(FileNotFoundError, match="nope.pth"):
@@ -191,6 +198,25 @@ def test_cache_holds_one_file_per_name_list(tmp_path, tok):
     assert clip.calls == 2 and len(os.listdir(tmp_path)) == 2
 
 
+def test_cache_holds_one_file_per_checkpoint(tmp_path, tok):
+    # two SD files used in turn with the same names are both served from the cache
+    clip = Counting(tiny_clip())
+    for ckpt_id in ("a.ckpt:1:1", "b.ckpt:1:1", "a.ckpt:1:1", "b.ckpt:1:1"):
+        class_embeddings(["kitchen"], clip, tok, cache_dir=tmp_path, ckpt_id=ckpt_id)
+    assert clip.calls == 2 and len(os.listdir(tmp_path)) == 2
+
+
+def test_cache_keyed_by_max_length(tmp_path, tok):
+    # a prompt cut at 20 positions and the same prompt at 77 give different embeddings: two cache files
+    clip = Counting(tiny_clip())
+    name = "tall wooden chest of drawers with many small brass handles beside a very old window"
+    cut = class_embeddings([name], clip, tok, cache_dir=tmp_path, ckpt_id="sd")
+    full = class_embeddings([name], clip, tok, cache_dir=tmp_path, ckpt_id="sd", max_length=77)
+    assert clip.calls == 2 and len(os.listdir(tmp_path)) == 2
+    torch.testing.assert_close(full, class_embeddings([name], tiny_clip(), tok, max_length=77))
+    assert not torch.allclose(cut, full, atol=1e-3)
+
+
 def test_cache_keyed_by_templates(tmp_path, tok):
     # semseg (one prompt) and depth (80 templates) from one SD file and one name list: two cache files
     clip = Counting(tiny_clip())
@@ -207,9 +233,22 @@ def test_file_identity_sees_path_size_and_mtime(tmp_path):
         os.utime(p, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
     assert file_identity(a) != file_identity(b)  # same name, size and time, another file
     before = file_identity(a)
-    a.write_bytes(b"y" * 10)  # rewritten in place: same size, new modification time
-    os.utime(a, ns=(1_700_000_001_000_000_000, 1_700_000_001_000_000_000))
+    a.write_bytes(b"y" * 10)  # rewritten in place within the same second: same size, new modification time
+    os.utime(a, ns=(1_700_000_000_250_000_000, 1_700_000_000_250_000_000))
     assert file_identity(a) != before
+
+
+def test_file_identity_of_a_relative_path_names_the_file(tmp_path, monkeypatch):
+    # "sd.ckpt" seen from two working directories is two files
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "sd.ckpt").write_bytes(b"x" * 10)
+        os.utime(tmp_path / d / "sd.ckpt", ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
+    ids = []
+    for d in ("a", "b"):
+        monkeypatch.chdir(tmp_path / d)
+        ids.append(file_identity("sd.ckpt"))
+    assert ids[0] != ids[1] and ids[0].startswith(str(tmp_path / "a"))
 
 
 def test_fingerprint_sees_names_and_shapes():
@@ -220,6 +259,11 @@ def test_fingerprint_sees_names_and_shapes():
 
     prints = {weights_fingerprint(holder(n, s)) for n, s in [("w", (2, 3)), ("w", (3, 2)), ("v", (2, 3))]}
     assert len(prints) == 3  # same bytes, told apart by shape or by name
+    as_ints = holder("w", (2, 3))
+    as_ints.w = as_ints.w.view(torch.int32)  # the same bytes read as another dtype
+    assert weights_fingerprint(as_ints) not in prints
+    with pytest.raises(ValueError, match="meta device"):  # a model built on meta and never loaded
+        weights_fingerprint(nn.Linear(2, 2, device="meta"))
 
 
 def test_fingerprint_sees_every_weight_and_bad_names_are_refused(tok):
@@ -232,3 +276,5 @@ def test_fingerprint_sees_every_weight_and_bad_names_are_refused(tok):
         class_embeddings([], a, tok)
     with pytest.raises(ValueError, match="class names"):
         class_embeddings(["cafe", ""], a, tok)
+    with pytest.raises(ValueError, match="class names"):
+        class_embeddings(["cafe", "  "], a, tok)
