@@ -102,6 +102,27 @@ def test_refer_names_and_shapes_are_lavt_s():
     assert not any(k.startswith("clip.") or "text_model" in k for k in s)
 
 
+def test_layers_of_equal_shape_keep_their_places():
+    # mmseg's FPN applies fpn_convs.i to level i (finest first), like lateral_convs.i: the four 3x3 convs
+    # share one shape, so only their index says which is which
+    state = released_state("semseg", tiny("semseg"))
+    for i in range(4):
+        state[f"neck.fpn_convs.{i}.conv.bias"] = torch.full((16,), float(i))
+    got = load_official(state, "semseg")
+    for i in range(4):
+        assert torch.equal(got[f"head.fpn_convs.{i}.bias"], torch.full((16,), float(i)))
+    # LAVT's SimpleDecoding block k: conv1_k, bn1_k, ReLU, conv2_k, bn2_k, ReLU; its two BNs share one shape
+    model = tiny("refer")
+    assert [type(m).__name__ for m in model.head.fuse32] == ["Conv2d", "BatchNorm2d", "ReLU"] * 2
+    state = released_state("refer", model)
+    for level in (4, 3, 2):
+        for b in (1, 2):
+            state[f"classifier.bn{b}_{level}.bias"] = torch.full_like(state[f"classifier.bn{b}_{level}.bias"], b)
+    got = load_official(state, "refer")
+    for block in ("fuse32", "fuse16", "fuse8"):
+        assert (got[f"head.{block}.1.bias"] == 1).all() and (got[f"head.{block}.4.bias"] == 2).all()
+
+
 @pytest.mark.parametrize("task", ["depth", "semseg", "refer"])
 def test_released_file_round_trips_into_a_model(task, tmp_path):
     source = tiny(task, seed=0).eval()
@@ -168,6 +189,13 @@ def test_unknown_missing_and_misshapen_names_are_refused(tmp_path):
     load_official(missing, "semseg")  # the group is there: only a model can tell one tensor is missing
     with pytest.raises(CheckpointError, match=r"missing \(1\): head\.classifier\.bias \(decode_head\.conv_seg\.bias\)"):
         load_official(missing, "semseg", model=model)
+
+    # a tensor the model has no place for (a fifth scale head) is refused, not passed over
+    extra = {**good, "decode_head.scale_heads.4.0.conv.weight": torch.zeros(16, 16, 3, 3)}
+    with pytest.raises(CheckpointError, match=r"unexpected \(1\): head\.scale_heads\.4\.0\.conv\.weight"):
+        load_official(extra, "semseg", model=model)
+    with pytest.raises(CheckpointError, match="holds no tensors"):
+        load_official({"model": {"epoch": 3}}, "depth")
 
     wrong = {**good, "neck.lateral_convs.0.conv.weight": torch.zeros(16, 3, 1, 1)}
     with pytest.raises(CheckpointError, match=r"neck\.lateral_convs\.0\.conv\.weight: file \[16, 3, 1, 1\] vs model "
