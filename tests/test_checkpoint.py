@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from vpd.checkpoint import CheckpointError, load_checkpoint, torch_load
+from vpd.checkpoint import CheckpointError, listing, load_checkpoint, torch_load
 
 
 def toy():
@@ -63,6 +63,10 @@ def test_not_a_checkpoint(tmp_path):
         load_checkpoint(toy(), junk, "model.x.")
     with pytest.raises(CheckpointError, match="no tensors under 'model.x.'"):
         load_checkpoint(toy(), {"vae.w": torch.zeros(1)}, "model.x.")
+    bare = tmp_path / "tensor.pt"  # one tensor, no names
+    torch.save(torch.zeros(2), bare)
+    with pytest.raises(CheckpointError, match="holds a Tensor, not a dict of tensors"):
+        load_checkpoint(toy(), bare, "model.x.")
     nested = tmp_path / "vpd_depth.ckpt"  # tensors one level down, as in a released VPD file
     torch.save({"model": sd_layout(toy()), "optimizer": {}}, nested)
     with pytest.raises(CheckpointError, match=r"no tensors at its top level or under 'state_dict' "
@@ -81,6 +85,24 @@ def test_linear_weight_fits_1x1_conv():
         load_checkpoint(nn.Linear(3, 4), {"p.weight": torch.randn(3, 4), "p.bias": torch.randn(4)}, "p.")
     with pytest.raises(CheckpointError, match="wrong shape"):  # only that way round: no 1x1 conv for a linear
         load_checkpoint(nn.Linear(4, 3), {"p.weight": torch.randn(3, 4, 1, 1), "p.bias": b}, "p.")
+    with pytest.raises(CheckpointError, match="wrong shape"):  # a linear is no 3x3 conv
+        load_checkpoint(nn.Conv2d(4, 3, 3), {"p.weight": w, "p.bias": b}, "p.")
+
+
+def test_integer_buffers_keep_their_dtype():
+    # BatchNorm's num_batches_tracked is int64: the float dtype asked for applies to float tensors only
+    src = nn.BatchNorm2d(2)
+    src.num_batches_tracked.fill_(7)
+    with torch.device("meta"):
+        m = nn.BatchNorm2d(2)
+    load_checkpoint(m, {"p." + k: v for k, v in src.state_dict().items()}, "p.", dtype=torch.bfloat16)
+    assert m.num_batches_tracked.dtype == torch.int64 and m.num_batches_tracked.item() == 7
+    assert m.weight.dtype == torch.bfloat16
+
+
+def test_listing_counts_only_when_it_cuts():
+    assert listing("abcde", 5) == "a, b, c, d, e"
+    assert listing("abcdef", 5) == "a, b, c, d, e, ... (6 in all)"
 
 
 def test_modules_loaded_from_a_dict_own_their_tensors():
@@ -127,6 +149,10 @@ def test_ckpt_with_lightning_objects_loads_and_other_objects_are_refused(tmp_pat
     torch.save({"state_dict": state, "hook": Hook()}, tmp_path / "other.ckpt")
     with pytest.raises(CheckpointError, match="test_checkpoint.Hook"):
         load_checkpoint(toy(), tmp_path / "other.ckpt", "model.x.")
+    # a legacy (non-zip) file: refused with torch's message, which names the global
+    torch.save({"state_dict": state, "hook": Hook()}, tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="test_checkpoint.Hook"):
+        load_checkpoint(toy(), tmp_path / "legacy.ckpt", "model.x.")
     with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):  # stand-ins only if all are inert
         load_checkpoint(toy(), mixed, "model.x.")
     # a class the caller allows, next to the stand-ins (VPD's refer file pickles its argparse args)
@@ -138,3 +164,37 @@ def test_ckpt_with_lightning_objects_loads_and_other_objects_are_refused(tmp_pat
 
 class Hook:
     """A class no weights-only load should construct."""
+
+
+def fake_class(monkeypatch, qualified):
+    """A class importable (while monkeypatched) as `qualified`, e.g. a library this machine lacks."""
+    import sys
+    import types
+    module, name = qualified.rsplit(".", 1)
+    parts = module.split(".")
+    for i in range(1, len(parts)):
+        if ".".join(parts[:i]) not in sys.modules:
+            monkeypatch.setitem(sys.modules, ".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
+    mod = types.ModuleType(module)
+    cls = type(name, (), {"__module__": module, "__qualname__": name})
+    setattr(mod, name, cls)
+    monkeypatch.setitem(sys.modules, module, mod)
+    return cls
+
+
+def test_ckpt_from_other_numpy_and_lightning_versions_loads(tmp_path, monkeypatch):
+    # numpy 1 pickles its scalars as numpy.core.multiarray.scalar (numpy 2: numpy._core...) and Lightning 2
+    # lives under `lightning.`: files written with them hold the same inert extras
+    extras = [fake_class(monkeypatch, n)() for n in ("numpy.core.multiarray.scalar",
+                                                      "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint")]
+    lookalike = fake_class(monkeypatch, "pytorch_lightning_hooks.Hook")()  # not Lightning: a name that starts alike
+    state = sd_layout(toy())
+    torch.save({"state_dict": state, "extras": extras}, tmp_path / "old.ckpt")
+    torch.save({"state_dict": state, "hook": lookalike}, tmp_path / "lookalike.ckpt")
+    monkeypatch.undo()
+    with torch.device("meta"):
+        m = toy()
+    load_checkpoint(m, tmp_path / "old.ckpt", "model.x.")
+    assert all(torch.equal(v, state["model.x." + k]) for k, v in m.state_dict().items())
+    with pytest.raises(CheckpointError, match="pytorch_lightning_hooks.Hook"):
+        load_checkpoint(toy(), tmp_path / "lookalike.ckpt", "model.x.")
