@@ -254,6 +254,7 @@ def test_option_errors(world, tmp_path):
     other.mkdir()
     write_image(str(other / "wide.jpg"), 8, 8, 2)
     assert "would write the same output names" in error_of("--ckpt", depth, world.wide, other)
+    assert "--size 16 is too small" in error_of("--ckpt", depth, "--size", 16, world.wide)
     assert f"--sd-ckpt {tmp_path / 'sd.safetensors'}: no such file" in error_of(
         "--ckpt", depth, "--sd-ckpt", tmp_path / "sd.safetensors", world.wide)
 
@@ -271,6 +272,15 @@ def test_default_size_follows_the_training_crop():
     assert predict.default_size("refer", trained) == 384 and predict.default_size("semseg", trained) == 384
     assert predict.default_size("depth", trained) == 640  # depth crops at NYU's scale: not a resize
     assert predict.default_size("semseg", {}) == 512  # an official release: the paper's
+    assert predict.default_size("depth", {"demo": True, "args": {"crop": 96}}) == 96  # a demo model's crop
+    assert predict.default_size("depth", {"dataset": "kitti", "args": {"crop": 352}}) == 1216  # KITTI's width
+
+
+def test_depth_takes_two_windows_up_to_twice_as_wide_as_tall():
+    # VPD's two square windows cover a landscape image up to 2:1 (at 2:1 they just meet); square,
+    # portrait and wider images are predicted whole
+    assert [predict.depth_windows(32, w) for w in (32, 33, 63, 64, 65, 200)] == [1, 2, 2, 2, 1, 1]
+    assert predict.depth_windows(64, 32) == 1
 
 
 def test_official_depth_model_gets_the_scene_rows_it_was_trained_with():
@@ -335,3 +345,19 @@ def test_official_depth_model_is_fed_the_scene_row_it_was_trained_with(world, tm
     monkeypatch.setattr(predict, "load_model", lambda *a: (SceneRecorder(5), dict(task="depth", dataset=None)))
     assert "has 5 scene embeddings, not NYUv2's 27" in error_of("--task", "depth", "--ckpt", ckpt, "--size", SIZE,
                                                                 "--out", tmp_path, world.wide)
+
+
+def test_kitti_depth_is_written_in_256ths_of_a_metre_and_takes_its_one_scene(world, tmp_path, monkeypatch):
+    # KITTI's maximum depth (80 m) overflows 16-bit millimetres: its PNGs are in 1/256 m, KITTI's own
+    # convention; every frame is conditioned on the model's only scene (row 0), --scene is refused
+    ckpt = tmp_path / "vpd_kitti.ckpt"  # no metadata: --task given, the rest from load_model
+    ckpt.write_bytes(b"")
+    model = SceneRecorder(1)
+    model.max_depth = 80.0
+    monkeypatch.setattr(predict, "load_model", lambda *a: (model, dict(task="depth", dataset="kitti")))
+    run("--task", "depth", "--ckpt", ckpt, "--size", SIZE, "--out", tmp_path, world.wide)
+    mode, depth = png(tmp_path / "wide_depth.png")
+    assert mode == "I;16" and depth.shape == (H, W) and (depth == 256).all()  # the model's 1 m everywhere
+    assert model.ids and set(model.ids) == {0}
+    assert "is a KITTI model, conditioned on one scene only" in error_of(
+        "--task", "depth", "--ckpt", ckpt, "--size", SIZE, "--scene", "kitchen", "--out", tmp_path, world.wide)

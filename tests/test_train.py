@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -606,7 +607,7 @@ def test_an_evaluation_redone_on_resume_is_not_counted_in_the_speed(world, tmp_p
 
 @pytest.mark.parametrize("flag, value", [("--lr", "1e-3"), ("--seed", "1"), ("--crop", "128"),
                                          ("--weight-decay", "0.5"), ("--unet-lr-mult", "0.1"),
-                                         ("--warmup-iters", "3"), ("--amp", "bf16")])
+                                         ("--warmup-iters", "3"), ("--amp", "bf16"), ("--batch-size", "8")])
 def test_resume_refuses_each_changed_run_setting(world, flag, value):
     ref = loss_run(world, "semseg")
     args = flags(world, "semseg", ref, *LOSS_RUN, crop=LOSS_CROP["semseg"])
@@ -628,6 +629,8 @@ def test_presets_are_the_papers_recipes():
     assert d.lr * d.min_lr_ratio == pytest.approx(3e-5)
     assert (r.lr, r.weight_decay, r.unet_lr_mult, r.iters, r.epochs, r.batch_size, r.crop, r.schedule, r.power,
             r.warmup_iters) == (5e-5, 1e-2, 1.0, None, 40, 32, 512, "poly", 0.9, 0)
+    assert s.min_lr_ratio == r.min_lr_ratio == 0.0  # mmseg's and LAVT's poly decay to zero
+    assert (s.log_every, s.save_every) == (50, 1000)  # the defaults the help texts name
 
 
 def test_each_epoch_reshuffles_and_reaugments(world, tmp_path, monkeypatch):
@@ -664,6 +667,11 @@ def test_logged_loss_is_the_windows_mean_and_lr_peaks_at_half_the_epochs(world, 
     lrs = [lr for _, _, lr in every]
     assert lrs.index(max(lrs)) == 2 and max(lrs) == pytest.approx(1e-3, rel=1e-12)
     assert lrs[:3] == sorted(lrs[:3]) and lrs[2:] == sorted(lrs[2:], reverse=True)
+    # by hand (VPD_NOTES): 3e-5 -> 5e-4 -> 3e-5 in --lr's units is 0.06 -> 1 -> 0.06, power 0.9, steps
+    # counted from 1 against the peak at step 3; the fall reaches the floor at step 6
+    rise = [0.06 + 0.94 * (s / 3) ** 0.9 for s in (1, 2)]
+    fall = [1.0, 1 - 0.94 * (1 / 3) ** 0.9, 1 - 0.94 * (2 / 3) ** 0.9, 0.06, 0.06, 0.06, 0.06]
+    assert lrs == pytest.approx([1e-3 * f for f in rise + fall], rel=1e-9)
     loss = {s: l for s, l, _ in every}
     for s, l, _ in pairs:
         want = loss[s] if s == 9 else (loss[s - 1] + loss[s]) / 2  # step 9: a window of one step
@@ -872,3 +880,133 @@ def test_eval_ms_flip_gives_the_dataset_vpds_ratios(world):
     ev = build_eval(eval_script.get_args(["--ckpt", ckpt, "--ms-flip"]), torch.device("cpu"))
     assert tuple(ev.dataset.ms_ratios) == MS_RATIOS and len(ev.dataset[0]["ms_images"]) == len(MS_RATIOS)
     assert build_eval(eval_script.get_args(["--ckpt", ckpt]), torch.device("cpu")).dataset.ms_ratios is None
+
+
+def test_semseg_lr_warms_up_linearly_from_1e_6(world, tmp_path):
+    # mmcv's linear warmup over --warmup-iters on top of poly (power 1): the lr of step s (0-based) is
+    # lr * (1 - s/iters) * (1 - (1 - s/warmup) * (1 - 1e-6)) during the warmup, lr * (1 - s/iters) after it
+    train_here(flags(world, "semseg", tmp_path / "run", "--iters", 3, "--batch-size", 2, "--eval-max", 1,
+                     "--lr", 1e-3, "--warmup-iters", 2))
+    want = [1e-3 * 1e-6, 1e-3 * (2 / 3) * (1 - 0.5 * (1 - 1e-6)), 1e-3 / 3]
+    assert [lr for _, _, lr in losses(tmp_path / "run")] == pytest.approx(want, rel=1e-9)
+
+
+class NoSyncRecorder(torch.nn.Module):
+    """Stands in for DistributedDataParallel: records in `synced`, per forward, whether its gradients would
+    be all-reduced."""
+
+    def __init__(self, module, device_ids=None, synced=None):
+        super().__init__()
+        self.module, self.synced, self.in_no_sync = module, synced, False
+
+    @contextmanager
+    def no_sync(self):
+        self.in_no_sync = True
+        try:
+            yield
+        finally:
+            self.in_no_sync = False
+
+    def forward(self, *args):
+        self.synced.append(not self.in_no_sync)
+        return self.module(*args)
+
+
+def test_ddp_all_reduces_once_per_step_on_its_last_micro_batch(world, tmp_path, monkeypatch):
+    # rank 0 of 2 processes, batch 8 of micro-batches of 2: 2 accumulated micro-batches per step; the
+    # gradients are all-reduced in the backward of the last one only (no_sync on the ones before it)
+    from vpd import dist
+    monkeypatch.setattr(dist, "setup", lambda device: (0, 2, torch.device("cpu")))
+    synced = []
+    monkeypatch.setattr(train, "DDP", lambda model, device_ids: NoSyncRecorder(model, device_ids, synced))
+    train_here(flags(world, "depth", tmp_path / "run", "--iters", 2, "--batch-size", 8, "--micro-batch", 2,
+                     "--eval-max", 1))
+    assert synced == [False, True, False, True]
+
+
+def test_a_batch_must_split_over_the_processes(tmp_path, monkeypatch):
+    # 2 processes x micro-batches of 2 take 4, 8, ... images per step: 6 would silently train on 4
+    from vpd import dist
+    monkeypatch.setattr(dist, "setup", lambda device: (0, 2, torch.device("cpu")))
+    args = train.get_args(["--demo", "--out", str(tmp_path), "--batch-size", "6", "--micro-batch", "2"])
+    with pytest.raises(SystemExit, match="--batch-size 6 does not split evenly over 2 processes x --micro-batch 2"):
+        train.main(args)
+    args = train.get_args(["--demo", "--out", str(tmp_path), "--batch-size", "3"])
+    with pytest.raises(SystemExit, match="--batch-size 3 does not split evenly over 2 processes"):
+        train.main(args)
+
+
+def test_each_process_seeds_torch_with_the_runs_seed_plus_its_rank(tmp_path, monkeypatch):
+    # model initialisation and dropout follow --seed; processes differ in their dropout
+    from vpd import dist
+    seeds = []
+
+    class Built(Exception):
+        pass
+
+    def record(*args, **kwargs):
+        seeds.append(torch.initial_seed())
+        raise Built
+    monkeypatch.setattr(train, "build_task", record)
+    for rank in (0, 1):
+        monkeypatch.setattr(dist, "setup", lambda device, rank=rank: (rank, 2, torch.device("cpu")))
+        with pytest.raises(Built):
+            train.main(train.get_args(["--demo", "--out", str(tmp_path / str(rank)), "--seed", "5",
+                                       "--batch-size", "4"]))
+    assert seeds == [5, 6]
+
+
+def test_the_seed_picks_the_data_order(world, tmp_path, monkeypatch):
+    # the order of the training images is the permutation of (--seed, epoch): another seed, another order
+    orders = {}
+
+    def recording(model, raw, task, batch):
+        orders.setdefault(seed, []).extend(batch["index"].tolist())
+        return forward_loss(model, raw, task, batch)
+    forward_loss = train.forward_loss
+    monkeypatch.setattr(train, "forward_loss", recording)
+    for seed in (0, 1):
+        argv = flags(world, "depth", tmp_path / str(seed), "--epochs", 1, "--batch-size", 4, "--eval-max", 1)
+        argv[argv.index("--seed") + 1] = str(seed)
+        train_here(argv)
+    assert sorted(orders[0]) == sorted(orders[1]) == list(range(12)) and orders[0] != orders[1]
+
+
+def test_an_epoch_drops_the_last_partial_batch(world, tmp_path, monkeypatch):
+    # 12 training images in batches of 5: 2 steps per epoch, 10 different images each epoch
+    seen = []
+
+    def recording(model, raw, task, batch):
+        seen.append(batch["index"].tolist())
+        return forward_loss(model, raw, task, batch)
+    forward_loss = train.forward_loss
+    monkeypatch.setattr(train, "forward_loss", recording)
+    train_here(flags(world, "depth", tmp_path / "run", "--epochs", 2, "--batch-size", 5, "--eval-max", 1))
+    assert [s for s, _, _ in losses(tmp_path / "run")] == [1, 2, 3, 4]
+    assert all(len(set(seen[2 * e] + seen[2 * e + 1])) == 10 for e in range(2))
+
+
+def test_a_nan_loss_stops_the_run_at_its_log_line(world, tmp_path, monkeypatch):
+    # the loss is checked at each log line: a diverged run stops there, not at its next checkpoint
+    from vpd.tasks import forward_loss
+    calls = []
+
+    def nan_from_third(model, raw, task, batch):
+        calls.append(1)
+        loss = forward_loss(model, raw, task, batch)
+        return loss * float("nan") if len(calls) >= 3 else loss
+    monkeypatch.setattr(train, "forward_loss", nan_from_third)
+    with pytest.raises(SystemExit, match="loss is nan at step 3: stopping"):
+        train_here(flags(world, "depth", tmp_path / "run", "--iters", 6, "--batch-size", 2))
+    assert len(calls) == 3
+
+
+def test_ctrl_c_after_a_resume_names_the_checkpoint_it_resumed_from(world, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    args = flags(world, "depth", out, "--iters", 3, "--batch-size", 2, "--eval-max", 1)
+    train_here(args + ["--stop-after", "1"])
+    interrupt_in_step(monkeypatch, 1)  # in step 2, the resumed run's first
+    with pytest.raises(SystemExit) as e:
+        train_here(args + ["--resume"])
+    assert e.value.code == (f"interrupted in step 2; the checkpoint in {out} is at step 1: "
+                            "continue with the same flags and --resume")
