@@ -255,6 +255,8 @@ def test_option_errors(world, tmp_path):
     write_image(str(other / "wide.jpg"), 8, 8, 2)
     assert "would write the same output names" in error_of("--ckpt", depth, world.wide, other)
     assert "--size 16 is too small" in error_of("--ckpt", depth, "--size", 16, world.wide)
+    assert "--no-flip is only for the depth task, not refer" in error_of("--ckpt", refer, "--text", "a cat", "--no-flip",
+                                                                         world.wide)
     assert f"--sd-ckpt {tmp_path / 'sd.safetensors'}: no such file" in error_of(
         "--ckpt", depth, "--sd-ckpt", tmp_path / "sd.safetensors", world.wide)
 
@@ -361,3 +363,24 @@ def test_kitti_depth_is_written_in_256ths_of_a_metre_and_takes_its_one_scene(wor
     assert model.ids and set(model.ids) == {0}
     assert "is a KITTI model, conditioned on one scene only" in error_of(
         "--task", "depth", "--ckpt", ckpt, "--size", SIZE, "--scene", "kitchen", "--out", tmp_path, world.wide)
+
+
+def test_a_folder_gives_its_images_whatever_the_case_of_their_extension(tmp_path):
+    # cameras write IMG_0001.JPG: a folder's images are found by extension, upper case too
+    write_image(str(tmp_path / "IMG_0001.JPG"), 8, 8, 0)
+    write_image(str(tmp_path / "b.png"), 8, 8, 1)
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert predict.image_paths([str(tmp_path)]) == [str(tmp_path / "IMG_0001.JPG"), str(tmp_path / "b.png")]
+
+
+def test_semseg_without_size_sees_the_image_at_its_training_scale(world, tmp_path, monkeypatch):
+    # no --size: the checkpoint's training crop (128) is the short side the network sees, not the paper's 512
+    seen = []
+
+    def fake_probs(model, images, k, size, crop, stride):
+        seen.append(tuple(images[0].shape[-2:]))
+        return torch.zeros(1, k, *size)
+
+    monkeypatch.setattr(predict, "semseg_probs", fake_probs)
+    run("--ckpt", checkpoint(world, "semseg"), "--out", tmp_path, world.wide)
+    assert seen == [(CROPS["semseg"], round(W * CROPS["semseg"] / H))]

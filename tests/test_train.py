@@ -1010,3 +1010,11 @@ def test_ctrl_c_after_a_resume_names_the_checkpoint_it_resumed_from(world, tmp_p
         train_here(args + ["--resume"])
     assert e.value.code == (f"interrupted in step 2; the checkpoint in {out} is at step 1: "
                             "continue with the same flags and --resume")
+
+
+def test_stop_after_past_the_end_ends_at_the_end(world, tmp_path):
+    # --stop-after beyond --iters: the run is over at --iters, evaluated there like any finished run
+    out = tmp_path / "run"
+    train_here(flags(world, "depth", out, "--iters", 2, "--batch-size", 2, "--eval-max", 1, "--stop-after", 5))
+    assert [r["step"] for r in records(out)] == [1, 2, 2]  # two loss lines and the evaluation
+    assert torch.load(out / "state.pt", weights_only=False)["step"] == 2
