@@ -893,7 +893,7 @@ def test_semseg_lr_warms_up_linearly_from_1e_6(world, tmp_path):
 
 class NoSyncRecorder(torch.nn.Module):
     """Stands in for DistributedDataParallel: records in `synced`, per forward, whether its gradients would
-    be all-reduced."""
+    be all-reduced, and the forward's batch size."""
 
     def __init__(self, module, device_ids=None, synced=None):
         super().__init__()
@@ -908,20 +908,24 @@ class NoSyncRecorder(torch.nn.Module):
             self.in_no_sync = False
 
     def forward(self, *args):
-        self.synced.append(not self.in_no_sync)
+        self.synced.append((not self.in_no_sync, len(args[0])))
         return self.module(*args)
 
 
 def test_ddp_all_reduces_once_per_step_on_its_last_micro_batch(world, tmp_path, monkeypatch):
     # rank 0 of 2 processes, batch 8 of micro-batches of 2: 2 accumulated micro-batches per step; the
-    # gradients are all-reduced in the backward of the last one only (no_sync on the ones before it)
+    # gradients are all-reduced in the backward of the last one only (no_sync on the ones before it).
+    # Without --micro-batch each process takes its whole share, 4, in one forward
     from vpd import dist
     monkeypatch.setattr(dist, "setup", lambda device: (0, 2, torch.device("cpu")))
     synced = []
     monkeypatch.setattr(train, "DDP", lambda model, device_ids: NoSyncRecorder(model, device_ids, synced))
     train_here(flags(world, "depth", tmp_path / "run", "--iters", 2, "--batch-size", 8, "--micro-batch", 2,
                      "--eval-max", 1))
-    assert synced == [False, True, False, True]
+    assert synced == [(False, 2), (True, 2), (False, 2), (True, 2)]
+    synced.clear()
+    train_here(flags(world, "depth", tmp_path / "whole", "--iters", 1, "--batch-size", 8, "--eval-max", 1))
+    assert synced == [(True, 4)]
 
 
 def test_a_batch_must_split_over_the_processes(tmp_path, monkeypatch):
