@@ -384,3 +384,21 @@ def test_semseg_without_size_sees_the_image_at_its_training_scale(world, tmp_pat
     monkeypatch.setattr(predict, "semseg_probs", fake_probs)
     run("--ckpt", checkpoint(world, "semseg"), "--out", tmp_path, world.wide)
     assert seen == [(CROPS["semseg"], round(W * CROPS["semseg"] / H))]
+
+
+def test_refer_overlay_of_a_rotated_phone_photo_is_upright(world, tmp_path):
+    # a phone JPEG stored landscape with EXIF orientation 6 is shown portrait: the mask is predicted on
+    # the upright image, and the overlay is drawn on that same upright image
+    from PIL import ImageOps
+    stored = np.asarray(Image.open(world.wide).convert("RGB"))  # 77 x 131
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: shown rotated 90 degrees clockwise
+    phone = tmp_path / "phone.jpg"
+    Image.fromarray(stored).save(phone, exif=exif, quality=95)
+    run("--ckpt", checkpoint(world, "refer"), "--size", SIZE, "--text", "the man", "--out", tmp_path, phone)
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(phone)).convert("RGB"))
+    assert upright.shape == (W, H, 3)
+    _, mask = png(tmp_path / "phone_refer_mask.png")
+    _, overlay = png(tmp_path / "phone_refer.png")
+    assert mask.shape == (W, H) and overlay.shape == (W, H, 3)
+    assert np.array_equal(overlay[mask == 0], upright[mask == 0]) and (mask == 0).any()
