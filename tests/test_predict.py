@@ -255,8 +255,8 @@ def test_option_errors(world, tmp_path):
     write_image(str(other / "wide.jpg"), 8, 8, 2)
     assert "would write the same output names" in error_of("--ckpt", depth, world.wide, other)
     assert "--size 16 is too small" in error_of("--ckpt", depth, "--size", 16, world.wide)
-    assert "--no-flip is only for the depth task, not refer" in error_of("--ckpt", refer, "--text", "a cat", "--no-flip",
-                                                                         world.wide)
+    err = error_of("--ckpt", refer, "--text", "a cat", "--no-flip", world.wide)
+    assert "--no-flip is only for the depth task, not refer" in err
     assert f"--sd-ckpt {tmp_path / 'sd.safetensors'}: no such file" in error_of(
         "--ckpt", depth, "--sd-ckpt", tmp_path / "sd.safetensors", world.wide)
 
