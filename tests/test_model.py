@@ -373,6 +373,8 @@ def test_depth_loss_is_scale_invariant_log_loss():
         math.sqrt(sum(x * x for x in [v - math.log(3) for v in d]) / 3 - 0.5 * (sum(d) / 3 - math.log(3)) ** 2),
         rel=1e-6)
     assert VPDDepth.loss(pred, torch.zeros_like(gt)).isnan()  # no valid pixel: NaN, as the official loss
+    with pytest.raises(ValueError, match="differ"):  # (B, 1, H, W) against (B, H, W) is no broadcast
+        VPDDepth.loss(pred, gt[:, 0])
 
 
 def test_depth_loss_gradient_is_that_of_the_valid_pixels_alone():

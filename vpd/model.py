@@ -197,6 +197,8 @@ class VPDDepth(nn.Module):
         """Scale-invariant log loss on gt > 0: sqrt(mean(d^2) - lambd * mean(d)^2), d = log gt - log pred.
         Written with masks, not by selecting the valid pixels, so a step has no host sync; a batch with no
         valid pixel gives NaN (the datasets refuse depth maps with none)."""
+        if pred.shape != gt.shape:  # the masked form below would broadcast them silently
+            raise ValueError(f"depth loss: prediction {tuple(pred.shape)} and ground truth {tuple(gt.shape)} differ")
         valid = gt > 0
         n = valid.sum()
         # log(1) = 0 on invalid pixels: no log(0), whose infinite gradient times the mask's 0 would be NaN
