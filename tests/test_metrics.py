@@ -393,7 +393,7 @@ def _dist_helpers_worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        got = dict(rank=vdist.rank(), gathered=vdist.gather_objects({"rank": rank, "rng": [rank] * 3}),
+        got = dict(rank=vdist.rank(), world=vdist.world_size(), gathered=vdist.gather_objects({"rank": rank, "rng": [rank] * 3}),
                    mean=vdist.mean_over_ranks(float(10 * rank + 1), torch.device("cpu")))
         vdist.barrier()
         torch.save(got, f"{out_dir}/helpers{rank}.pt")
@@ -408,5 +408,5 @@ def test_two_process_dist_helpers(tmp_path):
     mp.spawn(_dist_helpers_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         got = torch.load(tmp_path / f"helpers{rank}.pt")
-        assert got["rank"] == rank and got["mean"] == 6.0  # (1 + 11) / 2
+        assert got["rank"] == rank and got["world"] == 2 and got["mean"] == 6.0  # (1 + 11) / 2
         assert got["gathered"] == [{"rank": 0, "rng": [0, 0, 0]}, {"rank": 1, "rng": [1, 1, 1]}]

@@ -1,0 +1,52 @@
+"""vpd/dist.py's setup under torchrun's environment, with the process group and the GPUs faked."""
+import torch
+import torch.distributed
+
+from vpd import dist
+
+
+def fake_launch(monkeypatch, gpus, env):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend, device_id=None: calls.append((backend, device_id)))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return calls
+
+
+def test_setup_under_torchrun_takes_the_global_rank_and_the_local_gpu(monkeypatch):
+    # process 5 of 8, the second on its node: rank 5 in the group, but GPU 1 of this node
+    calls = fake_launch(monkeypatch, True, {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"})
+    assert dist.setup("auto") == (5, 8, torch.device("cuda", 1))
+    assert calls == [("set_device", 1), ("nccl", torch.device("cuda", 1))]
+    calls.clear()
+    assert dist.setup("cpu") == (5, 8, torch.device("cpu"))  # CPU processes talk over gloo
+    assert calls == [("gloo", None)]
+
+
+def test_setup_without_torchrun_is_one_process_and_auto_prefers_the_gpu(monkeypatch):
+    calls = fake_launch(monkeypatch, True, {})
+    assert dist.setup("auto") == (0, 1, torch.device("cuda"))
+    calls = fake_launch(monkeypatch, False, {})
+    assert dist.setup("auto") == (0, 1, torch.device("cpu")) and calls == []
+
+
+def test_helpers_outside_a_process_group_are_one_process():
+    assert not dist.is_dist()
+    assert (dist.rank(), dist.world_size()) == (0, 1)
+    dist.barrier()
+    dist.teardown()
+
+
+def test_teardown_and_barrier_reach_the_process_group_when_there_is_one(monkeypatch):
+    calls = []
+    monkeypatch.setattr(dist, "is_dist", lambda: True)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: calls.append("destroy"))
+    dist.barrier()
+    dist.teardown()
+    assert calls == ["barrier", "destroy"]
