@@ -165,3 +165,38 @@ def test_plot_curves_skips_non_finite_values_and_blank_lines(tmp_path):
     plot_curves(str(log), tmp_path / "noisy.png", width=400, panel_height=120)
     with Image.open(tmp_path / "clean.png") as a, Image.open(tmp_path / "noisy.png") as b:
         assert (np.asarray(a) == np.asarray(b)).all()
+
+
+def test_depth_colormap_runs_from_blue_near_to_red_far():
+    # the docstring's orientation: vmin dark blue, vmax dark red (a reversed table would still be smooth)
+    near, far = DEPTH_LUT[0].astype(int), DEPTH_LUT[255].astype(int)
+    assert near[2] > near[0] and near[2] > near[1]
+    assert far[0] > far[1] and far[0] > far[2]
+    a = np.asarray(colorize_depth(np.array([[1.0, 5.0]])))
+    assert a[0, 0, 2] > a[0, 0, 0] and a[0, 1, 0] > a[0, 1, 2]
+
+
+def test_overlay_mask_is_not_transposed_on_a_square_image():
+    image = Image.new("RGB", (2, 2), (0, 0, 0))
+    mask = np.array([[False, True], [False, False]])  # row 0, column 1
+    a = np.asarray(overlay_mask(image, mask, color=(200, 0, 0), alpha=1.0))
+    assert a[0, 1].tolist() == [200, 0, 0] and a[1, 0].tolist() == [0, 0, 0]
+
+
+def test_plot_curves_draws_each_series_left_to_right_and_upwards(tmp_path):
+    # logged out of step order: (0, 0), (20, 0), (5, 10). Sorted by step that is a peak at a quarter
+    # of the x range; the peak is the panel's highest point, and the descending side at step 12.5
+    # sits at half height (drawn in log order a segment would run along the bottom there)
+    recs = [{"step": 0, "loss": 0.0}, {"step": 20, "loss": 0.0}, {"step": 5, "loss": 10.0},
+            {"step": 0, "lr": 1.0}, {"step": 20, "lr": 2.0}]
+    a = np.asarray(plot_curves(recs, tmp_path / "p.png", width=400, panel_height=200).convert("RGB"))
+    line = (a[:200] == CLASS_PALETTE[0]).all(2)
+    rows, cols = np.nonzero(line)
+    left, right, top, bottom = cols.min(), cols.max(), rows.min(), rows.max()  # steps 0..20, loss 0..10
+    peak_cols = cols[rows == top]
+    assert abs(peak_cols.mean() - (left + 0.25 * (right - left))) <= 3
+    col = int(round(left + 0.625 * (right - left)))
+    mid_rows = np.nonzero(line[:, col])[0]
+    assert mid_rows.size and np.abs(mid_rows - (top + bottom) / 2).max() <= 3
+    # the second panel gets its own colour
+    assert (a[200:] == CLASS_PALETTE[1]).all(2).any() and not (a[200:] == CLASS_PALETTE[0]).all(2).any()
