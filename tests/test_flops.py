@@ -100,6 +100,7 @@ def test_unet_full_size_matches_the_notes():
     assert total == pytest.approx(401.6e9, rel=1e-3)  # "401.6 G multiply-adds", "about 0.80 TFLOP"
     assert 2 * total == pytest.approx(0.80e12, rel=0.01)
     kinds = flops.by_kind(layers)
+    assert kinds["total"] == total == sum(v for k, v in kinds.items() if k != "total")
     assert kinds["geglu"] / total == pytest.approx(0.19, abs=0.005)  # "GEGLU 19%"
     # "64x64 self-attention 13%": input_blocks 1, 2 and output_blocks 9, 10, 11 run at 64x64
     full_res = ("input_blocks.1.", "input_blocks.2.", "output_blocks.9.", "output_blocks.10.", "output_blocks.11.")
@@ -179,3 +180,16 @@ def test_bad_sizes_are_named():
         flops.unet_macs(UNetConfig(), (60, 64))
     with pytest.raises(ValueError, match="100x512"):
         flops.vae_encoder_macs(VAEConfig(), (100, 512))
+    with pytest.raises(ValueError, match="64x60"):  # the width is checked as well as the height
+        flops.unet_macs(UNetConfig(), (64, 60))
+    with pytest.raises(ValueError, match="512x100"):
+        flops.vae_encoder_macs(VAEConfig(), (512, 100))
+
+
+
+def test_vae_quant_conv_maps_z_channels_to_embed_dim():
+    # SD has z_channels == embed_dim == 4; with them apart, quant_conv is 2 z -> 2 embed_dim channels
+    cfg = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, embed_dim=3)
+    vae = VAE(cfg, decoder=False).eval()
+    got, _ = counted_macs(lambda: vae.encode(torch.randn(2, 3, 16, 8)).mode())
+    assert got == flops.vae_encoder_macs(cfg, (16, 8), batch=2)
