@@ -168,7 +168,11 @@ def test_run_pair_figures_from_scripted_times_and_memory(monkeypatch):
         log.append(("timed", impl_of[fn]))
         return left[impl_of[fn]].pop(0) / 1000
     monkeypatch.setattr(bench, "timed", timed)
-    monkeypatch.setattr(bench, "peak_of", lambda fn, device: left_mib[impl_of[fn]].pop(0))
+
+    def peak_of(fn, device):
+        log.append(("peak", impl_of[fn]))
+        return left_mib[impl_of[fn]].pop(0)
+    monkeypatch.setattr(bench, "peak_of", peak_of)
     monkeypatch.setattr(bench, "tensor_peak_of", lambda fn: {"ours": 50.0, "ref": 80.0}[impl_of[fn]])
     monkeypatch.setattr(bench, "attention_ops", lambda fn: ["aten::scaled_dot_product_attention"])
     args = SimpleNamespace(warmup=2, rounds=3, iters=3, compile=False, compile_mode=None, profile="", peak_tflops=800)
@@ -177,7 +181,11 @@ def test_run_pair_figures_from_scripted_times_and_memory(monkeypatch):
     # --warmup untimed calls of each first, then rounds x iters timed ones, the first alternating
     assert sorted(log[:4]) == [("call", "ours")] * 2 + [("call", "ref")] * 2
     timed_log = [impl for what, impl in log if what == "timed"]
-    assert [what for what, _ in log[4:]] == ["timed"] * 18
+    assert [what for what, _ in log[4:] if what != "peak"] == ["timed"] * 18
+    # one memory iteration of each per round before its timed ones, who goes first alternating by round
+    rounds = [[impl for what, impl in log[4 + 8 * r: 4 + 8 * r + 2]] for r in range(3)]
+    assert rounds == [["ours", "ref"], ["ref", "ours"], ["ours", "ref"]]
+    assert [what for what, _ in log[4:]] == (["peak"] * 2 + ["timed"] * 6) * 3
     assert timed_log == ["ours", "ref", "ref", "ours"] * 4 + ["ours", "ref"]
     assert ours["ms_all"] == pytest.approx(ms["ours"]) and ref["ms_all"] == pytest.approx(ms["ref"])
     assert ours["ms"] == pytest.approx(14) and ref["ms"] == pytest.approx(30)  # medians, not means
@@ -331,3 +339,67 @@ def test_loader_rate_excludes_the_warm_up_epoch(monkeypatch):
         def set_epoch(self, epoch):
             pass
     assert bench_loader.images_per_second(Slow(), workers=0, batch_size=4, epochs=3) == pytest.approx(1.0)
+
+
+def test_timed_waits_for_the_device_before_stopping_the_clock(monkeypatch):
+    # on a GPU the call only queues work: a step's time runs until the device is done with it
+    clock = [0.0]
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(bench, "sync", lambda device: clock.__setitem__(0, clock[0] + 5.0))  # the GPU's work
+    assert bench.timed(lambda: clock.__setitem__(0, clock[0] + 1.0), torch.device("cuda")) == 6.0
+
+
+def test_cuda_peak_memory_is_what_the_call_adds_once_its_work_is_done(monkeypatch):
+    # a fake allocator: 100 MiB live, an earlier 900 MiB peak, and the call's 30 MiB landing on synchronize
+    MiB = 2 ** 20
+    state = dict(now=100 * MiB, peak=900 * MiB, queued=[])
+
+    def synchronize():
+        for n in state["queued"]:
+            state["peak"] = max(state["peak"], state["now"] + n)
+        state["queued"].clear()
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: state.update(peak=state["now"]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: state["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: state["peak"])
+    assert bench.peak_of(lambda: state["queued"].append(30 * MiB), torch.device("cuda")) == 30
+
+
+def test_run_pair_leaves_out_the_memory_figures_it_cannot_measure(monkeypatch):
+    # --compile: no TensorPeak (a dispatch mode would make compiled graphs recompile); CUDA graphs
+    # (reduce-overhead, max-autotune on CUDA): no allocator peak either, their replay allocates nothing
+    monkeypatch.setattr(bench, "sync", lambda device: None)
+    monkeypatch.setattr(bench, "timed", lambda fn, device: 0.01)
+    monkeypatch.setattr(bench, "attention_ops", lambda fn: [])
+    monkeypatch.setattr(bench, "tensor_peak_of", lambda fn: pytest.fail("TensorPeak under --compile"))
+    monkeypatch.setattr(bench, "peak_of", lambda fn, device: 1.0)
+    fns = {"ours": lambda: None, "ref": lambda: None}
+    for mode, device, measured in (("reduce-overhead", "cuda", False), ("max-autotune", "cuda", False),
+                                   ("default", "cuda", True), ("reduce-overhead", "cpu", True)):
+        args = SimpleNamespace(warmup=0, rounds=1, iters=1, compile=True, compile_mode=mode, profile="",
+                               peak_tflops=None)
+        ours, ref = bench.run_pair("unet_fwd", fns, 1e9, 1, args, torch.device(device))
+        assert ours["tensor_mib"] is None and ref["tensor_mib"] is None and ours["ours_ref_tensor_mem"] is None
+        assert (ours["peak_mib"], ours["ours_ref_mem"]) == ((1.0, 1.0) if measured else (None, None)), mode
+        assert ours["peak_mib_all"] == ([1.0] if measured else [None]), mode
+
+
+def test_refer_step_counts_the_frozen_text_tower_once():
+    # the refer step = UNet and head 3x, VAE 1x (train_step_flops) plus the CLIP text tower, run forward
+    # only under no_grad: its FLOPs as the counter sees them in the model's clip module
+    from vpd import flops
+    from vpd.demo import TINY_CLIP, TINY_UNET, TINY_VAE
+    from vpd.model import build_model
+    args = bench.parse_args(["--size", "tiny", "--res", "64"])
+    args.autocast = nullcontext
+    _, step_flops = bench.train_setup("refer", 2, args, torch.device("cpu"), bench.PRESETS["tiny"],
+                                      torch.Generator().manual_seed(0))
+    model = build_model("refer", unet_cfg=TINY_UNET, vae_cfg=TINY_VAE, clip_cfg=TINY_CLIP).train()
+    fc = FlopCounterMode(display=False, depth=None)
+    with fc, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model(torch.rand(2, 3, 64, 64) * 2 - 1, torch.zeros(2, model.max_tokens, dtype=torch.long))
+    counts = {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
+    text, head = counts["VPDRefer.clip"], counts["VPDRefer.head"] // 2
+    assert text > 0
+    rest = flops.train_step_flops(TINY_UNET, TINY_VAE, (64, 64), model.max_tokens, batch=2, head_macs=head)
+    assert step_flops - rest == text
