@@ -261,17 +261,18 @@ def test_kitti_kb_crop_depth_scale_and_eval_mask(tmp_path):
         np.testing.assert_array_equal(unzipped[0]["depth"].numpy(), s["depth"].numpy())
 
 
-def _kitti_root(root, gt_dir):
-    """One 375x1242 KITTI frame under root, its ground truth under root/<gt_dir>; a BTS-style list."""
+def _kitti_root(root, gt_dir, size=(375, 1242), metres=10, split="test"):
+    """One black KITTI frame of `size` under root, its ground truth (`metres` everywhere) under
+    root/<gt_dir>; a BTS-style <split>_list.txt."""
     drive = "2011_09_26_drive_0002_sync"
     img_dir = root / "2011_09_26" / drive / "image_02" / "data"
     gt = root / gt_dir / drive / "proj_depth" / "groundtruth" / "image_02"
     img_dir.mkdir(parents=True)
     gt.mkdir(parents=True)
-    Image.fromarray(np.zeros((375, 1242, 3), np.uint8)).save(img_dir / "0000000005.png")
-    Image.fromarray(np.full((375, 1242), 10 * 256, np.uint16)).save(gt / "0000000005.png")
-    (root / "test_list.txt").write_text(f"2011_09_26/{drive}/image_02/data/0000000005.png "
-                                        f"{drive}/proj_depth/groundtruth/image_02/0000000005.png 721.5377\n")
+    Image.fromarray(np.zeros((*size, 3), np.uint8)).save(img_dir / "0000000005.png")
+    Image.fromarray(np.full(size, metres * 256, np.uint16)).save(gt / "0000000005.png")
+    (root / f"{split}_list.txt").write_text(f"2011_09_26/{drive}/image_02/data/0000000005.png "
+                                            f"{drive}/proj_depth/groundtruth/image_02/0000000005.png 721.5377\n")
     return str(gt / "0000000005.png")
 
 
@@ -854,15 +855,7 @@ def test_kitti_frame_of_exactly_the_kb_size_and_cut_depth_at_80_m(tmp_path):
     from vpd.data import kb_crop_box
     assert kb_crop_box(352, 1216) == (0, 0)
     assert kb_crop_box(352, 1219) == (0, 1)  # BTS: int((1219 - 1216) / 2) = int(1.5) = 1
-    drive = "2011_09_26_drive_0002_sync"
-    img_dir = tmp_path / "2011_09_26" / drive / "image_02" / "data"
-    gt_dir = tmp_path / "data_depth_annotated" / drive / "proj_depth" / "groundtruth" / "image_02"
-    img_dir.mkdir(parents=True)
-    gt_dir.mkdir(parents=True)
-    Image.fromarray(np.zeros((352, 1216, 3), np.uint8)).save(img_dir / "0000000001.png")
-    Image.fromarray(np.full((352, 1216), 40 * 256, np.uint16)).save(gt_dir / "0000000001.png")
-    (tmp_path / "train_list.txt").write_text(f"2011_09_26/{drive}/image_02/data/0000000001.png "
-                                             f"{drive}/proj_depth/groundtruth/image_02/0000000001.png 721.5\n")
+    _kitti_root(tmp_path, "data_depth_annotated", size=(352, 1216), metres=40, split="train")
     ds = KITTI(str(tmp_path))
     # CutDepth on (a = 0.5, b = 0: column 608), no flip, crop at (0, 0), colour steps off
     ds.rng = lambda index: Scripted(0.0, 0.5, 0.0, 0.9, 0, 0, 0.9, 0.9, 0.9)
