@@ -196,16 +196,8 @@ def main(args):
         args.task = ev.task
         check_task_flags(args, ev.task)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write_test{rank}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise SystemExit(f"--out {out} is not writable: {e}")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp or
-                                                                         ("bf16" if device.type == "cuda" else "off")]
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+    dist.writable_dir(out)
+    autocast = dist.amp_autocast(args.amp, device)
     try:
         metrics = evaluate(ev.model, ev.task, ev.dataset, device, autocast, args.max_samples, ms_flip=args.ms_flip,
                            flip=not args.no_flip, save_vis=os.path.join(out, "vis") if args.save_vis else None,

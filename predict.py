@@ -33,7 +33,6 @@ and semseg window, as do demo depth models.
 """
 import argparse
 import os
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -44,7 +43,7 @@ from vpd import vis
 from vpd.clip import Tokenizer
 from vpd.data import (IMAGE_EXTENSIONS, KITTI_SCENES, NYU_SCENES, BadSampleError, ImageFolder, check_photo, read_rgb,
                       undo, vpd_scene_id)
-from vpd.dist import setup
+from vpd.dist import amp_autocast, setup, writable_dir
 from vpd.infer import depth_predict, refer_logits, semseg_probs
 from vpd.model import TASKS
 from vpd.tasks import load_model, to_device
@@ -219,10 +218,7 @@ def main(args):
     check_options(args, task)
     paths = image_paths(args.images)
     size = args.size or default_size(task, meta)
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"--out {args.out}: cannot create the folder ({e})") from None
+    writable_dir(args.out)
     _, _, device = setup(args.device)
 
     try:
@@ -230,9 +226,7 @@ def main(args):
     except (ValueError, FileNotFoundError) as e:  # unreadable or mismatched files: say which, no traceback
         raise SystemExit(f"{type(e).__name__}: {e}") from None
     model = model.to(device).eval()
-    amp = args.amp or ("bf16" if device.type == "cuda" else "off")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    autocast = amp_autocast(args.amp, device)
 
     if task == "depth" and meta.get("dataset") == "kitti":  # one text condition for every KITTI frame
         if args.scene is not None:
@@ -253,7 +247,7 @@ def main(args):
     train_crop = int(meta["args"]["crop"]) if "args" in meta else 512  # semseg's sliding window
     dataset = ImageFolder(paths, task, size)
     written, skipped = 0, []
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast():
         for i in tqdm(range(len(dataset)), desc=f"predict {task}", unit="img", dynamic_ncols=True):
             try:
                 sample = dataset[i]

@@ -132,13 +132,7 @@ def main(args):
     rank, world, device = dist.setup(args.device)
     master = rank == 0
     print0 = print if master else (lambda *a, **k: None)
-    try:
-        os.makedirs(args.out, exist_ok=True)
-        probe = os.path.join(args.out, f".write_test{rank}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise SystemExit(f"--out {args.out} is not writable: {e}")
+    dist.writable_dir(args.out)
     state_path, weights_path = os.path.join(args.out, "state.pt"), os.path.join(args.out, "model.safetensors")
     log_path, metrics_path = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "metrics.json")
     micro = args.micro_batch or args.batch_size // world
@@ -206,8 +200,7 @@ def main(args):
     stop = min(total, args.stop_after or total)
     peak = (args.epochs // 2) * steps_per_epoch if args.epochs and not args.iters else None
 
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+    autocast = dist.amp_autocast(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     optimizer = build_optimizer(raw, args.lr, args.weight_decay, args.unet_lr_mult, fused=device.type == "cuda")
     step, loss_sum, last = 0, 0.0, 0  # loss_sum: this rank's loss since the last log line at step `last`

@@ -1,4 +1,8 @@
-"""vpd/dist.py's setup under torchrun's environment, with the process group and the GPUs faked."""
+"""vpd/dist.py: setup under torchrun's environment (the process group and the GPUs faked), autocast and the
+output folder."""
+import os
+
+import pytest
 import torch
 import torch.distributed
 
@@ -50,3 +54,27 @@ def test_teardown_and_barrier_reach_the_process_group_when_there_is_one(monkeypa
     dist.barrier()
     dist.teardown()
     assert calls == ["barrier", "destroy"]
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # a CUDA autocast built on a CPU-only machine
+def test_amp_autocast_defaults_to_bf16_on_a_gpu_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    with dist.amp_autocast(None, cpu)():  # off on a CPU, where bf16 is slower
+        assert not torch.is_autocast_enabled("cpu")
+    with dist.amp_autocast("bf16", cpu)():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with dist.amp_autocast("off", cpu)():
+        assert not torch.is_autocast_enabled("cpu")
+    # on a GPU the default is bf16; the context is only built here (entering it wants a GPU)
+    ctx = dist.amp_autocast(None, cuda)()
+    assert (ctx.device, ctx.fast_dtype) == ("cuda", torch.bfloat16)
+    assert dist.amp_autocast("fp16", cuda)().fast_dtype == torch.float16
+
+
+def test_writable_dir_creates_the_folder_and_refuses_one_it_cannot_write(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    dist.writable_dir(tmp_path / "a" / "b")
+    assert os.listdir(tmp_path / "a" / "b") == []  # the probe file is gone
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="is not writable"):
+        dist.writable_dir(tmp_path / "file" / "out")

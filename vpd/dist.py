@@ -1,5 +1,7 @@
-"""torch.distributed in one place: one script runs under `python` and under `torchrun`."""
+"""Process setup in one place: the device, torch.distributed (one script runs under `python` and under
+`torchrun`), autocast and the output folder."""
 import os
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -24,6 +26,26 @@ def setup(device_arg="auto"):
         device = torch.device("cpu")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     return rank, world, device
+
+
+def amp_autocast(amp, device):
+    """A factory of autocast contexts for --amp bf16 / fp16 / off; None is bf16 on a GPU and off on a CPU
+    (where bf16 is slower)."""
+    amp = amp or ("bf16" if device.type == "cuda" else "off")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+
+
+def writable_dir(path):
+    """Create `path` and check that this process can write in it, before minutes of model loading. Every
+    rank checks (nodes may mount it differently), each with its own probe file."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test{os.environ.get('RANK', 0)}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"--out {path} is not writable: {e}") from None
 
 
 def is_dist():
