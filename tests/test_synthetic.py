@@ -25,6 +25,9 @@ def test_depth_of_planes_follows_the_pinhole_formula():
     v = h - 1
     assert classes[v, w // 2] == 1
     assert depth[v, w // 2] == pytest.approx(1.5 * f / (v + 0.5 - h / 2), rel=1e-5)
+    # Row 0 sees the ceiling, 1.2 m above: z = 1.2 f / (h/2 - 0.5).
+    assert classes[0, w // 2] == 2
+    assert depth[0, w // 2] == pytest.approx(1.2 * f / (h / 2 - 0.5), rel=1e-5)
     # The centre of the image sees the back wall at its distance.
     assert classes[h // 2, w // 2] == 0
     assert depth[h // 2, w // 2] == pytest.approx(6.0, rel=1e-5)
@@ -45,6 +48,40 @@ def test_sphere_on_the_axis_is_at_distance_minus_radius():
     # the sphere's silhouette: angular radius asin(r / d) -> about f * tan(asin(0.5/3)) px
     width = (inst[24] == 1).sum()
     assert abs(width - 2 * f * np.tan(np.arcsin(0.5 / 3.0))) <= 2
+
+
+def test_objects_stand_apart_on_the_floor():
+    # no two objects overlap: their footprints on the floor (a box's w x d rectangle, a sphere's or a
+    # cylinder's disc) are disjoint, and each stands on the floor (its lowest point at the floor's y)
+    from vpd.synthetic import make_room
+
+    def foot(o):
+        x, _, z = o.centre
+        if o.kind == "box":
+            return "rect", (x - o.size[0] / 2, x + o.size[0] / 2, z - o.size[2] / 2, z + o.size[2] / 2)
+        return "disc", (x, z, o.size[0])
+
+    def overlap(a, b):
+        if a[0] == "disc" and b[0] == "disc":
+            return np.hypot(a[1][0] - b[1][0], a[1][1] - b[1][1]) < a[1][2] + b[1][2]
+        if a[0] == "rect" and b[0] == "rect":
+            (x0, x1, z0, z1), (u0, u1, v0, v1) = a[1], b[1]
+            return x0 < u1 and u0 < x1 and z0 < v1 and v0 < z1
+        (x0, x1, z0, z1), (x, z, r) = (a[1], b[1]) if a[0] == "rect" else (b[1], a[1])
+        return np.hypot(x - np.clip(x, x0, x1), z - np.clip(z, z0, z1)) < r
+
+    pairs = 0
+    for seed in range(30):
+        room = make_room(np.random.default_rng(seed))
+        objs = room["objects"]
+        for o in objs:
+            half = o.size[0] if o.kind == "sphere" else o.size[1] / 2
+            assert o.centre[1] + half == pytest.approx(room["floor"])
+        for i in range(len(objs)):
+            for j in range(i):
+                assert not overlap(foot(objs[i]), foot(objs[j])), (seed, i, j)
+                pairs += 1
+    assert pairs > 50
 
 
 def test_scene_sample_is_deterministic_and_refers_uniquely():
@@ -69,6 +106,22 @@ def test_scene_sample_is_deterministic_and_refers_uniquely():
                     assert sum(q.kind == m.group(1) for q in vis) == 1 and o.kind == m.group(1)
                     checked += 1
     assert checked > 5
+
+
+def test_colour_only_expressions_name_the_one_object_of_that_colour():
+    # "the red object": exactly one visible object is red, whatever its kind
+    checked = 0
+    for i in range(24):
+        s = scene_sample(0, i, 64)
+        vis = [s["objects"][k] for k in s["visible"]]
+        for k, sentences in s["refs"]:
+            for sent in sentences:
+                m = re.fullmatch(r"the (\w+) object", sent)
+                if m:
+                    assert s["objects"][k].colour == m.group(1)
+                    assert sum(q.colour == m.group(1) for q in vis) == 1, (i, sent)
+                    checked += 1
+    assert checked > 3
 
 
 def test_layouts_on_disk(tmp_path):
@@ -183,3 +236,96 @@ def test_relational_expressions_pick_the_extreme_object():
                 assert sign * value[k] - max(others) > margin, (i, sent)
                 seen.add(word)
     assert seen == {"left", "right", "largest", "smallest", "nearest", "farthest"}
+
+
+def test_box_on_the_axis_shows_its_front_face_at_its_near_distance():
+    # a 1.0 x 0.6 x 0.8 m box centred 3 m ahead at eye height: only the face at z = 3 - 0.4 is seen
+    # (the camera is inside its x and y extent), and pixel (v, u) sees it when the ray's point
+    # ((u + 0.5 - w/2) z / f, (v + 0.5 - h/2) z / f) lies within the face's 1.0 x 0.6 m
+    h, w = 48, 64
+    box = Obj("box", "red", (0.0, 0.0, 3.0), (1.0, 0.6, 0.8))
+    _, depth, classes, inst = render(_room([box]), 0.0, 0.0, h, w)
+    f, z = 0.81 * w, 2.6
+    v, u = np.mgrid[0:h, 0:w] + 0.5
+    face = (np.abs((u - w / 2) * z / f) <= 0.5) & (np.abs((v - h / 2) * z / f) <= 0.3)
+    assert face.sum() > 100
+    np.testing.assert_array_equal(inst == 1, face)
+    assert np.all(classes[face] == 4)
+    np.testing.assert_allclose(depth[face], z, rtol=1e-6)
+
+
+def test_cylinder_below_the_eye_shows_its_top_cap_and_its_side():
+    # radius 0.5, 1 m high, axis 3 m ahead, top at y = 0.3 (0.3 m below the eye, y points down)
+    h, w = 48, 64
+    cyl = Obj("cylinder", "red", (0.0, 0.8, 3.0), (0.5, 1.0))
+    _, depth, classes, inst = render(_room([cyl]), 0.0, 0.0, h, w)
+    f = 0.81 * w
+    a = 0.5 / f  # the centre column's ray leans a = (31.5 - 32) / f in x
+    for v in (28, 29):
+        # rows a little below the horizon pass over the near rim (y = 2.5 dy < 0.3) and meet the cap's
+        # plane y = 0.3 at t = 0.3 / dy, 2.8-3.5 m ahead: inside the disc
+        dy = (v + 0.5 - h / 2) / f
+        assert inst[v, 31] == 1 and classes[v, 31] == 6
+        assert depth[v, 31] == pytest.approx(0.3 / dy, rel=1e-5)
+    # row 40 meets the curved side at y = 0.8 (within 0.3..1.3): the nearer root of
+    # |t (a, ., 1) - (0, ., 3)|_xz = 0.5, i.e. (1 + a^2) t^2 - 6 t + 8.75 = 0
+    q = 1 + a * a
+    assert inst[40, 31] == 1
+    assert depth[40, 31] == pytest.approx((3 - np.sqrt(9 - q * 8.75)) / q, rel=1e-5)
+    # row 26 passes over the cap (its plane is reached 6.2 m ahead, beyond the back wall)
+    assert inst[26, 31] == 0 and classes[26, 31] == 0
+
+
+def test_tilted_camera_sees_the_floor_level_along_each_row():
+    # pitch p looks down, yaw turns about the vertical, and the camera does not roll: a ray through row
+    # v has the world y component cos(p) (v + 0.5 - h/2) / f + sin(p) in every column, so the floor
+    # (1.5 m below) is at depth 1.5 / that all along the row, whatever the yaw
+    h, w, pitch = 48, 64, 0.3
+    f = 0.81 * w
+    for yaw in (0.0, 0.2):
+        _, depth, classes, _ = render(_room(), yaw, pitch, h, w)
+        for v in (30, 47):
+            dy = np.cos(pitch) * (v + 0.5 - h / 2) / f + np.sin(pitch)
+            row = classes[v] == 1
+            assert row.sum() > w // 2
+            np.testing.assert_allclose(depth[v][row], 1.5 / dy, rtol=1e-5)
+
+
+def test_poster_is_a_rectangle_on_the_back_wall():
+    # the poster's pixels are labelled "poster" (ADE20K "other"), lie on the back wall and fill a rectangle
+    room = dict(_room(), poster=(-0.6, -0.4))  # in front of the camera
+    _, depth, classes, _ = render(room, 0.0, 0.0, 48, 64)
+    rows, cols = np.nonzero(classes == 3)
+    assert classes[24, 32] == 3 and len(rows) > 20
+    block = classes[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    assert np.all(block == 3)
+    np.testing.assert_allclose(depth[classes == 3], 6.0, rtol=1e-5)
+    ring = classes[rows.min() - 1:rows.max() + 2, cols.min() - 1:cols.max() + 2].copy()
+    ring[1:-1, 1:-1] = 0
+    assert np.all(ring == 0)  # back wall around it
+
+
+def test_objects_are_painted_in_the_colour_their_name_says():
+    # "the red box" must look red: the hue of an object's mean colour is nearest to its colour name's
+    import colorsys
+    hue = {"red": 0, "orange": 30, "yellow": 60, "green": 120, "blue": 240, "purple": 280}
+    seen = set()
+    for i in range(0, 12, 2):
+        s = scene_sample(0, i, 64)
+        for k in s["visible"]:
+            r, g, b = s["rgb"][s["instances"] == k + 1].mean(0) / 255
+            hh = colorsys.rgb_to_hsv(r, g, b)[0] * 360
+            dist = {c: min(abs(hh - x), 360 - abs(hh - x)) for c, x in hue.items()}
+            assert min(dist, key=dist.get) == s["objects"][k].colour, (i, k, hh)
+            seen.add(s["objects"][k].colour)
+    assert len(seen) >= 4
+
+
+def test_frames_of_one_room_share_its_scene_and_objects_seen_from_other_views():
+    # as NYU's recordings: consecutive frames of a scene directory show the same room from another pose
+    a, b, c = scene_sample(0, 2, 64), scene_sample(0, 3, 64), scene_sample(0, 4, 64)
+    assert a["room"] == b["room"] != c["room"]
+    assert a["scene"] == b["scene"] and a["objects"] == b["objects"]
+    assert not np.array_equal(a["depth"], b["depth"])
+    assert a["objects"] != c["objects"]
+
