@@ -156,9 +156,14 @@ def test_cli(tmp_path):
     assert (out / "train_list.txt").exists()
 
 
-def test_bad_arguments():
+def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="task"):
         make_synthetic("/tmp/never", "pose", n=1)
+    with pytest.raises(ValueError, match="n >= 1"):
+        make_synthetic(str(tmp_path / "none"), "depth", n=0)  # no image: the readers refuse empty split lists
+    with pytest.raises(ValueError, match="size >= 32"):
+        make_synthetic(str(tmp_path / "small"), "depth", n=1, size=16)
+    assert os.listdir(tmp_path) == []  # refused before anything is written
 
 
 def test_test_split_and_ade_names_follow_the_real_layouts(tmp_path):
@@ -329,3 +334,102 @@ def test_frames_of_one_room_share_its_scene_and_objects_seen_from_other_views():
     assert not np.array_equal(a["depth"], b["depth"])
     assert a["objects"] != c["objects"]
 
+
+def test_depth_list_focal_back_projects_the_floor_square_to_the_walls(tmp_path):
+    # BTS's third column is the focal length in pixels: with it, pixel (u, v) at depth z back-projects to
+    # ((u + 0.5 - w/2) z / f, (v + 0.5 - h/2) z / f, z), and the room's floor comes out perpendicular to
+    # its (vertical) walls; another focal scales x and y against z and tilts the planes
+    root = make_synthetic(str(tmp_path / "nyu"), "depth", n=8, size=64)
+
+    def plane(points):  # unit normal and rms distance of the least-squares plane
+        centred = points - points.mean(0)
+        _, sv, vt = np.linalg.svd(centred, full_matrices=False)
+        return vt[-1], sv[-1] / np.sqrt(len(points))
+
+    checked = 0
+    for split, sub in (("train", "sync"), ("test", "official_splits/test")):
+        with open(os.path.join(root, f"{split}_list.txt")) as f:
+            lines = f.read().splitlines()
+        for line in lines:
+            img, dep, focal = line.split()
+            i = int(re.search(r"rgb_(\d{5})", img).group(1))
+            z = np.asarray(Image.open(os.path.join(root, sub, dep.lstrip("/")))).astype(np.float64) / 1000
+            h, w = z.shape
+            v, u = np.mgrid[0:h, 0:w] + 0.5
+            f = float(focal)
+            points = np.stack([(u - w / 2) * z / f, (v - h / 2) * z / f, z], -1)
+            classes = scene_sample(0, i, 64)["classes"]
+            floor, res_f = plane(points[classes == 1])
+            wall, res_w = plane(points[(classes == 0) & (np.abs(u - w / 2) < 4)])  # a strip up the middle
+            if res_w > 2e-3:
+                continue  # the strip crosses two walls
+            assert res_f < 2e-3 and abs(floor @ wall) < 0.01, (img, floor @ wall)
+            checked += 1
+    assert checked >= 5
+
+
+def test_ade_annotations_give_each_object_kind_its_ade20k_class(tmp_path):
+    # boxes, spheres and cylinders are written as ADE20K's "box", "ball" and "barrel" (PNG value =
+    # index in the published class list + 1), so a semseg model sees three distinct object classes
+    from vpd.data import ADE20K_CLASSES
+    ade = {"box": "box", "sphere": "ball", "cylinder": "barrel"}
+    root = make_synthetic(str(tmp_path / "ade"), "semseg", n=5, size=64)
+    seen = set()
+    for i in range(5):
+        split, stem = ("validation", f"ADE_val_{i + 1:08d}") if i == 4 else ("training", f"ADE_train_{i + 1:08d}")
+        ann = np.asarray(Image.open(os.path.join(root, "ADEChallengeData2016/annotations", split, stem + ".png")))
+        s = scene_sample(0, i, 64)
+        for k, o in enumerate(s["objects"]):
+            m = s["instances"] == k + 1
+            if m.any():
+                assert np.all(ann[m] == ADE20K_CLASSES.index(ade[o.kind]) + 1), (i, o.kind)
+                seen.add(o.kind)
+    assert seen == set(ade)
+
+
+def test_refer_annotations_are_the_rendered_objects_with_their_coco_categories(tmp_path):
+    # every annotation decodes (polygon or RLE) to exactly its object's pixels; category_id is the id of
+    # the COCO category named as the object's kind, and each ref carries its annotation's category
+    import pickle
+
+    from vpd.masks import segmentation_to_mask
+    root = make_synthetic(str(tmp_path / "coco"), "refer", n=10, size=64)
+    data = os.path.join(root, "refer/data/refcoco")
+    with open(os.path.join(data, "instances.json")) as f:
+        inst = json.load(f)
+    with open(os.path.join(data, "refs(unc).p"), "rb") as f:
+        refs = pickle.load(f)
+    names = {c["id"]: c["name"] for c in inst["categories"]}
+    assert sorted(names.values()) == ["box", "cylinder", "sphere"] and min(names) == 1  # COCO ids from 1
+    samples = {im["id"]: scene_sample(0, im["id"] - 1, 64) for im in inst["images"]}
+    anns = {}
+    for a in inst["annotations"]:
+        s = samples[a["image_id"]]
+        h, w = s["instances"].shape
+        m = segmentation_to_mask(a["segmentation"], h, w)
+        ks = [k for k in s["visible"] if np.array_equal(m, s["instances"] == k + 1)]
+        assert len(ks) == 1, a["id"]
+        assert names[a["category_id"]] == s["objects"][ks[0]].kind
+        assert a["iscrowd"] == 0  # one object, not a COCO crowd region
+        anns[a["id"]] = a
+    assert any(isinstance(a["segmentation"], list) for a in anns.values())
+    for r in refs:
+        assert r["category_id"] == anns[r["ann_id"]]["category_id"]
+
+
+def test_refer_refs_have_the_unc_splits_and_refer_sentence_records(tmp_path):
+    # refs(unc).p: splits train / val / testA / testB; each sentence {sent, raw, tokens (its words),
+    # sent_id}, sent_ids unique over the file and listed again in the ref's sent_ids
+    import pickle
+    root = make_synthetic(str(tmp_path / "coco"), "refer", n=10, size=64)
+    with open(os.path.join(root, "refer/data/refcoco/refs(unc).p"), "rb") as f:
+        refs = pickle.load(f)
+    assert {r["split"] for r in refs} == {"train", "val", "testA", "testB"}
+    assert len({r["ref_id"] for r in refs}) == len(refs)
+    ids = []
+    for r in refs:
+        assert r["sent_ids"] == [x["sent_id"] for x in r["sentences"]]
+        for x in r["sentences"]:
+            assert x["raw"] == x["sent"] and x["tokens"] == x["sent"].split()
+            ids.append(x["sent_id"])
+    assert len(set(ids)) == len(ids) > len(refs)
