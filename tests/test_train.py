@@ -341,6 +341,33 @@ def test_weights_file_holds_trained_parts_and_checks_shapes(tmp_path):
     assert read_meta(str(tmp_path / "official.pth")) is None  # not ours: no metadata to read
 
 
+def test_weights_file_leaves_out_the_frozen_vae_and_text_encoder(tmp_path):
+    # the VAE and CLIP text encoder come from the SD checkpoint the metadata names: not saved, not asked for
+    from vpd.trained import load_weights, save_weights
+    path = str(tmp_path / "w.safetensors")
+    src = Toy()
+    src.clip = torch.nn.Linear(2, 2)
+    save_weights(src, path, {"task": "refer"})
+    assert sorted(load_file(path)) == ["head.bias", "head.weight"]
+    dst = Toy()
+    dst.clip = torch.nn.Linear(2, 2)
+    assert torch.equal(load_weights(dst, path).head.weight, src.head.weight)
+
+
+def test_metadata_of_other_safetensors_files_is_none_and_junk_is_named(tmp_path):
+    # an official SD file has no (or other) metadata: not ours; a damaged file is a ValueError naming it
+    from safetensors.torch import save_file
+
+    from vpd.trained import read_meta
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "bare.safetensors"))
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"), metadata={"format": "pt"})
+    assert read_meta(str(tmp_path / "bare.safetensors")) is None
+    assert read_meta(str(tmp_path / "other.safetensors")) is None
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="junk.safetensors is not a readable"):
+        read_meta(str(tmp_path / "junk.safetensors"))
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--batch-size", "0"], ["--batch-size", ">= 1, got 0"]),
     (["--iters", "0"], ["--iters", ">= 1, got 0"]),  # was: silently 25 epochs instead
