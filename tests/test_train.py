@@ -368,6 +368,26 @@ def test_metadata_of_other_safetensors_files_is_none_and_junk_is_named(tmp_path)
         read_meta(str(tmp_path / "junk.safetensors"))
 
 
+def test_demo_sd_file_is_seeded_written_once_and_never_left_half_written(tmp_path, monkeypatch):
+    import vpd.demo
+    a, b = tmp_path / "a.safetensors", tmp_path / "new" / "b.safetensors"
+    write_random_sd(str(a), seed=0)
+    write_random_sd(str(b), seed=0)  # its folder is made
+    first = a.read_bytes()
+    assert b.read_bytes() == first  # the same seed gives the same weights
+    write_random_sd(str(a), seed=1)  # an existing file is kept: a resumed demo run reads the frozen parts it began with
+    assert a.read_bytes() == first
+
+    def torn(state, path):  # half the file written, then Ctrl-C (or a full disk)
+        with open(path, "wb") as f:
+            f.write(b"half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(vpd.demo, "save_file", torn)
+    with pytest.raises(KeyboardInterrupt):
+        write_random_sd(str(tmp_path / "c" / "sd.safetensors"))
+    assert os.listdir(tmp_path / "c") == []  # no half file that the next call would take as written
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--batch-size", "0"], ["--batch-size", ">= 1, got 0"]),
     (["--iters", "0"], ["--iters", ">= 1, got 0"]),  # was: silently 25 epochs instead
