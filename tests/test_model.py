@@ -415,6 +415,22 @@ def test_losses_have_no_graph_breaks():
     torch._dynamo.reset()
 
 
+def test_wake_gives_only_all_zero_weights_values_of_std_one_over_sqrt_fan_in():
+    # SD's zero-initialised convs and heads get N(0, 1/fan_in) weights; biases and weights that already
+    # have values are left as they are
+    torch.manual_seed(0)
+    lin, conv, kept = torch.nn.Linear(400, 3), torch.nn.Conv2d(16, 64, 3), torch.nn.Linear(4, 4)
+    for m in (lin, conv):
+        torch.nn.init.zeros_(m.weight)
+        torch.nn.init.zeros_(m.bias)
+    before = [p.clone() for p in kept.parameters()]
+    wake_zero_weights_(torch.nn.ModuleList([lin, conv, kept]), torch.Generator().manual_seed(0))
+    assert lin.weight.std().item() == pytest.approx(400 ** -0.5, rel=0.1)
+    assert conv.weight.std().item() == pytest.approx((16 * 3 * 3) ** -0.5, rel=0.1)  # fan_in = in * kh * kw
+    assert not lin.bias.any() and not conv.bias.any()
+    assert all(torch.equal(p, q) for p, q in zip(kept.parameters(), before))
+
+
 # --- construction ------------------------------------------------------------------------------
 
 def test_bad_inputs_are_refused():
