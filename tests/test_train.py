@@ -321,6 +321,19 @@ def test_a_save_cut_short_leaves_the_old_file_and_no_temporary(tmp_path, monkeyp
     assert os.listdir(tmp_path) == ["state.pt"] and torch.load(path)["step"] == 1
 
 
+def test_a_save_reaches_the_disk_before_its_name_does(tmp_path, monkeypatch):
+    # after a power cut, a rename persisted ahead of the data would leave the checkpoint's name on an
+    # empty file: the temporary is flushed first
+    import vpd.trained
+    calls = []
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(("fsync", os.path.getsize(tmp_path / next(
+        n for n in os.listdir(tmp_path) if ".tmp" in n)))))
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append(("replace", os.path.basename(b))), replace(a, b)))
+    vpd.trained.save_state({"step": 1}, str(tmp_path / "state.pt"))
+    assert [c[0] for c in calls] == ["fsync", "replace"] and calls[0][1] > 0 and calls[1][1] == "state.pt"
+
+
 def test_weights_file_holds_trained_parts_and_checks_shapes(tmp_path):
     from vpd.trained import load_weights, read_meta, save_weights
     path = str(tmp_path / "w.safetensors")

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from vpd.clip import CLIPConfig, CLIPTextModel
-from vpd.trained import _atomic
+from vpd.trained import write_atomic
 from vpd.unet import UNetConfig, UNet
 from vpd.vae import VAEConfig, VAE
 
@@ -35,7 +35,7 @@ def write_random_sd(path, seed=0, unet=TINY_UNET, vae=TINY_VAE, clip=TINY_CLIP):
     for name, module in (("unet", UNet(unet)), ("vae", VAE(vae)), ("clip", CLIPTextModel(clip))):
         state.update({PREFIX[name] + k: v.contiguous() for k, v in module.state_dict().items()})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    _atomic(lambda p: save_file(state, p), path)  # a crash leaves no half file (nor a temporary) behind
+    write_atomic(lambda p: save_file(state, p), path)  # a crash leaves no half file (nor a temporary) behind
     return path
 
 

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from vpd.data import ADE20K_CLASSES, NYU_SCENES  # noqa: F401  (the class names, re-exported here)
+from vpd.trained import write_atomic
 
 IMAGENET_TEMPLATES = [
     "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
@@ -140,7 +141,6 @@ def class_embeddings(names, clip, tokenizer, cache_dir=None, ckpt_id=None, max_l
             return cached["embeddings"]
     emb = compute_class_embeddings(names, clip, tokenizer, max_length, templates)
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save({"names": names, "ckpt_id": ckpt_id, "embeddings": emb}, tmp)
-    os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    # a concurrent reader (another rank) never sees half a file
+    write_atomic(lambda p: torch.save({"names": names, "ckpt_id": ckpt_id, "embeddings": emb}, p), path)
     return emb

@@ -18,10 +18,14 @@ from safetensors.torch import save_file
 FROZEN = ("backbone.vae.", "clip.")  # parts that come from the SD checkpoint and never change
 
 
-def _atomic(write, path):
+def write_atomic(write, path):
+    """`write(tmp)`, then rename tmp to `path`: the old file or the new one, never half of one. The data
+    reaches the disk before the rename, so that a power cut cannot leave the new name on an empty file."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:  # Ctrl-C or a full disk: no half-written copy (GBs at full size) left beside it
         with suppress(OSError):
@@ -37,11 +41,11 @@ def trained_state(model):
 def save_weights(model, path, meta: dict, state=None):
     """model's `trained_state` (or `state`, one already taken) as safetensors with `meta` as JSON."""
     state = trained_state(model) if state is None else state
-    _atomic(lambda p: save_file(state, p, metadata={"vpd": json.dumps(meta)}), path)
+    write_atomic(lambda p: save_file(state, p, metadata={"vpd": json.dumps(meta)}), path)
 
 
 def save_state(obj, path):
-    _atomic(lambda p: torch.save(obj, p), path)
+    write_atomic(lambda p: torch.save(obj, p), path)
 
 
 def read_meta(path):
