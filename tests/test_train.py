@@ -826,6 +826,35 @@ def test_refer_eval_set_is_the_models_dataset_on_val_unless_a_split_is_given(mon
                                   torch.device("cpu"))
         assert (ev.dataset_name, ev.split_by, ev.split) == ("refcocog", "umd", split)
         assert (seen[-1]["dataset"], seen[-1]["split_by"], seen[-1]["split"]) == ("refcocog", "umd", split)
+    assert seen[-1]["max_tokens"] == 77  # RefCOCOg's long sentences
+    # a RefCOCO model (40 tokens) scored on RefCOCOg reads its sentences at the model's length
+    model = torch.nn.Identity()
+    model.max_tokens = 40
+    monkeypatch.setattr(vpd.tasks, "load_model", lambda *a: (model, dict(meta, dataset="refcoco")))
+    vpd.tasks.build_eval(eval_script.get_args(["--ckpt", "m.pth", "--data-root", "root", "--dataset", "refcocog"]),
+                         torch.device("cpu"))
+    assert (seen[-1]["dataset"], seen[-1]["max_tokens"]) == ("refcocog", 40)
+    assert not any(kw["split"] == "train" for kw in seen)  # evaluation builds no training set
+
+
+def test_eval_needs_only_the_split_it_scores(world, tmp_path, monkeypatch):
+    # someone with only NYUv2's test set, or ADE20K's validation set, can evaluate (a released model)
+    import shutil
+
+    import vpd.tasks
+    nyu, ade = tmp_path / "nyu", tmp_path / "ade"
+    shutil.copytree(world["roots"]["depth"], nyu)
+    shutil.rmtree(nyu / "sync")
+    os.remove(nyu / "train_list.txt")
+    shutil.copytree(world["roots"]["semseg"], ade)
+    for kind in ("images", "annotations"):
+        shutil.rmtree(ade / "ADEChallengeData2016" / kind / "training")
+    for task, root in (("depth", nyu), ("semseg", ade)):
+        meta = dict(task=task, demo=False, dataset=None, depth_crop=None, official=True)
+        monkeypatch.setattr(vpd.tasks, "load_model", lambda *a, meta=meta: (torch.nn.Identity(), meta))
+        ev = vpd.tasks.build_eval(eval_script.get_args(["--ckpt", "m.pth", "--data-root", str(root)]),
+                                  torch.device("cpu"))
+        assert len(ev.dataset) > 0 and ev.split == {"depth": "test", "semseg": "validation"}[task]
 
 
 def test_training_sets_take_the_runs_seed(world):

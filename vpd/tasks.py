@@ -58,29 +58,33 @@ def refer_split_by(dataset, split_by=None):
 
 
 def datasets(task, root, crop, seed=0, dataset=None, split_by=None, split=None, demo=False, scene_match="exact",
-             ms_ratios=None):
+             ms_ratios=None, train=True, max_tokens=None):
     """(train_set, eval_set) of `task` under `root`; a clear error when the layout is not there.
+    train=False: no training set (None), so that evaluation needs only the split it scores.
     scene_match: how NYUv2 images get their scene type (data.NYUv2; "vpd" as the released model saw them).
-    ms_ratios: semseg's multi-scale test views (data.ADE20K)."""
+    ms_ratios: semseg's multi-scale test views (data.ADE20K). max_tokens: the refer model's text length
+    (default: 77 for RefCOCOg's long sentences, 40 for the others)."""
     if dataset is not None and dataset not in DATASETS[task]:
         raise SystemExit(f"--dataset {dataset!r} is not a {task} dataset: {', '.join(DATASETS[task])}")
     try:
         if task == "depth" and dataset == "kitti":
             side = min(crop, data.KB_CROP[0])  # frames are 352 high after the KB crop: 352x704 by default
-            return (data.KITTI(root, "train", crop=(side, 2 * side), seed=seed),
-                    data.KITTI(root, split or EVAL_SPLITS[task], train=False))
-        if task == "depth":
-            return (data.NYUv2(root, "train", crop=(crop, crop), seed=seed, scene_match=scene_match),
-                    data.NYUv2(root, "test", train=False, scene_match=scene_match))
-        if task == "semseg":
+            make = (lambda: data.KITTI(root, "train", crop=(side, 2 * side), seed=seed),
+                    lambda: data.KITTI(root, split or EVAL_SPLITS[task], train=False))
+        elif task == "depth":
+            make = (lambda: data.NYUv2(root, "train", crop=(crop, crop), seed=seed, scene_match=scene_match),
+                    lambda: data.NYUv2(root, "test", train=False, scene_match=scene_match))
+        elif task == "semseg":
             scale = (4 * crop, crop)  # (2048, 512) for the paper's 512 crops
-            return (data.ADE20K(root, "training", crop=(crop, crop), scale=scale, seed=seed),
-                    data.ADE20K(root, "validation", train=False, scale=scale, ms_ratios=ms_ratios))
-        tok = Tokenizer().encode
-        kw = dict(dataset=dataset or "refcoco", split_by=refer_split_by(dataset, split_by),
-                  tokenizer=tok, max_tokens=77 if dataset == "refcocog" else 40, size=(crop, crop))
-        return (data.RefCOCO(root, split="train", seed=seed, **kw),
-                data.RefCOCO(root, split=split or EVAL_SPLITS[task], train=False, **kw))
+            make = (lambda: data.ADE20K(root, "training", crop=(crop, crop), scale=scale, seed=seed),
+                    lambda: data.ADE20K(root, "validation", train=False, scale=scale, ms_ratios=ms_ratios))
+        else:
+            kw = dict(dataset=dataset or "refcoco", split_by=refer_split_by(dataset, split_by),
+                      tokenizer=Tokenizer().encode, max_tokens=max_tokens or (77 if dataset == "refcocog" else 40),
+                      size=(crop, crop))
+            make = (lambda: data.RefCOCO(root, split="train", seed=seed, **kw),
+                    lambda: data.RefCOCO(root, split=split or EVAL_SPLITS[task], train=False, **kw))
+        return (make[0]() if train else None), make[1]()
     except (FileNotFoundError, ValueError) as e:
         if demo:
             raise
@@ -220,7 +224,8 @@ def build_eval(args, device):
     # the released depth model was trained with VPD's substring scene match (study_room -> study)
     _, eval_set = datasets(task, root, crop, dataset=dataset, split_by=split_by, split=args.split,
                            demo=meta.get("demo", False), scene_match="vpd" if meta.get("official") else "exact",
-                           ms_ratios=MS_RATIOS if args.ms_flip else None)
+                           ms_ratios=MS_RATIOS if args.ms_flip else None, train=False,
+                           max_tokens=getattr(model, "max_tokens", None))
     return SimpleNamespace(model=model.to(device), task=task, dataset=eval_set, depth_crop=meta.get("depth_crop"),
                            max_depth=getattr(model, "max_depth", 10.0), crop=crop, dataset_name=dataset,
                            split_by=split_by, split=args.split or EVAL_SPLITS[task])
