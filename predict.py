@@ -46,7 +46,7 @@ from vpd.data import (IMAGE_EXTENSIONS, KITTI_SCENES, NYU_SCENES, BadSampleError
 from vpd.dist import amp_autocast, setup, writable_dir
 from vpd.infer import depth_predict, refer_logits, semseg_probs
 from vpd.model import TASKS
-from vpd.tasks import load_model, to_device
+from vpd.tasks import check_ckpt, load_model, to_device
 from vpd.trained import read_meta
 
 SIZES = {"depth": 640, "semseg": 512, "refer": 512}  # see the docstring: --size per task
@@ -106,8 +106,7 @@ def image_paths(inputs):
 
 def resolve_task(args):
     """The task of this run: --task, or the one our checkpoint's metadata names."""
-    if not os.path.isfile(args.ckpt):
-        raise SystemExit(f"--ckpt {args.ckpt}: no such file")
+    check_ckpt(args.ckpt)
     try:
         meta = read_meta(args.ckpt) or {}
     except ValueError as e:
@@ -116,7 +115,8 @@ def resolve_task(args):
         raise SystemExit(f"--ckpt {args.ckpt} is a {meta['task']} model, not {args.task}")
     task = args.task or meta.get("task")
     if task is None:
-        raise SystemExit(f"--task is required for {args.ckpt} (an official VPD checkpoint)")
+        raise SystemExit(f"--task is required for {args.ckpt}: it holds no metadata of ours, so it is read as a "
+                         "released VPD checkpoint")
     return task, meta
 
 

@@ -250,6 +250,17 @@ def test_option_errors(world, tmp_path):
     assert "depth model, not refer" in error_of("--task", "refer", "--ckpt", depth, world.wide)  # not "--text"
     assert f"--ckpt {tmp_path / 'x.safetensors'}: no such file" in error_of("--ckpt", tmp_path / "x.safetensors",
                                                                              world.wide)
+    # train.py's other file, the run's folder, and a tensor file (VPD's class embeddings) are named as such
+    state = tmp_path / "run" / "state.pt"
+    state.parent.mkdir()
+    state.write_bytes(b"")
+    assert "training state (what --resume reads): give the model.safetensors" in error_of("--ckpt", state, world.wide)
+    assert error_of("--ckpt", state.parent, world.wide) == f"--ckpt {state.parent} is a folder"
+    (state.parent / "model.safetensors").write_bytes(b"")
+    assert f"is a folder: give {state.parent / 'model.safetensors'}" in error_of("--ckpt", state.parent, world.wide)
+    torch.save(torch.zeros(150, 768), tmp_path / "class_embeddings.pth")
+    assert "holds a Tensor, not a state dict: not a VPD checkpoint" in error_of(
+        "--task", "semseg", "--ckpt", tmp_path / "class_embeddings.pth", world.wide)  # was: a traceback
     other = tmp_path / "b"
     other.mkdir()
     write_image(str(other / "wide.jpg"), 8, 8, 2)

@@ -7,6 +7,7 @@ single tensor is copied, so a bad file leaves nothing half-loaded.
 """
 import os
 import pickle
+import re
 import zipfile
 
 import torch
@@ -56,8 +57,17 @@ def torch_load(path, allow=()):
             with torch.serialization.safe_globals([*allow, *stand_ins]):
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
-        raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: "
-                              f"{' '.join(str(e).split())})") from None
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({load_error(e)})") from None
+
+
+def load_error(e):
+    """torch.load's error in one line. Under weights_only, its advice to load with weights_only=False
+    (running code from the file) is left out: say what the file holds instead."""
+    text = " ".join(str(e).split())
+    if isinstance(e, pickle.UnpicklingError):
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        return f"it holds a {found.group(1)} object, not only tensors" if found else "not a torch file of tensors"
+    return f"{type(e).__name__}: {text}"
 
 
 def _open(src):

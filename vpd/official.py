@@ -97,6 +97,8 @@ def read_official(src):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"official VPD checkpoint not found: {path}")
         obj = torch_load(path, allow=[argparse.Namespace])  # the refer file pickles its training args
+        if not isinstance(obj, dict):  # e.g. a class-embeddings file
+            raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict: not a VPD checkpoint")
     for key in ("state_dict", "model"):  # mmseg files / depth and refer files
         if isinstance(obj.get(key), dict):
             obj = obj[key]

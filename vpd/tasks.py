@@ -174,17 +174,30 @@ def _cfg(cls, d):
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
+def check_ckpt(ckpt):
+    """Refuse, with what to give instead, a --ckpt that is no model file: a folder, a missing file,
+    train.py's state.pt or a file of another kind."""
+    if os.path.isdir(ckpt):
+        inside = os.path.join(ckpt, "model.safetensors")
+        raise SystemExit(f"--ckpt {ckpt} is a folder" + (f": give {inside}" if os.path.isfile(inside) else ""))
+    if not os.path.isfile(ckpt):
+        raise SystemExit(f"--ckpt {ckpt}: no such file")
+    if os.path.basename(ckpt) == "state.pt":
+        raise SystemExit(f"--ckpt {ckpt} is train.py's training state (what --resume reads): give the "
+                         "model.safetensors of the same folder")
+    if not ckpt.endswith((".safetensors", ".ckpt", ".pth", ".pt")):
+        raise SystemExit(f"--ckpt {ckpt}: not a checkpoint (ours: model.safetensors; VPD's: .ckpt / .pth)")
+
+
 def load_model(ckpt, task=None, sd_ckpt=None):
     """A model for evaluation / prediction from our `model.safetensors` (rebuilt from its metadata +
     the frozen parts of its SD file) or from an official VPD release. Returns (model, meta)."""
-    if not os.path.isfile(ckpt):
-        raise SystemExit(f"--ckpt {ckpt}: no such file")
-    if not ckpt.endswith((".safetensors", ".ckpt", ".pth", ".pt")):
-        raise SystemExit(f"--ckpt {ckpt}: not a checkpoint (ours: model.safetensors; VPD's: .ckpt / .pth)")
+    check_ckpt(ckpt)
     meta = read_meta(ckpt)
     if meta is None:  # an official VPD checkpoint
         if task is None:
-            raise SystemExit("--task is required for an official VPD checkpoint")
+            raise SystemExit(f"--task is required for {ckpt}: it holds no metadata of ours, so it is read as a "
+                             "released VPD checkpoint")
         if sd_ckpt is not None and task != "refer":  # would be read for nothing
             raise SystemExit(f"--sd-ckpt: the released {task} model holds its own VAE and UNet; only the refer "
                              "model takes its CLIP from an SD file")

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from vpd.data import ADE20K_CLASSES, NYU_SCENES  # noqa: F401  (the class names, re-exported here)
+from vpd.checkpoint import load_error
 from vpd.trained import write_atomic
 
 IMAGENET_TEMPLATES = [
@@ -67,7 +68,7 @@ def load_class_embeddings(path, count, dim) -> torch.Tensor:
         try:
             emb = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 (not a torch file, or one holding objects: say which file)
-            raise ValueError(f"{path}: not a torch tensor file ({type(e).__name__}: {e})") from None
+            raise ValueError(f"{path}: cannot read class embeddings from it ({load_error(e)})") from None
     if not torch.is_tensor(emb) or tuple(emb.shape) != (count, dim) or not emb.is_floating_point():
         what = f"a {tuple(emb.shape)} {emb.dtype} tensor" if torch.is_tensor(emb) else type(emb).__name__
         raise ValueError(f"{path}: class embeddings must be a ({count}, {dim}) float tensor, got {what}")
