@@ -11,6 +11,7 @@ state.pt (step, weights, optimizer, RNG, args); --resume continues exactly where
 """
 import argparse
 import json
+import math
 import os
 import random
 import time
@@ -52,6 +53,20 @@ RUN_SETTINGS = ("task", "iters", "epochs", "batch_size", "micro_batch", "amp", "
 RUN_FILES = ("sd_ckpt", "data_root", "class_embeddings")  # compared too where given (the demo writes its own into --out)
 
 
+def factor(zero_ok):
+    """argparse type: a finite float > 0, or >= 0 where zero_ok (a negative lr or decay climbs the loss,
+    and torch's optimizer says so only once the model is built)."""
+    def parse(text):
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(x) or x < 0 or (x == 0 and not zero_ok):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>=' if zero_ok else '>'} 0, got {text}")
+        return x
+    return parse
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=TASKS, help="semseg (ADE20K), depth (NYUv2 / KITTI) or refer (RefCOCO)")
@@ -68,9 +83,9 @@ def get_args(argv=None):
     p.add_argument("--epochs", type=count(1))
     p.add_argument("--batch-size", type=count(1), help="global batch per optimizer step")
     p.add_argument("--micro-batch", type=count(1), help="images per process per forward (accumulates to --batch-size)")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--unet-lr-mult", type=float)
+    p.add_argument("--lr", type=factor(zero_ok=False))
+    p.add_argument("--weight-decay", type=factor(zero_ok=True))
+    p.add_argument("--unet-lr-mult", type=factor(zero_ok=True), help="0 keeps the UNet as it is")
     p.add_argument("--warmup-iters", type=count(0))
     p.add_argument("--crop", type=count(1))
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None,

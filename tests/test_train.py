@@ -410,6 +410,12 @@ def test_demo_sd_file_is_seeded_written_once_and_never_left_half_written(tmp_pat
     (["--workers", "x"], ["--workers", "expected an integer, got 'x'"]),
     (["--task", "semseg", "--crop", "100"], ["--crop 100", "multiples of 64"]),
     (["--task", "depth", "--crop", "100"], ["--crop 100", "multiples of 32"]),
+    (["--lr", "-1"], ["--lr", "finite number > 0, got -1"]),  # was: torch's ValueError once the model was built
+    (["--lr", "0"], ["--lr", "> 0, got 0"]),
+    (["--lr", "nan"], ["--lr", "finite number"]),
+    (["--weight-decay", "-0.1"], ["--weight-decay", ">= 0, got -0.1"]),
+    (["--unet-lr-mult", "-1"], ["--unet-lr-mult", ">= 0, got -1"]),  # was: gradient ascent on the UNet
+    (["--lr", "1e-4x"], ["--lr", "expected a number, got '1e-4x'"]),
 ])
 def test_bad_numbers_are_argument_errors(argv, words, capsys):
     script = eval_script if "--max-samples" in argv else train
