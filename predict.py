@@ -242,7 +242,11 @@ def main(args):
         depth_units = 1000 if model.max_depth * 1000 <= 65535 else 256
         print(f"depth: scene {args.scene}, PNGs in 1/{depth_units} m")
     if task == "refer":
-        tokens = Tokenizer()(args.text, max_length=model.max_tokens).to(device)  # (1, max_tokens)
+        tokenizer = Tokenizer()
+        n, room = len(tokenizer.encode(args.text)) - 2, model.max_tokens - 2  # without BOS and EOS
+        if n > room:
+            print(f"--text is {n} tokens long: this model reads its first {room}")
+        tokens = tokenizer(args.text, max_length=model.max_tokens).to(device)  # (1, max_tokens)
 
     train_crop = int(meta["args"]["crop"]) if "args" in meta else 512  # semseg's sliding window
     dataset = ImageFolder(paths, task, size)

@@ -205,6 +205,19 @@ def test_refer_mask_is_binary_and_matches_the_model(world, tmp_path):
     assert not np.array_equal(overlay[mask == 255], original[mask == 255])
 
 
+def test_refer_says_when_the_text_is_longer_than_the_model_reads(world, tmp_path, capsys):
+    ckpt = checkpoint(world, "refer")
+    room = load_model(ckpt)[0].max_tokens - 2  # BOS and EOS take two places
+    # "the</w>" and "man</w>" are one CLIP token each (see above)
+    run("--ckpt", ckpt, "--size", SIZE, "--text", " ".join(["the man"] * (room // 2)), "--out", tmp_path, world.wide)
+    assert "tokens long" not in capsys.readouterr().out
+    run("--ckpt", ckpt, "--size", SIZE, "--text", " ".join(["the man"] * (room // 2 + 1)), "--out", tmp_path,
+        world.wide)
+    assert f"--text is {room + 2} tokens long: this model reads its first {room}" in capsys.readouterr().out
+    tokens = Tokenizer()(" ".join(["the man"] * (room // 2 + 1)), max_length=room + 2)
+    assert tokens[0, -2] == 786 and tokens[0, -1] == 49407  # the cut: the first 19 pairs, then EOS
+
+
 # --- bad input ------------------------------------------------------------------------------
 
 def test_missing_and_unreadable_images(world, tmp_path):
