@@ -6,7 +6,10 @@
     python predict.py --task refer --ckpt out/refer/model.safetensors street.jpg --text "the man on the left"
 
 Inputs are image files and folders of images (jpg, png, ...; any size and aspect). Every output PNG
-has the input image's own size and is named after it (<name> = the file name without extension):
+has the input image's own size and is named after it (<name> = the file name without extension).
+A folder gives its own images, not its subfolders' (nor, when it is also --out, earlier outputs).
+An image that cannot be read is skipped, and the run lists it at the end and exits with status 1.
+
 
   depth   <name>_depth.png         16-bit depth in millimetres (x 1/256 m instead for models whose
                                    maximum depth exceeds 65.5 m, e.g. KITTI; the log says which)
@@ -51,6 +54,8 @@ from vpd.trained import read_meta
 
 SIZES = {"depth": 640, "semseg": 512, "refer": 512}  # see the docstring: --size per task
 DEFAULT_SCENE = "living_room"
+OUTPUTS = {"depth": ("_depth.png", "_depth_color.png"), "semseg": ("_semseg.png", "_semseg_ids.png"),
+           "refer": ("_refer.png", "_refer_mask.png")}  # <name> + these, per task
 
 
 def get_args(argv=None):
@@ -75,12 +80,23 @@ def get_args(argv=None):
 
 # ----------------------------------------------------------------------------- checks before the model loads
 
-def image_paths(inputs):
-    """Files and folders -> image file paths (a folder gives its images, sorted, not its subfolders)."""
+def image_paths(inputs, out):
+    """Files and folders -> (image paths, skipped). A folder gives its images, sorted: not its
+    subfolders', nor, when it is --out, an earlier run's outputs. A file whose header cannot be read is
+    skipped and named, as one found truncated later; none readable stops us before the model load."""
     paths = []
     for item in inputs:
         if os.path.isdir(item):
-            found = sorted(os.path.join(item, n) for n in os.listdir(item) if n.lower().endswith(IMAGE_EXTENSIONS))
+            names = sorted(os.listdir(item))
+            if os.path.abspath(item) == os.path.abspath(out):
+                ours = [n for n in names if n.endswith(sum(OUTPUTS.values(), ()))]
+                if ours:
+                    print(f"{item} is --out: its {len(ours)} earlier output(s) (<name>_depth.png, ...) are not inputs")
+                names = [n for n in names if n not in ours]
+            subfolders = sum(os.path.isdir(os.path.join(item, n)) for n in names)
+            if subfolders:
+                print(f"{item}: {subfolders} subfolder(s) not searched (give them as inputs too)")
+            found = [os.path.join(item, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
             if not found:
                 raise SystemExit(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {item}")
             paths += found
@@ -88,20 +104,25 @@ def image_paths(inputs):
             paths.append(item)
         else:
             raise SystemExit(f"image not found: {item}")
-    for path in paths:  # read the headers now: a bad file stops us before the (slow) model load
+    readable, skipped = [], []
+    for path in paths:  # read the headers now, before the (slow) model load
         try:
             with Image.open(path) as im:
                 check_photo(im)
+            readable.append(path)
         except (OSError, SyntaxError, ValueError) as e:
-            raise SystemExit(f"cannot read image {path}: {e}") from None
+            skipped.append(f"cannot read image {path}: {e}")
+            print(f"skipped: {skipped[-1]}")
+    if not readable:
+        raise SystemExit("\n".join(skipped))
     stems = {}
-    for path in paths:  # outputs are named after the file: two inputs must not share a name
+    for path in readable:  # outputs are named after the file: two inputs must not share a name
         stem = os.path.splitext(os.path.basename(path))[0]
         if stem in stems and os.path.abspath(stems[stem]) != os.path.abspath(path):
             raise SystemExit(f"{stems[stem]} and {path} would write the same output names ({stem}_*.png): "
                              "rename one or predict them into different --out folders")
         stems[stem] = path
-    return list(dict.fromkeys(stems.values()))  # each file once
+    return list(dict.fromkeys(stems.values())), skipped  # each file once
 
 
 def resolve_task(args):
@@ -193,18 +214,15 @@ def predict_refer(model, sample, tokens):
 
 def save_outputs(task, out, stem, pred, image_path, depth_units=1000):
     """The PNGs of one image (see the module docstring); returns their paths."""
-    base = os.path.join(out, stem)
+    paths = [os.path.join(out, stem) + suffix for suffix in OUTPUTS[task]]
     pred = pred.cpu().numpy()
     if task == "depth":
-        paths = [base + "_depth.png", base + "_depth_color.png"]
         vis.save_depth_png16(pred, paths[0], depth_units)
         vis.colorize_depth(pred).save(paths[1])
     elif task == "semseg":
-        paths = [base + "_semseg.png", base + "_semseg_ids.png"]
         vis.colorize_labels(pred).save(paths[0])
         Image.fromarray(pred.astype(np.uint8 if pred.max() < 256 else np.uint16)).save(paths[1])
     else:
-        paths = [base + "_refer.png", base + "_refer_mask.png"]
         rgb = read_rgb(image_path, upright=True).astype(np.uint8)  # as the mask was predicted
         vis.overlay_mask(rgb, pred).save(paths[0])
         Image.fromarray(pred.astype(np.uint8) * 255).save(paths[1])
@@ -216,7 +234,7 @@ def save_outputs(task, out, stem, pred, image_path, depth_units=1000):
 def main(args):
     task, meta = resolve_task(args)
     check_options(args, task)
-    paths = image_paths(args.images)
+    paths, skipped = image_paths(args.images, args.out)
     size = args.size or default_size(task, meta)
     writable_dir(args.out)
     _, _, device = setup(args.device)
@@ -250,7 +268,7 @@ def main(args):
 
     train_crop = int(meta["args"]["crop"]) if "args" in meta else 512  # semseg's sliding window
     dataset = ImageFolder(paths, task, size)
-    written, skipped = 0, []
+    written = 0
     with torch.inference_mode(), autocast():
         for i in tqdm(range(len(dataset)), desc=f"predict {task}", unit="img", dynamic_ncols=True):
             try:

@@ -235,9 +235,17 @@ def test_missing_and_unreadable_images(world, tmp_path):
     assert os.path.isfile(tmp_path / "o" / "wide_depth.png")  # the image after it was still predicted
     deep = tmp_path / "depth16.png"  # a 16-bit depth map given as a photo: refused from its header
     Image.fromarray(np.full((8, 8), 3000, np.uint16)).save(deep)
-    err = error_of("--ckpt", ckpt, "--out", tmp_path / "o2", world.wide, deep)
+    err = error_of("--ckpt", ckpt, "--out", tmp_path / "o2", deep)
     assert f"cannot read image {deep}" in err and "(mode I;16) is not a photo" in err
-    assert not os.path.exists(tmp_path / "o2")  # before any prediction was written
+    assert not os.path.exists(tmp_path / "o2")  # nothing readable: stopped before the model load
+    # in a folder, a file whose header cannot be read (e.g. macOS's ._IMG.jpg) is skipped like a truncated one
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "._wide.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    write_image(str(folder / "wide.jpg"), H, W, 0)
+    err = error_of("--ckpt", ckpt, "--size", SIZE, "--out", tmp_path / "o3", folder)
+    assert err.startswith("1 image(s) skipped:") and f"cannot read image {folder / '._wide.jpg'}" in err
+    assert os.path.isfile(tmp_path / "o3" / "wide_depth.png")
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "no images" in error_of("--ckpt", ckpt, "--out", tmp_path, empty)
@@ -394,7 +402,24 @@ def test_a_folder_gives_its_images_whatever_the_case_of_their_extension(tmp_path
     write_image(str(tmp_path / "IMG_0001.JPG"), 8, 8, 0)
     write_image(str(tmp_path / "b.png"), 8, 8, 1)
     (tmp_path / "notes.txt").write_text("not an image")
-    assert predict.image_paths([str(tmp_path)]) == [str(tmp_path / "IMG_0001.JPG"), str(tmp_path / "b.png")]
+    assert predict.image_paths([str(tmp_path)], "out") == ([str(tmp_path / "IMG_0001.JPG"), str(tmp_path / "b.png")],
+                                                            [])
+
+
+def test_a_folder_that_is_out_gives_its_photos_not_earlier_outputs(world, tmp_path, capsys):
+    # predicting a folder into itself twice: the second run reads the photos again, not the first run's PNGs
+    ckpt = checkpoint(world, "depth")
+    write_image(str(tmp_path / "photo.png"), H, W, 0)
+    (tmp_path / "sub").mkdir()
+    write_image(str(tmp_path / "sub" / "other.png"), H, W, 1)
+    for _ in range(2):
+        run("--ckpt", ckpt, "--size", SIZE, "--out", tmp_path, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["photo.png", "photo_depth.png", "photo_depth_color.png", "sub"]
+    out = capsys.readouterr().out
+    assert "its 2 earlier output(s)" in out and f"{tmp_path}: 1 subfolder(s) not searched" in out
+    # in another folder, files of those names are photos like any other
+    assert predict.image_paths([str(tmp_path)], "elsewhere")[0] == [
+        str(tmp_path / n) for n in ("photo.png", "photo_depth_color.png")]  # (the 16-bit PNG: not a photo)
 
 
 def test_semseg_without_size_sees_the_image_at_its_training_scale(world, tmp_path, monkeypatch):
