@@ -5,11 +5,10 @@
     python predict.py --task semseg --ckpt out/semseg/model.safetensors a.jpg b.png --out seg/
     python predict.py --task refer --ckpt out/refer/model.safetensors street.jpg --text "the man on the left"
 
-Inputs are image files and folders of images (jpg, png, ...; any size and aspect). Every output PNG
-has the input image's own size and is named after it (<name> = the file name without extension).
-A folder gives its own images, not its subfolders' (nor, when it is also --out, earlier outputs).
-An image that cannot be read is skipped, and the run lists it at the end and exits with status 1.
-
+Inputs are image files and folders of images (jpg, png, ...; any size and aspect). A folder gives
+its own images, not its subfolders' (nor, when it is also --out, earlier outputs). An image that
+cannot be read is skipped, listed at the end, and the run exits with status 1. Every output PNG has
+the input image's own size and is named after it (<name> = the file name without extension):
 
   depth   <name>_depth.png         16-bit depth in millimetres (x 1/256 m instead for models whose
                                    maximum depth exceeds 65.5 m, e.g. KITTI; the log says which)
