@@ -151,17 +151,20 @@ def get_args(argv=None):
                    "out/demo_<task> with --task semseg / refer) on its synthetic set")
     p.add_argument("--sd-ckpt", help="SD v1.x file for the frozen VAE/CLIP (default: the one training used; "
                    "of the official releases only refer's needs one, for CLIP)")
-    p.add_argument("--data-root")
+    p.add_argument("--data-root", help="dataset root in its standard layout (see README); only the evaluated split "
+                   "needs to be there (default for --demo: its synthetic set)")
     p.add_argument("--dataset", default=None, help="depth: nyu|kitti; refer: refcoco|refcoco+|refcocog")
-    p.add_argument("--split-by", default=None)
+    p.add_argument("--split-by", default=None, help="refer: unc (refcoco, refcoco+; default) or umd / google "
+                   "(refcocog; default umd)")
     p.add_argument("--split", default=None, help="refer: val, testA, testB, test, ...")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="where metrics_<protocol>.json goes (default: eval/ next to --ckpt)")
     p.add_argument("--ms-flip", action="store_true", help="semseg: multi-scale + flip test")
     p.add_argument("--no-flip", action="store_true", help="depth: no flip averaging")
     p.add_argument("--refer-full-res", action="store_true",
                    help="refer: score masks at the original image size, not at the 512x512 input size")
     p.add_argument("--max-samples", type=count(1))
-    p.add_argument("--save-vis", action="store_true")
+    p.add_argument("--save-vis", action="store_true", help="also write each sample's prediction as a coloured PNG "
+                   "(<sample index>.png) into vis_<protocol>/ in --out")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None, help="default: bf16 on GPU, off on CPU")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=count(0), default=2, help="data loader processes")
@@ -188,6 +191,10 @@ def main(args):
     rank, world, device = dist.setup(args.device)
     if args.task is not None:
         check_task_flags(args, args.task)  # before minutes of model loading
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
+    dist.writable_dir(out)
+    if rank == 0:
+        print(f"loading {args.ckpt} and the evaluation set")
     try:
         ev = build_eval(args, device)  # model from the checkpoint + the evaluation set
     except (ValueError, FileNotFoundError) as e:  # unreadable or mismatched files: say which, no traceback
@@ -195,12 +202,14 @@ def main(args):
     if args.task is None:  # (a given --task was checked above, and the checkpoint's matches it)
         args.task = ev.task
         check_task_flags(args, ev.task)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
-    dist.writable_dir(out)
     autocast = dist.amp_autocast(args.amp, device)
+    protocol = dict(dataset=ev.dataset_name, split_by=ev.split_by, split=ev.split, ms_flip=args.ms_flip,
+                    flip=not args.no_flip, refer_full_res=args.refer_full_res, max_samples=args.max_samples)
+    name = metrics_name(protocol)  # metrics_<protocol>.json, and vis_<protocol>/ for the PNGs
+    vis_dir = os.path.join(out, "vis_" + name[len("metrics_"):-len(".json")]) if args.save_vis else None
     try:
         metrics = evaluate(ev.model, ev.task, ev.dataset, device, autocast, args.max_samples, ms_flip=args.ms_flip,
-                           flip=not args.no_flip, save_vis=os.path.join(out, "vis") if args.save_vis else None,
+                           flip=not args.no_flip, save_vis=vis_dir,
                            depth_crop=ev.depth_crop, max_depth=ev.max_depth, workers=args.workers,
                            refer_full_res=args.refer_full_res, seg_crop=ev.crop)
     except ValueError as e:  # an unreadable file (BadSampleError), or no valid ground truth
@@ -209,9 +218,7 @@ def main(args):
         n = len(ev.dataset) if args.max_samples is None else min(args.max_samples, len(ev.dataset))
         print(f"{ev.task} on {n} samples ({world} processes), {args.ckpt}")
         print(format_metrics(metrics, ADE20K_CLASSES if ev.task == "semseg" else None))
-        protocol = dict(dataset=ev.dataset_name, split_by=ev.split_by, split=ev.split, ms_flip=args.ms_flip,
-                        flip=not args.no_flip, refer_full_res=args.refer_full_res, max_samples=args.max_samples)
-        path = os.path.join(out, metrics_name(protocol))
+        path = os.path.join(out, name)
         with open(path, "w") as f:
             json.dump(dict(ckpt=os.path.abspath(args.ckpt), task=ev.task, samples=n, **protocol, **metrics), f,
                       indent=1)

@@ -238,6 +238,7 @@ def main(args):
     writable_dir(args.out)
     _, _, device = setup(args.device)
 
+    print(f"loading {args.ckpt}")
     try:
         model, meta = load_model(args.ckpt, args.task, args.sd_ckpt)  # the same metadata, official files too
     except (ValueError, FileNotFoundError) as e:  # unreadable or mismatched files: say which, no traceback

@@ -341,10 +341,25 @@ def test_eval_main_hands_the_protocol_to_evaluate(tmp_path, monkeypatch):
         eval_script.main(eval_script.get_args(["--ckpt", str(tmp_path / "model.safetensors"), "--out", str(tmp_path),
                                                "--device", "cpu", *flags]))
     depth, semseg, refer = calls
+    assert all(c["save_vis"] is None for c in calls)
+    # --save-vis PNGs go into a folder per protocol, as the metrics files do: runs do not overwrite each other
+    eval_script.main(eval_script.get_args(["--ckpt", str(tmp_path / "model.safetensors"), "--out", str(tmp_path),
+                                           "--device", "cpu", "--save-vis", "--refer-full-res", "--max-samples", "3"]))
+    assert calls[-1]["save_vis"] == str(tmp_path / "vis_x_y_fullres_first3")
+    assert os.path.isfile(tmp_path / "metrics_x_y_fullres_first3.json")
     assert depth["depth_crop"] == "garg" and depth["max_depth"] == 80.0 and not depth["flip"]
     assert semseg["seg_crop"] == 64 and semseg["ms_flip"] and not depth["ms_flip"]
     assert refer["refer_full_res"] and not semseg["refer_full_res"]
     assert depth["autocast"] is None and semseg["autocast"] == torch.bfloat16
+
+
+def test_eval_refuses_an_out_it_cannot_write_before_loading_anything(tmp_path, monkeypatch):
+    import eval as eval_script
+    monkeypatch.setattr(eval_script, "build_eval", lambda args, device: pytest.fail("loaded before --out was checked"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="is not writable"):
+        eval_script.main(eval_script.get_args(["--ckpt", "m.safetensors", "--out", str(tmp_path / "file" / "eval"),
+                                               "--device", "cpu"]))
 
 
 def test_to_device_moves_the_multi_scale_views_too():
