@@ -25,6 +25,10 @@ def test_full_config_matches_sd15_tensor_list():
         model = CLIPTextModel(CLIPConfig())
     assert {k: list(v.shape) for k, v in model.state_dict().items()} == ref
     assert sum(p.numel() for p in model.parameters()) == 123_060_480
+    # the defaults are the file's text config; the head count leaves no trace in the shapes
+    cfg = json.loads(SD15.read_text())["configs"]["clip"]
+    assert vars(CLIPConfig()) == {k: cfg[k] for k in vars(CLIPConfig())}
+    assert {layer.self_attn.n_head for layer in model.encoder.layers} == {cfg["num_attention_heads"]}
 
 
 @pytest.fixture(scope="module")

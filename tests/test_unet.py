@@ -1,4 +1,5 @@
 """The SD v1 UNet against the checkpoint layout and against diffusers' UNet2DConditionModel."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -71,12 +72,19 @@ def tiny(tmp_path_factory):
 
 
 def test_full_config_matches_sd15_checkpoint_layout():
+    from vpd.unet import CrossAttention
     info = json.loads((SHARED / "sd15_tensors.json").read_text())
     expected = {k[len(PREFIX):]: v for k, v in info["shapes"].items() if k.startswith(PREFIX)}
     with torch.device("meta"):
         model = UNet(UNetConfig())
     assert {k: list(v.shape) for k, v in model.state_dict().items()} == expected
     assert sum(p.numel() for p in model.parameters()) == 859_520_964 == info["param_counts"][PREFIX]
+    # the defaults are v1-inference.yaml's; the head count leaves no trace in the shapes, so it is read
+    # off the attention layers: 8 heads at every level, of 40, 80 and 160 channels
+    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(UNetConfig()).items()}
+    assert cfg == info["configs"]["unet"]
+    heads = {(m.heads, m.to_q.out_features // m.heads) for m in model.modules() if isinstance(m, CrossAttention)}
+    assert heads == {(8, 40), (8, 80), (8, 160)}
 
 
 @pytest.mark.parametrize("size", [(16, 24), (16, 16)])

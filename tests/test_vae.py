@@ -22,6 +22,9 @@ def test_full_config_matches_sd15_tensor_list():
     ours = {k: list(v.shape) for k, v in vae.state_dict().items()}
     assert ours == ref
     assert sum(p.numel() for p in vae.parameters()) == 83_653_863
+    cfg = json.loads(SD15.read_text())["configs"]["vae"]  # ldm's first_stage_config ddconfig + embed_dim
+    assert {k: list(v) if isinstance(v, tuple) else v for k, v in vars(VAEConfig()).items()} == {
+        k: cfg[k] for k in vars(VAEConfig())}
 
 
 def random_ldm_state(cfg, seed=0):
