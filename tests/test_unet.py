@@ -133,6 +133,10 @@ def test_scalar_timestep_and_bad_inputs(tiny):
             ours.features(x, 1, ctx, map_blocks=("down",))
     with pytest.raises(ValueError, match="multiple of 32"):
         UNet(UNetConfig(model_channels=48))
+    with pytest.raises(ValueError, match="num_heads"):  # 32 channels in 3 heads: the heads would not fill the width
+        UNet(UNetConfig(model_channels=32, num_heads=3, context_dim=32))
+    with pytest.raises(ValueError, match="num_res_blocks"):
+        UNet(dataclasses.replace(SMALL, num_res_blocks=0))
 
 
 def test_channels_last(tiny):
