@@ -98,6 +98,36 @@ def test_forward_matches_diffusers(tiny, size):
     assert (got - want).abs().max() <= 1e-4 * want.std()
 
 
+def test_fractional_timesteps_match_diffusers(tiny):
+    # the sinusoid takes real-valued t (ldm and diffusers alike), so t is not rounded to an integer
+    ours, ref, _, _ = tiny
+    x, _, ctx = inputs(16, 16)
+    t = torch.tensor([0.5, 499.75])
+    with torch.no_grad():
+        want = ref(x, t, encoder_hidden_states=ctx).sample
+        got = ours(x, t, ctx)
+    assert (got - want).abs().max() <= 1e-4 * want.std()
+
+
+def test_deeper_transformers_match_diffusers():
+    # transformer_depth 2: both blocks of every SpatialTransformer run, and each block's attn2 map
+    # counts in its resolution's average, as diffusers' up/down blocks with two transformer layers
+    cfg = dataclasses.replace(TINY, transformer_depth=2)
+    state = random_state(cfg, seed=3)
+    ours, ref = UNet.from_checkpoint(state, cfg).eval(), diffusers_unet(cfg, state)
+    x, t, ctx = inputs(8, 16)
+    groups = ("input", "middle", "output")
+    want_feats, want_maps, n_kept = reference_features(ref, x, t, ctx, groups, 1.0)
+    assert n_kept == 2 * 16  # two attn2 per transformer, 16 transformers
+    with torch.no_grad():
+        feats, maps = ours.features(x, t, ctx, map_blocks=groups, map_max_fraction=1.0)
+    for got, want in zip(feats, want_feats):
+        assert (got - want).abs().max() <= 1e-4 * want.std()
+    assert set(maps) == set(want_maps)
+    for size, m in maps.items():
+        torch.testing.assert_close(m, want_maps[size], rtol=0, atol=1e-5)
+
+
 def test_norm_epsilons_match_diffusers(tiny):
     # GroupNorm 1e-5 in ResBlocks, 1e-6 before the transformers; LayerNorm 1e-5: too small for the
     # parity test's unit-scale activations to show, so compared one by one
