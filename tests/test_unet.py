@@ -338,6 +338,43 @@ def test_norm_and_attention_precision_under_autocast():
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 12), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("eps", [1e-5, 1e-6])
+def test_group_norm_normalises_with_its_own_epsilon(eps):
+    # eps is what the SpatialTransformer (1e-6) and ResBlock (1e-5) norms differ by; on activations
+    # whose variance is near eps the two give visibly different outputs, so each must use its own
+    from vpd.unet import GroupNorm32
+    g = torch.Generator().manual_seed(0)
+    norm, want = GroupNorm32(64, eps=eps), torch.nn.GroupNorm(32, 64, eps=eps)
+    with torch.no_grad():
+        for p, q in zip(norm.parameters(), want.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g))
+            q.copy_(p)
+    x = 1e-3 * torch.randn(2, 64, 4, 4, generator=g)  # variance 1e-6
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), want(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fresh_model_zero_initialises_like_ldm():
+    # ldm's zero_module: a freshly built UNet (no checkpoint) predicts exactly zero noise, each ResBlock
+    # starts as its skip connection and each SpatialTransformer as the identity
+    from vpd.unet import ResBlock, SpatialTransformer
+    g = torch.Generator().manual_seed(0)
+    model = UNet(SMALL).eval()
+    x, t, ctx = inputs(8, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x, t, ctx), torch.zeros_like(x))
+        emb = torch.randn(B, 4 * SMALL.model_channels, generator=g)
+        blocks = [m for m in model.modules() if isinstance(m, (ResBlock, SpatialTransformer))]
+        assert len(blocks) == 8 + 7  # ResBlocks, SpatialTransformers
+        for m in blocks:
+            c = m.in_layers[2].in_channels if isinstance(m, ResBlock) else m.proj_in.in_channels
+            h = torch.randn(B, c, 4, 8, generator=g)
+            if isinstance(m, ResBlock):
+                assert torch.equal(m(h, emb), m.skip_connection(h))
+            else:
+                assert torch.equal(m(h, ctx)[0], h)
+
+
 def test_decoder_block_empties_its_input_list(tiny):
     # the joined (input, skip) list is cleared, so the caller's list drops both maps during the block
     ours = tiny[0]
