@@ -1,6 +1,7 @@
 """The SD v1 UNet against the checkpoint layout and against diffusers' UNet2DConditionModel."""
 import dataclasses
 import json
+import weakref
 from pathlib import Path
 
 import pytest
@@ -383,6 +384,27 @@ def test_decoder_block_empties_its_input_list(tiny):
     with torch.no_grad():
         out, _ = ours.output_blocks[0](parts, emb, torch.randn(1, N, TINY.context_dim))
     assert parts == [] and out.shape == (1, 128, 2, 3)
+
+
+def test_decoder_inputs_are_freed_once_joined(tiny):
+    # inside a decoder block only the joined map is alive: the previous block's output and the skip
+    # it was joined with are gone by the time the block's first layer runs (no frame keeps them)
+    ours = tiny[0]
+    x, t, ctx = inputs()
+    refs, alive = {}, []
+    j = 5  # an output block whose input (output block 4) and skip (input block 6) are not features
+    hooks = [ours.output_blocks[j - 1].register_forward_hook(lambda m, a, out: refs.update(h=weakref.ref(out[0]))),
+             ours.input_blocks[len(ours.input_blocks) - 1 - j].register_forward_hook(
+                 lambda m, a, out: refs.update(skip=weakref.ref(out[0]))),
+             ours.output_blocks[j][0].register_forward_pre_hook(
+                 lambda m, a: alive.append((refs["h"]() is not None, refs["skip"]() is not None)))]
+    try:
+        with torch.no_grad():
+            ours(x, t, ctx)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert alive == [(False, False)]
 
 
 def test_no_maps_and_map_gradients(tiny):
