@@ -298,14 +298,30 @@ def test_bfloat16_weights_and_inputs(tiny):
     _, ref, _, path = tiny
     half = UNet.from_checkpoint(path, TINY, dtype=torch.bfloat16).eval()
     x, t, ctx = inputs()
-    with torch.no_grad():
-        want = ref(x, t, encoder_hidden_states=ctx).sample
-        got = half(x.bfloat16(), t, ctx.bfloat16())
-        feats, maps = half.features(x.bfloat16(), t, ctx.bfloat16())
+    layer_maps = {}  # every attn2's float32 map by size, to average by hand
+
+    def record(m, a, out):
+        if out[1] is not None:
+            L = out[1].shape[1]
+            hw = next((h, w) for h, w in [(16, 24), (8, 12), (4, 6), (2, 3)] if h * w == L)
+            layer_maps.setdefault(hw, []).append(out[1].transpose(1, 2).reshape(B, N, *hw))
+    hooks = [m.register_forward_hook(record) for n, m in half.named_modules() if n.endswith("attn2")]
+    try:
+        with torch.no_grad():
+            want = ref(x, t, encoder_hidden_states=ctx).sample
+            got = half(x.bfloat16(), t, ctx.bfloat16())
+            feats, maps = half.features(x.bfloat16(), t, ctx.bfloat16())
+    finally:
+        for h in hooks:
+            h.remove()
     assert got.dtype == torch.bfloat16
     assert (got.float() - want).abs().max() <= 0.1 * want.std()
     assert all(f.dtype == torch.bfloat16 for f in feats)
     assert set(maps) == {(8, 12), (4, 6)} and all(m.dtype == torch.bfloat16 for m in maps.values())
+    # the layers' maps are averaged in float32 and rounded to bf16 once, not rounded one by one first
+    assert all(m.dtype == torch.float32 for ms in layer_maps.values() for m in ms)
+    for size, m in maps.items():
+        assert torch.equal(m, torch.stack(layer_maps[size]).mean(0).bfloat16())
 
 
 def test_norm_and_attention_precision_under_autocast():
