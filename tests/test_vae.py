@@ -112,6 +112,29 @@ def test_encoder_only(tiny):
         vae.decode(mean)
 
 
+def test_load_dtype(tiny):
+    _, path, x, mean, *_ = tiny
+    vae = VAE.from_checkpoint(path, TINY, decoder=False, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in vae.parameters())
+    with torch.no_grad():
+        got = vae.encode(x.bfloat16()).mean
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - mean).abs().max() <= 0.05 * mean.abs().max()
+
+
+def test_embed_dim_differs_from_z_channels():
+    # ldm's AutoencoderKL: quant_conv maps the encoder's 2*z_channels moments to 2*embed_dim, so the
+    # posterior and decode() are in embed_dim channels; post_quant_conv takes them back to z_channels
+    cfg = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, embed_dim=6)
+    vae = VAE(cfg).eval()
+    with torch.no_grad():
+        post = vae.encode(torch.zeros(1, 3, 16, 16))
+        assert post.mean.shape == post.logvar.shape == (1, 6, 8, 8)
+        assert vae.decode(post.mean).shape == (1, 3, 16, 16)
+        with pytest.raises(ValueError, match="expects"):
+            vae.decode(torch.zeros(1, 4, 8, 8))
+
+
 def test_posterior_clamp_and_sample():
     moments = torch.randn(1, 8, 2, 3)
     moments[:, 4:, 0, 0] = 50.0  # logvar beyond ldm's clamp
