@@ -132,17 +132,31 @@ def test_encode_matches_open_clip(open_clip_tokenizer):
     assert (ref.sot_token_id, ref.eot_token_id) == (49406, 49407)
 
 
-@pytest.mark.parametrize("max_length", [77, 40])
+@pytest.mark.parametrize("max_length", [77, 40, 2, None])  # None: both tokenizers' default, CLIP's 77
 def test_padded_tensor_matches_open_clip(open_clip_tokenizer, max_length):
+    kw = {} if max_length is None else {"max_length": max_length}
     ref = open_clip_tokenizer(TEXTS, context_length=max_length)
+    n = ref.shape[1]
     for i, text in enumerate(TEXTS):  # open_clip pads with 0, SD with EOS
-        ref[i, min(len(open_clip_tokenizer.encode(text)) + 2, max_length):] = EOS
-    ours = Tokenizer()(TEXTS, max_length=max_length)
-    assert ours.dtype == torch.long and ours.shape == (len(TEXTS), max_length)
+        ref[i, min(len(open_clip_tokenizer.encode(text)) + 2, n):] = EOS
+    ours = Tokenizer()(TEXTS, **kw)
+    assert ours.dtype == torch.long and ours.shape == (len(TEXTS), max_length or 77)
     assert torch.equal(ours, ref)
     long = ours[-1]  # truncated: BOS, max_length-2 text tokens, EOS
     assert long[0] == 49406 and long[-1] == EOS and (long[1:-1] != EOS).all()
-    assert torch.equal(Tokenizer()("a photo of a cat.", max_length), ours[:1])
+    assert torch.equal(Tokenizer()("a photo of a cat.", **kw), ours[:1])
+
+
+def test_python_whitespace_separates_words_as_in_open_clip(open_clip_tokenizer, monkeypatch):
+    # every character Python's str.split() takes for whitespace separates words, as open_clip's
+    # whitespace_clean does; that includes \x1c-\x1f, which the BPE split pattern's \s does not
+    # match. The reference runs without its ftfy pass (which deletes them), as clean() does.
+    import ftfy
+    monkeypatch.setattr(ftfy, "fix_text", lambda text: text)
+    ref, ours = open_clip_tokenizer, Tokenizer()
+    for text in ["a\x1cb", "one\x1dtwo\x1ethree\x1ffour", "tab\x0bbed\x85line\u2028sep", "no\xa0break\u3000ideo"]:
+        assert ours.encode(text) == [ref.sot_token_id] + ref.encode(text) + [ref.eot_token_id], repr(text)
+    assert ours.encode("a\x1cb") == ours.encode("a b") != ours.encode("ab")
 
 
 def test_tokenizer_errors_and_cache(tmp_path):
