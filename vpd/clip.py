@@ -169,8 +169,9 @@ def _bpe(path):
 
 def clean(text):
     """CLIP's text cleaning: html entities (twice, for double-escaped text), NFC, one space, lower case.
-    openai/CLIP also runs ftfy.fix_text first; of its repairs only NFC is kept, so mojibake, curly quotes,
-    full-width forms and control characters (vertical tab, \x1c-\x1f, NEL) are tokenised as they are."""
+    openai/CLIP also runs ftfy.fix_text first; of its repairs only NFC is kept, so mojibake, curly quotes
+    and full-width forms are tokenised as they are, and the control characters Python counts as
+    whitespace (vertical tab, \x1c-\x1f, NEL), which ftfy deletes, separate words here."""
     text = html.unescape(html.unescape(text))
     text = unicodedata.normalize("NFC", text)
     return " ".join(text.split()).lower()
