@@ -246,6 +246,12 @@ def test_kitti_kb_crop_depth_scale_and_eval_mask(tmp_path):
         f"/data_depth_annotated/train/{drive}/proj_depth/groundtruth/image_02/0000000005.png\n")
     vpd_style = KITTI(str(tmp_path), split="test", list_file=str(tmp_path / "vpd_list.txt"))
     np.testing.assert_array_equal(vpd_style[0]["depth"].numpy(), s["depth"].numpy())
+    # the same list over BTS's layout, the raw frames in the root itself
+    (tmp_path / "raw_data" / "2011_09_26").rename(tmp_path / "2011_09_26")
+    bts_layout = KITTI(str(tmp_path), split="test", list_file=str(tmp_path / "vpd_list.txt"))
+    assert bts_layout.images == [str(tmp_path / f"2011_09_26/{drive}/image_02/data/0000000005.png")]
+    np.testing.assert_array_equal(bts_layout[0]["image"].numpy(), s["image"].numpy())
+    (tmp_path / "2011_09_26").rename(tmp_path / "raw_data" / "2011_09_26")
     merged = tmp_path / "data_depth_annotated"  # the same list over merged train/ and val/ folders
     (merged / "train" / drive).rename(merged / drive)
     vpd_style = KITTI(str(tmp_path), split="test", list_file=str(tmp_path / "vpd_list.txt"))

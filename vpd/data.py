@@ -234,7 +234,7 @@ class NYUv2(_DepthDataset):
         pairs = _read_pair_list(list_file, "The standard NYUv2 lists come from the BTS / VPD repositories "
                                 "(nyudepthv2_train_files_with_gt.txt, nyudepthv2_test_files_with_gt.txt, "
                                 "or VPD's depth/dataset/filenames/nyudepthv2/{train,test}_list.txt); "
-                                "pass list_file= or place it there.")
+                                "put it there under that name.")
         self.images = [os.path.join(self.data_dir, a) for a, _ in pairs]
         self.depths = [os.path.join(self.data_dir, b) for _, b in pairs]
         _require_files(self.images + self.depths, "NYUv2")
@@ -295,8 +295,8 @@ class KITTI(_DepthDataset):
     root/data_depth_annotated/<drive>/proj_depth/groundtruth/image_02/XXXXXXXXXX.png (uint16, /256 = m)
     The annotated-depth download's train/ and val/ folders may be kept (both are searched) or merged.
     Lists (root/train_list.txt, root/test_list.txt by default; BTS's eigen_train_files_with_gt.txt /
-    eigen_test_files_with_gt.txt, or VPD's eigen_benchmark lists, which name raw_data/<date>/... and
-    data_depth_annotated/<train|val>/...) hold 'image depth [focal]' lines; lines whose depth is 'None' (test
+    eigen_test_files_with_gt.txt, or VPD's eigen_benchmark lists, which name raw_data/<date>/... (looked
+    for in root/raw_data/ or root/) and data_depth_annotated/<train|val>/...) hold 'image depth [focal]' lines; lines whose depth is 'None' (test
     images without ground truth) are left out and counted in `self.without_gt`.
     Depths beyond max_depth (80 m) are set to 0 (invalid).
 
@@ -320,12 +320,21 @@ class KITTI(_DepthDataset):
         list_file = list_file or os.path.join(root, f"{split}_list.txt")
         pairs = _read_pair_list(list_file, "The standard Eigen lists come from the BTS repository "
                                 "(eigen_train_files_with_gt.txt, eigen_test_files_with_gt.txt); "
-                                "pass list_file= or place it there.")
+                                "put it there under that name.")
         self.without_gt = sum(b == "None" for _, b in pairs)
         pairs = [(a, b) for a, b in pairs if b != "None"]
-        self.images = [os.path.join(root, a) for a, _ in pairs]
+        self.images = [self._find_image(root, a) for a, _ in pairs]
         self.depths = [self._find_depth(gt_root, b) for _, b in pairs]
         _require_files(self.images + self.depths, "KITTI")
+
+    @staticmethod
+    def _find_image(root, rel):
+        """VPD's lists name raw_data/<date>/...: found there, or in the root itself (BTS's layout)."""
+        path = os.path.join(root, rel)
+        if not os.path.isfile(path) and rel.startswith("raw_data/"):
+            bare = os.path.join(root, rel.removeprefix("raw_data/"))
+            return bare if os.path.isfile(bare) else path
+        return path
 
     @staticmethod
     def _find_depth(gt_root, rel):
