@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU runs behind the README's GPU figures, in parts that each fit a 10-minute call
-# (tables in $OUT/*.txt, each ending with its command's exit status, 124 when it timed out;
-# at most 8 files come back from a device call):
+# The GPU runs behind the README's GPU figures, in parts of under 10 minutes each (tables in
+# $OUT/*.txt, each ending with its command's exit status, 124 when it timed out; each part writes at
+# most 8 files):
 #   OUT=results bash tools/gpu_run.sh eager      # flash/bf16/compile checks, eager benchmarks, DDP demo (~9 min)
 #   OUT=results bash tools/gpu_run.sh compiled   # compiled bf16 at batch 16, NHWC: semseg step, UNet fwd+bwd (~9 min)
 #   OUT=results bash tools/gpu_run.sh graphs     # the semseg step at batch 2 under CUDA graphs (reduce-overhead, ~5 min)
@@ -34,7 +34,7 @@ eager)
   run unet_bf16.txt 75 $B --batch 8 --dtype bf16 --which unet --iters 10 --warmup 3
   run eager_fp32.txt 60 $B --batch 2 --dtype fp32 --which unet_fwdbwd,train_semseg --iters 5 --warmup 2
   run sweep_bf16.txt 80 $B --dtype bf16 --which "" --sweep-batch 2,8,16 --iters 5 --warmup 2
-  rm -rf /tmp/demo_gpu  # a warm machine keeps the last run's checkpoint, which train.py would refuse to overwrite
+  rm -rf /tmp/demo_gpu  # an earlier run's checkpoint there: train.py would refuse to overwrite it
   run demo_train.txt 60 torchrun --nproc_per_node=1 train.py --demo --iters 20 --log-every 5 --eval-max 8 \
     --device cuda --out /tmp/demo_gpu ;;
 compiled)
