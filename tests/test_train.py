@@ -562,10 +562,6 @@ def test_resume_keeps_the_runs_settings_and_survives_a_crash_in_save_or_final_ev
     torch.save(dict(old, ranks=old["ranks"] * 2), out / "state.pt")  # written by a 2-process run
     with pytest.raises(SystemExit, match="was written by 2 processes, this run has 1"):
         train_here(args + ["--resume"])
-    del old["model"]  # a state.pt of the train.py before it carried the weights
-    torch.save(old, out / "state.pt")
-    with pytest.raises(SystemExit, match="written by an older train.py"):
-        train_here(args + ["--resume"])
     (out / "state.pt").write_bytes(b"truncated")
     with pytest.raises(SystemExit, match="--resume: cannot read the checkpoint in"):
         train_here(args + ["--resume"])

@@ -1,5 +1,6 @@
 """GPU checks that a CPU cannot make: flash attention on SD's head sizes, bf16 autocast and
-torch.compile of the UNet and the VPD backbone, each against the fp32 eager result.
+torch.compile of the UNet's features and maps against the fp32 eager result, and a compiled bf16
+semseg training step (finite loss, UNet gradients, no VAE gradients).
 
     python tools/gpu_check.py          # prints one line per check; exits non-zero on a failure
 """

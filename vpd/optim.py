@@ -12,13 +12,12 @@ def param_groups(model, lr, weight_decay, unet_lr_mult):
             continue
         scale = unet_lr_mult if name.startswith("backbone.unet.") else 1.0
         decay = 0.0 if p.ndim <= 1 else weight_decay
-        g = groups.setdefault((scale, decay), {"params": [], "names": [], "lr_scale": scale,
-                                               "lr": lr * scale, "weight_decay": decay})
+        g = groups.setdefault((scale, decay), {"params": [], "lr_scale": scale, "lr": lr * scale,
+                                               "weight_decay": decay})
         g["params"].append(p)
-        g["names"].append(name)
     if not groups:
         raise ValueError("the model has no trainable parameters")
-    return [{k: v for k, v in g.items() if k != "names"} for g in groups.values()]
+    return list(groups.values())
 
 
 def lr_factor(step, total, schedule, warmup=0, warmup_ratio=1e-6, power=1.0, min_ratio=0.0, peak=None):

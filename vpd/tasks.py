@@ -1,6 +1,7 @@
 """What differs between the three tasks: their datasets, how a model is built and fed, its loss.
 
-train.py, eval.py and predict.py stay task-agnostic by going through these functions. The demo
+train.py, eval.py and predict.py build datasets and models and compute the training loss through
+these functions; what they do with a prediction (metrics, output files) stays in each script. The demo
 (`--demo`) writes a tiny random SD checkpoint and a synthetic dataset, then takes the same paths.
 """
 import os
@@ -70,7 +71,7 @@ def datasets(task, root, crop, seed=0, dataset=None, split_by=None, split=None, 
         if task == "depth" and dataset == "kitti":
             side = min(crop, data.KB_CROP[0])  # frames are 352 high after the KB crop: 352x704 by default
             make = (lambda: data.KITTI(root, "train", crop=(side, 2 * side), seed=seed),
-                    lambda: data.KITTI(root, split or EVAL_SPLITS[task], train=False))
+                    lambda: data.KITTI(root, "test", train=False))
         elif task == "depth":
             make = (lambda: data.NYUv2(root, "train", crop=(crop, crop), seed=seed, scene_match=scene_match),
                     lambda: data.NYUv2(root, "test", train=False, scene_match=scene_match))
