@@ -65,8 +65,7 @@ def evaluate(model, task, dataset, device, autocast=nullcontext, max_samples=Non
                 if ms_flip and "ms_images" not in batch:
                     raise ValueError("ms_flip: the dataset gives no multi-scale views (ADE20K(..., ms_ratios=MS_RATIOS))")
                 views = batch["ms_images"] if ms_flip else [image]
-                probs = semseg_probs(model, views, k, label.shape[-2:], flip=ms_flip, crop=seg_crop,
-                                     stride=seg_crop * 2 // 3)
+                probs = semseg_probs(model, views, k, label.shape[-2:], flip=ms_flip, crop=seg_crop)
                 pred = probs.argmax(1)
                 metric.update(pred, label)
             elif task == "depth":

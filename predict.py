@@ -48,7 +48,7 @@ from vpd.data import (IMAGE_EXTENSIONS, KITTI_SCENES, NYU_SCENES, BadSampleError
 from vpd.dist import amp_autocast, setup, writable_dir
 from vpd.infer import depth_predict, refer_logits, semseg_probs
 from vpd.model import TASKS
-from vpd.tasks import check_ckpt, load_model, to_device
+from vpd.tasks import check_ckpt, load_model, to_device, training_crop
 from vpd.trained import read_meta
 
 SIZES = {"depth": 640, "semseg": 512, "refer": 512}  # see the docstring: --size per task
@@ -199,7 +199,7 @@ def predict_semseg(model, sample, crop):
     """-> (H, W) int64 class ids at the original size."""
     k = model.num_classes
     size = tuple(sample["orig_size"].tolist())
-    probs = semseg_probs(model, [sample["image"][None]], k, size, crop=crop, stride=crop * 2 // 3)  # 512 -> 341
+    probs = semseg_probs(model, [sample["image"][None]], k, size, crop=crop)
     return probs[0].argmax(0)
 
 
@@ -266,7 +266,7 @@ def main(args):
             print(f"--text is {n} tokens long: this model reads its first {room}")
         tokens = tokenizer(args.text, max_length=model.max_tokens).to(device)  # (1, max_tokens)
 
-    train_crop = int(meta["args"]["crop"]) if "args" in meta else 512  # semseg's sliding window
+    train_crop = training_crop(task, meta)  # semseg's sliding window
     dataset = ImageFolder(paths, task, size)
     written = 0
     with torch.inference_mode(), autocast():

@@ -326,13 +326,14 @@ def test_official_depth_model_gets_the_scene_rows_it_was_trained_with():
 
 
 def test_semseg_sliding_window_stride_is_mmsegs(monkeypatch):
+    import vpd.infer
     seen = {}
 
-    def fake_probs(model, image, k, size, crop, stride):
+    def fake_slide(model, image, k, crop, stride):
         seen.update(crop=crop, stride=stride)
-        return torch.zeros(1, k, *size)
+        return torch.zeros(1, k, *image.shape[-2:])
 
-    monkeypatch.setattr(predict, "semseg_probs", fake_probs)
+    monkeypatch.setattr(vpd.infer, "slide_logits", fake_slide)
     model = SimpleNamespace(num_classes=150)
     sample = {"image": torch.zeros(3, 8, 8), "orig_size": torch.tensor([8, 8])}
     predict.predict_semseg(model, sample, crop=512)
@@ -343,7 +344,7 @@ def test_semseg_window_is_the_checkpoints_training_crop(world, tmp_path, monkeyp
     # our semseg checkpoints name their training crop (128 here, not the paper's 512): it is the window
     seen = []
 
-    def fake_probs(model, image, k, size, crop, stride):
+    def fake_probs(model, image, k, size, crop):
         seen.append(crop)
         return torch.zeros(1, k, *size)
 
@@ -426,7 +427,7 @@ def test_semseg_without_size_sees_the_image_at_its_training_scale(world, tmp_pat
     # no --size: the checkpoint's training crop (128) is the short side the network sees, not the paper's 512
     seen = []
 
-    def fake_probs(model, images, k, size, crop, stride):
+    def fake_probs(model, images, k, size, crop):
         seen.append(tuple(images[0].shape[-2:]))
         return torch.zeros(1, k, *size)
 

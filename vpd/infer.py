@@ -41,9 +41,11 @@ def slide_logits(model, image, num_classes, crop=512, stride=341):
     return logits / count
 
 
-def semseg_probs(model, views, num_classes, out_size, flip=False, crop=512, stride=341):
+def semseg_probs(model, views, num_classes, out_size, flip=False, crop=512, stride=None):
     """Class probabilities (B, K, *out_size), averaged over `views` (a list of (B, 3, h, w): one image
-    at one or more scales, e.g. ADE20K's ms_images) and, with flip, their mirror images."""
+    at one or more scales, e.g. ADE20K's ms_images) and, with flip, their mirror images. Windows of
+    `crop`, `stride` apart (default 2/3 of the crop: mmseg's 341 for VPD's 512)."""
+    stride = stride or crop * 2 // 3
     probs = 0
     for x in views:
         for flipped in ((False, True) if flip else (False,)):

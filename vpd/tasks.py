@@ -53,6 +53,11 @@ def forward_loss(model, raw, task, batch):
     return raw.loss(model(batch["image"], batch["tokens"]), batch["mask"].long())
 
 
+def refer_max_tokens(dataset):
+    """Text length of a refer model: 77 for RefCOCOg's long sentences, 40 for RefCOCO / RefCOCO+."""
+    return 77 if dataset == "refcocog" else 40
+
+
 def refer_split_by(dataset, split_by=None):
     """REFER's split set: the one given, else umd for RefCOCOg and unc for RefCOCO / RefCOCO+."""
     return split_by or ("umd" if dataset == "refcocog" else "unc")
@@ -64,7 +69,7 @@ def datasets(task, root, crop, seed=0, dataset=None, split_by=None, split=None, 
     train=False: no training set (None), so that evaluation needs only the split it scores.
     scene_match: how NYUv2 images get their scene type (data.NYUv2; "vpd" as the released model saw them).
     ms_ratios: semseg's multi-scale test views (data.ADE20K). max_tokens: the refer model's text length
-    (default: 77 for RefCOCOg's long sentences, 40 for the others)."""
+    (default: refer_max_tokens)."""
     if dataset is not None and dataset not in DATASETS[task]:
         raise SystemExit(f"--dataset {dataset!r} is not a {task} dataset: {', '.join(DATASETS[task])}")
     try:
@@ -81,7 +86,7 @@ def datasets(task, root, crop, seed=0, dataset=None, split_by=None, split=None, 
                     lambda: data.ADE20K(root, "validation", train=False, scale=scale, ms_ratios=ms_ratios))
         else:
             kw = dict(dataset=dataset or "refcoco", split_by=refer_split_by(dataset, split_by),
-                      tokenizer=Tokenizer().encode, max_tokens=max_tokens or (77 if dataset == "refcocog" else 40),
+                      tokenizer=Tokenizer().encode, max_tokens=max_tokens or refer_max_tokens(dataset),
                       size=(crop, crop))
             make = (lambda: data.RefCOCO(root, split="train", seed=seed, **kw),
                     lambda: data.RefCOCO(root, split=split or EVAL_SPLITS[task], train=False, **kw))
@@ -122,7 +127,7 @@ def model_kwargs(task, train_set, demo, dataset=None):
     if task == "depth":
         kw["max_depth"] = train_set.max_depth
     if task == "refer":
-        kw["max_tokens"] = 77 if dataset == "refcocog" else 40
+        kw["max_tokens"] = refer_max_tokens(dataset)
     return kw
 
 
@@ -222,6 +227,11 @@ def load_model(ckpt, task=None, sd_ckpt=None):
     return load_weights(model, ckpt), meta
 
 
+def training_crop(task, meta):
+    """The input size a model trained at (its own evaluation too); official releases: the paper's."""
+    return int(meta["args"]["crop"]) if "args" in meta else (480 if task == "depth" else 512)
+
+
 def build_eval(args, device):
     """Model + evaluation set for eval.py."""
     model, meta = load_model(args.ckpt, args.task, args.sd_ckpt)
@@ -231,8 +241,7 @@ def build_eval(args, device):
         root = meta["data_root"]  # the synthetic set the demo trained on
     if root is None:
         raise SystemExit("--data-root is required")
-    # the input size training used (its own evaluation too); official releases: the paper's
-    crop = meta["args"]["crop"] if "args" in meta else (480 if task == "depth" else 512)
+    crop = training_crop(task, meta)
     dataset = args.dataset or meta.get("dataset") or DATASETS[task][0]
     split_by = refer_split_by(dataset, args.split_by) if task == "refer" else None
     # the released depth model was trained with VPD's substring scene match (study_room -> study)
