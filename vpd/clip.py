@@ -18,6 +18,7 @@ from torch import nn
 
 from vpd.checkpoint import load_checkpoint
 
+PREFIX = "cond_stage_model.transformer.text_model."  # of the text encoder's tensors in an SD v1 file
 BOS, EOS = 49406, 49407  # <|startoftext|>, <|endoftext|>
 BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
 
@@ -122,7 +123,7 @@ class CLIPTextModel(nn.Module):
         cfg = cfg or CLIPConfig()
         with torch.device("meta"):
             model = cls(cfg)
-        return load_checkpoint(model, src, "cond_stage_model.transformer.text_model.", cfg,
+        return load_checkpoint(model, src, PREFIX, cfg,
                                ignore=("embeddings.position_ids",), dtype=dtype)
 
 

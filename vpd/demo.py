@@ -9,13 +9,14 @@ from dataclasses import asdict
 import torch
 from safetensors.torch import save_file
 
+from vpd.clip import PREFIX as clip_prefix
 from vpd.clip import CLIPConfig, CLIPTextModel
 from vpd.trained import write_atomic
-from vpd.unet import UNetConfig, UNet
-from vpd.vae import VAEConfig, VAE
+from vpd.unet import PREFIX as unet_prefix
+from vpd.unet import UNet, UNetConfig
+from vpd.vae import PREFIX as vae_prefix
+from vpd.vae import VAE, VAEConfig
 
-PREFIX = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
-          "clip": "cond_stage_model.transformer.text_model."}
 
 TINY_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=1, num_heads=4, context_dim=32)
 TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
@@ -32,8 +33,8 @@ def write_random_sd(path, seed=0, unet=TINY_UNET, vae=TINY_VAE, clip=TINY_CLIP):
         return path
     torch.manual_seed(seed)
     state = {}
-    for name, module in (("unet", UNet(unet)), ("vae", VAE(vae)), ("clip", CLIPTextModel(clip))):
-        state.update({PREFIX[name] + k: v.contiguous() for k, v in module.state_dict().items()})
+    for prefix, module in ((unet_prefix, UNet(unet)), (vae_prefix, VAE(vae)), (clip_prefix, CLIPTextModel(clip))):
+        state.update({prefix + k: v.contiguous() for k, v in module.state_dict().items()})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_atomic(lambda p: save_file(state, p), path)  # a crash leaves no half file (nor a temporary) behind
     return path

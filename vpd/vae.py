@@ -13,6 +13,8 @@ from torch import nn
 
 from vpd.checkpoint import load_checkpoint
 
+PREFIX = "first_stage_model."  # of the autoencoder's tensors in an SD v1 file
+
 
 @dataclass
 class VAEConfig:
@@ -225,4 +227,4 @@ class VAE(nn.Module):
         with torch.device("meta"):
             model = cls(cfg, decoder=decoder)
         ignore = () if decoder else ("decoder.",)
-        return load_checkpoint(model, src, "first_stage_model.", cfg, ignore=ignore, dtype=dtype)
+        return load_checkpoint(model, src, PREFIX, cfg, ignore=ignore, dtype=dtype)
