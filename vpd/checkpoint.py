@@ -103,7 +103,7 @@ def tensor_shapes(src, prefix=""):
     return {k: get_shape(k) for k in names if k.startswith(prefix)}
 
 
-def _describe(src):
+def describe(src):
     return "<state dict>" if isinstance(src, dict) else os.fspath(src)
 
 
@@ -159,9 +159,9 @@ def load_checkpoint(module: nn.Module, src, prefix: str, cfg=None, ignore=(), dt
     if missing or unexpected or wrong:
         what = type(module).__name__
         if not under:
-            msg = f"{_describe(src)} has no tensors under '{prefix}': not a checkpoint holding a {what}"
+            msg = f"{describe(src)} has no tensors under '{prefix}': not a checkpoint holding a {what}"
         else:
-            msg = f"{_describe(src)} does not match {what}" + mismatch_lines(missing, unexpected, wrong)
+            msg = f"{describe(src)} does not match {what}" + mismatch_lines(missing, unexpected, wrong)
         if cfg is not None:
             msg += f"\n  expected config: {cfg}"
         raise CheckpointError(msg)

@@ -36,7 +36,7 @@ import os
 
 import torch
 
-from vpd.checkpoint import CheckpointError, listing, mismatch_lines, torch_load
+from vpd.checkpoint import CheckpointError, describe, listing, mismatch_lines, torch_load
 
 _BACKBONE = [("unet.unet.diffusion_model.", "backbone.unet."), ("encoder_vq.", "backbone.vae."),
              ("text_adapter.", "backbone.text_adapter."), ("gamma", "backbone.gamma")]
@@ -105,7 +105,7 @@ def read_official(src):
             break
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not state:
-        raise CheckpointError(f"{'<dict>' if isinstance(src, dict) else src} holds no tensors")
+        raise CheckpointError(f"{describe(src)} holds no tensors")
     return state
 
 

@@ -9,7 +9,6 @@ checkpoint's minus `model.diffusion_model.`, so an SD v1 file loads with no rena
 blocks plus the cross-attention maps of the text tokens, averaged per resolution.
 """
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vpd.checkpoint import CheckpointError, load_checkpoint, tensor_shapes
+from vpd.checkpoint import CheckpointError, describe, load_checkpoint, tensor_shapes
 
 PREFIX = "model.diffusion_model."
 # ldm's EMA copy, in files that also hold the training weights (v1-5-pruned, not -emaonly): each
@@ -313,7 +312,7 @@ class UNet(nn.Module):
             to_k = PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
             shape = tensor_shapes(src, to_k).get(to_k)
             if shape is not None and shape[-1] == 1024 and cfg.context_dim != 1024:
-                where = "<state dict>" if isinstance(src, dict) else os.fspath(src)
+                where = describe(src)
                 raise CheckpointError(
                     f"{where} looks like a Stable Diffusion 2.x UNet (cross-attention context 1024, {to_k} "
                     f"has shape {list(shape)}); this is the SD v1 UNet, config {cfg}") from None
