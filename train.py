@@ -260,7 +260,11 @@ def main(args):
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    print0(f"{args.task}: {len(train_set)} training samples, {total} steps of {args.batch_size} images "
+           f"({world} processes x {micro} x {accum} accumulation), amp {args.amp}")
+    bar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True)
     saved = step if state is not None else None  # the step of the checkpoint in --out
+    doing = None  # what the run was doing besides training when it stopped: "save" or "eval"
 
     def save():
         nonlocal saved, doing
@@ -283,8 +287,6 @@ def main(args):
             save_weights(raw, weights_path, dict(task.meta, step=step, args=vars(args)), weights)
         dist.barrier()
         saved, doing = step, None
-
-    doing = None  # what the run was doing besides training when it stopped: "save" or "eval"
 
     def stopped(what):
         """One line for a run that ends early, and how it can go on."""
@@ -329,9 +331,6 @@ def main(args):
         doing = None
         return metrics
 
-    print0(f"{args.task}: {len(train_set)} training samples, {total} steps of {args.batch_size} images "
-           f"({world} processes x {micro} x {accum} accumulation), amp {args.amp}")
-    bar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True)
     model.train()
     t0, timed = time.time(), step  # the speed window: steps since `timed`, from t0 (saves and evaluations left out)
     try:
