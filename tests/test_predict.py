@@ -3,6 +3,7 @@ it names): outputs have each input's own odd, non-square size and hold what the 
 recomputed here by hand from the model (windows, flips, padding, resizing); bad inputs stop with a
 message naming the problem."""
 import os
+from dataclasses import asdict
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -18,7 +19,7 @@ sys.path.insert(0, REPO)  # predict.py is a script at the repository root
 import predict  # noqa: E402
 from vpd.clip import Tokenizer  # noqa: E402
 from vpd.data import NYU_SCENES, ImageFolder  # noqa: E402
-from vpd.demo import TINY_CLIP, TINY_UNET, TINY_VAE, tiny_configs, wake_zero_weights_, write_random_sd  # noqa: E402
+from vpd.demo import TINY_CLIP, TINY_UNET, TINY_VAE, wake_zero_weights_, write_random_sd  # noqa: E402
 from vpd.model import build_model  # noqa: E402
 from vpd.tasks import load_model, model_kwargs  # noqa: E402
 from vpd.trained import save_weights  # noqa: E402
@@ -71,7 +72,8 @@ def checkpoint(world, task):
         with torch.no_grad():
             logits = model(x, Tokenizer()("the man", max_length=model.max_tokens))
             model.head.classifier.bias[1] -= (logits[0, 1] - logits[0, 0]).median()
-    meta = dict(task=task, sd_ckpt=world.sd, demo=True, dataset=None, **tiny_configs(), model_kwargs=kw,
+    meta = dict(task=task, sd_ckpt=world.sd, demo=True, dataset=None, unet=asdict(TINY_UNET),
+                vae=asdict(TINY_VAE), clip=asdict(TINY_CLIP), model_kwargs=kw,
                 depth_crop=None, args=dict(crop=CROPS[task]))
     path = str(world.root / f"{task}.safetensors")
     save_weights(model, path, meta)

@@ -4,7 +4,6 @@
 `v1-5-pruned-emaonly.safetensors` takes; only the configs are small.
 """
 import os
-from dataclasses import asdict
 
 import torch
 from safetensors.torch import save_file
@@ -21,10 +20,6 @@ from vpd.vae import VAE, VAEConfig
 TINY_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=1, num_heads=4, context_dim=32)
 TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
 TINY_CLIP = CLIPConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-
-
-def tiny_configs():
-    return dict(unet=asdict(TINY_UNET), vae=asdict(TINY_VAE), clip=asdict(TINY_CLIP))
 
 
 def write_random_sd(path, seed=0, unet=TINY_UNET, vae=TINY_VAE, clip=TINY_CLIP):
