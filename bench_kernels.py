@@ -143,7 +143,7 @@ def main(argv=None):
 
     def report(kind, shape, label, n, flops, ms):
         best = min((t for t in ms.values() if t is not None), default=None)
-        tflops = n * flops / best / 1e9 if best else float("nan")
+        tflops = flops / best / 1e9 if best else float("nan")  # one layer's FLOPs in one layer's time
         rows.append(dict(kind=kind, shape=shape, count=n, gflop=n * flops / 1e9, ms=ms))
         print(f"{label:58} {n:>3} " + " ".join(f"{t:>9.3f}" if t is not None else f"{'-':>9}" for t in ms.values())
               + f" {tflops:>8.2f}")

@@ -1,7 +1,10 @@
 """bench.py runs on the tiny config: ours against diffusers on the same function, or ours alone."""
 import json
 import math
+import re
+from collections import Counter
 from contextlib import nullcontext
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,6 +14,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 import bench_loader
+
+SD15 = Path(__file__).resolve().parents[1].parent / "shared" / "sd15_tensors.json"
 
 
 def counted_flops(fn):
@@ -403,3 +408,48 @@ def test_refer_step_counts_the_frozen_text_tower_once():
     assert text > 0
     rest = flops.train_step_flops(TINY_UNET, TINY_VAE, (64, 64), model.max_tokens, batch=2, head_macs=head)
     assert step_flops - rest == text
+
+
+def run_kernel_bench_on_fakes(monkeypatch, argv, ms_of):
+    """bench_kernels.main with nothing built or run: each step is a record of what it was asked for
+    (kind, shape, dtype, device, SDPA backend), and the timer returns ms_of(step) (None: refused)."""
+    import bench_kernels
+    steps = []
+
+    def fake(kind):
+        def make(shape, dtype, device, backend=None):
+            steps.append(SimpleNamespace(kind=kind, shape=shape, dtype=dtype, device=device, backend=backend))
+            return steps[-1]
+        return make
+    for kind in ("attention", "conv", "linear"):
+        monkeypatch.setattr(bench_kernels, f"{kind}_step", fake(kind))
+
+    def timer(device, step, iters, warmup):
+        step.cudnn_benchmark = torch.backends.cudnn.benchmark  # as it was when this step was timed
+        return ms_of(step)
+    monkeypatch.setattr(bench_kernels, "timer", timer)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # and put back after the test
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    rows, totals = bench_kernels.main(argv)
+    return steps, rows, totals
+
+
+def test_kernel_rows_tflops_is_one_layers_flops_in_one_layers_time(monkeypatch, capsys):
+    # SD v1.5 at 512, batch 16 (the defaults), nothing run: every kernel takes 2 ms. A row's TFLOP/s is
+    # fwd + bwd = 3x the forward's FLOPs of one layer over one layer's time, however many layers share it:
+    # attention 3 x 2 matmuls x 2 B h Lq Lk d, convolution 3 x 2 B Hout Wout k^2 Cin Cout
+    run_kernel_bench_on_fakes(monkeypatch, [], lambda step: 2.0)
+    want = {}
+    for line in capsys.readouterr().out.splitlines():
+        a = re.match(r"\((\d+), (\d+), (\d+), (\d+), (\d+)\) +(\d+) .* ([\d.]+)$", line)
+        c = re.match(r"\((\d+), \d+, (\d+), (\d+)\) \((\d+), (\d+), (\d+), \d+\) s(\d+) p(\d+) +(\d+) .* ([\d.]+)$", line)
+        if a:
+            B, h, lq, lk, d, n = map(int, a.groups()[:6])
+            want[line] = (float(a[7]), 3 * 4 * B * h * lq * lk * d / 2e-3 / 1e12, n)
+        elif c:
+            B, H, W, cout, cin, k, s, p, n = map(int, c.groups()[:9])
+            hw = ((H + 2 * p - k) // s + 1) * ((W + 2 * p - k) // s + 1)
+            want[line] = (float(c[10]), 3 * 2 * B * hw * k * k * cin * cout / 2e-3 / 1e12, n)
+    assert len(want) > 20 and any(n > 1 for _, _, n in want.values())  # rows shared by several layers
+    for line, (printed, tflops, n) in want.items():
+        assert printed == pytest.approx(tflops, abs=0.006), line
