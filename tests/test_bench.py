@@ -453,3 +453,38 @@ def test_kernel_rows_tflops_is_one_layers_flops_in_one_layers_time(monkeypatch, 
     assert len(want) > 20 and any(n > 1 for _, _, n in want.values())  # rows shared by several layers
     for line, (printed, tflops, n) in want.items():
         assert printed == pytest.approx(tflops, abs=0.006), line
+
+
+def test_kernel_timer_is_the_median_in_ms_after_an_untimed_first_call_and_the_warm_up(monkeypatch):
+    # a fake GPU: a call only queues its work, which lands on the clock at the next synchronize. The
+    # first call costs 100 s (setup, cuDNN autotuning), the two warm-ups 50 s each, then 1, 2, 6, 4, 3 s:
+    # all of it is called, none of the first three is timed, and the result is their median, 3 s, in ms
+    import bench_kernels
+    clock, queued, costs = [0.0], [0.0], [100, 50, 50, 1, 2, 6, 4, 3]
+
+    def sync(device):
+        clock[0] += queued[0]
+        queued[0] = 0.0
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(bench, "sync", sync)
+    monkeypatch.setattr(bench_kernels, "sync", sync)
+    ms = bench_kernels.timer(torch.device("cuda"), lambda: queued.__setitem__(0, queued[0] + costs.pop(0)),
+                             iters=5, warmup=2)
+    assert ms == 3000 and costs == []
+
+
+def test_kernel_timer_gives_no_time_to_a_kernel_that_refuses_the_shape():
+    # SDPA raises RuntimeError for a backend that cannot take the inputs: no time, nothing more called;
+    # any other error is a bug in the step and is raised
+    import bench_kernels
+    calls = []
+
+    def refused():
+        calls.append(1)
+        raise RuntimeError("No available kernel. Aborting execution.")
+    assert bench_kernels.timer(torch.device("cpu"), refused, iters=3, warmup=2) is None and calls == [1]
+
+    def broken():
+        raise TypeError("a bug in the step")
+    with pytest.raises(TypeError):
+        bench_kernels.timer(torch.device("cpu"), broken, iters=3, warmup=2)
