@@ -488,3 +488,77 @@ def test_kernel_timer_gives_no_time_to_a_kernel_that_refuses_the_shape():
         raise TypeError("a bug in the step")
     with pytest.raises(TypeError):
         bench_kernels.timer(torch.device("cpu"), broken, iters=3, warmup=2)
+
+
+def dispatched_ops(fn):
+    """The aten ops fn() dispatches below autograd, in order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+    ops = []
+    with Record():
+        fn()
+    return ops
+
+
+def test_kernel_attention_steps_run_the_sdpa_backend_they_are_named_after():
+    # on a CPU SDPA has a flash kernel and the math path (explicit matmuls and softmax); the efficient
+    # and cuDNN kernels are CUDA-only, so those steps must refuse
+    import bench_kernels
+    from torch.nn.attention import SDPBackend as K
+    cpu = torch.device("cpu")
+    assert bench_kernels.BACKENDS == {"flash": K.FLASH_ATTENTION, "efficient": K.EFFICIENT_ATTENTION,
+                                      "cudnn": K.CUDNN_ATTENTION, "math": K.MATH}
+    steps = {name: bench_kernels.attention_step((1, 2, 8, 4, 8), torch.float32, cpu, backend)
+             for name, backend in bench_kernels.BACKENDS.items()}
+    flash = "aten._scaled_dot_product_flash_attention_for_cpu.default"
+    assert flash in dispatched_ops(steps["flash"])
+    math_ops = dispatched_ops(steps["math"])
+    assert flash not in math_ops and "aten.bmm.default" in math_ops
+    for name in ("efficient", "cudnn"):
+        with pytest.raises(RuntimeError):
+            steps[name]()
+
+
+def test_kernel_conv_step_is_one_channels_last_convolution_and_its_backward():
+    # channels_last: the layout cuDNN's bf16 tensor-core kernels want and that --channels_last trains in;
+    # the timed step is the convolution and its backward from the given output gradient, nothing more
+    # (no loss reduction, no gradient accumulation, no layout copy)
+    import bench_kernels
+    step = bench_kernels.conv_step(((2, 4, 6, 6), (8, 4, 3, 3), (2, 2), (1, 1)), torch.float32, torch.device("cpu"))
+    leaves = [c.cell_contents for c in step.__closure__ if torch.is_tensor(c.cell_contents)
+              and c.cell_contents.requires_grad]
+    assert len(leaves) == 2 and all(t.is_contiguous(memory_format=torch.channels_last) for t in leaves)
+    step()
+    ops = [op for op in dispatched_ops(step) if op != "aten.detach.default"]  # detach: the leaves' grads
+    assert ops == ["aten.convolution.default", "aten.convolution_backward.default"]
+
+
+def test_kernel_steps_do_the_work_their_rows_count(monkeypatch):
+    # each step's forward + backward as FlopCounterMode counts it, on the tiny UNet's shapes (math attention:
+    # the counter has no formula for the fused CPU kernel), equals the FLOPs its row gives one layer
+    import bench_kernels
+    counted = {}
+    for kind in ("attention", "conv", "linear"):
+        def tagged(shape, *args, make=getattr(bench_kernels, f"{kind}_step"), kind=kind):
+            step = make(shape, *args)
+            step.key = (kind, shape, args[-1] if kind == "attention" else None)
+            return step
+        monkeypatch.setattr(bench_kernels, f"{kind}_step", tagged)
+
+    def timer(device, step, iters, warmup):
+        kind, shape, backend = step.key
+        if backend not in (None, bench_kernels.BACKENDS["math"]):
+            return None
+        counted[kind, shape] = counted_flops(step)
+        return 1.0
+    monkeypatch.setattr(bench_kernels, "timer", timer)
+    rows, _ = bench_kernels.main(["--device", "cpu", "--size", "tiny", "--dtype", "fp32", "--res", "64",
+                                  "--batch", "2", "--text", "7"])
+    kinds = {"attention": "attention", "convolution": "conv", "linear": "linear"}
+    assert len(counted) == len(rows)
+    for r in rows:
+        assert counted[kinds[r["kind"]], r["shape"]] == pytest.approx(r["gflop"] * 1e9 / r["count"], rel=1e-12), r
