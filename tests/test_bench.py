@@ -442,7 +442,8 @@ def test_kernel_rows_tflops_is_one_layers_flops_in_one_layers_time(monkeypatch, 
     want = {}
     for line in capsys.readouterr().out.splitlines():
         a = re.match(r"\((\d+), (\d+), (\d+), (\d+), (\d+)\) +(\d+) .* ([\d.]+)$", line)
-        c = re.match(r"\((\d+), \d+, (\d+), (\d+)\) \((\d+), (\d+), (\d+), \d+\) s(\d+) p(\d+) +(\d+) .* ([\d.]+)$", line)
+        c = re.match(r"\((\d+), \d+, (\d+), (\d+)\) \((\d+), (\d+), (\d+), \d+\) s(\d+) p(\d+) +(\d+) .* ([\d.]+)$",
+                     line)
         if a:
             B, h, lq, lk, d, n = map(int, a.groups()[:6])
             want[line] = (float(a[7]), 3 * 4 * B * h * lq * lk * d / 2e-3 / 1e12, n)
@@ -562,3 +563,75 @@ def test_kernel_steps_do_the_work_their_rows_count(monkeypatch):
     assert len(counted) == len(rows)
     for r in rows:
         assert counted[kinds[r["kind"]], r["shape"]] == pytest.approx(r["gflop"] * 1e9 / r["count"], rel=1e-12), r
+
+
+def sd15_unet_layers(batch, latent, n_text):
+    """SD v1.5's UNet layers read off its checkpoint's tensors: attention (B, heads, Lq, Lk, d) per
+    transformer block, one self- and one cross-attention over the text, with VPD_NOTES' 8 heads and
+    attention levels (input_blocks 1-2 / 4-5 / 7-8 and output_blocks 9-11 / 6-8 / 3-5 at 1, 1/2, 1/4 of
+    the latent side, the middle block at 1/8); the 4-D weights' shapes (convolutions) and the 2-D ones (linears)."""
+    shapes = json.loads(SD15.read_text())["shapes"]
+    prefix = "model.diffusion_model."
+    weights = [s for k, s in shapes.items() if k.startswith(prefix) and k.endswith(".weight")]
+    attn = Counter()
+    for k, s in shapes.items():
+        m = re.fullmatch(re.escape(prefix) + r"(input_blocks\.\d+|middle_block|output_blocks\.\d+)\.1\."
+                         r"transformer_blocks\.0\.attn1\.to_q\.weight", k)
+        if m:
+            group, _, i = m[1].partition(".")
+            i = int(i or 0)
+            level = {"input_blocks": (i - 1) // 3, "middle_block": 3, "output_blocks": 3 - i // 3}[group]
+            L, d = (latent >> level) ** 2, s[0] // 8
+            attn[batch, 8, L, L, d] += 1
+            attn[batch, 8, L, n_text, d] += 1
+    return (attn, Counter(tuple(s) for s in weights if len(s) == 4),
+            Counter(tuple(s) for s in weights if len(s) == 2))
+
+
+def test_kernel_layer_shapes_are_sd15s_layers():
+    # the hooks see every attention of SD v1.5 with its (Lq, Lk) and head size, and one convolution /
+    # linear call per 4-D / 2-D weight of the checkpoint
+    import bench_kernels
+    from vpd.unet import UNetConfig
+    attn, conv, linear = bench_kernels.layer_shapes(UNetConfig(), 3, 512, 150)
+    sd_attn, sd_conv, sd_linear = sd15_unet_layers(3, 64, 150)
+    assert attn == sd_attn and sum(attn.values()) == 32
+    assert Counter(w for (x, w, s, p), n in conv.items() for _ in range(n)) == sd_conv
+    assert Counter(w for (x, w), n in linear.items() for _ in range(n)) == sd_linear
+    assert all(x[0] == 3 for (x, *_), n in list(conv.items()) + list(linear.items()))
+
+
+def test_kernel_bench_sums_scripted_times_over_sd15s_layers(monkeypatch, tmp_path):
+    # the defaults (SD v1.5, 512, batch 16, 77 tokens, bf16, CUDA), nothing run: flash takes 1 ms a
+    # layer, the efficient kernel refuses every shape, cuDNN attention 3 ms, math 4; convolutions 2 ms with
+    # cuDNN's default choice and 1 ms autotuned; linears 0.5 ms. Each total is that time times the layer
+    # count read off SD v1.5's checkpoint
+    from torch.nn.attention import SDPBackend as K
+    attn_ms = {K.FLASH_ATTENTION: 1.0, K.EFFICIENT_ATTENTION: None, K.CUDNN_ATTENTION: 3.0, K.MATH: 4.0}
+
+    def ms_of(step):
+        if step.kind == "attention":
+            return attn_ms[step.backend]
+        return (1.0 if step.cudnn_benchmark else 2.0) if step.kind == "conv" else 0.5
+    out = tmp_path / "k.json"
+    steps, rows, totals = run_kernel_bench_on_fakes(monkeypatch, ["--json", str(out)], ms_of)
+    attn, conv, linear = sd15_unet_layers(16, 64, 77)
+    na, nc, nl = sum(attn.values()), sum(conv.values()), sum(linear.values())
+    assert totals == {"attention flash": na, "attention efficient": None, "attention cudnn": 3 * na,
+                      "attention math": 4 * na, "attention best per shape": na,
+                      "convolution default": 2 * nc, "convolution autotuned": nc, "convolution best per shape": nc,
+                      "linear default": 0.5 * nl, "linear best per shape": 0.5 * nl}
+    assert not torch.backends.cudnn.benchmark  # autotuning is switched off again after the convolutions
+    assert {r["shape"]: r["count"] for r in rows if r["kind"] == "attention"} == attn
+    assert all(s.dtype == torch.bfloat16 and s.device == torch.device("cuda") for s in steps)
+    # largest first: attention by query length, convolutions by input height, linears by input size
+    for kind, size in (("attention", lambda s: s[2]), ("convolution", lambda s: s[0][2]),
+                       ("linear", lambda s: math.prod(s[0]))):
+        sizes = [size(r["shape"]) for r in rows if r["kind"] == kind]
+        assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1], kind
+    saved = json.loads(out.read_text())
+    assert saved["device"] == "NVIDIA H100 80GB HBM3" and saved["torch"] == torch.__version__
+    assert saved["args"]["batch"] == 16 and saved["args"]["text"] == 77 and saved["args"]["dtype"] == "bf16"
+    assert saved["rows"] == json.loads(json.dumps(rows)) and saved["totals"] == totals
+    with pytest.raises(SystemExit):  # the UNet halves the latent three times: a multiple of 64
+        run_kernel_bench_on_fakes(monkeypatch, ["--res", "96"], ms_of)
