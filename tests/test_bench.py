@@ -327,9 +327,11 @@ def test_print_table_puts_each_figure_under_its_column(capsys):
         "ours/ref tensor": "0.885"}
 
 
-def test_loader_rate_excludes_the_warm_up_epoch(monkeypatch):
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_loader_rate_excludes_the_warm_up_epoch(monkeypatch, epochs):
     # a fake clock: each sample costs 1 s to load and the very first 100 s more (a start-up cost), so
     # the rate is 1 image/s exactly when the untimed first epoch takes the start-up and only later ones count
+    # (all --epochs of them: one is enough)
     clock = [0.0]
     monkeypatch.setattr(bench_loader, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
 
@@ -343,7 +345,7 @@ def test_loader_rate_excludes_the_warm_up_epoch(monkeypatch):
 
         def set_epoch(self, epoch):
             pass
-    assert bench_loader.images_per_second(Slow(), workers=0, batch_size=4, epochs=3) == pytest.approx(1.0)
+    assert bench_loader.images_per_second(Slow(), workers=0, batch_size=4, epochs=epochs) == pytest.approx(1.0)
 
 
 def test_timed_waits_for_the_device_before_stopping_the_clock(monkeypatch):
@@ -635,3 +637,57 @@ def test_kernel_bench_sums_scripted_times_over_sd15s_layers(monkeypatch, tmp_pat
     assert saved["rows"] == json.loads(json.dumps(rows)) and saved["totals"] == totals
     with pytest.raises(SystemExit):  # the UNet halves the latent three times: a multiple of 64
         run_kernel_bench_on_fakes(monkeypatch, ["--res", "96"], ms_of)
+
+
+class LoaderProcesses(torch.utils.data.Dataset):
+    """Each sample says which process loaded it (module level: a worker process may need to import it)."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        import os
+        return {"image": torch.zeros(3, 2, 2), "pid": os.getpid()}
+
+    def set_epoch(self, epoch):
+        pass
+
+
+def test_loader_times_the_workers_started_in_the_warm_up_epoch(monkeypatch):
+    # with workers, the untimed epoch takes their start-up only if the same workers then load the timed epochs
+    import os
+    pids = []
+
+    class Recording(torch.utils.data.DataLoader):
+        def __iter__(self):
+            pids.append(set())
+            for batch in super().__iter__():
+                pids[-1].update(batch["pid"].tolist())
+                yield batch
+    monkeypatch.setattr(bench_loader, "DataLoader", Recording)
+    bench_loader.images_per_second(LoaderProcesses(), workers=1, batch_size=2, epochs=2)
+    assert len(pids) == 3 and pids[0] == pids[1] == pids[2] and os.getpid() not in pids[0]
+
+
+def test_loader_main_times_each_pipeline_on_synthetic_data(monkeypatch, capsys):
+    # 4 synthetic images a task at 64 wide (48 high: NYU's crop shrinks to fit), batch 2, 2 epochs, 0 and
+    # 3 workers (3 faked at 7 im/s: no processes): each pipeline timed with the flags, one column per
+    # worker count, and the temporary data removed afterwards
+    import os
+    import sys
+    calls, real = [], bench_loader.images_per_second
+
+    def rate(ds, workers, batch_size, epochs):
+        calls.append((type(ds).__name__, workers, batch_size, epochs))
+        return real(ds, workers, batch_size, epochs) if workers == 0 else 7.0
+    monkeypatch.setattr(bench_loader, "images_per_second", rate)
+    monkeypatch.setattr(sys, "argv", ["bench_loader.py", "--n", "4", "--size", "64", "--batch_size", "2",
+                                      "--epochs", "2", "--workers", "0", "3"])
+    bench_loader.main()
+    assert calls == [(name, w, 2, 2) for name in ("NYUv2", "ADE20K", "RefCOCO") for w in (0, 3)]
+    wrote, head, *table = capsys.readouterr().out.splitlines()
+    m = re.fullmatch(r"wrote 12 synthetic images \(48x64\) in [\d.]+ s to (\S+)", wrote)
+    assert m and not os.path.exists(m[1])
+    assert head.split()[-4:] == ["0", "workers", "3", "workers"]
+    assert len(table) == 3 and all(line.endswith(" im/s      7.0 im/s") for line in table)
+    assert [int(line[36:].split()[0]) for line in table][:2] == [4, 4]  # depth, semseg: an image a sample
