@@ -691,3 +691,125 @@ def test_loader_main_times_each_pipeline_on_synthetic_data(monkeypatch, capsys):
     assert head.split()[-4:] == ["0", "workers", "3", "workers"]
     assert len(table) == 3 and all(line.endswith(" im/s      7.0 im/s") for line in table)
     assert [int(line[36:].split()[0]) for line in table][:2] == [4, 4]  # depth, semseg: an image a sample
+
+
+def load_gpu_check():
+    """A fresh copy of tools/gpu_check.py as a module (tools/ is not a package)."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "tools" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def gpu_check_on_cpu(monkeypatch):
+    """tools/gpu_check.py with CUDA faked on the CPU: its `torch` is torch but for the CUDA calls, bf16
+    autocast is the CPU's, torch.compile a recording pass-through, the UNet tiny with SD's 768-wide text
+    context (the script's context and class embeddings are 768 wide), and its 512x512 images and 64x64
+    latents at 1/8 the side. Returns (module, faults, record): add to `faults` what should go wrong --
+    "forward" (the bf16 UNet output 50% off), "features" / "maps" (eager bf16 features / maps 50% off),
+    "compiled" (compiled features 50% off), "zero_grads" (the compiled step passes a zero gradient),
+    "vae_grads" (the compiled step lets gradient into the VAE's quant_conv)."""
+    import dataclasses
+    from vpd.demo import TINY_UNET, TINY_VAE
+    from vpd.model import build_model
+    from vpd.unet import UNet
+    gpu_check = load_gpu_check()
+    cfg = dataclasses.replace(TINY_UNET, context_dim=768)
+    faults, record = set(), dict(backends=[], compiled=[], calls=0)
+    in_compiled = [False]
+
+    class FaultyUNet(UNet):
+        def forward(self, *args, **kw):
+            out = super().forward(*args, **kw)
+            return out * 1.5 if "forward" in faults and torch.is_autocast_enabled("cpu") else out
+
+        def features(self, *args, **kw):
+            feats, maps = super().features(*args, **kw)
+            if torch.is_autocast_enabled("cpu") and not in_compiled[0]:
+                feats = [f * 1.5 for f in feats] if "features" in faults else feats
+                maps = {k: m * 1.5 for k, m in maps.items()} if "maps" in faults else maps
+            return feats, maps
+
+    def compile(fn):
+        record["compiled"].append(fn)
+
+        def run(*args, **kw):
+            record["calls"] += 1
+            if isinstance(fn, torch.nn.Module):  # the semseg model
+                if "vae_grads" in faults:
+                    fn.backbone.vae.quant_conv.requires_grad_(True)
+                    fn.backbone.encode_images = lambda images: fn.backbone.vae.encode(images).mode()
+                out = fn(*args, **kw)
+                return out * 0 if "zero_grads" in faults else out
+            in_compiled[0] = True
+            try:
+                feats, maps = fn(*args, **kw)
+            finally:
+                in_compiled[0] = False
+            return ([f * 1.5 for f in feats] if "compiled" in faults else feats), maps
+        return run
+
+    def small(make):
+        def f(*args, **kw):
+            if len(args) == 4:  # (B, C, H, W): images, latents
+                args = (*args[:2], args[2] // 8, args[3] // 8)
+            elif len(args) == 3 and isinstance(args[2], tuple):  # randint(low, high, (B, H, W)): labels
+                args = (*args[:2], (args[2][0], args[2][1] // 8, args[2][2] // 8))
+            return make(*args, **kw)
+        return f
+
+    class FakeTorch:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+    fake = FakeTorch()
+    fake.cuda = SimpleNamespace(is_available=lambda: True, get_device_name=lambda device=None: "fake GPU",
+                                synchronize=lambda: None, max_memory_allocated=lambda device=None: 0)
+    fake.device = lambda kind: torch.device("cpu")
+    fake.autocast = lambda device_type, dtype=None, **kw: torch.autocast("cpu", dtype, **kw)
+    fake.compile = compile
+    fake.rand, fake.randn, fake.randint = small(torch.rand), small(torch.randn), small(torch.randint)
+    monkeypatch.setattr(gpu_check, "torch", fake)
+    monkeypatch.setattr(gpu_check, "UNet", FaultyUNet)
+    monkeypatch.setattr(gpu_check, "UNetConfig", lambda: cfg)
+    monkeypatch.setattr(gpu_check, "build_model", lambda task, class_embeddings: build_model(
+        task, unet_cfg=cfg, vae_cfg=TINY_VAE, class_embeddings=class_embeddings))
+    real_sdpa_kernel = gpu_check.sdpa_kernel
+    monkeypatch.setattr(gpu_check, "sdpa_kernel", lambda backend: record["backends"].append(backend)
+                        or real_sdpa_kernel(backend))
+    return gpu_check, faults, record
+
+
+def test_gpu_check_passes_a_sound_run(gpu_check_on_cpu, capsys):
+    # the flash kernel forced under bf16 autocast; the UNet's features and the semseg model each compiled
+    # and run; every check passes and says so
+    gpu_check, faults, record = gpu_check_on_cpu
+    gpu_check.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert record["backends"] == [SDPBackend.FLASH_ATTENTION]
+    features, model = record["compiled"]
+    assert features.__name__ == "features" and isinstance(model, torch.nn.Module) and record["calls"] == 2
+    assert len(lines) == 6 and lines[-1] == "GPU CHECKS PASSED"
+
+
+@pytest.mark.parametrize("fault, last", [("forward", "flash attention bf16 forward"),
+                                         ("features", "bf16 features + maps"), ("maps", "bf16 features + maps"),
+                                         ("compiled", "compiled bf16 features"),
+                                         ("zero_grads", "compiled bf16 features"),
+                                         ("vae_grads", "compiled bf16 features")])
+def test_gpu_check_fails_at_the_check_for_what_went_wrong(gpu_check_on_cpu, capsys, fault, last):
+    # each fault is caught by its own check: the lines printed stop at that check's
+    gpu_check, faults, record = gpu_check_on_cpu
+    faults.add(fault)
+    with pytest.raises(AssertionError):
+        gpu_check.main()
+    assert capsys.readouterr().out.splitlines()[-1].startswith(last)
+
+
+def test_gpu_check_rel_err_is_the_difference_norm_over_the_references():
+    # a = (3, -1) against b = (3, 4): |a - b| = |(0, 5)| = 5 over |b| = 5; bf16 inputs are compared in float32
+    rel_err = load_gpu_check().rel_err
+    assert rel_err(torch.tensor([3.0, -1.0]), torch.tensor([3.0, 4.0])) == 1.0
+    assert rel_err(torch.tensor([3.0, -1.0], dtype=torch.bfloat16), torch.tensor([3.0, 4.0])) == 1.0
