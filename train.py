@@ -308,6 +308,7 @@ def main(args):
     def run_eval():
         nonlocal doing
         doing = "eval"
+        dist.broadcast_buffers(raw)
         protocol = dict(workers=args.workers, depth_crop=task.meta["depth_crop"],  # the baseline's too
                         max_depth=getattr(raw, "max_depth", 10.0), seg_crop=args.crop)
         try:

@@ -186,6 +186,17 @@ def test_ddp_equals_accumulation_and_distributed_eval(world):
         assert m2[k] == pytest.approx(m1[k], rel=1e-9) and m_train[k] == pytest.approx(m1[k], rel=1e-6)
 
 
+def test_distributed_evaluation_in_training_scores_the_saved_model(world):
+    # the semseg head's BatchNorm statistics differ across ranks after a step (each updates them with its
+    # own batch): the evaluation after training, spread over both ranks, must score rank 0's saved model
+    out = world["base"] / "two_semseg"
+    torchrun("train.py", flags(world, "semseg", out, "--iters", 3, "--batch-size", 4), world["base"] / "logs_semseg")
+    eval_script.main(eval_script.get_args(["--ckpt", str(out / "model.safetensors"), "--max-samples", "3",
+                                           "--workers", "0", "--out", str(out / "eval")]))
+    by_eval = json.load(open(out / "eval" / "metrics_ade20k_validation_first3.json"))
+    assert json.load(open(out / "metrics.json"))["mIoU"] == pytest.approx(by_eval["mIoU"], rel=1e-9)
+
+
 @pytest.mark.parametrize("flag", [["--amp", "bf16"], ["--compile", "aot_eager"], ["--grad-checkpoint"]])
 def test_amp_compile_grad_checkpoint_run(world, flag):
     out = world["base"] / f"flag{flag[-1].strip('-')}"

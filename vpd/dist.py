@@ -62,6 +62,15 @@ def teardown():
         dist.destroy_process_group()
 
 
+def broadcast_buffers(module, src=0):
+    """Every rank takes rank `src`'s buffers. BatchNorm statistics drift apart across ranks (each
+    updates them with its own batch, and DDP syncs them only at the start of a forward); an evaluation
+    spread over ranks must score the model that is saved: rank 0's."""
+    if is_dist():
+        for b in module.buffers():
+            dist.broadcast(b, src)
+
+
 def mean_over_ranks(x: float, device) -> float:
     """Average a Python float over ranks (the logged loss is the global batch's, not rank 0's)."""
     if not is_dist():
