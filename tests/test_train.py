@@ -847,7 +847,25 @@ def test_refer_eval_set_is_the_models_dataset_on_val_unless_a_split_is_given(mon
     vpd.tasks.build_eval(eval_script.get_args(["--ckpt", "m.pth", "--data-root", "root", "--dataset", "refcocog"]),
                          torch.device("cpu"))
     assert (seen[-1]["dataset"], seen[-1]["max_tokens"]) == ("refcocog", 40)
+    # a model trained on RefCOCOg's google split set is scored on it unless --split-by says otherwise
+    google = dict(meta, args={"split_by": "google", "crop": 512})
+    monkeypatch.setattr(vpd.tasks, "load_model", lambda *a: (torch.nn.Identity(), google))
+    for flags, split_by in (([], "google"), (["--split-by", "umd"], "umd")):
+        ev = vpd.tasks.build_eval(eval_script.get_args(["--ckpt", "m.safetensors", "--data-root", "root", *flags]),
+                                  torch.device("cpu"))
+        assert ev.split_by == seen[-1]["split_by"] == split_by
     assert not any(kw["split"] == "train" for kw in seen)  # evaluation builds no training set
+
+
+def test_depth_models_are_evaluated_on_the_dataset_they_trained_on(monkeypatch):
+    # a KITTI model (80 m, one "street" condition) on NYUv2 or an NYUv2 model on KITTI: refused, not scored
+    import vpd.tasks
+    for trained, asked in (("kitti", "nyu"), (None, "kitti")):
+        meta = dict(task="depth", demo=False, dataset=trained)
+        monkeypatch.setattr(vpd.tasks, "load_model", lambda *a, meta=meta: (torch.nn.Identity(), meta))
+        args = eval_script.get_args(["--ckpt", "m.safetensors", "--data-root", "root", "--dataset", asked])
+        with pytest.raises(SystemExit, match=f"--dataset {asked}: m.safetensors is a {trained or 'nyu'} depth model"):
+            vpd.tasks.build_eval(args, torch.device("cpu"))
 
 
 def test_eval_needs_only_the_split_it_scores(world, tmp_path, monkeypatch):

@@ -242,8 +242,14 @@ def build_eval(args, device):
     if root is None:
         raise SystemExit("--data-root is required")
     crop = training_crop(task, meta)
-    dataset = args.dataset or meta.get("dataset") or DATASETS[task][0]
-    split_by = refer_split_by(dataset, args.split_by) if task == "refer" else None
+    trained_on = meta.get("dataset") or DATASETS[task][0]
+    dataset = args.dataset or trained_on
+    if task == "depth" and dataset != trained_on:  # another depth range, camera and text condition
+        raise SystemExit(f"--dataset {dataset}: {args.ckpt} is a {trained_on} depth model; it is evaluated on "
+                         f"{trained_on} only")
+    # refer: the split set the model trained with (e.g. RefCOCOg's google), unless another dataset is asked
+    trained_split_by = meta.get("args", {}).get("split_by") if dataset == trained_on else None
+    split_by = refer_split_by(dataset, args.split_by or trained_split_by) if task == "refer" else None
     # the released depth model was trained with VPD's substring scene match (study_room -> study)
     _, eval_set = datasets(task, root, crop, dataset=dataset, split_by=split_by, split=args.split,
                            demo=meta.get("demo", False), scene_match="vpd" if meta.get("official") else "exact",
