@@ -185,6 +185,10 @@ def main(args):
         for name in (log_path, metrics_path, os.path.join(args.out, "curves.png")):
             if os.path.isfile(name):
                 os.remove(name)
+    if master:  # the temporary of a save that was killed outright (kill -9, power cut): GBs at full size
+        for name in os.listdir(args.out):
+            if name.startswith(("state.pt.tmp", "model.safetensors.tmp")):
+                os.remove(os.path.join(args.out, name))
 
     torch.manual_seed(args.seed + rank)
     # --- task: datasets, model, evaluation (vpd/tasks.py) ---

@@ -332,6 +332,16 @@ def test_a_save_cut_short_leaves_the_old_file_and_no_temporary(tmp_path, monkeyp
     assert os.listdir(tmp_path) == ["state.pt"] and torch.load(path)["step"] == 1
 
 
+def test_a_run_removes_the_temporaries_of_a_save_killed_outright(world, tmp_path):
+    # kill -9 in a save leaves state.pt.tmp<pid> (the optimizer state: GBs); the next run in --out removes it
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("state.pt.tmp123", "model.safetensors.tmp123"):
+        (out / name).write_bytes(b"half")
+    train_here(flags(world, "depth", out, "--iters", 1, "--batch-size", 2, "--eval-max", 1))
+    assert not [n for n in os.listdir(out) if ".tmp" in n] and (out / "state.pt").is_file()
+
+
 def test_a_save_reaches_the_disk_before_its_name_does(tmp_path, monkeypatch):
     # after a power cut, a rename persisted ahead of the data would leave the checkpoint's name on an
     # empty file: the temporary is flushed first
