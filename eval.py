@@ -25,7 +25,7 @@ from tqdm import tqdm
 from vpd import dist
 from vpd.data import ADE20K_CLASSES, depth_eval_mask, error_line
 from vpd.infer import depth_predict, refer_logits, semseg_probs
-from vpd.metrics import KITTI_CROPS, DepthMetric, ReferMetric, SegMetric
+from vpd.metrics import KITTI_CROPS, DepthMetric, ReferMetric, SegMetric, json_ready
 from vpd.model import TASKS
 from vpd.sampler import ShardedEvalSampler
 from vpd.tasks import build_eval, demo_out, to_device
@@ -123,7 +123,7 @@ def metrics_name(protocol):
     """metrics_<dataset>[_<split_by>]_<split>[_msflip][_noflip][_fullres][_first<N>].json: one file per
     protocol (split_by: refer's unc / umd / google split sets)."""
     tags = [protocol["dataset"], *([protocol["split_by"]] if protocol["split_by"] else []), protocol["split"]]
-    tags += [tag for tag, on in (("msflip", protocol["ms_flip"]), ("noflip", not protocol["flip"]),
+    tags += [tag for tag, on in (("msflip", protocol["ms_flip"]), ("noflip", protocol["flip"] is False),
                                  ("fullres", protocol["refer_full_res"])) if on]
     tags += [f"first{protocol['max_samples']}"] if protocol["max_samples"] else []
     return "metrics_" + "_".join(tags) + ".json"
@@ -202,8 +202,11 @@ def main(args):
         args.task = ev.task
         check_task_flags(args, ev.task)
     autocast = dist.amp_autocast(args.amp, device)
+    n = len(ev.dataset) if args.max_samples is None else min(args.max_samples, len(ev.dataset))
+    # flip: depth's flip averaging (semseg flips with --ms-flip; refer never); first N: only if N < all
     protocol = dict(dataset=ev.dataset_name, split_by=ev.split_by, split=ev.split, ms_flip=args.ms_flip,
-                    flip=not args.no_flip, refer_full_res=args.refer_full_res, max_samples=args.max_samples)
+                    flip=not args.no_flip if ev.task == "depth" else None, refer_full_res=args.refer_full_res,
+                    max_samples=n if n < len(ev.dataset) else None)
     name = metrics_name(protocol)  # metrics_<protocol>.json, and vis_<protocol>/ for the PNGs
     vis_dir = os.path.join(out, "vis_" + name[len("metrics_"):-len(".json")]) if args.save_vis else None
     try:
@@ -214,13 +217,13 @@ def main(args):
     except ValueError as e:  # an unreadable file (BadSampleError), or no valid ground truth
         raise SystemExit(error_line(e)) from None
     if rank == 0:
-        n = len(ev.dataset) if args.max_samples is None else min(args.max_samples, len(ev.dataset))
         print(f"{ev.task} on {n} samples ({world} processes), {args.ckpt}")
         print(format_metrics(metrics, ADE20K_CLASSES if ev.task == "semseg" else None))
         path = os.path.join(out, name)
         with open(path, "w") as f:
-            json.dump(dict(ckpt=os.path.abspath(args.ckpt), task=ev.task, samples=n, **protocol, **metrics), f,
-                      indent=1)
+            json.dump(json_ready(dict(ckpt=os.path.abspath(args.ckpt), task=ev.task, samples=n, **protocol,
+                                      data_root=os.path.abspath(ev.data_root), amp=dist.resolve_amp(args.amp, device),
+                                      **metrics)), f, indent=1)
         print(f"wrote {path}")
     dist.teardown()
 

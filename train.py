@@ -28,6 +28,7 @@ from vpd.data import error_line
 from vpd.optim import build_optimizer, lr_factor, set_lr
 from vpd.trained import load_trained_state, read_meta, save_state, save_weights, trained_state
 from vpd.sampler import GlobalBatchSampler
+from vpd.metrics import json_ready
 from vpd.model import TASKS
 from vpd.tasks import baseline_model, build_task, demo_out, forward_loss, to_device
 from vpd.vis import plot_curves
@@ -155,7 +156,7 @@ def main(args):
         raise SystemExit(f"--batch-size {args.batch_size} does not split evenly over {world} processes"
                          + (f" x --micro-batch {args.micro_batch}" if args.micro_batch else ""))
     args.micro_batch, accum = micro, args.batch_size // (micro * world)
-    args.amp = args.amp or ("bf16" if device.type == "cuda" else "off")
+    args.amp = dist.resolve_amp(args.amp, device)
 
     state = None
     if args.resume:
@@ -331,8 +332,9 @@ def main(args):
                 f.write(json.dumps(dict(step=step, **{f"eval/{k}": v for k, v in metrics.items()
                                                       if isinstance(v, float)})) + "\n")
             with open(metrics_path, "w") as f:
-                json.dump(dict(step=step, **metrics, **({"baseline": dict(name=base_name, **baseline)}
-                                                        if baseline else {})), f, indent=1)
+                samples = min(args.eval_max or len(task.eval_set), len(task.eval_set))
+                json.dump(json_ready(dict(step=step, samples=samples, **metrics, **(
+                    {"baseline": dict(name=base_name, **baseline)} if baseline else {}))), f, indent=1)
         doing = None
         return metrics
 

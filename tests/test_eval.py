@@ -1,4 +1,5 @@
 """The evaluation loop of eval.py (`evaluate`): fake models and crafted samples with metrics by hand."""
+import json
 import math
 import os
 
@@ -331,12 +332,12 @@ def test_eval_main_hands_the_protocol_to_evaluate(tmp_path, monkeypatch):
         with autocast():
             kw["autocast"] = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
         calls.append(kw)
-        return {"score": 1.0}
+        return {"score": 1.0, "IoU": [50.0, float("nan")]}
     monkeypatch.setattr(eval_script, "evaluate", recording)
     for task, flags in (("depth", ["--no-flip"]), ("semseg", ["--ms-flip", "--amp", "bf16"]),
                         ("refer", ["--refer-full-res"])):
-        ev = SimpleNamespace(model=None, task=task, dataset=[0], depth_crop="garg", max_depth=80.0, crop=64,
-                             dataset_name="x", split_by=None, split="y")
+        ev = SimpleNamespace(model=None, task=task, dataset=[0] * 5, data_root=str(tmp_path), depth_crop="garg",
+                             max_depth=80.0, crop=64, dataset_name="x", split_by=None, split="y")
         monkeypatch.setattr(eval_script, "build_eval", lambda args, device, ev=ev: ev)
         eval_script.main(eval_script.get_args(["--ckpt", str(tmp_path / "model.safetensors"), "--out", str(tmp_path),
                                                "--device", "cpu", *flags]))
@@ -347,6 +348,16 @@ def test_eval_main_hands_the_protocol_to_evaluate(tmp_path, monkeypatch):
                                            "--device", "cpu", "--save-vis", "--refer-full-res", "--max-samples", "3"]))
     assert calls[-1]["save_vis"] == str(tmp_path / "vis_x_y_fullres_first3")
     assert os.path.isfile(tmp_path / "metrics_x_y_fullres_first3.json")
+    eval_script.main(eval_script.get_args(["--ckpt", str(tmp_path / "model.safetensors"), "--out", str(tmp_path),
+                                           "--device", "cpu", "--refer-full-res", "--max-samples", "1000"]))
+    assert json.load(open(tmp_path / "metrics_x_y_fullres.json"))["max_samples"] is None  # all 5: no _first1000
+    # the files say what was run: flip only for depth (the others have no such option), the data and amp
+    saved = {n: json.load(open(tmp_path / n)) for n in ("metrics_x_y_noflip.json", "metrics_x_y_msflip.json",
+                                                       "metrics_x_y_fullres.json")}
+    assert [m["flip"] for m in saved.values()] == [False, None, None]
+    assert saved["metrics_x_y_msflip.json"]["IoU"] == [50.0, None]  # a class never seen: null, not bare NaN
+    assert [m["amp"] for m in saved.values()] == ["off", "bf16", "off"]
+    assert all(m["data_root"] == str(tmp_path) and m["samples"] == 5 for m in saved.values())
     assert depth["depth_crop"] == "garg" and depth["max_depth"] == 80.0 and not depth["flip"]
     assert semseg["seg_crop"] == 64 and semseg["ms_flip"] and not depth["ms_flip"]
     assert refer["refer_full_res"] and not semseg["refer_full_res"]

@@ -28,11 +28,14 @@ def setup(device_arg="auto"):
     return rank, world, device
 
 
+def resolve_amp(amp, device):
+    """--amp bf16 / fp16 / off as given; None is bf16 on a GPU and off on a CPU (where bf16 is slower)."""
+    return amp or ("bf16" if device.type == "cuda" else "off")
+
+
 def amp_autocast(amp, device):
-    """A factory of autocast contexts for --amp bf16 / fp16 / off; None is bf16 on a GPU and off on a CPU
-    (where bf16 is slower)."""
-    amp = amp or ("bf16" if device.type == "cuda" else "off")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    """A factory of autocast contexts for --amp (resolve_amp)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[resolve_amp(amp, device)]
     return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
 
 

@@ -255,3 +255,13 @@ class ReferMetric(_Sums):
         for t, hits in zip(self.THRESHOLDS, self.sums[4:].tolist()):
             out[f"P@{t}"] = 100 * hits / n
         return out
+
+
+def json_ready(x):
+    """`x` with every NaN float (e.g. the IoU of a class never seen) as None: JSON has no NaN, and strict
+    readers refuse Python's bare `NaN`."""
+    if isinstance(x, dict):
+        return {k: json_ready(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_ready(v) for v in x]
+    return None if isinstance(x, float) and math.isnan(x) else x

@@ -255,7 +255,8 @@ def build_eval(args, device):
                            demo=meta.get("demo", False), scene_match="vpd" if meta.get("official") else "exact",
                            ms_ratios=MS_RATIOS if args.ms_flip else None, train=False,
                            max_tokens=getattr(model, "max_tokens", None))
-    return SimpleNamespace(model=model.to(device), task=task, dataset=eval_set, depth_crop=meta.get("depth_crop"),
+    return SimpleNamespace(model=model.to(device), task=task, dataset=eval_set, data_root=root,
+                           depth_crop=meta.get("depth_crop"),
                            max_depth=getattr(model, "max_depth", 10.0), crop=crop, dataset_name=dataset,
                            split_by=split_by, split=args.split or EVAL_SPLITS[task])
 
