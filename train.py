@@ -323,6 +323,7 @@ def main(args):
                              f"at step {saved}: eval.py evaluates it)") from None
         baseline = None
         if args.demo and step == total:  # the demo shows what training bought over a trivial predictor
+            train_set.set_epoch(0)  # fitted to the first epoch's samples: the same however the run got here
             base_model, base_name = baseline_model(args.task, train_set)
             baseline = evaluate(base_model.to(device), args.task, task.eval_set, device, nullcontext, args.eval_max,
                                 **protocol)
