@@ -30,7 +30,7 @@ from vpd.trained import load_trained_state, read_meta, save_state, save_weights,
 from vpd.sampler import GlobalBatchSampler
 from vpd.metrics import json_ready
 from vpd.model import TASKS
-from vpd.tasks import baseline_model, build_task, demo_out, forward_loss, to_device
+from vpd.tasks import DATASETS, baseline_model, build_task, demo_out, forward_loss, refer_split_by, to_device
 from vpd.vis import plot_curves
 
 # The paper's recipes (VPD_NOTES "Tasks"). batch_size is the global batch of one optimizer step.
@@ -77,7 +77,9 @@ def get_args(argv=None):
     p.add_argument("--sd-ckpt", help="Stable Diffusion v1.x .safetensors or .ckpt")
     p.add_argument("--data-root", help="dataset root in its standard layout (see README)")
     p.add_argument("--dataset", default=None, help="depth: nyu|kitti; refer: refcoco|refcoco+|refcocog")
-    p.add_argument("--split-by", default=None, help="refer: unc (refcoco, refcoco+) or umd (refcocog)")
+    p.add_argument("--split-by", choices=["unc", "umd", "google"], default=None,
+                   help="refer: REFER's split set, unc (refcoco, refcoco+; default) or umd / google (refcocog; "
+                   "default umd)")
     p.add_argument("--out", default=None, help="output directory (default out/<task>)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--iters", type=count(1), help="optimizer steps (overrides --epochs)")
@@ -135,6 +137,13 @@ def get_args(argv=None):
             setattr(args, k, os.path.abspath(getattr(args, k)))
     if args.iters is None and args.epochs is None:
         p.error("give --iters or --epochs")
+    if args.split_by is not None and args.task != "refer":
+        p.error(f"--split-by is for the refer task, not {args.task}")
+    if args.dataset is not None and args.dataset not in DATASETS[args.task]:
+        p.error(f"--dataset {args.dataset!r} is not a {args.task} dataset: {', '.join(DATASETS[args.task])}")
+    # the defaults written out, so that --resume with them given is the same run
+    args.dataset = args.dataset or DATASETS[args.task][0]
+    args.split_by = refer_split_by(args.dataset, args.split_by) if args.task == "refer" else None
     if args.class_embeddings and args.task == "refer":
         p.error("--class-embeddings is for semseg and depth: the refer model reads its sentences with CLIP")
     if args.crop % CROP_MULTIPLE[args.task]:
@@ -269,6 +278,7 @@ def main(args):
            f"({world} processes x {micro} x {accum} accumulation), amp {args.amp}")
     bar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True)
     saved = step if state is not None else None  # the step of the checkpoint in --out
+    advice = "lower --lr" + (", or use --amp bf16 (fp16 overflows)" if args.amp == "fp16" else "")
     doing = None  # what the run was doing besides training when it stopped: "save" or "eval"
 
     def save():
@@ -278,7 +288,7 @@ def main(args):
         if bad is not None:
             bar.close()
             raise SystemExit(f"non-finite weights after step {step} ({bad}): not saved; the checkpoint in "
-                             f"{args.out} stays at step {saved} (lower --lr, or use --amp bf16)")
+                             f"{args.out} stays at step {saved} ({advice})")
         doing = "save"
         mine = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
                     cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -383,7 +393,9 @@ def main(args):
                         rec["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
                         torch.cuda.reset_peak_memory_stats(device)
                     if not np.isfinite(loss_avg):
-                        raise SystemExit(f"loss is {loss_avg} at step {step}: stopping (lower --lr or use --amp bf16)")
+                        bar.close()  # the message on a line of its own
+                        where = f"the checkpoint in {args.out} is at step {saved}" if saved else "no checkpoint was written"
+                        raise SystemExit(f"loss is {loss_avg} at step {step}: stopping; {where} ({advice})")
                     bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", img_s=f"{rec['img_s']:.1f}")
                     if master:
                         with open(log_path, "a") as f:

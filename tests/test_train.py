@@ -434,6 +434,15 @@ def test_demo_sd_file_is_seeded_written_once_and_never_left_half_written(tmp_pat
     assert os.listdir(tmp_path / "c") == []  # no half file that the next call would take as written
 
 
+def test_default_dataset_and_split_set_are_written_out():
+    # so that --resume given them explicitly (--dataset nyu) is the same run as one started without
+    for argv, dataset, split_by in ((["--demo"], "nyu", None), (["--demo", "--task", "refer"], "refcoco", "unc"),
+                                    (["--demo", "--task", "refer", "--dataset", "refcocog"], "refcocog", "umd"),
+                                    (["--demo", "--task", "semseg"], "ade20k", None)):
+        args = train.get_args(argv)
+        assert (args.dataset, args.split_by) == (dataset, split_by)
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--batch-size", "0"], ["--batch-size", ">= 1, got 0"]),
     (["--iters", "0"], ["--iters", ">= 1, got 0"]),  # was: silently 25 epochs instead
@@ -449,6 +458,9 @@ def test_demo_sd_file_is_seeded_written_once_and_never_left_half_written(tmp_pat
     (["--weight-decay", "-0.1"], ["--weight-decay", ">= 0, got -0.1"]),
     (["--unet-lr-mult", "-1"], ["--unet-lr-mult", ">= 0, got -1"]),  # was: gradient ascent on the UNet
     (["--lr", "1e-4x"], ["--lr", "expected a number, got '1e-4x'"]),
+    (["--task", "depth", "--split-by", "unc"], ["--split-by is for the refer task, not depth"]),  # was: ignored
+    (["--task", "refer", "--split-by", "bogus"], ["--split-by", "invalid choice: 'bogus'"]),  # was: "no data"
+    (["--task", "semseg", "--dataset", "nyu"], ["--dataset 'nyu' is not a semseg dataset: ade20k"]),
 ])
 def test_bad_numbers_are_argument_errors(argv, words, capsys):
     script = eval_script if "--max-samples" in argv else train
@@ -745,7 +757,7 @@ def test_each_epoch_reshuffles_and_reaugments(world, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "forward_loss", recording)
     monkeypatch.setattr(NYUv2, "set_epoch", record_epoch)
     train_here(flags(world, "depth", tmp_path / "run", "--epochs", 3, "--batch-size", 4, "--eval-max", 1))
-    assert epochs == [0, 1, 2] and len(seen) == 9
+    assert epochs == [0, 1, 2, 0] and len(seen) == 9  # (the last 0: the demo baseline, fitted to epoch 0)
     orders = [sum(seen[3 * e:3 * e + 3], []) for e in range(3)]
     assert all(sorted(o) == list(range(12)) for o in orders)
     assert orders[0] != orders[1] and orders[1] != orders[2]
@@ -1142,9 +1154,17 @@ def test_a_nan_loss_stops_the_run_at_its_log_line(world, tmp_path, monkeypatch):
         loss = forward_loss(model, raw, task, batch)
         return loss * float("nan") if len(calls) >= 3 else loss
     monkeypatch.setattr(train, "forward_loss", nan_from_third)
-    with pytest.raises(SystemExit, match="loss is nan at step 3: stopping"):
+    with pytest.raises(SystemExit) as e:
         train_here(flags(world, "depth", tmp_path / "run", "--iters", 6, "--batch-size", 2))
     assert len(calls) == 3
+    # what is left, and advice that fits the run: bf16 only helps where fp16 overflowed
+    assert e.value.code == "loss is nan at step 3: stopping; no checkpoint was written (lower --lr)"
+    calls.clear()
+    with pytest.raises(SystemExit) as e:
+        train_here(flags(world, "depth", tmp_path / "run2", "--iters", 6, "--batch-size", 2, "--save-every", 2,
+                         "--amp", "fp16"))
+    assert e.value.code == (f"loss is nan at step 3: stopping; the checkpoint in {tmp_path / 'run2'} is at step 2 "
+                            "(lower --lr, or use --amp bf16 (fp16 overflows))")
 
 
 def test_ctrl_c_after_a_resume_names_the_checkpoint_it_resumed_from(world, tmp_path, monkeypatch):
