@@ -354,6 +354,18 @@ def test_a_run_removes_the_temporaries_of_a_save_killed_outright(world, tmp_path
     assert not [n for n in os.listdir(out) if ".tmp" in n] and (out / "state.pt").is_file()
 
 
+def test_saved_files_take_the_modes_of_the_users_umask(tmp_path):
+    # safetensors writes 0600 files: a group sharing a cluster could not read the weights
+    from vpd.trained import save_state, save_weights
+    old = os.umask(0o027)
+    try:
+        save_weights(Toy(), str(tmp_path / "w.safetensors"), {"task": "depth"})
+        save_state({"step": 1}, str(tmp_path / "state.pt"))
+    finally:
+        os.umask(old)
+    assert {oct(os.stat(tmp_path / n).st_mode & 0o777) for n in ("w.safetensors", "state.pt")} == {oct(0o640)}
+
+
 def test_a_save_reaches_the_disk_before_its_name_does(tmp_path, monkeypatch):
     # after a power cut, a rename persisted ahead of the data would leave the checkpoint's name on an
     # empty file: the temporary is flushed first

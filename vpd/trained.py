@@ -24,6 +24,9 @@ def write_atomic(write, path):
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as open() makes files (safetensors writes them 0600: unreadable to a group)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
