@@ -64,6 +64,8 @@ def load_error(e):
     """torch.load's error in one line. Under weights_only, its advice to load with weights_only=False
     (running code from the file) is left out: say what the file holds instead."""
     text = " ".join(str(e).split())
+    if isinstance(e, KeyError):  # torch's legacy reader on a file that is no pickle: its first byte as a key
+        return "not a torch file"
     if isinstance(e, pickle.UnpicklingError):
         found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
         return f"it holds a {found.group(1)} object, not only tensors" if found else "not a torch file of tensors"
