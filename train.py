@@ -178,7 +178,11 @@ def main(args):
         if state["args"]["task"] != args.task:
             raise SystemExit(f"--resume: {args.out} holds a {state['args']['task']} run, not {args.task}")
         if len(state["ranks"]) != world:
-            raise SystemExit(f"--resume: {args.out} was written by {len(state['ranks'])} processes, this run has {world}")
+            raise SystemExit(f"--resume: {args.out} was written by {len(state['ranks'])} processes, this run has {world}: "
+                             f"launch it with {len(state['ranks'])} (torchrun --nproc_per_node)")
+        if state["args"]["demo"] != args.demo:
+            raise SystemExit(f"--resume: the run in {args.out} is {'a' if args.demo is False else 'not a'} --demo run: "
+                             f"{'add' if args.demo is False else 'leave out'} --demo")
         changed = [k for k in RUN_SETTINGS if state["args"].get(k) != getattr(args, k, None)]
         changed += [k for k in RUN_FILES if getattr(args, k) is not None and state["args"].get(k) != getattr(args, k)]
         if changed:
@@ -266,6 +270,8 @@ def main(args):
             with open(tmp, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in keep)
             os.replace(tmp, log_path)
+        elif master:
+            print(f"{log_path} is missing: the log (and curves.png) restarts at step {step + 1}")
         print0(f"resumed from {args.out} at step {step}")
 
     if args.compile:  # compiled at the first step, not here

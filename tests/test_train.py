@@ -344,6 +344,15 @@ def test_the_demo_baseline_does_not_depend_on_where_the_run_stopped(world, tmp_p
     assert json.load(open(out / "metrics.json"))["baseline"] == first["baseline"]
 
 
+def test_resume_says_when_the_log_is_gone(world, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--iters", 2, "--batch-size", 2, "--save-every", 1, "--eval-max", 1]
+    train_here(flags(world, "depth", out, *common, "--stop-after", 1))
+    os.remove(out / "log.jsonl")
+    train_here(flags(world, "depth", out, *common, "--resume"))
+    assert f"{out / 'log.jsonl'} is missing: the log (and curves.png) restarts at step 2" in capsys.readouterr().out
+
+
 def test_a_run_removes_the_temporaries_of_a_save_killed_outright(world, tmp_path):
     # kill -9 in a save leaves state.pt.tmp<pid> (the optimizer state: GBs); the next run in --out removes it
     out = tmp_path / "run"
@@ -617,8 +626,11 @@ def test_resume_keeps_the_runs_settings_and_survives_a_crash_in_save_or_final_ev
     assert read_meta(str(out / "model.safetensors"))["step"] == STEPS
     old = torch.load(out / "state.pt", weights_only=False)
     torch.save(dict(old, ranks=old["ranks"] * 2), out / "state.pt")  # written by a 2-process run
-    with pytest.raises(SystemExit, match="was written by 2 processes, this run has 1"):
+    with pytest.raises(SystemExit, match=r"was written by 2 processes, this run has 1: launch it with 2 \(torchrun"):
         train_here(args + ["--resume"])
+    torch.save(old, out / "state.pt")
+    with pytest.raises(SystemExit, match="is a --demo run: add --demo"):  # not: its --demo-* values named
+        train_here([a for a in args if a != "--demo"] + ["--resume"])
     (out / "state.pt").write_bytes(b"truncated")
     with pytest.raises(SystemExit, match="--resume: cannot read the checkpoint in"):
         train_here(args + ["--resume"])
