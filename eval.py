@@ -153,7 +153,8 @@ def get_args(argv=None):
     p.add_argument("--data-root", help="dataset root in its standard layout (see README); only the evaluated split "
                    "needs to be there (default for --demo: its synthetic set)")
     p.add_argument("--dataset", default=None, help="depth: nyu|kitti; refer: refcoco|refcoco+|refcocog")
-    p.add_argument("--split-by", choices=["unc", "umd", "google"], default=None, help="refer: unc (refcoco, refcoco+; default) or umd / google "
+    p.add_argument("--split-by", choices=["unc", "umd", "google"], default=None,
+                   help="refer: unc (refcoco, refcoco+; default) or umd / google "
                    "(refcocog; default umd)")
     p.add_argument("--split", default=None, help="refer: val, testA, testB, test, ...")
     p.add_argument("--out", default=None, help="where metrics_<protocol>.json goes (default: eval/ next to --ckpt)")

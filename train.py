@@ -178,8 +178,9 @@ def main(args):
         if state["args"]["task"] != args.task:
             raise SystemExit(f"--resume: {args.out} holds a {state['args']['task']} run, not {args.task}")
         if len(state["ranks"]) != world:
-            raise SystemExit(f"--resume: {args.out} was written by {len(state['ranks'])} processes, this run has {world}: "
-                             f"launch it with {len(state['ranks'])} (torchrun --nproc_per_node)")
+            n = len(state["ranks"])
+            raise SystemExit(f"--resume: {args.out} was written by {n} processes, this run has {world}: "
+                             f"launch it with {n} (torchrun --nproc_per_node)")
         if state["args"]["demo"] != args.demo:
             raise SystemExit(f"--resume: the run in {args.out} is {'a' if args.demo is False else 'not a'} --demo run: "
                              f"{'add' if args.demo is False else 'leave out'} --demo")
@@ -400,7 +401,8 @@ def main(args):
                         torch.cuda.reset_peak_memory_stats(device)
                     if not np.isfinite(loss_avg):
                         bar.close()  # the message on a line of its own
-                        where = f"the checkpoint in {args.out} is at step {saved}" if saved else "no checkpoint was written"
+                        where = (f"the checkpoint in {args.out} is at step {saved}" if saved
+                                 else "no checkpoint was written")
                         raise SystemExit(f"loss is {loss_avg} at step {step}: stopping; {where} ({advice})")
                     bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", img_s=f"{rec['img_s']:.1f}")
                     if master:

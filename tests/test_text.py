@@ -128,7 +128,8 @@ def test_embeddings_files_are_read_and_checked(tmp_path):
     torch.save({"emb": emb, "obj": Counting(nn.Identity())}, tmp_path / "pickled.pth")  # code, not data
     for name, count, dim, words in [("e.pth", 4, 8, r"must be a \(4, 8\) float tensor, got a \(3, 8\)"),
                                     ("e.pth", 3, 16, r"\(3, 16\)"), ("two.safetensors", 3, 8, "holds one tensor"),
-                                    ("dict.pth", 3, 8, "got dict"), ("text.pth", 3, 8, r"cannot read class embeddings from it \(not a torch file\)"),
+                                    ("dict.pth", 3, 8, "got dict"),
+                                    ("text.pth", 3, 8, r"cannot read class embeddings from it \(not a torch file\)"),
                                     ("ints.pth", 3, 8, "torch.int64"), ("transposed.pth", 3, 8, r"got a \(8, 3\)"),
                                     ("empty.safetensors", 3, 8, "this one 0"),
                                     ("pickled.pth", 3, 8, "cannot read class embeddings .*holds a .*Counting object")]:

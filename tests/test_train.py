@@ -195,7 +195,8 @@ def test_distributed_evaluation_in_training_scores_the_saved_model(world):
                                            "--workers", "0", "--out", str(out / "eval")]))
     (path,) = glob.glob(str(out / "eval" / "metrics_ade20k_validation*.json"))
     by_eval, in_training = json.load(open(path)), json.load(open(out / "metrics.json"))
-    assert in_training["samples"] == by_eval["samples"] and in_training["mIoU"] == pytest.approx(by_eval["mIoU"], rel=1e-9)
+    assert in_training["samples"] == by_eval["samples"]
+    assert in_training["mIoU"] == pytest.approx(by_eval["mIoU"], rel=1e-9)
 
 
 @pytest.mark.parametrize("flag", [["--amp", "bf16"], ["--compile", "aot_eager"], ["--grad-checkpoint"]])

@@ -296,8 +296,9 @@ class KITTI(_DepthDataset):
     The annotated-depth download's train/ and val/ folders may be kept (both are searched) or merged.
     Lists (root/train_list.txt, root/test_list.txt by default; BTS's eigen_train_files_with_gt.txt /
     eigen_test_files_with_gt.txt, or VPD's eigen_benchmark lists, which name raw_data/<date>/... (looked
-    for in root/raw_data/ or root/) and data_depth_annotated/<train|val>/...) hold 'image depth [focal]' lines; lines whose depth is 'None' (test
-    images without ground truth) are left out and counted in `self.without_gt`.
+    for in root/raw_data/ or root/) and data_depth_annotated/<train|val>/...) hold 'image depth [focal]'
+    lines; lines whose depth is 'None' (test images without ground truth) are left out and counted in
+    `self.without_gt`.
     Depths beyond max_depth (80 m) are set to 0 (invalid).
 
     Training view: KB crop, then the depth recipe with a random (352, 704) crop.
