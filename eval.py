@@ -28,7 +28,7 @@ from vpd.infer import depth_predict, refer_logits, semseg_probs
 from vpd.metrics import KITTI_CROPS, DepthMetric, ReferMetric, SegMetric, json_ready
 from vpd.model import TASKS
 from vpd.sampler import ShardedEvalSampler
-from vpd.tasks import build_eval, demo_out, to_device
+from vpd.tasks import build_eval, check_ckpt, demo_out, to_device
 
 
 @torch.no_grad()
@@ -191,6 +191,7 @@ def main(args):
     rank, world, device = dist.setup(args.device)
     if args.task is not None:
         check_task_flags(args, args.task)  # before minutes of model loading
+    check_ckpt(args.ckpt)  # before its folder gets an eval/ folder
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
     dist.writable_dir(out)
     if rank == 0:

@@ -327,6 +327,7 @@ def test_eval_main_hands_the_protocol_to_evaluate(tmp_path, monkeypatch):
 
     import eval as eval_script
     calls = []
+    (tmp_path / "model.safetensors").write_bytes(b"")  # (build_eval, which reads it, is faked)
 
     def recording(model, task, dataset, device, autocast, max_samples, **kw):
         with autocast():
@@ -368,9 +369,21 @@ def test_eval_refuses_an_out_it_cannot_write_before_loading_anything(tmp_path, m
     import eval as eval_script
     monkeypatch.setattr(eval_script, "build_eval", lambda args, device: pytest.fail("loaded before --out was checked"))
     (tmp_path / "file").write_text("")
+    (tmp_path / "m.safetensors").write_bytes(b"")
     with pytest.raises(SystemExit, match="is not writable"):
-        eval_script.main(eval_script.get_args(["--ckpt", "m.safetensors", "--out", str(tmp_path / "file" / "eval"),
+        eval_script.main(eval_script.get_args(["--ckpt", str(tmp_path / "m.safetensors"),
+                                               "--out", str(tmp_path / "file" / "eval"),
                                                "--device", "cpu"]))
+
+
+def test_eval_leaves_no_folder_beside_a_ckpt_that_is_not_there(tmp_path, monkeypatch):
+    # the default --out is eval/ beside --ckpt: a mistyped path must not leave one behind
+    import eval as eval_script
+    monkeypatch.chdir(tmp_path)
+    for ckpt, words in (("typo/model.safetensors", "no such file"), (".", "is a folder")):
+        with pytest.raises(SystemExit, match=words):
+            eval_script.main(eval_script.get_args(["--ckpt", ckpt, "--data-root", "x", "--device", "cpu"]))
+    assert os.listdir(tmp_path) == []
 
 
 def test_to_device_moves_the_multi_scale_views_too():
