@@ -184,11 +184,14 @@ def main(args):
         if state["args"]["demo"] != args.demo:
             raise SystemExit(f"--resume: the run in {args.out} is {'a' if args.demo is False else 'not a'} --demo run: "
                              f"{'add' if args.demo is False else 'leave out'} --demo")
-        changed = [k for k in RUN_SETTINGS if state["args"].get(k) != getattr(args, k, None)]
-        changed += [k for k in RUN_FILES if getattr(args, k) is not None and state["args"].get(k) != getattr(args, k)]
+        started = dict(state["args"], dataset=state["args"]["dataset"] or DATASETS[args.task][0])  # None: the default
+        if args.task == "refer":
+            started["split_by"] = refer_split_by(started["dataset"], started["split_by"])
+        changed = [k for k in RUN_SETTINGS if started.get(k) != getattr(args, k, None)]
+        changed += [k for k in RUN_FILES if getattr(args, k) is not None and started.get(k) != getattr(args, k)]
         if changed:
             raise SystemExit("--resume: the run in {} was started with {}; pass the same values".format(
-                args.out, ", ".join(f"--{k.replace('_', '-')} {state['args'].get(k)} (not {getattr(args, k, None)})"
+                args.out, ", ".join(f"--{k.replace('_', '-')} {started.get(k)} (not {getattr(args, k, None)})"
                                     for k in changed)))
     elif os.path.isfile(state_path):
         raise SystemExit(f"--out {args.out} holds the checkpoint of an earlier run: continue it with --resume, "

@@ -268,7 +268,7 @@ def bad_cases(world, tmp):
         "eval garbage": (["eval.py", "--ckpt", str(a_file) + ".safetensors"], ["not a readable"]),
         "eval not a ckpt": (["eval.py", "--ckpt", str(a_file)], ["not a checkpoint"]),
         "predict sd file": (["predict.py", "--ckpt", depth_ckpt, "--sd-ckpt", depth_ckpt, photo],
-                            ["no tensors under 'model.diffusion_model.'"]),  # was: a traceback
+                            ["no tensors under 'model.diffusion_model.'"]),  # a message, not a traceback
     }
 
 
@@ -467,21 +467,21 @@ def test_default_dataset_and_split_set_are_written_out():
 
 @pytest.mark.parametrize("argv, words", [
     (["--batch-size", "0"], ["--batch-size", ">= 1, got 0"]),
-    (["--iters", "0"], ["--iters", ">= 1, got 0"]),  # was: silently 25 epochs instead
-    (["--log-every", "0"], ["--log-every", ">= 1"]),  # was: ZeroDivisionError at the first step
+    (["--iters", "0"], ["--iters", ">= 1, got 0"]),  # not the preset's epochs instead
+    (["--log-every", "0"], ["--log-every", ">= 1"]),  # (it divides the step count)
     (["--iters", "-3"], ["--iters", ">= 1, got -3"]),
     (["--max-samples", "0"], ["--max-samples", ">= 1"]),  # eval.py
     (["--workers", "x"], ["--workers", "expected an integer, got 'x'"]),
     (["--task", "semseg", "--crop", "100"], ["--crop 100", "multiples of 64"]),
     (["--task", "depth", "--crop", "100"], ["--crop 100", "multiples of 32"]),
-    (["--lr", "-1"], ["--lr", "finite number > 0, got -1"]),  # was: torch's ValueError once the model was built
+    (["--lr", "-1"], ["--lr", "finite number > 0, got -1"]),  # before the model is built
     (["--lr", "0"], ["--lr", "> 0, got 0"]),
     (["--lr", "nan"], ["--lr", "finite number"]),
     (["--weight-decay", "-0.1"], ["--weight-decay", ">= 0, got -0.1"]),
-    (["--unet-lr-mult", "-1"], ["--unet-lr-mult", ">= 0, got -1"]),  # was: gradient ascent on the UNet
+    (["--unet-lr-mult", "-1"], ["--unet-lr-mult", ">= 0, got -1"]),  # it would be gradient ascent
     (["--lr", "1e-4x"], ["--lr", "expected a number, got '1e-4x'"]),
-    (["--task", "depth", "--split-by", "unc"], ["--split-by is for the refer task, not depth"]),  # was: ignored
-    (["--task", "refer", "--split-by", "bogus"], ["--split-by", "invalid choice: 'bogus'"]),  # was: "no data"
+    (["--task", "depth", "--split-by", "unc"], ["--split-by is for the refer task, not depth"]),  # not ignored
+    (["--task", "refer", "--split-by", "bogus"], ["--split-by", "invalid choice: 'bogus'"]),  # not "no data"
     (["--task", "semseg", "--dataset", "nyu"], ["--dataset 'nyu' is not a semseg dataset: ade20k"]),
 ])
 def test_bad_numbers_are_argument_errors(argv, words, capsys):
@@ -495,7 +495,7 @@ def test_bad_numbers_are_argument_errors(argv, words, capsys):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--task", "semseg"], ["real training needs both --sd-ckpt and --data-root", "--demo"]),  # was: the demo ran
+    (["--task", "semseg"], ["real training needs both --sd-ckpt and --data-root", "--demo"]),  # not the demo
     ([], ["--task is required", "--demo"]),
     (["--task", "depth", "--sd-ckpt", "sd.safetensors"], ["real training needs both"]),
 ])
@@ -632,6 +632,9 @@ def test_resume_keeps_the_runs_settings_and_survives_a_crash_in_save_or_final_ev
     torch.save(old, out / "state.pt")
     with pytest.raises(SystemExit, match="is a --demo run: add --demo"):  # not: its --demo-* values named
         train_here([a for a in args if a != "--demo"] + ["--resume"])
+    # a state.pt holding None for the default dataset and split set is the same run as one naming them
+    torch.save(dict(old, args=dict(old["args"], dataset=None, split_by=None)), out / "state.pt")
+    train_here(args + ["--resume", "--dataset", "ade20k"])  # (finished and evaluated: nothing to do)
     (out / "state.pt").write_bytes(b"truncated")
     with pytest.raises(SystemExit, match="--resume: cannot read the checkpoint in"):
         train_here(args + ["--resume"])
@@ -812,7 +815,7 @@ def test_logged_loss_is_the_windows_mean_and_lr_peaks_at_half_the_epochs(world, 
 
 def test_epochs_alone_set_the_length_and_a_fresh_run_clears_an_unsaved_runs_log(world, tmp_path):
     a = train.get_args(["--task", "semseg", "--sd-ckpt", "x", "--data-root", "y", "--epochs", "3"])
-    assert a.iters is None and a.epochs == 3  # was: the preset's 80,000 iterations, --epochs ignored
+    assert a.iters is None and a.epochs == 3  # not the preset's 80,000 iterations
     assert train.get_args(["--demo", "--epochs", "2"]).iters is None
     b = train.get_args(["--task", "semseg", "--sd-ckpt", "x", "--data-root", "y", "--epochs", "3", "--iters", "7"])
     assert b.iters == 7  # --iters overrides --epochs, as its help says
@@ -832,9 +835,9 @@ def test_dataset_names_are_checked(world):
     from vpd.tasks import datasets
     root = world["roots"]["depth"]
     with pytest.raises(SystemExit, match="--dataset 'nuy' is not a depth dataset: nyu, kitti"):
-        datasets("depth", root, 32, dataset="nuy")  # was: NYUv2 without a word
+        datasets("depth", root, 32, dataset="nuy")  # not NYUv2 without a word
     with pytest.raises(SystemExit, match="--dataset 'refcoco' is not a semseg dataset"):
-        datasets("semseg", world["roots"]["semseg"], 64, dataset="refcoco")  # was: ignored
+        datasets("semseg", world["roots"]["semseg"], 64, dataset="refcoco")  # not ignored
     with pytest.raises(SystemExit, match="does not hold the depth data"):
         datasets("depth", root, 32, dataset="kitti")  # an NYUv2 root is no KITTI root
     train_set, _ = datasets("depth", root, 32, dataset="nyu")
