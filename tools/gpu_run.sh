@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs behind the README's GPU figures, in parts of under 10 minutes each (tables in
-# $OUT/*.txt, each ending with its command's exit status, 124 when it timed out; each part writes at
-# most 8 files):
+# $OUT/*.txt, each ending with its command's exit status, 124 when it timed out):
 #   OUT=results bash tools/gpu_run.sh eager      # flash/bf16/compile checks, eager benchmarks, DDP demo (~9 min)
 #   OUT=results bash tools/gpu_run.sh compiled   # compiled bf16 at batch 16, NHWC: semseg step, UNet fwd+bwd (~9 min)
 #   OUT=results bash tools/gpu_run.sh graphs     # the semseg step at batch 2 under CUDA graphs (reduce-overhead, ~5 min)

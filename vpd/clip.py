@@ -172,7 +172,8 @@ def clean(text):
     """CLIP's text cleaning: html entities (twice, for double-escaped text), NFC, one space, lower case.
     openai/CLIP also runs ftfy.fix_text first; of its repairs only NFC is kept, so mojibake, curly quotes
     and full-width forms are tokenised as they are, and the control characters Python counts as
-    whitespace (vertical tab, \x1c-\x1f, NEL), which ftfy deletes, separate words here."""
+    whitespace (vertical tab, \x1c-\x1f, NEL) separate words here (ftfy deletes the first ones and
+    turns NEL into an ellipsis)."""
     text = html.unescape(html.unescape(text))
     text = unicodedata.normalize("NFC", text)
     return " ".join(text.split()).lower()
