@@ -266,7 +266,7 @@ def test_option_errors(world, tmp_path):
     assert "--text is required" in error_of("--ckpt", refer, "--out", tmp_path, world.wide)
     assert "--text is only for the refer task" in error_of("--ckpt", depth, "--text", "a cat", world.wide)
     assert "--size 100: the refer network takes sides that are multiples of 64" in error_of(
-        "--ckpt", refer, "--size", 100, "--text", "a cat", "--out", tmp_path, world.wide)  # was: a traceback
+        "--ckpt", refer, "--size", 100, "--text", "a cat", "--out", tmp_path, world.wide)  # a message, not a traceback
     err = error_of("--ckpt", depth, "--scene", "garage", world.wide)
     assert "'garage' is not an NYUv2 scene type" in err and "living_room" in err
     assert "depth model, not semseg" in error_of("--task", "semseg", "--ckpt", depth, "--out", tmp_path, world.wide)
@@ -283,7 +283,7 @@ def test_option_errors(world, tmp_path):
     assert f"is a folder: give {state.parent / 'model.safetensors'}" in error_of("--ckpt", state.parent, world.wide)
     torch.save(torch.zeros(150, 768), tmp_path / "class_embeddings.pth")
     assert "holds a Tensor, not a state dict: not a VPD checkpoint" in error_of(
-        "--task", "semseg", "--ckpt", tmp_path / "class_embeddings.pth", world.wide)  # was: a traceback
+        "--task", "semseg", "--ckpt", tmp_path / "class_embeddings.pth", world.wide)  # a message, not a traceback
     other = tmp_path / "b"
     other.mkdir()
     write_image(str(other / "wide.jpg"), 8, 8, 2)
