@@ -86,7 +86,8 @@ def evaluate(model, task, dataset, device, autocast=nullcontext, max_samples=Non
 
 def kitti_region(batch, crop):
     """KITTI's Garg / Eigen crop in the frame of the KB-cropped map (fractions of the ORIGINAL image, as
-    BTS/VPD score on the full frame); None for maps whose crop DepthMetric takes from their own size."""
+    BTS scores; GLPDepth takes them of the KB-cropped map); None for maps whose crop DepthMetric takes
+    from their own size."""
     if crop not in KITTI_CROPS or "orig_size" not in batch:
         return None
     if len(batch["orig_size"]) != 1:

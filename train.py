@@ -2,7 +2,7 @@
 
     python train.py --demo                                    # tiny model, synthetic world, ~90 s on 2 CPU cores
     torchrun --nproc_per_node=8 train.py --task semseg --sd-ckpt v1-5-pruned-emaonly.safetensors --data-root data/ade
-    python train.py --task depth --sd-ckpt ... --data-root data/nyu --batch-size 24 --micro-batch 3   # 1 GPU, accumulation
+    python train.py --task depth --sd-ckpt ... --data-root data/nyu   # 1 GPU: 8 accumulated forwards of 3
 
 Every setting of the paper's recipes is a flag; flags left out take the task's preset (PRESETS in
 train.py; the README's table). Launched by torchrun it runs DDP
@@ -33,17 +33,20 @@ from vpd.model import TASKS
 from vpd.tasks import DATASETS, baseline_model, build_task, demo_out, forward_loss, refer_split_by, to_device
 from vpd.vis import plot_curves
 
-# The paper's recipes (VPD_NOTES "Tasks"). batch_size is the global batch of one optimizer step.
+# The paper's recipes (VPD_NOTES "Tasks"). batch_size is the global batch of one optimizer step;
+# micro_batch the images per process per forward: depth's 3 as on VPD's 8 GPUs, since its SILog loss
+# (not a mean over images) and unsynchronised BatchNorm see one forward's images (semseg and refer:
+# batch_size / processes, their losses are means and their BatchNorm is synchronised).
 PRESETS = {
     "semseg": dict(lr=8e-5, weight_decay=1e-3, unet_lr_mult=0.1, iters=80_000, epochs=None, batch_size=16,
                    crop=512, schedule="poly", power=1.0, warmup_iters=1500, min_lr_ratio=0.0, eval_every=8000),
-    "depth": dict(lr=5e-4, weight_decay=0.1, unet_lr_mult=0.01, iters=None, epochs=25, batch_size=24,
+    "depth": dict(lr=5e-4, weight_decay=0.1, unet_lr_mult=0.01, iters=None, epochs=25, batch_size=24, micro_batch=3,
                   crop=480, schedule="updown", power=0.9, warmup_iters=0, min_lr_ratio=3e-5 / 5e-4, eval_every=None),
     "refer": dict(lr=5e-5, weight_decay=1e-2, unet_lr_mult=1.0, iters=None, epochs=40, batch_size=32,
                   crop=512, schedule="poly", power=0.9, warmup_iters=0, min_lr_ratio=0.0, eval_every=None),
 }
 # --demo: a tiny random-weight model on the synthetic world, the whole pipeline in ~90 s on 2 CPU cores.
-DEMO = dict(iters=300, batch_size=8, lr=1e-3, unet_lr_mult=1.0, warmup_iters=0, eval_every=None,
+DEMO = dict(iters=300, batch_size=8, micro_batch=None, lr=1e-3, unet_lr_mult=1.0, warmup_iters=0, eval_every=None,
             log_every=10, save_every=100, demo_images=192, demo_size=128)
 DEMO_CROP = {"semseg": 128, "depth": 96, "refer": 128}  # synthetic images are 128x96
 CROP_MULTIPLE = {"semseg": 64, "depth": 32, "refer": 64}  # the side lengths each network takes
@@ -85,7 +88,8 @@ def get_args(argv=None):
     p.add_argument("--iters", type=count(1), help="optimizer steps (overrides --epochs)")
     p.add_argument("--epochs", type=count(1))
     p.add_argument("--batch-size", type=count(1), help="global batch per optimizer step")
-    p.add_argument("--micro-batch", type=count(1), help="images per process per forward (accumulates to --batch-size)")
+    p.add_argument("--micro-batch", type=count(1), help="images per process per forward, accumulated to "
+                   "--batch-size (default: --batch-size / processes; depth: 3)")
     p.add_argument("--lr", type=factor(zero_ok=False))
     p.add_argument("--weight-decay", type=factor(zero_ok=True))
     p.add_argument("--unet-lr-mult", type=factor(zero_ok=True), help="0 keeps the UNet as it is")

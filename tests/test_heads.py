@@ -174,6 +174,23 @@ def test_depth_head_output_range_size_and_crop():
         assert cropped.shape == (2, 1, 96, 224)
 
 
+def test_depth_head_predicts_in_float32_under_bf16_autocast():
+    # bf16 depths step by 3 cm from 4 m and 6 cm from 8 m: the last conv and the sigmoid stay float32
+    chans = [16, 16, 32, 32]
+    head = DepthHead(chans, max_depth=10.0, fuse_channels=32, deconv_channels=8, out_channels=16).eval()
+    with torch.no_grad():
+        for m in [*head.deconv, *head.conv, *head.predict]:  # VPD's N(0, 0.001) init: every depth ~5 m
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                torch.nn.init.normal_(m.weight, std=0.2)
+    feats = pyramid(chans, h=8, w=8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(feats)
+    assert out.dtype == torch.float32
+    assert (out != out.bfloat16().float()).float().mean() > 0.9  # off bf16's grid
+    with torch.no_grad():
+        assert torch.allclose(out, head(feats), atol=0.05)
+
+
 def test_depth_head_matches_hand_written_decoder_with_crop():
     chans = [16, 16, 32, 32]
     head = DepthHead(chans, max_depth=2.5, fuse_channels=32, deconv_channels=8, out_channels=16).eval()

@@ -1110,6 +1110,21 @@ def test_ddp_all_reduces_once_per_step_on_its_last_micro_batch(world, tmp_path, 
     assert synced == [(True, 4)]
 
 
+def test_depth_recipe_forwards_three_images_per_process(world, tmp_path, monkeypatch):
+    # VPD's SILog and BatchNorm see 3 images per GPU: the recipe keeps that on any number of processes
+    # (the demo and the other tasks take batch / processes; --micro-batch overrides)
+    from vpd import dist
+    monkeypatch.setattr(dist, "setup", lambda device: (0, 2, torch.device("cpu")))
+    recipe = ["--task", "depth", "--sd-ckpt", world["sd"], "--data-root", world["roots"]["depth"], "--out",
+              str(tmp_path / "run")]
+    assert train.get_args(recipe).micro_batch == 3
+    assert train.get_args(recipe + ["--micro-batch", "6"]).micro_batch == 6
+    assert train.get_args(recipe + ["--task", "semseg"]).micro_batch is None
+    assert train.get_args(["--demo", "--task", "depth"]).micro_batch is None
+    with pytest.raises(SystemExit, match="--batch-size 8 does not split evenly over 2 processes x --micro-batch 3"):
+        train_here(recipe + ["--batch-size", "8"])
+
+
 def test_a_batch_must_split_over_the_processes(tmp_path, monkeypatch):
     # 2 processes x micro-batches of 2 take 4, 8, ... images per step: 6 would silently train on 4
     from vpd import dist

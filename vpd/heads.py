@@ -142,7 +142,10 @@ class DepthHead(nn.Module):
         x = self.conv(self.deconv(x))
         x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
         x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-        return torch.sigmoid(self.predict(x)) * self.max_depth
+        x = self.predict[:-1](x)
+        # the last conv and the sigmoid in float32: under bf16 autocast depths would round to 3-6 cm steps
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.sigmoid(self.predict[-1](x.float())) * self.max_depth
 
 
 def _fuse_block(in_ch, hidden):
