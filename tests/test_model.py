@@ -259,6 +259,14 @@ def test_seg_and_refer_logits_are_upsampled_as_mmseg_and_lavt_do():
         assert not torch.allclose(out, F.interpolate(low, size=(64, 128), mode="bilinear", align_corners=not align))
 
 
+def test_task_outputs_are_float32_under_bf16_autocast():
+    # the heads' bf16 logits are upsampled, and depths predicted, in float32: not rounded to bf16 again
+    x, ids = images(1), torch.randint(0, 49407, (1, 40))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = [tiny("semseg").eval()(x), tiny("refer").eval()(x, ids), tiny("depth").eval()(x, torch.tensor([0]))]
+    assert [o.dtype for o in outs] == [torch.float32] * 3
+
+
 def test_depth_pads_to_64_and_crops_the_fused_map():
     model = tiny("depth").eval()
     x = images(1, 96, 96)  # 96 = 3 x 32: padded to 128, fused 1/32 map 4x4 -> 3x3

@@ -11,6 +11,8 @@ channel counts `in_channels` (for SD v1.5 and N text tokens: [320, 640+N, 1280+N
 Module names are plain; vpd/official.py holds the short table mapping the released checkpoints'
 names onto them.
 """
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -144,7 +146,9 @@ class DepthHead(nn.Module):
         x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
         x = self.predict[:-1](x)
         # the last conv and the sigmoid in float32: under bf16 autocast depths would round to 3-6 cm steps
-        with torch.autocast(x.device.type, enabled=False):
+        # (devices without autocast, such as meta, have nothing to turn off)
+        device = x.device.type
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
             return torch.sigmoid(self.predict[-1](x.float())) * self.max_depth
 
 

@@ -155,7 +155,8 @@ class VPDSeg(nn.Module):
         """images (B, 3, H, W) in [-1, 1], H and W multiples of 64 -> logits (B, K, H, W)."""
         _check_images(images, 64)
         logits = self.head(self.backbone(images, self.class_embeddings))  # (B, K, H/8, W/8)
-        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        # upsampled in float32, not rounded to bf16 again (the loss takes float32: no more memory)
+        return F.interpolate(logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
 
     @staticmethod
     def loss(logits, label, ignore_index=255):
@@ -236,7 +237,7 @@ class VPDRefer(nn.Module):
         with torch.no_grad():
             text, _ = self.clip(token_ids)  # (B, max_tokens, D)
         logits = self.head(self.backbone(images, text))  # (B, 2, H/8, W/8)
-        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=True)
+        return F.interpolate(logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=True)
 
     @staticmethod
     def loss(logits, target):
