@@ -52,8 +52,8 @@ DEMO_CROP = {"semseg": 128, "depth": 96, "refer": 128}  # synthetic images are 1
 CROP_MULTIPLE = {"semseg": 64, "depth": 32, "refer": 64}  # the side lengths each network takes
 # Settings that shape a run's trajectory: --resume must continue with the values it was started with.
 RUN_SETTINGS = ("task", "iters", "epochs", "batch_size", "micro_batch", "amp", "lr", "weight_decay", "unet_lr_mult",
-                "warmup_iters", "crop", "seed", "dataset", "split_by", "schedule", "power", "min_lr_ratio",
-                "demo_images", "demo_size")
+                "param_groups", "warmup_iters", "crop", "seed", "dataset", "split_by", "schedule", "power",
+                "min_lr_ratio", "demo_images", "demo_size")
 RUN_FILES = ("sd_ckpt", "data_root", "class_embeddings")  # compared too where given (the demo writes its own into --out)
 
 
@@ -93,6 +93,9 @@ def get_args(argv=None):
     p.add_argument("--lr", type=factor(zero_ok=False))
     p.add_argument("--weight-decay", type=factor(zero_ok=True))
     p.add_argument("--unet-lr-mult", type=factor(zero_ok=True), help="0 keeps the UNet as it is")
+    p.add_argument("--param-groups", choices=["default", "official"], default="default",
+                   help="official: VPD's own lr / weight-decay groups for semseg and refer (README, 'Optimizer "
+                        "groups'); depth's are the default ones")
     p.add_argument("--warmup-iters", type=count(0))
     p.add_argument("--crop", type=count(1))
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None,
@@ -189,6 +192,7 @@ def main(args):
             raise SystemExit(f"--resume: the run in {args.out} is {'a' if args.demo is False else 'not a'} --demo run: "
                              f"{'add' if args.demo is False else 'leave out'} --demo")
         started = dict(state["args"], dataset=state["args"]["dataset"] or DATASETS[args.task][0])  # None: the default
+        started.setdefault("param_groups", "default")  # runs from before the flag
         if args.task == "refer":
             started["split_by"] = refer_split_by(started["dataset"], started["split_by"])
         changed = [k for k in RUN_SETTINGS if started.get(k) != getattr(args, k, None)]
@@ -240,7 +244,8 @@ def main(args):
 
     autocast = dist.amp_autocast(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    optimizer = build_optimizer(raw, args.lr, args.weight_decay, args.unet_lr_mult, fused=device.type == "cuda")
+    optimizer = build_optimizer(raw, args.lr, args.weight_decay, args.unet_lr_mult, fused=device.type == "cuda",
+                                official=args.task if args.param_groups == "official" else None)
     step, loss_sum, last = 0, 0.0, 0  # loss_sum: this rank's loss since the last log line at step `last`
     redo_eval = False
 

@@ -41,6 +41,54 @@ def test_set_lr_keeps_the_unet_multiplier(model):
     assert sorted({round(g["lr"], 12) for g in opt.param_groups}) == [2e-5, 2e-4]
 
 
+def mmcv_semseg_group(vpd_name):
+    """VPD's segmentation config (paramwise_cfg custom_keys) as mmcv's DefaultOptimizerConstructor applies
+    it: keys sorted by name, then by length, longest first; the first key in the tensor's name decides."""
+    custom_keys = {"unet": {"lr_mult": 0.1}, "encoder_vq": {"lr_mult": 0.0}, "text_encoder": {"lr_mult": 0.0},
+                   "norm": {"decay_mult": 0.0}}
+    for key in sorted(sorted(custom_keys), key=len, reverse=True):
+        if key in vpd_name:
+            return custom_keys[key].get("lr_mult", 1.0), custom_keys[key].get("decay_mult", 1.0)
+    return 1.0, 1.0
+
+
+def vpd_refer_group(vpd_name):
+    """VPD's refer/train.py: (lr scale torch applies, decay multiplier); its own lr_scale key is ignored."""
+    if "unet" in vpd_name and "norm" in vpd_name:
+        return 1.0, 0.0
+    if "unet" in vpd_name:
+        return 1.0, 1.0
+    if "norm" in vpd_name:
+        return 1.0, 0.0
+    return 1.0, 1.0
+
+
+@pytest.mark.parametrize("task, lr_mult, rule", [("semseg", 0.1, mmcv_semseg_group), ("refer", 1.0, vpd_refer_group)])
+def test_official_groups_are_vpds_own(task, lr_mult, rule):
+    from vpd.official import to_official
+    with torch.device("meta"):
+        model = build_model(task)
+    groups = param_groups(model, lr=1.0, weight_decay=0.5, unet_lr_mult=lr_mult, official=task)
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert len(by_id) == len(trainable)
+    names = dict(zip(trainable, to_official(trainable, task)))  # ours -> VPD's, in order
+    undecayed_unet = 0
+    for name, p in trainable.items():
+        g = by_id[id(p)]
+        scale, decay_mult = rule(names[name])
+        assert (g["lr_scale"], g["weight_decay"]) == (scale, 0.5 * decay_mult), (name, names[name])
+        undecayed_unet += name.startswith("backbone.unet.") and g["weight_decay"] == 0
+    # the UNet's transformer norms (GroupNorm norm, LayerNorms norm1-3): 16 blocks x 8 tensors; the
+    # ResBlock GroupNorms (in_layers.0, out_layers.0), biases, head BatchNorms and gamma are decayed
+    assert undecayed_unet == 128
+    assert by_id[id(model.backbone.gamma)]["weight_decay"] == 0.5
+    if task == "semseg":  # mmcv tries "norm" before "unet": those norms train at the full lr
+        norm = model.backbone.unet.input_blocks[1][1].transformer_blocks[0].norm1.weight
+        assert by_id[id(norm)]["lr_scale"] == 1.0
+        assert by_id[id(model.backbone.unet.input_blocks[1][0].in_layers[0].weight)]["lr_scale"] == 0.1
+
+
 def test_no_trainable_parameters_is_an_error():
     with pytest.raises(ValueError, match="no trainable"):
         param_groups(torch.nn.Linear(2, 2).requires_grad_(False), 1e-3, 0.0, 1.0)

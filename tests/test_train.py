@@ -632,9 +632,13 @@ def test_resume_keeps_the_runs_settings_and_survives_a_crash_in_save_or_final_ev
     torch.save(old, out / "state.pt")
     with pytest.raises(SystemExit, match="is a --demo run: add --demo"):  # not: its --demo-* values named
         train_here([a for a in args if a != "--demo"] + ["--resume"])
-    # a state.pt holding None for the default dataset and split set is the same run as one naming them
-    torch.save(dict(old, args=dict(old["args"], dataset=None, split_by=None)), out / "state.pt")
+    # a state.pt holding None for the default dataset and split set is the same run as one naming them,
+    # and one written before --param-groups existed trained with the default groups
+    started = {k: v for k, v in old["args"].items() if k != "param_groups"}
+    torch.save(dict(old, args=dict(started, dataset=None, split_by=None)), out / "state.pt")
     train_here(args + ["--resume", "--dataset", "ade20k"])  # (finished and evaluated: nothing to do)
+    with pytest.raises(SystemExit, match="started with --param-groups default"):
+        train_here(args + ["--resume", "--param-groups", "official"])
     (out / "state.pt").write_bytes(b"truncated")
     with pytest.raises(SystemExit, match="--resume: cannot read the checkpoint in"):
         train_here(args + ["--resume"])
@@ -742,13 +746,23 @@ def test_an_evaluation_redone_on_resume_is_not_counted_in_the_speed(world, tmp_p
 
 @pytest.mark.parametrize("flag, value", [("--lr", "1e-3"), ("--seed", "1"), ("--crop", "128"),
                                          ("--weight-decay", "0.5"), ("--unet-lr-mult", "0.1"),
-                                         ("--warmup-iters", "3"), ("--amp", "bf16"), ("--batch-size", "8")])
+                                         ("--warmup-iters", "3"), ("--amp", "bf16"), ("--batch-size", "8"),
+                                         ("--param-groups", "official")])
 def test_resume_refuses_each_changed_run_setting(world, flag, value):
     ref = loss_run(world, "semseg")
     args = flags(world, "semseg", ref, *LOSS_RUN, crop=LOSS_CROP["semseg"])
     args = args[:args.index(flag)] + args[args.index(flag) + 2:] if flag in args else args
     with pytest.raises(SystemExit, match=f"started with {flag} .*; pass the same values"):
         train_here(args + [flag, value, "--resume"])
+
+
+def test_param_groups_official_reaches_the_optimizer(world, tmp_path, monkeypatch):
+    seen, real = [], train.build_optimizer
+    monkeypatch.setattr(train, "build_optimizer", lambda *a, **kw: seen.append(kw["official"]) or real(*a, **kw))
+    for groups, task in (("official", "semseg"), ("default", "refer")):
+        train_here(flags(world, task, tmp_path / groups, "--iters", 1, "--batch-size", 2, "--eval-max", 1,
+                         "--param-groups", groups))
+    assert seen == ["semseg", None]
 
 
 def test_presets_are_the_papers_recipes():

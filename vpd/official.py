@@ -83,6 +83,15 @@ def _rename(name, rules, inverse=False):
 
 
 
+def official_name(name, task):
+    """The name one of our `task` model's tensors has in VPD's own model (and its released files)."""
+    _check_task(task)
+    vpd_name = _rename(name, RULES[task], inverse=True)
+    if vpd_name is None:
+        raise ValueError(f"'{name}' has no name in a VPD {task} checkpoint")
+    return vpd_name
+
+
 def _check_task(task):
     if task not in RULES:
         raise ValueError(f"unknown task {task!r}: one of {tuple(RULES)}")
@@ -170,10 +179,7 @@ def to_official(state, task):
     for k, v in state.items():
         if k.startswith(NOT_IN_FILE[task]):
             continue
-        name = _rename(k, RULES[task], inverse=True)
-        if name is None:
-            raise ValueError(f"'{k}' has no name in a VPD {task} checkpoint")
-        out[name] = v
+        out[official_name(k, task)] = v
     return out
 
 

@@ -1,17 +1,31 @@
 """Optimizer parameter groups and the three learning-rate schedules of the paper's recipes."""
 import torch
 
+from vpd.official import official_name
 
-def param_groups(model, lr, weight_decay, unet_lr_mult):
+
+def param_groups(model, lr, weight_decay, unet_lr_mult, official=None):
     """AdamW groups: the UNet at `lr * unet_lr_mult`, everything else trainable at `lr`; no weight
     decay on 1-d tensors (norm weights, biases, `gamma`). Frozen parts (VAE, CLIP) have
-    requires_grad=False and are left out. Each group carries `lr_scale` so schedules can rescale."""
+    requires_grad=False and are left out. Each group carries `lr_scale` so schedules can rescale.
+
+    official="semseg" / "refer": VPD's own groups for that task's model, which its code picks by
+    substrings of its tensor names (official_name): no decay for names holding "norm" (the UNet's
+    transformer norms), every other tensor decayed, biases and BatchNorms included; semseg's mmcv
+    `custom_keys` try "norm" before "unet", so those norms also train at the full lr. VPD's depth
+    groups are the default ones."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        scale = unet_lr_mult if name.startswith("backbone.unet.") else 1.0
-        decay = 0.0 if p.ndim <= 1 else weight_decay
+        if official in ("semseg", "refer"):
+            vpd_name = official_name(name, official)
+            in_unet = "unet" in vpd_name and not (official == "semseg" and "norm" in vpd_name)
+            decayed = "norm" not in vpd_name
+        else:
+            in_unet, decayed = name.startswith("backbone.unet."), p.ndim > 1
+        scale = unet_lr_mult if in_unet else 1.0
+        decay = weight_decay if decayed else 0.0
         g = groups.setdefault((scale, decay), {"params": [], "lr_scale": scale, "lr": lr * scale,
                                                "weight_decay": decay})
         g["params"].append(p)
@@ -42,8 +56,8 @@ def lr_factor(step, total, schedule, warmup=0, warmup_ratio=1e-6, power=1.0, min
     raise ValueError(f"unknown schedule {schedule!r} (poly or updown)")
 
 
-def build_optimizer(model, lr, weight_decay, unet_lr_mult, fused=None):
-    groups = param_groups(model, lr, weight_decay, unet_lr_mult)
+def build_optimizer(model, lr, weight_decay, unet_lr_mult, fused=None, official=None):
+    groups = param_groups(model, lr, weight_decay, unet_lr_mult, official)
     kw = {"fused": True} if fused else {}
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, **kw)
 
