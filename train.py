@@ -92,7 +92,8 @@ def get_args(argv=None):
                    "--batch-size (default: --batch-size / processes; depth: 3)")
     p.add_argument("--lr", type=factor(zero_ok=False))
     p.add_argument("--weight-decay", type=factor(zero_ok=True))
-    p.add_argument("--unet-lr-mult", type=factor(zero_ok=True), help="0 keeps the UNet as it is")
+    p.add_argument("--unet-lr-mult", type=factor(zero_ok=True), help="0 keeps the UNet as it is (but for the "
+                   "transformer norms under semseg's --param-groups official)")
     p.add_argument("--param-groups", choices=["default", "official"], default="default",
                    help="official: VPD's own lr / weight-decay groups for semseg and refer (README, 'Optimizer "
                         "groups'); depth's are the default ones")
@@ -144,6 +145,8 @@ def get_args(argv=None):
             setattr(args, k, os.path.abspath(getattr(args, k)))
     if args.iters is None and args.epochs is None:
         p.error("give --iters or --epochs")
+    if args.param_groups == "official" and args.task == "depth":
+        p.error("--param-groups official: VPD's depth groups are the default ones")
     if args.split_by is not None and args.task != "refer":
         p.error(f"--split-by is for the refer task, not {args.task}")
     if args.dataset is not None and args.dataset not in DATASETS[args.task]:
@@ -170,7 +173,9 @@ def main(args):
     micro = args.micro_batch or args.batch_size // world
     if micro == 0 or args.batch_size % (micro * world):
         raise SystemExit(f"--batch-size {args.batch_size} does not split evenly over {world} processes"
-                         + (f" x --micro-batch {args.micro_batch}" if args.micro_batch else ""))
+                         + (f" x --micro-batch {args.micro_batch}" if args.micro_batch else "")
+                         + ("; the depth recipe forwards 3 images per process: give a --batch-size that is a "
+                            "multiple of 3 x processes, or --micro-batch" if args.task == "depth" else ""))
     args.micro_batch, accum = micro, args.batch_size // (micro * world)
     args.amp = dist.resolve_amp(args.amp, device)
 

@@ -52,32 +52,32 @@ def mmcv_semseg_group(vpd_name):
     return 1.0, 1.0
 
 
-def vpd_refer_group(vpd_name):
-    """VPD's refer/train.py: (lr scale torch applies, decay multiplier); its own lr_scale key is ignored."""
+def vpd_refer_group(vpd_name, lr_mult=0.01):
+    """VPD's refer/train.py groups: (lr scale, decay multiplier). Torch ignored its lr_scale key (so the
+    recipe's multiplier is 1); the groups it meant are what a multiplier given to ours applies to."""
     if "unet" in vpd_name and "norm" in vpd_name:
-        return 1.0, 0.0
+        return lr_mult, 0.0
     if "unet" in vpd_name:
-        return 1.0, 1.0
+        return lr_mult, 1.0
     if "norm" in vpd_name:
         return 1.0, 0.0
     return 1.0, 1.0
 
 
-@pytest.mark.parametrize("task, lr_mult, rule", [("semseg", 0.1, mmcv_semseg_group), ("refer", 1.0, vpd_refer_group)])
+@pytest.mark.parametrize("task, lr_mult, rule", [("semseg", 0.1, mmcv_semseg_group), ("refer", 0.01, vpd_refer_group)])
 def test_official_groups_are_vpds_own(task, lr_mult, rule):
-    from vpd.official import to_official
+    from vpd.official import official_name
     with torch.device("meta"):
         model = build_model(task)
     groups = param_groups(model, lr=1.0, weight_decay=0.5, unet_lr_mult=lr_mult, official=task)
     by_id = {id(p): g for g in groups for p in g["params"]}
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert len(by_id) == len(trainable)
-    names = dict(zip(trainable, to_official(trainable, task)))  # ours -> VPD's, in order
     undecayed_unet = 0
     for name, p in trainable.items():
         g = by_id[id(p)]
-        scale, decay_mult = rule(names[name])
-        assert (g["lr_scale"], g["weight_decay"]) == (scale, 0.5 * decay_mult), (name, names[name])
+        scale, decay_mult = rule(official_name(name, task))
+        assert (g["lr_scale"], g["weight_decay"]) == (scale, 0.5 * decay_mult), name
         undecayed_unet += name.startswith("backbone.unet.") and g["weight_decay"] == 0
     # the UNet's transformer norms (GroupNorm norm, LayerNorms norm1-3): 16 blocks x 8 tensors; the
     # ResBlock GroupNorms (in_layers.0, out_layers.0), biases, head BatchNorms and gamma are decayed
@@ -87,6 +87,14 @@ def test_official_groups_are_vpds_own(task, lr_mult, rule):
         norm = model.backbone.unet.input_blocks[1][1].transformer_blocks[0].norm1.weight
         assert by_id[id(norm)]["lr_scale"] == 1.0
         assert by_id[id(model.backbone.unet.input_blocks[1][0].in_layers[0].weight)]["lr_scale"] == 0.1
+
+
+def test_official_groups_name_a_task(model):
+    with pytest.raises(ValueError, match="official='sesmeg'"):
+        param_groups(model, 1e-3, 0.1, 0.01, official="sesmeg")
+    # VPD's depth groups are the default ones
+    assert [(g["lr_scale"], g["weight_decay"], len(g["params"])) for g in param_groups(model, 1e-3, 0.1, 0.01)] == \
+        [(g["lr_scale"], g["weight_decay"], len(g["params"])) for g in param_groups(model, 1e-3, 0.1, 0.01, "depth")]
 
 
 def test_no_trainable_parameters_is_an_error():

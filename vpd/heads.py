@@ -148,7 +148,8 @@ class DepthHead(nn.Module):
         # the last conv and the sigmoid in float32: under bf16 autocast depths would round to 3-6 cm steps
         # (devices without autocast, such as meta, have nothing to turn off)
         device = x.device.type
-        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
+        float32 = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
+        with float32:
             return torch.sigmoid(self.predict[-1](x.float())) * self.max_depth
 
 

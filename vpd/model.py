@@ -155,7 +155,7 @@ class VPDSeg(nn.Module):
         """images (B, 3, H, W) in [-1, 1], H and W multiples of 64 -> logits (B, K, H, W)."""
         _check_images(images, 64)
         logits = self.head(self.backbone(images, self.class_embeddings))  # (B, K, H/8, W/8)
-        # upsampled in float32, not rounded to bf16 again (the loss takes float32: no more memory)
+        # upsampled in float32, not rounded to bf16 again (the loss and inference take float32 anyway)
         return F.interpolate(logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
 
     @staticmethod

@@ -14,17 +14,19 @@ def param_groups(model, lr, weight_decay, unet_lr_mult, official=None):
     transformer norms), every other tensor decayed, biases and BatchNorms included; semseg's mmcv
     `custom_keys` try "norm" before "unet", so those norms also train at the full lr. VPD's depth
     groups are the default ones."""
+    if official not in (None, "semseg", "refer", "depth"):
+        raise ValueError(f"official={official!r}: a task name (semseg, refer or depth) or None")
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if official in ("semseg", "refer"):
             vpd_name = official_name(name, official)
-            in_unet = "unet" in vpd_name and not (official == "semseg" and "norm" in vpd_name)
+            at_unet_lr = "unet" in vpd_name and not (official == "semseg" and "norm" in vpd_name)
             decayed = "norm" not in vpd_name
         else:
-            in_unet, decayed = name.startswith("backbone.unet."), p.ndim > 1
-        scale = unet_lr_mult if in_unet else 1.0
+            at_unet_lr, decayed = name.startswith("backbone.unet."), p.ndim > 1
+        scale = unet_lr_mult if at_unet_lr else 1.0
         decay = weight_decay if decayed else 0.0
         g = groups.setdefault((scale, decay), {"params": [], "lr_scale": scale, "lr": lr * scale,
                                                "weight_decay": decay})

@@ -6,7 +6,7 @@ numbers: a resumed run or a different number of loader workers sees the same ima
 
 Images travel as float32 (H, W, 3) arrays in [0, 255] (RGB); `to_tensor` makes the network input
 (3, H, W) in [-1, 1] (x / 127.5 - 1). Photometric steps clip to [0, 255] but stay in float in
-between (mmseg truncates to uint8 after each step, albumentations rounds: under one grey level each).
+between (mmseg and albumentations truncate to uint8 after each step: under one grey level each).
 Resizing follows OpenCV's INTER_LINEAR / INTER_NEAREST (no antialiasing), as mmseg and
 albumentations use, via torch's bilinear (align_corners=False) and legacy nearest; the referring
 pipeline follows PIL instead (LAVT/VPD resize PIL images with torchvision): antialiased bilinear
