@@ -81,8 +81,6 @@ def _rename(name, rules, inverse=False):
     return None
 
 
-
-
 def official_name(name, task):
     """The name one of our `task` model's tensors has in VPD's own model (and its released files)."""
     _check_task(task)
