@@ -434,6 +434,14 @@ def main(args):
                 t0 += time.time() - paused
     except KeyboardInterrupt:
         raise SystemExit(stopped("interrupted")) from None
+    except torch.OutOfMemoryError:
+        what = "out of memory"
+        if doing is None:  # in a training step, not a save or an evaluation
+            hints = [f"a --micro-batch under {micro} (accumulated to the same --batch-size)"] if micro > 1 else []
+            hints += [] if args.grad_checkpoint else ["--grad-checkpoint"]
+            what += f" with {micro} image{'s' * (micro > 1)} per forward" + (
+                f" (try {' or '.join(hints)})" if hints else "")
+        raise SystemExit(stopped(what)) from None
     bar.close()
     if master and step < total:
         print0(f"stopped after step {step} of {total} (--stop-after): continue with --resume and the same flags "

@@ -644,6 +644,34 @@ def test_resume_keeps_the_runs_settings_and_survives_a_crash_in_save_or_final_ev
         train_here(args + ["--resume"])
 
 
+def test_out_of_memory_says_what_to_change_and_which_checkpoint_is_left(world, tmp_path, monkeypatch):
+    from vpd.tasks import forward_loss
+    calls = []
+
+    def oom_at_third(*a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward_loss(*a)
+    monkeypatch.setattr(train, "forward_loss", oom_at_third)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"^out of memory with 2 images per forward \(try a --micro-batch under 2 "
+                       r"\(accumulated to the same --batch-size\) or --grad-checkpoint\) in step 3; the checkpoint "
+                       f"in {out} is at step 2: continue with the same flags and --resume$"):
+        train_here(flags(world, "depth", out, "--iters", 4, "--batch-size", 2, "--save-every", 1))
+    calls.clear()  # one image per forward and checkpointing already on: nothing to suggest
+    with pytest.raises(SystemExit, match=r"^out of memory with 1 image per forward in step 3; the checkpoint"):
+        train_here(flags(world, "depth", tmp_path / "small", "--iters", 4, "--batch-size", 1, "--save-every", 1,
+                         "--grad-checkpoint"))
+
+    def oom_in_eval(*a, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(train, "evaluate", oom_in_eval)  # the evaluation forwards its own way: no advice on it
+    with pytest.raises(SystemExit, match=r"^out of memory in the evaluation after step 2; the checkpoint in .* is "
+                       "at step 2"):
+        train_here(flags(world, "depth", tmp_path / "eval", "--iters", 2, "--batch-size", 2))
+
+
 def test_a_diverged_run_keeps_its_last_good_checkpoint(world, tmp_path, monkeypatch):
     from vpd.tasks import forward_loss
     calls = []
