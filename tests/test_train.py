@@ -445,6 +445,13 @@ def test_demo_sd_file_is_seeded_written_once_and_never_left_half_written(tmp_pat
     assert b.read_bytes() == first  # the same seed gives the same weights
     write_random_sd(str(a), seed=1)  # an existing file is kept: a resumed demo run reads the frozen parts it began with
     assert a.read_bytes() == first
+    # writing it leaves the caller's random stream alone: a demo run that writes the file trains as one given it
+    torch.manual_seed(3)
+    write_random_sd(str(tmp_path / "d.safetensors"), seed=0)
+    after_writing = torch.rand(4)
+    torch.manual_seed(3)
+    assert torch.equal(after_writing, torch.rand(4))
+    assert (tmp_path / "d.safetensors").read_bytes() == first
 
     def torn(state, path):  # half the file written, then Ctrl-C (or a full disk)
         with open(path, "wb") as f:

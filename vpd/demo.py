@@ -26,10 +26,11 @@ def write_random_sd(path, seed=0, unet=TINY_UNET, vae=TINY_VAE, clip=TINY_CLIP):
     """Random-weight UNet, VAE and CLIP text encoder as one SD v1 `.safetensors` file (written once)."""
     if os.path.isfile(path):
         return path
-    torch.manual_seed(seed)
     state = {}
-    for prefix, module in ((unet_prefix, UNet(unet)), (vae_prefix, VAE(vae)), (clip_prefix, CLIPTextModel(clip))):
-        state.update({prefix + k: v.contiguous() for k, v in module.state_dict().items()})
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream goes on as if the file had existed
+        torch.manual_seed(seed)
+        for prefix, module in ((unet_prefix, UNet(unet)), (vae_prefix, VAE(vae)), (clip_prefix, CLIPTextModel(clip))):
+            state.update({prefix + k: v.contiguous() for k, v in module.state_dict().items()})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_atomic(lambda p: save_file(state, p), path)  # a crash leaves no half file (nor a temporary) behind
     return path
