@@ -14,7 +14,6 @@ default <out>: eval/ next to the checkpoint); --save-vis writes coloured predict
 each sample is counted exactly once (no DistributedSampler padding).
 """
 import argparse
-import json
 import math
 import os
 from contextlib import nullcontext
@@ -29,6 +28,7 @@ from vpd.metrics import KITTI_CROPS, DepthMetric, ReferMetric, SegMetric, json_r
 from vpd.model import TASKS
 from vpd.sampler import ShardedEvalSampler
 from vpd.tasks import build_eval, check_ckpt, demo_out, to_device
+from vpd.trained import save_json
 
 
 @torch.no_grad()
@@ -223,10 +223,9 @@ def main(args):
         print(f"{ev.task} on {n} samples ({world} processes), {args.ckpt}")
         print(format_metrics(metrics, ADE20K_CLASSES if ev.task == "semseg" else None))
         path = os.path.join(out, name)
-        with open(path, "w") as f:
-            json.dump(json_ready(dict(ckpt=os.path.abspath(args.ckpt), task=ev.task, samples=n, **protocol,
-                                      data_root=os.path.abspath(ev.data_root), amp=dist.resolve_amp(args.amp, device),
-                                      **metrics)), f, indent=1)
+        save_json(json_ready(dict(ckpt=os.path.abspath(args.ckpt), task=ev.task, samples=n, **protocol,
+                                  data_root=os.path.abspath(ev.data_root), amp=dist.resolve_amp(args.amp, device),
+                                  **metrics)), path)
         print(f"wrote {path}")
     dist.teardown()
 

@@ -26,7 +26,7 @@ from eval import count, evaluate
 from vpd import dist
 from vpd.data import error_line
 from vpd.optim import build_optimizer, lr_factor, set_lr
-from vpd.trained import load_trained_state, read_meta, save_state, save_weights, trained_state
+from vpd.trained import load_trained_state, read_meta, save_json, save_state, save_weights, trained_state
 from vpd.sampler import GlobalBatchSampler
 from vpd.metrics import json_ready
 from vpd.model import TASKS
@@ -111,7 +111,7 @@ def get_args(argv=None):
                    help="NHWC memory layout for the convolutions (what GPU bf16 convolution kernels read natively)")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--workers", type=count(0), help="data loader processes per training process (default: up to 4)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=count(0), default=0)
     p.add_argument("--log-every", type=count(1), help="steps per log line (default 50)")
     p.add_argument("--eval-every", type=count(1), help="steps between evaluations (always at the last step)")
     p.add_argument("--eval-max", type=count(1), default=None, help="evaluate on at most this many samples")
@@ -145,6 +145,8 @@ def get_args(argv=None):
             setattr(args, k, os.path.abspath(getattr(args, k)))
     if args.iters is None and args.epochs is None:
         p.error("give --iters or --epochs")
+    if args.schedule == "updown" and args.warmup_iters:
+        p.error("--warmup-iters: the depth schedule (VPD's rise from 3e-5 to 5e-4 and back) has no warmup")
     if args.param_groups == "official" and args.task == "depth":
         p.error("--param-groups official: VPD's depth groups are the default ones")
     if args.split_by is not None and args.task != "refer":
@@ -307,8 +309,9 @@ def main(args):
 
     def save():
         nonlocal saved, doing
-        # every rank holds the same weights and decides alike; a diverged run keeps its last good checkpoint
+        # a diverged run keeps its last good checkpoint; all ranks decide together (norm statistics differ by rank)
         bad = next((k for k, v in raw.state_dict().items() if v.is_floating_point() and not v.isfinite().all()), None)
+        bad = next((b for b in dist.gather_objects(bad) if b is not None), None)
         if bad is not None:
             bar.close()
             raise SystemExit(f"non-finite weights after step {step} ({bad}): not saved; the checkpoint in "
@@ -366,10 +369,9 @@ def main(args):
             with open(log_path, "a") as f:
                 f.write(json.dumps(dict(step=step, **{f"eval/{k}": v for k, v in metrics.items()
                                                       if isinstance(v, float)})) + "\n")
-            with open(metrics_path, "w") as f:
-                samples = min(args.eval_max or len(task.eval_set), len(task.eval_set))
-                json.dump(json_ready(dict(step=step, samples=samples, **metrics, **(
-                    {"baseline": dict(name=base_name, **baseline)} if baseline else {}))), f, indent=1)
+            samples = min(args.eval_max or len(task.eval_set), len(task.eval_set))
+            save_json(json_ready(dict(step=step, samples=samples, **metrics, **(
+                {"baseline": dict(name=base_name, **baseline)} if baseline else {}))), metrics_path)
         doing = None
         return metrics
 

@@ -490,6 +490,8 @@ def test_default_dataset_and_split_set_are_written_out():
     (["--task", "depth", "--split-by", "unc"], ["--split-by is for the refer task, not depth"]),  # not ignored
     (["--task", "refer", "--split-by", "bogus"], ["--split-by", "invalid choice: 'bogus'"]),  # not "no data"
     (["--task", "semseg", "--dataset", "nyu"], ["--dataset 'nyu' is not a semseg dataset: ade20k"]),
+    (["--seed", "-1"], ["--seed", ">= 0, got -1"]),  # numpy's SeedSequence refuses it, at the first batch
+    (["--task", "depth", "--warmup-iters", "100"], ["--warmup-iters", "depth schedule", "no warmup"]),  # not ignored
 ])
 def test_bad_numbers_are_argument_errors(argv, words, capsys):
     script = eval_script if "--max-samples" in argv else train

@@ -51,6 +51,13 @@ def save_state(obj, path):
     write_atomic(lambda p: torch.save(obj, p), path)
 
 
+def save_json(obj, path):
+    def write(p):
+        with open(p, "w") as f:
+            json.dump(obj, f, indent=1)
+    write_atomic(write, path)
+
+
 def read_meta(path):
     """The metadata of one of our weight files, or None for any other file (e.g. an official one)."""
     if not str(path).endswith(".safetensors"):
