@@ -111,9 +111,10 @@ def image_paths(inputs, out):
             readable.append(path)
         except (OSError, SyntaxError, ValueError) as e:
             skipped.append(f"cannot read image {path}: {e}")
-            print(f"skipped: {skipped[-1]}")
     if not readable:
         raise SystemExit("\n".join(skipped))
+    for line in skipped:  # now, not only in the summary after the (slow) model load and predictions
+        print(f"skipped: {line}")
     stems = {}
     for path in readable:  # outputs are named after the file: two inputs must not share a name
         stem = os.path.splitext(os.path.basename(path))[0]
@@ -231,6 +232,7 @@ def save_outputs(task, out, stem, pred, image_path, depth_units=1000):
 # ----------------------------------------------------------------------------- main
 
 def main(args):
+    Image.MAX_IMAGE_PIXELS = None  # your own photos, panoramas included: no decompression-bomb limit
     task, meta = resolve_task(args)
     check_options(args, task)
     paths, skipped = image_paths(args.images, args.out)

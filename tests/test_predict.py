@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # predict.py is a script at the repository root
 import predict  # noqa: E402
 from vpd.clip import Tokenizer  # noqa: E402
-from vpd.data import NYU_SCENES, ImageFolder  # noqa: E402
+from vpd.data import NYU_SCENES, BadSampleError, ImageFolder, read_rgb  # noqa: E402
 from vpd.demo import TINY_CLIP, TINY_UNET, TINY_VAE, wake_zero_weights_, write_random_sd  # noqa: E402
 from vpd.model import build_model  # noqa: E402
 from vpd.tasks import load_model, model_kwargs  # noqa: E402
@@ -221,6 +221,19 @@ def test_refer_says_when_the_text_is_longer_than_the_model_reads(world, tmp_path
 
 
 # --- bad input ------------------------------------------------------------------------------
+
+def test_images_beyond_pils_decompression_bomb_limit_are_predicted(world, tmp_path, monkeypatch):
+    # PIL refuses images over 2 x MAX_IMAGE_PIXELS (179 MP by default) as a possible attack: a user's own
+    # panorama is predicted all the same (here the limit is lowered instead of writing a 200 MP file)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", H * W // 4)
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(world.wide)
+    run("--ckpt", checkpoint(world, "depth"), "--size", SIZE, "--out", tmp_path, world.wide)
+    assert png(tmp_path / "wide_depth.png")[1].shape == (H, W)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", H * W // 4)  # a dataset file says which file, as any other
+    with pytest.raises(BadSampleError, match=f"cannot read image {world.wide}.*exceeds limit"):
+        read_rgb(world.wide)
+
 
 def test_missing_and_unreadable_images(world, tmp_path):
     ckpt = checkpoint(world, "depth")

@@ -91,7 +91,7 @@ def read_rgb(path, upright=False):
             check_photo(im)
             im.load()  # decode now so a truncated file fails here
             return np.asarray((ImageOps.exif_transpose(im) if upright else im).convert("RGB"), dtype=np.float32)
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadSampleError(f"cannot read image {path}: {e}") from None
 
 
