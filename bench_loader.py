@@ -31,7 +31,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=32, help="synthetic images per task")
     ap.add_argument("--size", type=int, default=640, help="image width (height 3/4 of it; 640 -> NYU's 480x640)")
-    ap.add_argument("--batch_size", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     ap.add_argument("--out", default=None, help="where to write the synthetic data (default: a temp dir)")

@@ -153,6 +153,9 @@ def get_args(argv=None):
         p.error(f"--split-by is for the refer task, not {args.task}")
     if args.dataset is not None and args.dataset not in DATASETS[args.task]:
         p.error(f"--dataset {args.dataset!r} is not a {args.task} dataset: {', '.join(DATASETS[args.task])}")
+    if args.demo and args.data_root is None and args.dataset not in (None, DATASETS[args.task][0]):
+        p.error(f"--demo synthesises {DATASETS[args.task][0]} data only: --dataset {args.dataset} wants "
+                "--data-root with its files")
     # the defaults written out, so that --resume with them given is the same run
     args.dataset = args.dataset or DATASETS[args.task][0]
     args.split_by = refer_split_by(args.dataset, args.split_by) if args.task == "refer" else None
@@ -208,6 +211,8 @@ def main(args):
             raise SystemExit("--resume: the run in {} was started with {}; pass the same values".format(
                 args.out, ", ".join(f"--{k.replace('_', '-')} {started.get(k)} (not {getattr(args, k, None)})"
                                     for k in changed)))
+        # left out, the run's own file: recorded again as it started, so a later --resume with it still matches
+        args.class_embeddings = args.class_embeddings or started.get("class_embeddings")
     elif os.path.isfile(state_path):
         raise SystemExit(f"--out {args.out} holds the checkpoint of an earlier run: continue it with --resume, "
                          "or give another --out")
@@ -301,7 +306,7 @@ def main(args):
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     print0(f"{args.task}: {len(train_set)} training samples, {total} steps of {args.batch_size} images "
-           f"({world} processes x {micro} x {accum} accumulation), amp {args.amp}")
+           f"({world} process{'es' if world > 1 else ''} x {micro} x {accum} accumulation), amp {args.amp}")
     bar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True)
     saved = step if state is not None else None  # the step of the checkpoint in --out
     advice = "lower --lr" + (", or use --amp bf16 (fp16 overflows)" if args.amp == "fp16" else "")
@@ -310,13 +315,13 @@ def main(args):
     def save():
         nonlocal saved, doing
         # a diverged run keeps its last good checkpoint; all ranks decide together (norm statistics differ by rank)
+        doing = "save"
         bad = next((k for k, v in raw.state_dict().items() if v.is_floating_point() and not v.isfinite().all()), None)
         bad = next((b for b in dist.gather_objects(bad) if b is not None), None)
         if bad is not None:
             bar.close()
             raise SystemExit(f"non-finite weights after step {step} ({bad}): not saved; the checkpoint in "
                              f"{args.out} stays at step {saved} ({advice})")
-        doing = "save"
         mine = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
                     cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                     loss_sum=float(loss_sum))
@@ -365,7 +370,8 @@ def main(args):
             baseline = evaluate(base_model.to(device), args.task, task.eval_set, device, nullcontext, args.eval_max,
                                 **protocol)
         if master:
-            print0(side_by_side(metrics, baseline, f"step {step}", base_name if baseline else None))
+            # tqdm.write: the table below the progress bar, not over it (the evaluation bar has just moved the cursor)
+            tqdm.write(side_by_side(metrics, baseline, f"step {step}", base_name if baseline else None))
             with open(log_path, "a") as f:
                 f.write(json.dumps(dict(step=step, **{f"eval/{k}": v for k, v in metrics.items()
                                                       if isinstance(v, float)})) + "\n")

@@ -681,7 +681,7 @@ def test_loader_main_times_each_pipeline_on_synthetic_data(monkeypatch, capsys):
         calls.append((type(ds).__name__, workers, batch_size, epochs))
         return real(ds, workers, batch_size, epochs) if workers == 0 else 7.0
     monkeypatch.setattr(bench_loader, "images_per_second", rate)
-    monkeypatch.setattr(sys, "argv", ["bench_loader.py", "--n", "4", "--size", "64", "--batch_size", "2",
+    monkeypatch.setattr(sys, "argv", ["bench_loader.py", "--n", "4", "--size", "64", "--batch-size", "2",
                                       "--epochs", "2", "--workers", "0", "3"])
     bench_loader.main()
     assert calls == [(name, w, 2, 2) for name in ("NYUv2", "ADE20K", "RefCOCO") for w in (0, 3)]

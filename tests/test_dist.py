@@ -78,3 +78,5 @@ def test_writable_dir_creates_the_folder_and_refuses_one_it_cannot_write(tmp_pat
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit, match="is not writable"):
         dist.writable_dir(tmp_path / "file" / "out")
+    with pytest.raises(SystemExit, match=f"--out {tmp_path / 'file'} is a file, not a folder"):
+        dist.writable_dir(tmp_path / "file")

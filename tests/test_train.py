@@ -294,13 +294,20 @@ def test_class_embeddings_file_is_the_models_text(world, tmp_path, capsys):
     emb = torch.randn(150, TINY_UNET.context_dim)
     torch.save(emb, tmp_path / "class_embeddings.pth")
     out = tmp_path / "run"
-    train_here(flags(world, "semseg", out, "--iters", 1, "--batch-size", 2, "--class-embeddings",
+    train_here(flags(world, "semseg", out, "--iters", 3, "--stop-after", 1, "--batch-size", 2, "--class-embeddings",
                      tmp_path / "class_embeddings.pth"))
     assert torch.equal(load_file(str(out / "model.safetensors"))["class_embeddings"], emb)
+    # a resume that leaves the flag out goes on with the run's file, and records it: a later resume with it matches
+    train_here(flags(world, "semseg", out, "--iters", 3, "--stop-after", 2, "--batch-size", 2, "--resume"))
+    assert torch.load(out / "state.pt", weights_only=False)["args"]["class_embeddings"] == str(
+        tmp_path / "class_embeddings.pth")
     torch.save(emb + 1, tmp_path / "other.pth")  # --resume with another text: refused like any other file
     with pytest.raises(SystemExit, match=r"started with --class-embeddings .*class_embeddings.pth \(not .*other.pth"):
-        train_here(flags(world, "semseg", out, "--iters", 1, "--batch-size", 2, "--class-embeddings",
+        train_here(flags(world, "semseg", out, "--iters", 3, "--batch-size", 2, "--class-embeddings",
                          tmp_path / "other.pth", "--resume"))
+    train_here(flags(world, "semseg", out, "--iters", 3, "--batch-size", 2, "--class-embeddings",
+                     tmp_path / "class_embeddings.pth", "--resume"))
+    assert torch.equal(load_file(str(out / "model.safetensors"))["class_embeddings"], emb)
     torch.save(emb[:27], tmp_path / "nyu.pth")  # 27 rows: a depth file, not ADE20K's 150 classes
     with pytest.raises(SystemExit, match=r"nyu.pth: class embeddings must be a \(150, 32\) float tensor"):
         train_here(flags(world, "semseg", tmp_path / "bad", "--iters", 1, "--class-embeddings", tmp_path / "nyu.pth"))
@@ -490,6 +497,8 @@ def test_default_dataset_and_split_set_are_written_out():
     (["--task", "depth", "--split-by", "unc"], ["--split-by is for the refer task, not depth"]),  # not ignored
     (["--task", "refer", "--split-by", "bogus"], ["--split-by", "invalid choice: 'bogus'"]),  # not "no data"
     (["--task", "semseg", "--dataset", "nyu"], ["--dataset 'nyu' is not a semseg dataset: ade20k"]),
+    (["--dataset", "kitti"], ["--demo synthesises nyu data only: --dataset kitti wants --data-root"]),
+    (["--task", "refer", "--dataset", "refcocog"], ["--demo synthesises refcoco data only"]),
     (["--seed", "-1"], ["--seed", ">= 0, got -1"]),  # numpy's SeedSequence refuses it, at the first batch
     (["--task", "depth", "--warmup-iters", "100"], ["--warmup-iters", "depth schedule", "no warmup"]),  # not ignored
 ])

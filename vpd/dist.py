@@ -42,6 +42,8 @@ def amp_autocast(amp, device):
 def writable_dir(path):
     """Create `path` and check that this process can write in it, before minutes of model loading. Every
     rank checks (nodes may mount it differently), each with its own probe file."""
+    if os.path.isfile(path):
+        raise SystemExit(f"--out {path} is a file, not a folder")
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write_test{os.environ.get('RANK', 0)}")
