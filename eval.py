@@ -224,8 +224,8 @@ def main(args):
         print(format_metrics(metrics, ADE20K_CLASSES if ev.task == "semseg" else None))
         path = os.path.join(out, name)
         save_json(json_ready(dict(ckpt=os.path.abspath(args.ckpt), task=ev.task, samples=n, **protocol,
-                                  data_root=os.path.abspath(ev.data_root), amp=dist.resolve_amp(args.amp, device),
-                                  **metrics)), path)
+                                  data_root=os.path.abspath(ev.data_root), sd_ckpt=ev.sd_ckpt,
+                                  amp=dist.resolve_amp(args.amp, device), **metrics)), path)
         print(f"wrote {path}")
     dist.teardown()
 

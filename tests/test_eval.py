@@ -337,8 +337,8 @@ def test_eval_main_hands_the_protocol_to_evaluate(tmp_path, monkeypatch):
     monkeypatch.setattr(eval_script, "evaluate", recording)
     for task, flags in (("depth", ["--no-flip"]), ("semseg", ["--ms-flip", "--amp", "bf16"]),
                         ("refer", ["--refer-full-res"])):
-        ev = SimpleNamespace(model=None, task=task, dataset=[0] * 5, data_root=str(tmp_path), depth_crop="garg",
-                             max_depth=80.0, crop=64, dataset_name="x", split_by=None, split="y")
+        ev = SimpleNamespace(model=None, task=task, dataset=[0] * 5, data_root=str(tmp_path), sd_ckpt="/sd",
+                             depth_crop="garg", max_depth=80.0, crop=64, dataset_name="x", split_by=None, split="y")
         monkeypatch.setattr(eval_script, "build_eval", lambda args, device, ev=ev: ev)
         eval_script.main(eval_script.get_args(["--ckpt", str(tmp_path / "model.safetensors"), "--out", str(tmp_path),
                                                "--device", "cpu", *flags]))
@@ -358,7 +358,7 @@ def test_eval_main_hands_the_protocol_to_evaluate(tmp_path, monkeypatch):
     assert [m["flip"] for m in saved.values()] == [False, None, None]
     assert saved["metrics_x_y_msflip.json"]["IoU"] == [50.0, None]  # a class never seen: null, not bare NaN
     assert [m["amp"] for m in saved.values()] == ["off", "bf16", "off"]
-    assert all(m["data_root"] == str(tmp_path) and m["samples"] == 5 for m in saved.values())
+    assert all(m["data_root"] == str(tmp_path) and m["samples"] == 5 and m["sd_ckpt"] == "/sd" for m in saved.values())
     assert depth["depth_crop"] == "garg" and depth["max_depth"] == 80.0 and not depth["flip"]
     assert semseg["seg_crop"] == 64 and semseg["ms_flip"] and not depth["ms_flip"]
     assert refer["refer_full_res"] and not semseg["refer_full_res"]

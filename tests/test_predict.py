@@ -2,7 +2,9 @@
 it names): outputs have each input's own odd, non-square size and hold what the model predicts,
 recomputed here by hand from the model (windows, flips, padding, resizing); bad inputs stop with a
 message naming the problem."""
+import json
 import os
+import shutil
 from dataclasses import asdict
 import subprocess
 import sys
@@ -13,6 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # predict.py is a script at the repository root
@@ -221,6 +225,19 @@ def test_refer_says_when_the_text_is_longer_than_the_model_reads(world, tmp_path
 
 
 # --- bad input ------------------------------------------------------------------------------
+
+def test_a_moved_sd_file_is_named_and_the_one_read_is_recorded(world, tmp_path):
+    moved = tmp_path / "moved.safetensors"  # the SD file the checkpoint names, as if moved away from there
+    shutil.copy(world.sd, moved)
+    with safe_open(checkpoint(world, "depth"), framework="pt") as f:
+        state, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    ckpt = str(tmp_path / "model.safetensors")
+    save_file(state, ckpt, metadata={"vpd": meta["vpd"].replace(json.dumps(world.sd)[1:-1], "/gone/sd.safetensors")})
+    with pytest.raises(SystemExit, match="the SD checkpoint /gone/sd.safetensors .* is not there: pass --sd-ckpt"):
+        load_model(ckpt)
+    assert load_model(ckpt, sd_ckpt=str(moved))[1]["sd_ckpt"] == str(moved)  # what eval.py's metrics file says
+    assert load_model(checkpoint(world, "depth"))[1]["sd_ckpt"] == os.path.abspath(world.sd)
+
 
 def test_images_beyond_pils_decompression_bomb_limit_are_predicted(world, tmp_path, monkeypatch):
     # PIL refuses images over 2 x MAX_IMAGE_PIXELS (179 MP by default) as a possible attack: a user's own

@@ -212,7 +212,8 @@ def load_model(ckpt, task=None, sd_ckpt=None):
             model = official_model(ckpt, task, sd_ckpt=sd_ckpt)
         except ValueError as e:
             raise SystemExit(f"--ckpt {ckpt}: {e}") from None
-        return model, dict(task=task, demo=False, dataset=None, depth_crop=depth_crop(task, None, False), official=True)
+        return model, dict(task=task, demo=False, dataset=None, depth_crop=depth_crop(task, None, False), official=True,
+                           sd_ckpt=os.path.abspath(sd_ckpt) if sd_ckpt else None)
     if task is not None and meta["task"] != task:
         raise SystemExit(f"--ckpt {ckpt} is a {meta['task']} model, not {task}")
     sd = sd_ckpt or meta["sd_ckpt"]
@@ -224,7 +225,7 @@ def load_model(ckpt, task=None, sd_ckpt=None):
         emb = f.get_tensor("class_embeddings") if "class_embeddings" in f.keys() else None
     model = build_model(meta["task"], sd, _cfg(UNetConfig, meta["unet"]), _cfg(VAEConfig, meta["vae"]),
                         _cfg(CLIPConfig, meta["clip"]), class_embeddings=emb, **meta["model_kwargs"])
-    return load_weights(model, ckpt), meta
+    return load_weights(model, ckpt), dict(meta, sd_ckpt=os.path.abspath(sd))  # the SD file read, moved or not
 
 
 def training_crop(task, meta):
@@ -255,7 +256,7 @@ def build_eval(args, device):
                            demo=meta.get("demo", False), scene_match="vpd" if meta.get("official") else "exact",
                            ms_ratios=MS_RATIOS if args.ms_flip else None, train=False,
                            max_tokens=getattr(model, "max_tokens", None))
-    return SimpleNamespace(model=model.to(device), task=task, dataset=eval_set, data_root=root,
+    return SimpleNamespace(model=model.to(device), task=task, dataset=eval_set, data_root=root, sd_ckpt=meta["sd_ckpt"],
                            depth_crop=meta.get("depth_crop"),
                            max_depth=getattr(model, "max_depth", 10.0), crop=crop, dataset_name=dataset,
                            split_by=split_by, split=args.split or EVAL_SPLITS[task])
