@@ -91,7 +91,7 @@ def test_eval_of_a_kitti_model_reads_kitti_in_the_garg_crop_up_to_80_m(tmp_path,
     root = kitti_layout(tmp_path, 2)
     model = torch.nn.Identity()
     model.max_depth = 80.0
-    meta = dict(task="depth", demo=False, dataset="kitti", depth_crop="garg")
+    meta = dict(task="depth", demo=False, dataset="kitti", depth_crop="garg", sd_ckpt="sd.safetensors")
     monkeypatch.setattr(vpd.tasks, "load_model", lambda *a: (model, meta))
     ev = vpd.tasks.build_eval(eval_script.get_args(["--ckpt", "model.safetensors", "--data-root", str(root)]),
                               torch.device("cpu"))

@@ -955,7 +955,7 @@ def test_refer_eval_set_is_the_models_dataset_on_val_unless_a_split_is_given(mon
     import vpd.tasks
     seen = []
     monkeypatch.setattr(vpd.data, "RefCOCO", lambda root, **kw: seen.append(kw) or kw)
-    meta = dict(task="refer", demo=False, dataset="refcocog")
+    meta = dict(task="refer", demo=False, dataset="refcocog", sd_ckpt=None)
     monkeypatch.setattr(vpd.tasks, "load_model", lambda *a: (torch.nn.Identity(), meta))
     for flags, split in (([], "val"), (["--split", "test"], "test")):
         ev = vpd.tasks.build_eval(eval_script.get_args(["--ckpt", "vpd_refer.pth", "--data-root", "root", *flags]),
@@ -1004,7 +1004,7 @@ def test_eval_needs_only_the_split_it_scores(world, tmp_path, monkeypatch):
     for kind in ("images", "annotations"):
         shutil.rmtree(ade / "ADEChallengeData2016" / kind / "training")
     for task, root in (("depth", nyu), ("semseg", ade)):
-        meta = dict(task=task, demo=False, dataset=None, depth_crop=None, official=True)
+        meta = dict(task=task, demo=False, dataset=None, depth_crop=None, official=True, sd_ckpt=None)
         monkeypatch.setattr(vpd.tasks, "load_model", lambda *a, meta=meta: (torch.nn.Identity(), meta))
         ev = vpd.tasks.build_eval(eval_script.get_args(["--ckpt", "m.pth", "--data-root", str(root)]),
                                   torch.device("cpu"))
@@ -1046,7 +1046,7 @@ def test_official_depth_model_is_evaluated_with_vpds_scene_ids(world, tmp_path, 
     os.rename(test_dir / first, test_dir / "study_room")
     lines = (root / "test_list.txt").read_text().replace(f"/{first}/", "/study_room/")
     (root / "test_list.txt").write_text(lines)
-    official = dict(task="depth", demo=False, dataset=None, depth_crop="eigen", official=True)
+    official = dict(task="depth", demo=False, dataset=None, depth_crop="eigen", official=True, sd_ckpt=None)
     for meta, scene in ((official, "study"), (dict(official, official=False), "study_room")):
         monkeypatch.setattr(vpd.tasks, "load_model", lambda *a, meta=meta: (torch.nn.Identity(), meta))
         args = eval_script.get_args(["--ckpt", "vpd_depth.ckpt", "--data-root", str(root)])
