@@ -473,7 +473,8 @@ def test_demo_sd_file_is_seeded_written_once_and_never_left_half_written(tmp_pat
 def test_default_dataset_and_split_set_are_written_out():
     # so that --resume given them explicitly (--dataset nyu) is the same run as one started without
     for argv, dataset, split_by in ((["--demo"], "nyu", None), (["--demo", "--task", "refer"], "refcoco", "unc"),
-                                    (["--demo", "--task", "refer", "--dataset", "refcocog", "--data-root", "r"], "refcocog", "umd"),
+                                    (["--demo", "--task", "refer", "--dataset", "refcocog", "--data-root", "r"],
+                                     "refcocog", "umd"),
                                     (["--demo", "--task", "semseg"], "ade20k", None)):
         args = train.get_args(argv)
         assert (args.dataset, args.split_by) == (dataset, split_by)
