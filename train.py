@@ -54,7 +54,7 @@ CROP_MULTIPLE = {"semseg": 64, "depth": 32, "refer": 64}  # the side lengths eac
 RUN_SETTINGS = ("task", "iters", "epochs", "batch_size", "micro_batch", "amp", "lr", "weight_decay", "unet_lr_mult",
                 "param_groups", "warmup_iters", "crop", "seed", "dataset", "split_by", "schedule", "power",
                 "min_lr_ratio", "demo_images", "demo_size")
-RUN_FILES = ("sd_ckpt", "data_root", "class_embeddings")  # compared too where given (the demo writes its own into --out)
+RUN_FILES = ("sd_ckpt", "data_root", "class_embeddings")  # where given, the same contents (the demo writes its own)
 
 
 def factor(zero_ok):
@@ -184,7 +184,7 @@ def main(args):
     args.micro_batch, accum = micro, args.batch_size // (micro * world)
     args.amp = dist.resolve_amp(args.amp, device)
 
-    state = None
+    state, moved = None, []
     if args.resume:
         if not os.path.isfile(state_path):
             raise SystemExit(f"--resume: no checkpoint to resume from in {args.out} (expected {state_path})")
@@ -206,7 +206,10 @@ def main(args):
         if args.task == "refer":
             started["split_by"] = refer_split_by(started["dataset"], started["split_by"])
         changed = [k for k in RUN_SETTINGS if started.get(k) != getattr(args, k, None)]
-        changed += [k for k in RUN_FILES if getattr(args, k) is not None and started.get(k) != getattr(args, k)]
+        # files at another path (moved, or copied to a local disk): taken if they hold what the run's did,
+        # checked once read; a run from before the SD file's fingerprint was recorded compares paths alone
+        moved = [k for k in RUN_FILES if getattr(args, k) is not None and started.get(k) != getattr(args, k)]
+        changed += [k for k in moved if k == "sd_ckpt" and "frozen_sha256" not in state]
         if changed:
             raise SystemExit("--resume: the run in {} was started with {}; pass the same values".format(
                 args.out, ", ".join(f"--{k.replace('_', '-')} {started.get(k)} (not {getattr(args, k, None)})"
@@ -250,6 +253,17 @@ def main(args):
     if state is not None and state["train_samples"] != len(train_set):  # batches and length
         raise SystemExit(f"--resume: the run in {args.out} trained on {state['train_samples']} samples; "
                          f"--data-root {args.data_root} now holds {len(train_set)}")
+    for k in moved:  # (resumed runs only)
+        flag, was = f"--{k.replace('_', '-')} {getattr(args, k)}", state["args"].get(k) or "embeddings from the SD file"
+        if k == "sd_ckpt" and task.meta["frozen_sha256"] != state["frozen_sha256"]:
+            raise SystemExit(f"--resume: {flag} is not the SD file the run in {args.out} started with ({was}): "
+                             "its frozen VAE/CLIP weights differ")
+        if k == "class_embeddings" and not torch.equal(raw.class_embeddings.cpu(), state["model"]["class_embeddings"]):
+            raise SystemExit(f"--resume: {flag} holds other text embeddings than the run in {args.out} started "
+                             f"with ({was})")
+        same = {"sd_ckpt": "the same frozen weights", "class_embeddings": "the same embeddings",
+                "data_root": f"as many training samples, {len(train_set)}"}[k]
+        print0(f"--resume: {flag} in place of {was}, which the run started with ({same})")
     total = args.iters or args.epochs * steps_per_epoch
     stop = min(total, args.stop_after or total)
     peak = (args.epochs // 2) * steps_per_epoch if args.epochs and not args.iters else None
@@ -329,7 +343,8 @@ def main(args):
         if master:  # state.pt first: it alone is what --resume reads
             weights = trained_state(raw)  # one copy on the host for both files
             save_state(dict(step=step, last_log=last, model=weights, optimizer=optimizer.state_dict(),
-                            scaler=scaler.state_dict(), args=vars(args), ranks=ranks, train_samples=len(train_set)),
+                            scaler=scaler.state_dict(), args=vars(args), ranks=ranks, train_samples=len(train_set),
+                            frozen_sha256=task.meta["frozen_sha256"]),
                        state_path)
             save_weights(raw, weights_path, dict(task.meta, step=step, args=vars(args)), weights)
         dist.barrier()

@@ -26,7 +26,7 @@ from vpd.data import NYU_SCENES, BadSampleError, ImageFolder, read_rgb  # noqa: 
 from vpd.demo import TINY_CLIP, TINY_UNET, TINY_VAE, wake_zero_weights_, write_random_sd  # noqa: E402
 from vpd.model import build_model  # noqa: E402
 from vpd.tasks import load_model, model_kwargs  # noqa: E402
-from vpd.trained import save_weights  # noqa: E402
+from vpd.trained import frozen_fingerprint, save_weights  # noqa: E402
 
 SIZE = 64  # --size of every run here: the networks see at most 64x128
 CROPS = {"depth": 64, "semseg": 128, "refer": 64}  # the "training crop" in each checkpoint's metadata
@@ -78,7 +78,7 @@ def checkpoint(world, task):
             model.head.classifier.bias[1] -= (logits[0, 1] - logits[0, 0]).median()
     meta = dict(task=task, sd_ckpt=world.sd, demo=True, dataset=None, unet=asdict(TINY_UNET),
                 vae=asdict(TINY_VAE), clip=asdict(TINY_CLIP), model_kwargs=kw,
-                depth_crop=None, args=dict(crop=CROPS[task]))
+                depth_crop=None, args=dict(crop=CROPS[task]), frozen_sha256=frozen_fingerprint(model))
     path = str(world.root / f"{task}.safetensors")
     save_weights(model, path, meta)
     world.ckpts[task] = path
@@ -237,6 +237,14 @@ def test_a_moved_sd_file_is_named_and_the_one_read_is_recorded(world, tmp_path):
         load_model(ckpt)
     assert load_model(ckpt, sd_ckpt=str(moved))[1]["sd_ckpt"] == str(moved)  # what eval.py's metrics file says
     assert load_model(checkpoint(world, "depth"))[1]["sd_ckpt"] == os.path.abspath(world.sd)
+    other = write_random_sd(str(tmp_path / "other.safetensors"), seed=1)  # same shapes, other weights
+    with pytest.raises(SystemExit, match=r"other.safetensors is not the SD file .* was trained with: its frozen VAE "
+                                         r"weights differ from those training read$"):
+        load_model(ckpt, sd_ckpt=other)
+    os.replace(other, moved)  # the file at the path the checkpoint names, replaced by another
+    save_file(state, ckpt, metadata={"vpd": meta["vpd"].replace(json.dumps(world.sd)[1:-1], str(moved))})
+    with pytest.raises(SystemExit, match=r"VAE weights differ .* \(replaced since\?\): give that file as --sd-ckpt"):
+        load_model(ckpt)
 
 
 def test_images_beyond_pils_decompression_bomb_limit_are_predicted(world, tmp_path, monkeypatch):

@@ -301,10 +301,15 @@ def test_class_embeddings_file_is_the_models_text(world, tmp_path, capsys):
     train_here(flags(world, "semseg", out, "--iters", 3, "--stop-after", 2, "--batch-size", 2, "--resume"))
     assert torch.load(out / "state.pt", weights_only=False)["args"]["class_embeddings"] == str(
         tmp_path / "class_embeddings.pth")
-    torch.save(emb + 1, tmp_path / "other.pth")  # --resume with another text: refused like any other file
-    with pytest.raises(SystemExit, match=r"started with --class-embeddings .*class_embeddings.pth \(not .*other.pth"):
+    torch.save(emb + 1, tmp_path / "other.pth")  # --resume with another text: refused
+    with pytest.raises(SystemExit, match=r"other.pth holds other text embeddings than the run in .* started with "
+                                         r"\(.*class_embeddings.pth\)"):
         train_here(flags(world, "semseg", out, "--iters", 3, "--batch-size", 2, "--class-embeddings",
                          tmp_path / "other.pth", "--resume"))
+    torch.save(emb, tmp_path / "copy.pth")  # the same text at another path: taken, and recorded
+    train_here(flags(world, "semseg", out, "--iters", 3, "--stop-after", 2, "--batch-size", 2, "--class-embeddings",
+                     tmp_path / "copy.pth", "--resume"))
+    assert "copy.pth in place of" in capsys.readouterr().out
     train_here(flags(world, "semseg", out, "--iters", 3, "--batch-size", 2, "--class-embeddings",
                      tmp_path / "class_embeddings.pth", "--resume"))
     assert torch.equal(load_file(str(out / "model.safetensors"))["class_embeddings"], emb)
@@ -616,10 +621,6 @@ def test_resume_keeps_the_runs_settings_and_survives_a_crash_in_save_or_final_ev
         train_here(changed + ["--resume"])
     with pytest.raises(SystemExit, match=r"started with --micro-batch 4 \(not 2\)"):
         train_here(args + ["--resume", "--micro-batch", "2"])
-    other_root = list(args)
-    other_root[other_root.index("--data-root") + 1] = world["roots"]["depth"]
-    with pytest.raises(SystemExit, match=r"started with --data-root .*data_semseg \(not .*data_depth\)"):
-        train_here(other_root + ["--resume"])
 
     import shutil
     from safetensors import safe_open
@@ -707,6 +708,39 @@ def test_a_diverged_run_keeps_its_last_good_checkpoint(world, tmp_path, monkeypa
     weights = load_file(str(out / "model.safetensors"))
     assert all(v.isfinite().all() for v in weights.values() if v.is_floating_point())
     assert not list(out.glob("*.tmp*"))
+
+
+def test_resume_takes_moved_files_of_the_same_contents_and_refuses_others(world, tmp_path, capsys):
+    import shutil
+    sd, root = tmp_path / "moved" / "sd.safetensors", tmp_path / "moved" / "data"
+    shutil.copytree(world["roots"]["depth"], root)
+    shutil.copyfile(world["sd"], sd)
+    args = flags(world, "depth", tmp_path / "run", "--iters", 3, "--batch-size", 2)
+    train_here(args + ["--stop-after", "1"])
+    moved = list(args)
+    moved[moved.index("--sd-ckpt") + 1], moved[moved.index("--data-root") + 1] = str(sd), str(root)
+    other = write_random_sd(str(tmp_path / "other.safetensors"), seed=1)  # same shapes, other weights
+    with pytest.raises(SystemExit, match=r"--sd-ckpt .*other.safetensors is not the SD file the run in .* started "
+                                         r"with \(.*sd.safetensors\): its frozen VAE/CLIP weights differ"):
+        train_here([other if a == str(sd) else a for a in moved] + ["--resume", "--stop-after", "2"])
+    with pytest.raises(SystemExit, match=r"directory not found: .*data_semseg.sync"):  # no NYUv2 there
+        train_here([world["roots"]["semseg"] if a == str(root) else a for a in moved] + ["--resume"])
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
+    torch.save({k: v for k, v in state.items() if k != "frozen_sha256"}, tmp_path / "run" / "state.pt")
+    with pytest.raises(SystemExit, match=r"started with --sd-ckpt .*train.*sd.safetensors \(not .*moved"):
+        train_here(moved + ["--resume"])  # a state from before fingerprints: by path alone
+    torch.save(state, tmp_path / "run" / "state.pt")
+    capsys.readouterr()
+    train_here(moved + ["--resume", "--stop-after", "2"])
+    said = capsys.readouterr().out
+    assert f"--sd-ckpt {sd} in place of {world['sd']}, which the run started with (the same frozen weights)" in said
+    assert f"--data-root {root} in place of {world['roots']['depth']}" in said
+    # recorded: the next resume compares with the new paths, and eval.py finds the SD file there
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=False)["args"]["sd_ckpt"] == str(sd)
+    train_here(moved + ["--resume"])
+    assert "in place of" not in capsys.readouterr().out
+    from vpd.trained import read_meta
+    assert read_meta(str(tmp_path / "run" / "model.safetensors"))["sd_ckpt"] == str(sd)
 
 
 def test_resume_refuses_a_training_set_of_another_size(world, tmp_path):
@@ -1091,8 +1125,10 @@ def test_demo_resume_takes_its_own_files_named_relatively(world, tmp_path, monke
     del argv[i:i + 2]
     train_here(argv)
     train_here(argv + ["--resume", "--sd-ckpt", os.path.join("run", "tiny_sd.safetensors")])
-    with pytest.raises(SystemExit, match=r"started with --sd-ckpt .*run/tiny_sd.safetensors \(not .*other"):
-        train_here(argv + ["--resume", "--sd-ckpt", world["sd"].replace("sd.safetensors", "other.safetensors")])
+    other = write_random_sd(str(tmp_path / "other.safetensors"), seed=1)
+    with pytest.raises(SystemExit, match=r"other.safetensors is not the SD file the run in run started with "
+                                         r"\(.*run/tiny_sd.safetensors\)"):
+        train_here(argv + ["--resume", "--sd-ckpt", other])
 
 
 def test_ctrl_c_after_an_evaluation_or_in_the_first_save_says_where_the_run_stands(world, tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from vpd.clip import CLIPConfig, Tokenizer
 from vpd.infer import MS_RATIOS
 from vpd.model import build_model
 from vpd.text import load_class_embeddings
-from vpd.trained import load_weights, read_meta
+from vpd.trained import frozen_fingerprint, load_weights, read_meta
 from vpd.unet import UNetConfig
 from vpd.vae import VAEConfig
 
@@ -164,7 +164,7 @@ def build_task(args, device, log=print):
     if dist.rank() == 0:
         dist.barrier()
     meta = dict(task=args.task, sd_ckpt=os.path.abspath(args.sd_ckpt), demo=args.demo, dataset=args.dataset,
-                data_root=os.path.abspath(args.data_root),
+                data_root=os.path.abspath(args.data_root), frozen_sha256=frozen_fingerprint(model),
                 unet=asdict(unet_cfg), vae=asdict(vae_cfg), clip=asdict(clip_cfg), model_kwargs=kw,
                 depth_crop=depth_crop(args.task, args.dataset, args.demo))
     return SimpleNamespace(model=model, train_set=train_set, eval_set=eval_set, meta=meta)
@@ -225,6 +225,10 @@ def load_model(ckpt, task=None, sd_ckpt=None):
         emb = f.get_tensor("class_embeddings") if "class_embeddings" in f.keys() else None
     model = build_model(meta["task"], sd, _cfg(UNetConfig, meta["unet"]), _cfg(VAEConfig, meta["vae"]),
                         _cfg(CLIPConfig, meta["clip"]), class_embeddings=emb, **meta["model_kwargs"])
+    frozen = "VAE/CLIP" if hasattr(model, "clip") else "VAE"
+    if "frozen_sha256" in meta and frozen_fingerprint(model) != meta["frozen_sha256"]:  # (older files: unchecked)
+        raise SystemExit(f"{sd} is not the SD file {ckpt} was trained with: its frozen {frozen} weights differ from "
+                         "those training read" + ("" if sd_ckpt else " (replaced since?): give that file as --sd-ckpt"))
     return load_weights(model, ckpt), dict(meta, sd_ckpt=os.path.abspath(sd))  # the SD file read, moved or not
 
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from vpd.data import ADE20K_CLASSES, NYU_SCENES  # noqa: F401  (the class names, re-exported here)
 from vpd.checkpoint import load_error
-from vpd.trained import write_atomic
+from vpd.trained import weights_fingerprint, write_atomic
 
 IMAGENET_TEMPLATES = [
     "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
@@ -82,18 +82,6 @@ def file_identity(path) -> str:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     st = os.stat(path)
     return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def weights_fingerprint(module) -> str:
-    """sha256 over a module's tensor names, shapes, dtypes and bytes (a few seconds for CLIP-L)."""
-    h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        if t.is_meta:
-            raise ValueError(f"cannot fingerprint {type(module).__name__}: '{name}' is on the meta device")
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{list(t.shape)}:{t.dtype};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def _prompts(name, templates):

@@ -7,6 +7,7 @@ embeddings, norm statistics), with the task and configs as JSON metadata, so `ev
 file, so no crash between two writes can leave weights and optimizer of different steps. Each file
 is written to a temporary name and renamed: a crash never leaves half a file.
 """
+import hashlib
 import json
 import os
 from contextlib import suppress
@@ -34,6 +35,27 @@ def write_atomic(write, path):
         with suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def weights_fingerprint(module, prefixes=None) -> str:
+    """sha256 over a module's tensor names, shapes, dtypes and bytes (those whose names start with one of
+    `prefixes`, if given): a second or two for CLIP-L."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        if prefixes is not None and not name.startswith(prefixes):
+            continue
+        if t.is_meta:
+            raise ValueError(f"cannot fingerprint {type(module).__name__}: '{name}' is on the meta device")
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{list(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def frozen_fingerprint(model) -> str:
+    """Which SD weights a model's frozen VAE / CLIP hold, wherever their file lies now: recorded by
+    training, checked where the model is rebuilt from an SD file (resume, eval, predict)."""
+    return weights_fingerprint(model, FROZEN)
 
 
 def trained_state(model):
