@@ -22,7 +22,8 @@ How each task sees an image (vpd/data.py ImageFolder, vpd/infer.py):
   depth   resized, aspect kept, to fit --size x --size (default 640: NYU's 480x640 frames keep
           their training scale). A landscape image at most twice as wide as tall gets VPD's NYU
           test: two square windows at its left and right ends, plus flips (--no-flip), averaged;
-          any other image is predicted whole, plus its flip.
+          any other image is predicted whole, plus its flip. KITTI models (trained on 352x352 crops)
+          take a landscape image in as many square windows as cover it, as eval.py scores them.
           VPD's depth model is conditioned on one of NYUv2's 27 scene types. --scene picks it
           (default living_room: the generic room of mixed furniture at middle distances, and one
           of NYUv2's most frequent scenes). Every prediction thus uses a text input the model was
@@ -182,17 +183,20 @@ def default_size(task, meta):
 
 # ----------------------------------------------------------------------------- prediction of one image
 
-def depth_windows(h, w):
-    """VPD's two windows for landscape images up to 2:1 (they then cover it); the whole image otherwise."""
+def depth_windows(h, w, kitti=False):
+    """VPD's two windows for landscape images up to 2:1 (they then cover it); the whole image otherwise.
+    KITTI models: as many square windows as cover a landscape image, as they are trained and evaluated."""
+    if kitti and w > h:
+        return max(2, -(-w // h))
     return 2 if h < w <= 2 * h else 1
 
 
-def predict_depth(model, sample, scene_id, flip):
+def predict_depth(model, sample, scene_id, flip, kitti=False):
     """-> (H, W) metres at the original size."""
     rh, rw = sample["resized_size"].tolist()
     x = sample["image"][None, :, :rh, :rw]  # (1, 3, h, w): the image without ImageFolder's padding
     ids = torch.tensor([scene_id], device=x.device)
-    pred = depth_predict(model, x, ids, flip=flip, windows=depth_windows(rh, rw))  # (1, 1, h, w)
+    pred = depth_predict(model, x, ids, flip=flip, windows=depth_windows(rh, rw, kitti))  # (1, 1, h, w)
     return undo(pred[0, 0], sample)
 
 
@@ -248,7 +252,8 @@ def main(args):
     model = model.to(device).eval()
     autocast = amp_autocast(args.amp, device)
 
-    if task == "depth" and meta.get("dataset") == "kitti":  # one text condition for every KITTI frame
+    kitti = task == "depth" and meta.get("dataset") == "kitti"
+    if kitti:  # one text condition for every KITTI frame
         if args.scene is not None:
             raise SystemExit(f"--scene: {args.ckpt} is a KITTI model, conditioned on one scene only")
         args.scene, scene_id = KITTI_SCENES[0], 0
@@ -281,7 +286,7 @@ def main(args):
                 continue
             sample = to_device(sample, device)
             if task == "depth":
-                pred = predict_depth(model, sample, scene_id, flip=not args.no_flip).float()
+                pred = predict_depth(model, sample, scene_id, flip=not args.no_flip, kitti=kitti).float()
             elif task == "semseg":
                 pred = predict_semseg(model, sample, crop=train_crop)
             else:

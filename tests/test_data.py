@@ -237,7 +237,7 @@ def test_kitti_kb_crop_depth_scale_and_eval_mask(tmp_path):
     full[153:371, 44:1197] = True  # int(0.40810811*375)=153, int(0.99189189*375)=371, 44, 1197
     np.testing.assert_array_equal(mask.numpy(), full[23:, 13:1229])
     train = KITTI(str(tmp_path), split="train", list_file=str(tmp_path / "test_list.txt"))
-    assert train[0]["image"].shape == (3, 352, 704)
+    assert train[0]["image"].shape == (3, 352, 352)
     # VPD's eigen_benchmark lists: raw frames under raw_data/, depth paths naming data_depth_annotated/
     (tmp_path / "raw_data").mkdir()
     (tmp_path / "2011_09_26").rename(tmp_path / "raw_data" / "2011_09_26")
@@ -862,7 +862,7 @@ def test_kitti_frame_of_exactly_the_kb_size_and_cut_depth_at_80_m(tmp_path):
     assert kb_crop_box(352, 1216) == (0, 0)
     assert kb_crop_box(352, 1219) == (0, 1)  # BTS: int((1219 - 1216) / 2) = int(1.5) = 1
     _kitti_root(tmp_path, "data_depth_annotated", size=(352, 1216), metres=40, split="train")
-    ds = KITTI(str(tmp_path))
+    ds = KITTI(str(tmp_path), crop=(352, 704))
     # CutDepth on (a = 0.5, b = 0: column 608), no flip, crop at (0, 0), colour steps off
     ds.rng = lambda index: Scripted(0.0, 0.5, 0.0, 0.9, 0, 0, 0.9, 0.9, 0.9)
     s = ds[0]

@@ -38,13 +38,13 @@ def test_kitti_samples_carry_the_single_scene(tmp_path):
     assert ds[0]["scene_id"] == 0 and ds[0]["scene"] == KITTI_SCENES[0]
 
 
-def test_kitti_trains_on_2_to_1_crops_and_is_scored_in_the_garg_crop(tmp_path):
+def test_kitti_trains_on_the_square_windows_it_is_tested_with_and_is_scored_in_the_garg_crop(tmp_path):
     from vpd.data import KB_CROP
     from vpd.tasks import datasets, depth_crop
     train_set, _ = datasets("depth", str(kitti_layout(tmp_path, 2)), 352, dataset="kitti")
-    assert train_set[0]["image"].shape[-2:] == (352, 704)  # the KB-cropped frame's height, half its width
+    assert train_set[0]["image"].shape[-2:] == (352, 352)  # the KB-cropped frame's height, square
     train_set, _ = datasets("depth", str(tmp_path), 480, dataset="kitti")  # NYU's 480 crop asked: capped at 352
-    assert train_set[0]["image"].shape[-2:] == (352, 704)
+    assert train_set[0]["image"].shape[-2:] == (352, 352)
     assert depth_crop("depth", "kitti", demo=False) == "garg" and depth_crop("depth", "nyu", demo=False) == "eigen"
     assert predict.default_size("depth", {"dataset": "kitti", "args": {"crop": 352}}) == KB_CROP[1] == 1216
 
@@ -74,7 +74,14 @@ def test_kitti_trains_evaluates_and_predicts(tmp_path, monkeypatch):
     photo = tmp_path / "street.png"
     Image.fromarray(np.full((90, 300, 3), 128, np.uint8)).save(photo)
     ckpt = str(out / "model.safetensors")
+    windows, depth_predict = [], predict.depth_predict
+
+    def recording_windows(*args, **kwargs):
+        windows.append((tuple(args[1].shape[-2:]), kwargs["windows"]))
+        return depth_predict(*args, **kwargs)
+    monkeypatch.setattr(predict, "depth_predict", recording_windows)
     predict.main(predict.get_args([str(photo), "--ckpt", ckpt, "--out", str(tmp_path / "pred")]))
+    assert windows == [((19, 64), 4)]  # resized to the demo crop's width, in square windows as trained
     depth = np.asarray(Image.open(tmp_path / "pred" / "street_depth.png"))
     assert depth.shape == (90, 300) and depth.dtype == np.uint16
     assert 0 < depth.max() <= 80 * 256  # a KITTI model (80 m) writes 1/256 m units

@@ -355,6 +355,9 @@ def test_depth_takes_two_windows_up_to_twice_as_wide_as_tall():
     # portrait and wider images are predicted whole
     assert [predict.depth_windows(32, w) for w in (32, 33, 63, 64, 65, 200)] == [1, 2, 2, 2, 1, 1]
     assert predict.depth_windows(64, 32) == 1
+    # KITTI models (trained on squares) take as many as cover any landscape image, as eval.py's KITTI test
+    assert [predict.depth_windows(32, w, kitti=True) for w in (32, 33, 64, 65, 200)] == [1, 2, 2, 3, 7]
+    assert predict.depth_windows(64, 32, kitti=True) == 1
 
 
 def test_official_depth_model_gets_the_scene_rows_it_was_trained_with():

@@ -301,12 +301,12 @@ class KITTI(_DepthDataset):
     `self.without_gt`.
     Depths beyond max_depth (80 m) are set to 0 (invalid).
 
-    Training view: KB crop, then the depth recipe with a random (352, 704) crop.
+    Training view: KB crop, then the depth recipe with a random `crop` (352x352: see vpd/tasks.py).
     Evaluation view: the KB crop of image and depth (352x1216) with `orig_size`, so that
     `depth_eval_mask(orig_size, "garg", kb_crop=True)` gives the Garg crop in the same frame.
     """
 
-    def __init__(self, root, split="train", train=None, crop=(352, 704), list_file=None, max_depth=80.0, seed=0):
+    def __init__(self, root, split="train", train=None, crop=(352, 352), list_file=None, max_depth=80.0, seed=0):
         super().__init__(seed)
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")

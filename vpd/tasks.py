@@ -74,8 +74,10 @@ def datasets(task, root, crop, seed=0, dataset=None, split_by=None, split=None, 
         raise SystemExit(f"--dataset {dataset!r} is not a {task} dataset: {', '.join(DATASETS[task])}")
     try:
         if task == "depth" and dataset == "kitti":
-            side = min(crop, data.KB_CROP[0])  # frames are 352 high after the KB crop: 352x704 by default
-            make = (lambda: data.KITTI(root, "train", crop=(side, 2 * side), seed=seed),
+            # square crops, at most the KB-cropped frame's 352 rows: the input VPD's depth model takes for KITTI
+            # (its forward pads 352x352 as it pads 480x480), and the square windows evaluation slides over a frame
+            side = min(crop, data.KB_CROP[0])
+            make = (lambda: data.KITTI(root, "train", crop=(side, side), seed=seed),
                     lambda: data.KITTI(root, "test", train=False))
         elif task == "depth":
             make = (lambda: data.NYUv2(root, "train", crop=(crop, crop), seed=seed, scene_match=scene_match),
