@@ -17,6 +17,8 @@ the input image's own size and is named after it (<name> = the file name without
           <name>_semseg_ids.png    class ids 0..K-1 (ADE20K: class i is ADE20K_CLASSES[i])
   refer   <name>_refer.png         the image with the referred object tinted red
           <name>_refer_mask.png    the object's mask: 255 on the object, 0 elsewhere
+                                   (one sentence per run: another --text on the image writes over
+                                   these; give each sentence its own --out)
 
 How each task sees an image (vpd/data.py ImageFolder, vpd/infer.py):
   depth   resized, aspect kept, to fit --size x --size (default 640: NYU's 480x640 frames keep
@@ -97,6 +99,11 @@ def image_paths(inputs, out):
             if subfolders:
                 print(f"{item}: {subfolders} subfolder(s) not searched (give them as inputs too)")
             found = [os.path.join(item, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+            others = [n for n in names if os.path.isfile(os.path.join(item, n)) and os.path.join(item, n) not in found
+                      and not n.startswith(".")]  # (hidden files: .DS_Store and the like)
+            if others:  # e.g. a phone's .heic photos: said, not silently left out
+                print(f"{item}: {len(others)} file(s) of other types not read ({', '.join(others[:3])}"
+                      f"{', ...' if len(others) > 3 else ''}; images are {', '.join(IMAGE_EXTENSIONS)})")
             if not found:
                 raise SystemExit(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {item}")
             paths += found

@@ -441,13 +441,17 @@ def test_kitti_depth_is_written_in_256ths_of_a_metre_and_takes_its_one_scene(wor
         "--task", "depth", "--ckpt", ckpt, "--size", SIZE, "--scene", "kitchen", "--out", tmp_path, world.wide)
 
 
-def test_a_folder_gives_its_images_whatever_the_case_of_their_extension(tmp_path):
+def test_a_folder_gives_its_images_whatever_the_case_of_their_extension(tmp_path, capsys):
     # cameras write IMG_0001.JPG: a folder's images are found by extension, upper case too
     write_image(str(tmp_path / "IMG_0001.JPG"), 8, 8, 0)
     write_image(str(tmp_path / "b.png"), 8, 8, 1)
     (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "IMG_0002.HEIC").write_bytes(b"a format PIL does not read")
+    (tmp_path / ".DS_Store").write_bytes(b"")  # hidden: not mentioned
     assert predict.image_paths([str(tmp_path)], "out") == ([str(tmp_path / "IMG_0001.JPG"), str(tmp_path / "b.png")],
                                                             [])
+    assert f"{tmp_path}: 2 file(s) of other types not read (IMG_0002.HEIC, notes.txt; images are .jpg" in (
+        capsys.readouterr().out)
 
 
 def test_a_folder_that_is_out_gives_its_photos_not_earlier_outputs(world, tmp_path, capsys):
