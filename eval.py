@@ -155,8 +155,8 @@ def get_args(argv=None):
                    "needs to be there (default for --demo: its synthetic set)")
     p.add_argument("--dataset", default=None, help="depth: nyu|kitti; refer: refcoco|refcoco+|refcocog")
     p.add_argument("--split-by", choices=["unc", "umd", "google"], default=None,
-                   help="refer: unc (refcoco, refcoco+; default) or umd / google "
-                   "(refcocog; default umd)")
+                   help="refer: default the split set the model trained with; for another --dataset, unc "
+                   "(refcoco, refcoco+) or umd (refcocog; google too)")
     p.add_argument("--split", default=None, help="refer: val, testA, testB, test, ...")
     p.add_argument("--out", default=None, help="where metrics_<protocol>.json goes (default: eval/ next to --ckpt)")
     p.add_argument("--ms-flip", action="store_true", help="semseg: multi-scale + flip test")
@@ -165,7 +165,7 @@ def get_args(argv=None):
                    help="refer: score masks at the original image size, not at the 512x512 input size")
     p.add_argument("--max-samples", type=count(1))
     p.add_argument("--save-vis", action="store_true", help="also write each sample's prediction as a coloured PNG "
-                   "(<sample index>.png) into vis_<protocol>/ in --out")
+                   "(<sample index, 6 digits>.png, e.g. 000012.png) into vis_<protocol>/ in --out")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None, help="default: bf16 on GPU, off on CPU")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=count(0), default=2, help="data loader processes")

@@ -22,7 +22,7 @@ the input image's own size and is named after it (<name> = the file name without
 
 How each task sees an image (vpd/data.py ImageFolder, vpd/infer.py):
   depth   resized, aspect kept, to fit --size x --size (default 640: NYU's 480x640 frames keep
-          their training scale). A landscape image at most twice as wide as tall gets VPD's NYU
+          their training scale; KITTI models: 1216, the width of KITTI's benchmark crop). A landscape image at most twice as wide as tall gets VPD's NYU
           test: two square windows at its left and right ends, plus flips (--no-flip), averaged;
           any other image is predicted whole, plus its flip. KITTI models (trained on 352x352 crops)
           take a landscape image in as many square windows as cover it, as eval.py scores them.

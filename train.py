@@ -4,8 +4,8 @@
     torchrun --nproc_per_node=8 train.py --task semseg --sd-ckpt v1-5-pruned-emaonly.safetensors --data-root data/ade
     python train.py --task depth --sd-ckpt ... --data-root data/nyu   # 1 GPU: 8 accumulated forwards of 3
 
-Every setting of the paper's recipes is a flag; flags left out take the task's preset (PRESETS in
-train.py; the README's table). Launched by torchrun it runs DDP
+Every setting of the paper's recipes but the schedule's shape (its kind, power and floor) is a flag;
+flags left out take the task's preset (PRESETS in train.py; the README's table). Launched by torchrun it runs DDP
 (nccl on GPU, gloo on CPU). Checkpoints go to --out: model.safetensors (trained weights) and
 state.pt (step, weights, optimizer, RNG, args); --resume continues exactly where a run stopped.
 """
