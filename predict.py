@@ -22,10 +22,11 @@ the input image's own size and is named after it (<name> = the file name without
 
 How each task sees an image (vpd/data.py ImageFolder, vpd/infer.py):
   depth   resized, aspect kept, to fit --size x --size (default 640: NYU's 480x640 frames keep
-          their training scale; KITTI models: 1216, the width of KITTI's benchmark crop). A landscape image at most twice as wide as tall gets VPD's NYU
-          test: two square windows at its left and right ends, plus flips (--no-flip), averaged;
-          any other image is predicted whole, plus its flip. KITTI models (trained on 352x352 crops)
-          take a landscape image in as many square windows as cover it, as eval.py scores them.
+          their training scale; KITTI models: 1216, the width of KITTI's benchmark crop). A
+          landscape image at most twice as wide as tall gets VPD's NYU test: two square windows at
+          its left and right ends, plus flips (--no-flip), averaged; any other image is predicted
+          whole, plus its flip. KITTI models (trained on 352x352 crops) take a landscape image in
+          as many square windows as cover it, as eval.py scores them.
           VPD's depth model is conditioned on one of NYUv2's 27 scene types. --scene picks it
           (default living_room: the generic room of mixed furniture at middle distances, and one
           of NYUv2's most frequent scenes). Every prediction thus uses a text input the model was

@@ -254,7 +254,7 @@ def main(args):
         raise SystemExit(f"--resume: the run in {args.out} trained on {state['train_samples']} samples; "
                          f"--data-root {args.data_root} now holds {len(train_set)}")
     for k in moved:  # (resumed runs only)
-        flag, was = f"--{k.replace('_', '-')} {getattr(args, k)}", state["args"].get(k) or "embeddings from the SD file"
+        flag, was = f"--{k.replace('_', '-')} {getattr(args, k)}", state["args"].get(k) or "the SD file's embeddings"
         if k == "sd_ckpt" and task.meta["frozen_sha256"] != state["frozen_sha256"]:
             raise SystemExit(f"--resume: {flag} is not the SD file the run in {args.out} started with ({was}): "
                              "its frozen VAE/CLIP weights differ")

@@ -227,8 +227,8 @@ def load_model(ckpt, task=None, sd_ckpt=None):
         emb = f.get_tensor("class_embeddings") if "class_embeddings" in f.keys() else None
     model = build_model(meta["task"], sd, _cfg(UNetConfig, meta["unet"]), _cfg(VAEConfig, meta["vae"]),
                         _cfg(CLIPConfig, meta["clip"]), class_embeddings=emb, **meta["model_kwargs"])
-    frozen = "VAE/CLIP" if hasattr(model, "clip") else "VAE"
     if "frozen_sha256" in meta and frozen_fingerprint(model) != meta["frozen_sha256"]:  # (older files: unchecked)
+        frozen = "VAE/CLIP" if hasattr(model, "clip") else "VAE"
         raise SystemExit(f"{sd} is not the SD file {ckpt} was trained with: its frozen {frozen} weights differ from "
                          "those training read" + ("" if sd_ckpt else " (replaced since?): give that file as --sd-ckpt"))
     return load_weights(model, ckpt), dict(meta, sd_ckpt=os.path.abspath(sd))  # the SD file read, moved or not

@@ -2,7 +2,8 @@
 
 `model.safetensors` holds what training changes (UNet, adapter, gamma, head) and the buffers (class
 embeddings, norm statistics), with the task and configs as JSON metadata, so `eval.py` and
-`predict.py` rebuild the model from it plus the frozen VAE / CLIP of the SD checkpoint it names.
+`predict.py` rebuild the model from it plus the frozen VAE / CLIP of the SD checkpoint it names
+(checked against the sha256 of those weights that training recorded: the file may move, not change).
 `state.pt` holds the same tensors again with the optimizer and RNG state: resuming reads that one
 file, so no crash between two writes can leave weights and optimizer of different steps. Each file
 is written to a temporary name and renamed: a crash never leaves half a file.
