@@ -182,7 +182,7 @@ def main(args):
                          + ("; the depth recipe forwards 3 images per process: give a --batch-size that is a "
                             "multiple of 3 x processes, or --micro-batch" if args.task == "depth" else ""))
     args.micro_batch, accum = micro, args.batch_size // (micro * world)
-    args.amp = dist.resolve_amp(args.amp, device)
+    amp_given, args.amp = args.amp, dist.resolve_amp(args.amp, device)
 
     state, moved = None, []
     if args.resume:
@@ -205,6 +205,8 @@ def main(args):
         started.setdefault("param_groups", "default")  # runs from before the flag
         if args.task == "refer":
             started["split_by"] = refer_split_by(started["dataset"], started["split_by"])
+        if amp_given is None:  # the run's precision, not this device's default (a GPU run resumed on a CPU)
+            args.amp = started["amp"]
         changed = [k for k in RUN_SETTINGS if started.get(k) != getattr(args, k, None)]
         # files at another path (moved, or copied to a local disk): taken if they hold what the run's did,
         # checked once read; a run from before the SD file's fingerprint was recorded compares paths alone

@@ -743,6 +743,15 @@ def test_resume_takes_moved_files_of_the_same_contents_and_refuses_others(world,
     assert read_meta(str(tmp_path / "run" / "model.safetensors"))["sd_ckpt"] == str(sd)
 
 
+def test_resume_without_amp_keeps_the_runs_precision(world, tmp_path):
+    # a GPU run (bf16 by default) resumed on a CPU, where the default is off: the run's own, not refused
+    args = flags(world, "depth", tmp_path / "run", "--iters", 2, "--batch-size", 2)
+    train_here(args + ["--amp", "bf16", "--stop-after", "1"])
+    train_here(args + ["--resume"])
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
+    assert (state["step"], state["args"]["amp"]) == (2, "bf16")
+
+
 def test_resume_refuses_a_training_set_of_another_size(world, tmp_path):
     import shutil
     root = tmp_path / "data"
