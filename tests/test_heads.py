@@ -183,9 +183,11 @@ def test_depth_head_predicts_in_float32_under_bf16_autocast():
             if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
                 torch.nn.init.normal_(m.weight, std=0.2)
     feats = pyramid(chans, h=8, w=8)
+    last = []  # the last conv's own output: an autocast conv would give bf16, cast up only by the sigmoid
+    head.predict[-1].register_forward_hook(lambda m, args, out: last.append(out.dtype))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = head(feats)
-    assert out.dtype == torch.float32
+    assert last == [torch.float32] and out.dtype == torch.float32
     assert (out != out.bfloat16().float()).float().mean() > 0.9  # off bf16's grid
     with torch.no_grad():
         assert torch.allclose(out, head(feats), atol=0.05)

@@ -145,9 +145,18 @@ def test_depth_portrait_image_is_one_window():
 
 
 def test_refer_logits_resized_to_the_mask():
-    model = lambda x, tokens: torch.zeros(x.shape[0], 2, *x.shape[-2:])  # noqa: E731
+    # logits that are ramps in x and y: bilinear resizing (half-pixel centres, clamped at the border)
+    # samples a ramp at (j + 0.5) * in / out - 0.5, by hand; nearest would give whole numbers
+    def model(x, tokens):
+        h, w = x.shape[-2:]
+        ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                                indexing="ij")
+        return torch.stack([xs, ys])[None].expand(x.shape[0], 2, h, w)
     out = refer_logits(model, torch.zeros(1, 3, 64, 64), torch.zeros(1, 40, dtype=torch.long), (30, 50))
     assert out.shape == (1, 2, 30, 50)
+    at = lambda n: ((torch.arange(n) + 0.5) * 64 / n - 0.5).clamp(0, 63)  # noqa: E731
+    torch.testing.assert_close(out[0, 0], at(50).expand(30, 50))
+    torch.testing.assert_close(out[0, 1], at(30)[:, None].expand(30, 50))
 
 
 @pytest.mark.parametrize("windows", [4, 5])

@@ -262,9 +262,18 @@ def test_seg_and_refer_logits_are_upsampled_as_mmseg_and_lavt_do():
 def test_task_outputs_are_float32_under_bf16_autocast():
     # the heads' bf16 logits are upsampled, and depths predicted, in float32: not rounded to bf16 again
     x, ids = images(1), torch.randint(0, 49407, (1, 40))
+    models = [tiny("semseg").eval(), tiny("refer").eval(), tiny("depth").eval()]
+    logits = []
+    for m in models[:2]:
+        m.head.register_forward_hook(lambda m, args, out: logits.append(out))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        outs = [tiny("semseg").eval()(x), tiny("refer").eval()(x, ids), tiny("depth").eval()(x, torch.tensor([0]))]
+        outs = [models[0](x), models[1](x, ids), models[2](x, torch.tensor([0]))]
     assert [o.dtype for o in outs] == [torch.float32] * 3
+    assert [t.dtype for t in logits] == [torch.bfloat16] * 2  # (so the test has something to keep from rounding)
+    for out, t, corners in zip(outs, logits, (False, True)):  # semseg as mmseg resizes, refer as LAVT does
+        up = F.interpolate(t.float(), size=x.shape[-2:], mode="bilinear", align_corners=corners)
+        torch.testing.assert_close(out, up, rtol=1e-6, atol=1e-6)
+        assert (out == out.bfloat16().float()).float().mean() < 0.5  # not on bf16's grid
 
 
 def test_depth_pads_to_64_and_crops_the_fused_map():
@@ -341,7 +350,8 @@ def test_backbone_maps_carry_no_gradient_by_default():
     assert model.backbone.detach_maps
     feats = model.backbone(images(1), model.class_embeddings)
     assert feats[1].shape[1] == 64 + 5  # the 1/16 map: UNet channels, then one map per class
-    feats[1][:, 64:].sum().backward()
+    # (squared: the maps' plain sum is the same whatever the weights, softmaxes summing to one)
+    feats[1][:, 64:].pow(2).sum().backward()
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 

@@ -199,11 +199,22 @@ def test_distributed_evaluation_in_training_scores_the_saved_model(world):
     assert in_training["mIoU"] == pytest.approx(by_eval["mIoU"], rel=1e-9)
 
 
-@pytest.mark.parametrize("flag", [["--amp", "bf16"], ["--compile", "aot_eager"], ["--grad-checkpoint"]])
-def test_amp_compile_grad_checkpoint_run(world, flag):
-    out = world["base"] / f"flag{flag[-1].strip('-')}"
+@pytest.mark.parametrize("flag, ran", [([], (None, False, False)), (["--amp", "bf16"], (torch.bfloat16, False, False)),
+                                       (["--compile", "aot_eager"], (None, True, False)),
+                                       (["--grad-checkpoint"], (None, False, True))])
+def test_amp_compile_grad_checkpoint_run(world, flag, ran, monkeypatch):
+    seen = []
+
+    def recording(model, raw, task, batch):  # what the training step actually ran under
+        seen.append((torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None,
+                     hasattr(model, "_orig_mod"), raw.backbone.unet.grad_checkpointing))
+        return forward_loss(model, raw, task, batch)
+    forward_loss = train.forward_loss
+    monkeypatch.setattr(train, "forward_loss", recording)
+    out = world["base"] / f"flag{flag[-1].strip('-') if flag else ''}"
     train_here(flags(world, "depth", out, "--iters", 2, "--batch-size", 2, "--eval-max", 1, *flag))
     rec = losses(out)
+    assert seen == [ran] * 2
     assert len(rec) == 2 and all(l == l and l < 10 for _, l, _ in rec)
     assert not any(k.startswith("_orig_mod.") for k in load_file(os.path.join(out, "model.safetensors")))
 
