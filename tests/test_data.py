@@ -811,6 +811,67 @@ def test_augmentation_ranges_are_the_recipes():
     assert rng.asked == [(-0.2, 0.2), (-0.2, 0.2), (80, 120), (-20, 20), (-30, 30), (-20, 20)]
 
 
+class Gates:
+    """A generator whose random() draws are all `x` (a step gated by p applies iff x < p), recording every
+    call; uniform gives the middle of its range, integers its lowest value (1 for an integers(n) coin)."""
+
+    def __init__(self, x):
+        self.x, self.calls = x, []
+
+    def random(self):
+        self.calls.append("random")
+        return self.x
+
+    def uniform(self, low=0.0, high=1.0):
+        self.calls.append(("uniform", low, high))
+        return (low + high) / 2
+
+    def integers(self, low, high=None):
+        self.calls.append(("integers", low, high))
+        return low if high is not None else 1
+
+
+def test_semseg_recipe_draws_mmsegs_ranges_and_flips_with_p_one_half():
+    # mmseg's ADE20K pipeline: Resize(ratio_range=(0.5, 2.0)), RandomCrop, RandomFlip(prob=0.5), then
+    # PhotoMetricDistortion, whose every coin is randint(2) (contrast first: its second coin skipped)
+    label = np.arange(100).reshape(10, 10)  # 1.25 x scale (8, 8) = (10, 10): no resize; 100 classes
+    photometric = [("integers", 2, None), ("uniform", -32, 32), ("integers", 2, None), ("integers", 2, None),
+                   ("uniform", 0.5, 1.5), ("integers", 2, None), ("uniform", 0.5, 1.5), ("integers", 2, None),
+                   ("integers", -18, 18)]
+    for x, flipped in ((0.4999, True), (0.5001, False)):
+        rng = Gates(x)
+        _, y = T.semseg_train(np.zeros((10, 10, 3), np.float32), label, rng, scale=(8, 8), crop=(4, 4))
+        assert rng.calls == [("uniform", 0.5, 2.0), ("integers", 0, 7), ("integers", 0, 7), "random", *photometric]
+        assert y.tolist() == (label[:4, 3::-1] if flipped else label[:4, :4]).tolist()
+
+
+def test_semseg_crop_is_redrawn_while_a_class_covers_three_quarters():
+    # mmseg RandomCrop(cat_max_ratio=0.75): a crop where one class has >= 75% of the labelled pixels is
+    # drawn again, 10 times at most (our Gates keep drawing the same top-left crop: 2 + 10 x 2 offsets)
+    for ones, redrawn in ((4, True), (5, False)):  # 12 / 16 = 0.75: redrawn; 11 / 16: kept
+        label = np.zeros((10, 10), np.int64)
+        label.flat[[r * 10 + c for r in range(4) for c in range(4)][:ones]] = 1
+        rng = Gates(0.9)
+        T.semseg_train(np.zeros((10, 10, 3), np.float32), label, rng, scale=(8, 8), crop=(4, 4))
+        assert rng.calls.count(("integers", 0, 7)) == (22 if redrawn else 2)
+
+
+def test_depth_recipe_cuts_a_quarter_and_flips_and_colours_with_p_one_half():
+    # VPD's NYU recipe: CutDepth on p = 0.25 (two draws: position, width), then albumentations'
+    # HorizontalFlip, RandomBrightnessContrast, RandomGamma, HueSaturationValue, each p = 0.5
+    depth = np.tile(np.arange(1.0, 9.0, dtype=np.float32), (8, 1))
+    colour = [("uniform", -0.2, 0.2), ("uniform", -0.2, 0.2), "random", ("uniform", 80, 120), "random",
+              ("uniform", -20, 20), ("uniform", -30, 30), ("uniform", -20, 20)]
+    crop = [("integers", 0, 1), ("integers", 0, 1)]
+    for x, cut, on in ((0.2499, True, True), (0.2501, False, True), (0.4999, False, True), (0.5001, False, False)):
+        rng = Gates(x)
+        _, d = T.depth_train(np.zeros((8, 8, 3), np.float32), depth, rng, (8, 8))
+        expected = ["random", *(["random", "random"] if cut else []), "random", *crop, "random"]
+        expected += colour if on else ["random", "random"]
+        assert rng.calls == expected, x
+        assert d[0].tolist() == (depth[:, ::-1] if on else depth).tolist()
+
+
 def test_depth_gamma_by_hand():
     # albumentations RandomGamma: (x / 255) ** (g / 100) * 255; g = 120 on grey 127.5 -> 255 * 0.5 ** 1.2
     img, depth = np.full((4, 4, 3), 127.5, np.float32), np.ones((4, 4), np.float32)

@@ -131,6 +131,22 @@ def depth_sample(gt, pred, index=0):
     return {"image": image, "depth": gt[None].clone(), "scene_id": 0, "index": index}
 
 
+def test_nyu_depth_takes_vpds_two_windows_and_their_flips():
+    # VPD's NYU test (shift_window_test, flip_test): one forward of 480x480 windows at x = 0 and x = 160,
+    # then the same two flipped; channel 1 carries x / 1000, so a window's first column names its start
+    seen = []
+
+    class Recorder(DepthFromImage):
+        def forward(self, x, scene_ids):
+            seen.append([(tuple(v.shape[-2:]), round(1000 * float(v[1, 0, 0]))) for v in x])
+            return super().forward(x, scene_ids)
+    sample = depth_sample(torch.full((480, 640), 5.0), torch.full((480, 640), 5.0))
+    sample["image"][1] = torch.arange(640.0) / 1000
+    m = run(Recorder(), "depth", [sample], depth_crop=None)
+    assert seen == [[((480, 480), 0), ((480, 480), 160), ((480, 480), 479), ((480, 480), 639)]]
+    assert m["abs_rel"] < 1e-6
+
+
 def test_depth_eigen_crop_and_invalid_pixels():
     torch.manual_seed(0)
     gt = 0.5 + 9 * torch.rand(480, 640)
@@ -301,6 +317,17 @@ def test_semseg_windows_are_the_training_crop():
     label = torch.ones(40, 100, dtype=torch.int64)
     m = run(Recorder(), "semseg", [seg_sample(label, 0)], seg_crop=32)
     assert m["mIoU"] == 100 and len(sizes) == 2 * 5  # (40-32+20)//21+1 = 2, (100-32+20)//21+1 = 5
+    # where they lie, by mmseg's slide_inference: x1 = min(i * 21, 100 - 32), y1 = min(j * 21, 40 - 32)
+    starts = []
+
+    class Placed(LabelFromImage):  # channels 1 and 2 carry x / 1000 and y / 1000
+        def forward(self, x):
+            starts.append((round(1000 * float(x[0, 2, 0, 0])), round(1000 * float(x[0, 1, 0, 0]))))
+            return super().forward(x)
+    sample = seg_sample(label, 0)
+    sample["image"][1], sample["image"][2] = torch.arange(100.0) / 1000, torch.arange(40.0)[:, None] / 1000
+    run(Placed(), "semseg", [sample], seg_crop=32)
+    assert sorted(starts) == [(y, x) for y in (0, 8) for x in (0, 21, 42, 63, 68)]
     sizes.clear()
     run(Recorder(), "semseg", [seg_sample(label, 0)])  # the paper's 512 window covers it whole
     assert len(sizes) == 1

@@ -867,6 +867,22 @@ def test_param_groups_official_reaches_the_optimizer(world, tmp_path, monkeypatc
         train.get_args(flags(world, "depth", tmp_path / "depth", "--param-groups", "official"))
 
 
+def test_unet_lr_multiplier_and_weight_decay_reach_the_optimizer(world, tmp_path, monkeypatch):
+    made, real = [], train.build_optimizer
+    monkeypatch.setattr(train, "build_optimizer", lambda *a, **kw: made.append((a[0], real(*a, **kw))) or made[-1][1])
+    train_here(flags(world, "semseg", tmp_path / "run", "--iters", 1, "--batch-size", 2, "--eval-max", 1,
+                     "--lr", "2e-3", "--unet-lr-mult", "0.1", "--weight-decay", "1e-3"))
+    (model, optimizer), = made
+    group = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert len(group) == len(trained)  # every trained tensor in one group, the frozen ones in none
+    for name, p in trained:  # VPD's depth code's groups: the UNet at lr x mult, no decay on 1-d tensors
+        g = group[id(p)]
+        assert g["lr_scale"] == (0.1 if name.startswith("backbone.unet.") else 1.0), name
+        assert g["weight_decay"] == (0.0 if p.ndim == 1 else 1e-3), name
+    assert {round(g["lr"] / g["lr_scale"], 12) for g in optimizer.param_groups} == {2e-3}  # step 1: poly at --lr
+
+
 def test_presets_are_the_papers_recipes():
     # VPD_NOTES "Tasks": semseg AdamW 8e-5, wd 1e-3, UNet x0.1, 80k iters of 16, 512 crops, poly 1, 1500
     # warmup iters; depth AdamW 5e-4, wd 0.1, UNet x0.01, 25 epochs of 24, 480 crops, 3e-5 -> 5e-4 -> 3e-5
