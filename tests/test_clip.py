@@ -115,6 +115,7 @@ TEXTS = [
     "numbers: 3.14159, 1,000,000 and 42nd on 2023-10-05 at 12:30",
     "café naïve résumé Ångström façade Zürich über crème brûlée",
     "cafe\u0301 cre\u0300me",  # decomposed accents: NFC composes them
+    "\u2460 x\u00b2 \u00bd cup \u216b",  # compatibility forms (circled 1, superscript 2, 1/2, XII): kept, not NFKC'd
     "I ❤️ pizza 🍕🍕 😀👍🏽 👨‍👩‍👧 ok",
     "Tom &amp; Jerry &lt;3 &quot;quoted&quot; &amp;amp; &#39;s &eacute;t&eacute;",
     "  lots\tof\n\n whitespace   here  ",

@@ -247,6 +247,23 @@ def test_a_moved_sd_file_is_named_and_the_one_read_is_recorded(world, tmp_path):
         load_model(ckpt)
 
 
+def test_an_sd_file_is_checked_by_its_frozen_parts_alone(world, tmp_path):
+    # a fine-tune of the same SD (another UNet: the model's own is in its checkpoint) serves; one whose
+    # text encoder differs does not: the refer model reads its sentences with that CLIP
+    from safetensors.torch import load_file
+    sd = load_file(world.sd)
+    ckpt = checkpoint(world, "refer")
+    for prefix, same in (("model.diffusion_model.", True), ("cond_stage_model.", False)):
+        key = next(k for k in sd if k.startswith(prefix) and sd[k].is_floating_point())
+        path = str(tmp_path / f"{prefix}safetensors")
+        save_file(dict(sd, **{key: sd[key] + 0.01}), path)
+        if same:
+            assert load_model(ckpt, sd_ckpt=path)[1]["sd_ckpt"] == path
+        else:
+            with pytest.raises(SystemExit, match="its frozen VAE/CLIP weights differ"):
+                load_model(ckpt, sd_ckpt=path)
+
+
 def test_images_beyond_pils_decompression_bomb_limit_are_predicted(world, tmp_path, monkeypatch):
     # PIL refuses images over 2 x MAX_IMAGE_PIXELS (179 MP by default) as a possible attack: a user's own
     # panorama is predicted all the same (here the limit is lowered instead of writing a 200 MP file)
@@ -452,6 +469,14 @@ def test_a_folder_gives_its_images_whatever_the_case_of_their_extension(tmp_path
                                                             [])
     assert f"{tmp_path}: 2 file(s) of other types not read (IMG_0002.HEIC, notes.txt; images are .jpg" in (
         capsys.readouterr().out)
+
+
+def test_outputs_are_named_after_the_file_name_without_its_extension_alone(world, tmp_path):
+    # scan.001.png and scan.002.png: only the last dot starts the extension, so neither overwrites the other
+    for name in ("scan.001.png", "scan.002.png"):
+        write_image(str(tmp_path / name), H, W, 0)
+    run("--ckpt", checkpoint(world, "depth"), "--size", SIZE, "--out", tmp_path / "out", tmp_path)
+    assert sorted(os.listdir(tmp_path / "out")) == [f"scan.00{i}_depth{c}.png" for i in (1, 2) for c in ("", "_color")]
 
 
 def test_a_folder_that_is_out_gives_its_photos_not_earlier_outputs(world, tmp_path, capsys):

@@ -249,6 +249,8 @@ class CountAttention(torch.overrides.TorchFunctionMode):
     (("input", "output"), 0.25, {(8, 12), (4, 6)}),  # VPD's default: 1/2 and 1/4 of the latent
     (("input", "middle", "output"), 1.0, {(16, 24), (8, 12), (4, 6), (2, 3)}),
     (("middle",), 0.25, {(2, 3)}),
+    (("input",), 0.25, {(8, 12), (4, 6)}),  # each group alone: the encoder's maps only, then the decoder's
+    (("output",), 0.25, {(8, 12), (4, 6)}),
 ])
 def test_features_and_maps_match_diffusers(tiny, groups, fraction, sizes):
     ours, ref, _, _ = tiny
