@@ -376,9 +376,11 @@ def test_eval_main_hands_the_protocol_to_evaluate(tmp_path, monkeypatch):
                                            "--device", "cpu", "--save-vis", "--refer-full-res", "--max-samples", "3"]))
     assert calls[-1]["save_vis"] == str(tmp_path / "vis_x_y_fullres_first3")
     assert os.path.isfile(tmp_path / "metrics_x_y_fullres_first3.json")
-    eval_script.main(eval_script.get_args(["--ckpt", str(tmp_path / "model.safetensors"), "--out", str(tmp_path),
+    eval_script.main(eval_script.get_args(["--ckpt", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "all"),
                                            "--device", "cpu", "--refer-full-res", "--max-samples", "1000"]))
-    assert json.load(open(tmp_path / "metrics_x_y_fullres.json"))["max_samples"] is None  # all 5: no _first1000
+    assert os.listdir(tmp_path / "all") == ["metrics_x_y_fullres.json"]  # all 5 of the set scored: no _first1000
+    every = json.load(open(tmp_path / "all" / "metrics_x_y_fullres.json"))
+    assert (every["max_samples"], every["samples"]) == (None, 5)
     # the files say what was run: flip only for depth (the others have no such option), the data and amp
     saved = {n: json.load(open(tmp_path / n)) for n in ("metrics_x_y_noflip.json", "metrics_x_y_msflip.json",
                                                        "metrics_x_y_fullres.json")}

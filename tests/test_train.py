@@ -703,15 +703,18 @@ def test_out_of_memory_says_what_to_change_and_which_checkpoint_is_left(world, t
         train_here(flags(world, "depth", tmp_path / "eval", "--iters", 2, "--batch-size", 2))
 
 
-def test_a_diverged_run_keeps_its_last_good_checkpoint(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("poison", ["nan loss", "inf statistics"])
+def test_a_diverged_run_keeps_its_last_good_checkpoint(world, tmp_path, monkeypatch, poison):
     from vpd.tasks import forward_loss
     calls = []
 
-    def nan_from_third(model, raw, task, batch):  # the third step's gradients, then weights, are NaN
-        calls.append(1)
+    def bad_from_third(model, raw, task, batch):  # from the third step: NaN gradients, then weights; or an
+        calls.append(1)                           # overflowed BatchNorm variance (infinite, not NaN)
+        if len(calls) >= 3 and poison == "inf statistics":  # (training-mode BN keeps it infinite)
+            next(b for n, b in raw.named_buffers() if n.endswith("running_var")).fill_(float("inf"))
         loss = forward_loss(model, raw, task, batch)
-        return loss * float("nan") if len(calls) >= 3 else loss
-    monkeypatch.setattr(train, "forward_loss", nan_from_third)
+        return loss * float("nan") if len(calls) >= 3 and poison == "nan loss" else loss
+    monkeypatch.setattr(train, "forward_loss", bad_from_third)
     out = tmp_path / "diverged"
     with pytest.raises(SystemExit, match=f"non-finite weights after step 3 .*checkpoint in {out} stays at step 2"):
         train_here(flags(world, "depth", out, "--iters", 6, "--batch-size", 2, "--save-every", 1, "--log-every", 6))
@@ -778,19 +781,23 @@ def test_resume_refuses_a_training_set_of_another_size(world, tmp_path):
 
 
 def test_a_run_killed_in_an_intermediate_evaluation_evaluates_again_on_resume(world, tmp_path, monkeypatch):
-    real = train.evaluate
+    real, workers = train.evaluate, []
 
-    def interrupt(*args, **kwargs):  # Ctrl-C in the evaluation after step 2 (its checkpoint is saved)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(train, "evaluate", interrupt)
+    def interrupt_the_second(*args, **kwargs):  # Ctrl-C in the evaluation after step 4 (its checkpoint is
+        workers.append(kwargs["workers"])      # saved), while metrics.json holds step 2's
+        if len(workers) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train, "evaluate", interrupt_the_second)
     out = tmp_path / "run"
-    args = flags(world, "depth", out, "--iters", 4, "--batch-size", 2, "--save-every", 2, "--eval-every", 2)
-    with pytest.raises(SystemExit, match="interrupted in the evaluation after step 2"):
+    args = flags(world, "depth", out, "--iters", 6, "--batch-size", 2, "--save-every", 2, "--eval-every", 2)
+    with pytest.raises(SystemExit, match="interrupted in the evaluation after step 4"):
         train_here(args)
-    monkeypatch.setattr(train, "evaluate", real)
+    assert json.load(open(out / "metrics.json"))["step"] == 2
     train_here(args + ["--resume"])
-    assert [r["step"] for r in records(out) if "loss" not in r] == [2, 4]  # each evaluation once
-    assert [r["step"] for r in records(out) if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records(out) if "loss" not in r] == [2, 4, 6]  # each evaluation once
+    assert [r["step"] for r in records(out) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert workers == [0] * 5  # --workers 0 reaches every evaluation: steps 2, 4 (cut), 4, 6, the demo's baseline
 
 
 def fake_clock(monkeypatch):
@@ -855,6 +862,16 @@ def test_resume_refuses_each_changed_run_setting(world, flag, value):
     args = args[:args.index(flag)] + args[args.index(flag) + 2:] if flag in args else args
     with pytest.raises(SystemExit, match=f"started with {flag} .*; pass the same values"):
         train_here(args + [flag, value, "--resume"])
+
+
+def test_resume_refuses_another_length_in_epochs_or_another_dataset(world, tmp_path):
+    # a depth run's length in epochs sets its step count and the peak of its rise-and-fall schedule
+    args = flags(world, "depth", tmp_path / "run", "--epochs", 2, "--batch-size", 2)
+    train_here(args + ["--stop-after", "1"])
+    with pytest.raises(SystemExit, match=r"started with --epochs 2 \(not 3\); pass the same values"):
+        train_here(args[:args.index("--epochs")] + args[args.index("--epochs") + 2:] + ["--epochs", "3", "--resume"])
+    with pytest.raises(SystemExit, match=r"started with --dataset nyu \(not kitti\)"):
+        train_here(args + ["--dataset", "kitti", "--resume"])
 
 
 def test_param_groups_official_reaches_the_optimizer(world, tmp_path, monkeypatch):
