@@ -232,8 +232,8 @@ def save_outputs(task, out, stem, pred, image_path, depth_units=1000):
         vis.save_depth_png16(pred, paths[0], depth_units)
         vis.colorize_depth(pred).save(paths[1])
     elif task == "semseg":
-        vis.colorize_labels(pred).save(paths[0])
-        Image.fromarray(pred.astype(np.uint8 if pred.max() < 256 else np.uint16)).save(paths[1])
+        vis.colorize_labels(pred).save(paths[0])  # (which refuses ids beyond its 150 colours: uint8 holds the rest)
+        Image.fromarray(pred.astype(np.uint8)).save(paths[1])
     else:
         rgb = read_rgb(image_path, upright=True).astype(np.uint8)  # as the mask was predicted
         vis.overlay_mask(rgb, pred).save(paths[0])

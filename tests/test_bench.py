@@ -92,6 +92,11 @@ def test_bench_refuses_bad_flags():
     for argv in (["--compile-mode", "reduce-overhead"], ["--res", "100"], ["--sdpa", "cudnn"], ["--cudnn-benchmark"]):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
+    # a training step of one image at 64x64: its head's BatchNorm would see one value per channel at 1/64.
+    # The sweep trains semseg steps whatever --which names: a batch of 1 in it is refused too
+    for argv in (["--which", "train_semseg", "--batch", "1"], ["--which", "unet_fwd", "--sweep-batch", "1,2"]):
+        with pytest.raises(SystemExit, match="BatchNorm sees a single 1x1 value"):
+            bench.main(bench.parse_args(argv + ["--no-ref", "--res", "64"]))
 
 
 def test_kernel_bench_times_every_layer_shape_of_the_unet(tmp_path):
@@ -710,7 +715,7 @@ def gpu_check_on_cpu(monkeypatch):
     context (the script's context and class embeddings are 768 wide), and its 512x512 images and 64x64
     latents at 1/8 the side. Returns (module, faults, record): add to `faults` what should go wrong --
     "forward" (the bf16 UNet output 50% off), "features" / "maps" (eager bf16 features / maps 50% off),
-    "compiled" (compiled features 50% off), "zero_grads" (the compiled step passes a zero gradient),
+    "compiled" / "compiled_maps" (compiled features / maps 50% off), "zero_grads" (the compiled step passes a zero gradient),
     "vae_grads" (the compiled step lets gradient into the VAE's quant_conv)."""
     import dataclasses
     from vpd.demo import TINY_UNET, TINY_VAE
@@ -749,7 +754,8 @@ def gpu_check_on_cpu(monkeypatch):
                 feats, maps = fn(*args, **kw)
             finally:
                 in_compiled[0] = False
-            return ([f * 1.5 for f in feats] if "compiled" in faults else feats), maps
+            return ([f * 1.5 for f in feats] if "compiled" in faults else feats), (
+                {k: m * 1.5 for k, m in maps.items()} if "compiled_maps" in faults else maps)
         return run
 
     def small(make):
@@ -797,6 +803,7 @@ def test_gpu_check_passes_a_sound_run(gpu_check_on_cpu, capsys):
 @pytest.mark.parametrize("fault, last", [("forward", "flash attention bf16 forward"),
                                          ("features", "bf16 features + maps"), ("maps", "bf16 features + maps"),
                                          ("compiled", "compiled bf16 features"),
+                                         ("compiled_maps", "compiled bf16 features"),
                                          ("zero_grads", "compiled bf16 features"),
                                          ("vae_grads", "compiled bf16 features")])
 def test_gpu_check_fails_at_the_check_for_what_went_wrong(gpu_check_on_cpu, capsys, fault, last):

@@ -296,7 +296,8 @@ def test_float_and_32_bit_images_are_refused_as_photos(tmp_path):
     from vpd.data import check_photo
     Image.fromarray(np.ones((8, 8), np.float32)).save(tmp_path / "float.tif")
     Image.fromarray(np.ones((8, 8), np.int32)).save(tmp_path / "int32.tif")
-    for name, mode in (("float.tif", "F"), ("int32.tif", "I")):
+    Image.fromarray(np.full((8, 8), 40000, np.uint16).astype(">u2")).save(tmp_path / "be16.tif")  # big-endian
+    for name, mode in (("float.tif", "F"), ("int32.tif", "I"), ("be16.tif", "I;16B")):
         with Image.open(tmp_path / name) as im:
             assert im.mode == mode
             with pytest.raises(ValueError, match=f"mode {mode}"):

@@ -143,10 +143,12 @@ def test_depth_png_is_uint16_mm_of_the_models_prediction(world, tmp_path):
 
 def test_depth_scene_changes_the_prediction(world, tmp_path):
     ckpt = checkpoint(world, "depth")
-    for scene in ("kitchen", "bedroom"):
+    for scene in ("kitchen", "bedroom", " Living Room ", "living_room"):  # names as people write them, too
         run("--ckpt", ckpt, "--size", SIZE, "--scene", scene, "--no-flip", "--out", tmp_path / scene, world.wide)
     assert not np.array_equal(png(tmp_path / "kitchen" / "wide_depth.png")[1],
                               png(tmp_path / "bedroom" / "wide_depth.png")[1])
+    assert np.array_equal(png(tmp_path / " Living Room " / "wide_depth.png")[1],
+                          png(tmp_path / "living_room" / "wide_depth.png")[1])
 
 
 def test_depth_panorama_is_predicted_whole(world, tmp_path):
@@ -320,8 +322,11 @@ def test_option_errors(world, tmp_path):
     depth, refer = checkpoint(world, "depth"), checkpoint(world, "refer")
     assert "--text is required" in error_of("--ckpt", refer, "--out", tmp_path, world.wide)
     assert "--text is only for the refer task" in error_of("--ckpt", depth, "--text", "a cat", world.wide)
-    assert "--size 100: the refer network takes sides that are multiples of 64" in error_of(
-        "--ckpt", refer, "--size", 100, "--text", "a cat", "--out", tmp_path, world.wide)  # a message, not a traceback
+    for size in (100, 96):  # 96: a multiple of 32 (what depth takes), not of 64
+        assert f"--size {size}: the refer network takes sides that are multiples of 64" in error_of(
+            "--ckpt", refer, "--size", size, "--text", "a cat", "--out", tmp_path, world.wide)  # not a traceback
+    assert "--scene is only for the depth task, not semseg" in error_of(
+        "--ckpt", checkpoint(world, "semseg"), "--scene", "kitchen", "--out", tmp_path, world.wide)
     err = error_of("--ckpt", depth, "--scene", "garage", world.wide)
     assert "'garage' is not an NYUv2 scene type" in err and "living_room" in err
     assert "depth model, not semseg" in error_of("--task", "semseg", "--ckpt", depth, "--out", tmp_path, world.wide)
@@ -344,6 +349,7 @@ def test_option_errors(world, tmp_path):
     write_image(str(other / "wide.jpg"), 8, 8, 2)
     assert "would write the same output names" in error_of("--ckpt", depth, world.wide, other)
     assert "--size 16 is too small" in error_of("--ckpt", depth, "--size", 16, world.wide)
+    predict.check_options(predict.get_args(["--ckpt", depth, "--size", "32", world.wide]), "depth")  # 32: the least
     err = error_of("--ckpt", refer, "--text", "a cat", "--no-flip", world.wide)
     assert "--no-flip is only for the depth task, not refer" in err
     assert f"--sd-ckpt {tmp_path / 'sd.safetensors'}: no such file" in error_of(
@@ -362,7 +368,7 @@ def test_default_size_follows_the_training_crop():
     trained = {"demo": False, "args": {"crop": 384}}
     assert predict.default_size("refer", trained) == 384 and predict.default_size("semseg", trained) == 384
     assert predict.default_size("depth", trained) == 640  # depth crops at NYU's scale: not a resize
-    assert predict.default_size("semseg", {}) == 512  # an official release: the paper's
+    assert [predict.default_size(t, {}) for t in ("semseg", "refer", "depth")] == [512, 512, 640]  # official
     assert predict.default_size("depth", {"demo": True, "args": {"crop": 96}}) == 96  # a demo model's crop
     assert predict.default_size("depth", {"dataset": "kitti", "args": {"crop": 352}}) == 1216  # KITTI's width
 
@@ -485,11 +491,13 @@ def test_a_folder_that_is_out_gives_its_photos_not_earlier_outputs(world, tmp_pa
     write_image(str(tmp_path / "photo.png"), H, W, 0)
     (tmp_path / "sub").mkdir()
     write_image(str(tmp_path / "sub" / "other.png"), H, W, 1)
-    for _ in range(2):
-        run("--ckpt", ckpt, "--size", SIZE, "--out", tmp_path, tmp_path)
+    for folder in (tmp_path, str(tmp_path) + os.sep):  # the same folder, spelt another way the second time
+        run("--ckpt", ckpt, "--size", SIZE, "--out", tmp_path, folder)
     assert sorted(os.listdir(tmp_path)) == ["photo.png", "photo_depth.png", "photo_depth_color.png", "sub"]
     out = capsys.readouterr().out
     assert "its 2 earlier output(s)" in out and f"{tmp_path}: 1 subfolder(s) not searched" in out
+    # a folder and a file in it: each file once, not two inputs of the same name
+    assert predict.image_paths([world.images, world.wide], "out") == ([world.tall, world.wide], [])
     # in another folder, files of those names are photos like any other
     assert predict.image_paths([str(tmp_path)], "elsewhere")[0] == [
         str(tmp_path / n) for n in ("photo.png", "photo_depth_color.png")]  # (the 16-bit PNG: not a photo)

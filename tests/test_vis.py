@@ -61,6 +61,8 @@ def test_overlay_mask_blends_only_inside_the_mask():
     # 0.75 * 100 + 0.25 * 255 = 138.75 -> 139; 0.75 * 100 = 75
     assert a[0, 0].tolist() == [139, 75, 75] and a[1, 2].tolist() == [139, 75, 75]
     assert a[0, 1].tolist() == [100, 100, 100]
+    # the defaults: a red tint at half strength, 0.5 * 100 + 0.5 * 255 = 177.5 -> 178
+    assert np.asarray(overlay_mask(image, mask))[0, 0].tolist() == [178, 50, 50]
     with pytest.raises(ValueError, match="does not match"):
         overlay_mask(image, np.zeros((3, 2), dtype=bool))
     with pytest.raises(ValueError, match="must be bool"):
@@ -70,7 +72,7 @@ def test_overlay_mask_blends_only_inside_the_mask():
 def test_depth_png16_round_trip_to_the_millimetre(tmp_path):
     rng = np.random.default_rng(0)
     depth = rng.uniform(0, 10, size=(17, 23))
-    depth[0, 0] = 65.535  # the largest storable depth
+    depth[0, 0] = 65.535  # the largest storable depth (65.536 m would be 65536: 0 in 16 bits)
     path = tmp_path / "d.png"
     save_depth_png16(torch.tensor(depth), path)
     with Image.open(path) as img:
@@ -78,8 +80,9 @@ def test_depth_png16_round_trip_to_the_millimetre(tmp_path):
     assert raw.dtype == np.uint16 and raw.shape == (17, 23)
     assert (raw == np.rint(depth * 1000)).all()
     assert np.abs(read_depth_png(path, 1000) - depth).max() <= 0.0005 + 1e-6
-    with pytest.raises(ValueError, match="65.535"):
-        save_depth_png16(np.full((2, 2), 70.0), tmp_path / "x.png")
+    for too_far in (65.536, 70.0):
+        with pytest.raises(ValueError, match="65.535"):
+            save_depth_png16(np.full((2, 2), too_far), tmp_path / "x.png")
     with pytest.raises(ValueError, match="spans"):  # negative depth would wrap around in uint16
         save_depth_png16(np.full((2, 2), -0.01), tmp_path / "x.png")
     with pytest.raises(ValueError, match="NaN"):
@@ -151,6 +154,9 @@ def test_axis_ticks_are_1_2_5_steps_that_cover_the_data():
     assert ticks == [0, 1, 2, 3, 4, 5] and (lo, hi) == (0, 5)
     ticks, lo, hi = _nice_ticks(0, 0.95)  # raw 0.19 -> step 0.2, range rounded out to 1.0
     assert ticks == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0]) and lo == 0 and hi == pytest.approx(1.0)
+    ticks, lo, hi = _nice_ticks(0.3, 0.95)  # raw 0.13 -> step 0.2; the low end rounded down to 0.2
+    assert ticks == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0]) and lo == pytest.approx(0.2)
+    assert _nice_ticks(0, 2.2)[0] == pytest.approx([0, 0.5, 1, 1.5, 2, 2.5])  # raw 0.44 -> a step of 5 x 10^-1
 
 
 def test_plot_curves_skips_non_finite_values_and_blank_lines(tmp_path):
