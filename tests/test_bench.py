@@ -715,8 +715,8 @@ def gpu_check_on_cpu(monkeypatch):
     context (the script's context and class embeddings are 768 wide), and its 512x512 images and 64x64
     latents at 1/8 the side. Returns (module, faults, record): add to `faults` what should go wrong --
     "forward" (the bf16 UNet output 50% off), "features" / "maps" (eager bf16 features / maps 50% off),
-    "compiled" / "compiled_maps" (compiled features / maps 50% off), "zero_grads" (the compiled step passes a zero gradient),
-    "vae_grads" (the compiled step lets gradient into the VAE's quant_conv)."""
+    "compiled" / "compiled_maps" (compiled features / maps 50% off), "zero_grads" (the compiled step passes a
+    zero gradient), "vae_grads" (the compiled step lets gradient into the VAE's quant_conv)."""
     import dataclasses
     from vpd.demo import TINY_UNET, TINY_VAE
     from vpd.model import build_model
@@ -820,3 +820,133 @@ def test_gpu_check_rel_err_is_the_difference_norm_over_the_references():
     rel_err = load_gpu_check().rel_err
     assert rel_err(torch.tensor([3.0, -1.0]), torch.tensor([3.0, 4.0])) == 1.0
     assert rel_err(torch.tensor([3.0, -1.0], dtype=torch.bfloat16), torch.tensor([3.0, 4.0])) == 1.0
+
+
+# ----------------------------------------------------------------------------- what the reported figures rest on
+
+def test_memory_figures_are_in_mib(monkeypatch):
+    # /proc's VmHWM over VmRSS in KiB, and live tensor bytes, both reported in MiB (2^20 bytes, not 10^6)
+    kib = {"VmRSS": 100 * 1024, "VmHWM": 100 * 1024}
+    monkeypatch.setattr(bench.PeakMemory, "_status_kib", staticmethod(lambda field: kib[field]))
+    assert bench.peak_of(lambda: kib.update(VmHWM=132 * 1024), torch.device("cpu")) == 32.0
+    assert bench.tensor_peak_of(lambda: torch.ones(2 ** 18)) == 1.0  # 2^18 float32 values: 1 MiB
+
+
+def test_the_same_function_check_sees_small_and_one_sided_differences(monkeypatch):
+    a = torch.ones(4)
+    with pytest.raises(RuntimeError, match="disagree"):  # smaller everywhere: |ours - ref| must be taken
+        bench.check_same("x", a * 0.99, a, 1e-3)
+    # diffusers' output conv 0.2% larger: max |ours - ref| / max |ref| = 0.002 / 1.002, about 2e-3 > 1e-3
+    for make, name in ((bench.diffusers_unet, "conv_out"), (bench.diffusers_vae, "quant_conv")):
+        def scaled(ours, cfg, make=make, name=name):
+            ref = make(ours, cfg)
+            conv = getattr(ref, name)  # new tensors: the reference may share ours' storage
+            conv.weight = torch.nn.Parameter(conv.weight.detach() * 1.002)
+            conv.bias = torch.nn.Parameter(conv.bias.detach() * 1.002)
+            return ref
+        monkeypatch.setattr(bench, make.__name__, scaled)
+    monkeypatch.setattr(bench, "run_pair", lambda *a: pytest.fail("timed despite the difference"))
+    for which in ("unet_fwd", "vae_enc"):
+        with pytest.raises(RuntimeError, match="disagree"):
+            bench.main(bench.parse_args(["--size", "tiny", "--res", "64", "--which", which]))
+
+
+class Convolutions(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records each forward convolution: its input's and weight's layouts and its output dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.convolution.default:
+            self.seen.append((args[0].is_contiguous(memory_format=torch.channels_last),
+                              args[1].is_contiguous(memory_format=torch.channels_last), out.dtype))
+        return out
+
+
+def bench_convolutions(monkeypatch, extra):
+    """bench.main on the tiny models with `extra` flags: what torch.compile was given, and each timed
+    function's convolutions (run once outside the recording first: lazy set-up)."""
+    compiled, seen = [], {}
+    monkeypatch.setattr(torch, "compile", lambda m, mode=None, **kw: compiled.append((type(m).__name__, mode)) or m)
+
+    def run_pair(name, fns, flops, batch, args, device):
+        for impl, fn in fns.items():
+            fn()
+            with Convolutions() as c:
+                fn()
+            seen[name, impl] = c.seen
+        return []
+    monkeypatch.setattr(bench, "run_pair", run_pair)
+    monkeypatch.setattr(bench, "print_table", lambda rows: None)
+    bench.main(bench.parse_args(["--size", "tiny", "--res", "128", "--batch", "2", "--which", "unet,vae,train_semseg",
+                                 *extra]))
+    return compiled, seen
+
+
+def test_layout_precision_compile_and_checkpointing_flags_reach_the_timed_models(monkeypatch):
+    mode = "max-autotune-no-cudagraphs"
+    compiled, fast = bench_convolutions(monkeypatch, ["--channels-last", "--grad-checkpoint", "--dtype", "bf16",
+                                                      "--compile", "--compile-mode", mode])
+    _, plain = bench_convolutions(monkeypatch, [])
+    assert sorted(compiled) == sorted((n, mode) for n in ("UNet", "UNet2DConditionModel", "VAE", "AutoencoderKL",
+                                                          "VPDSeg"))
+    for key, convs in fast.items():
+        assert convs and convs[0][0], key  # the input enters channels-last
+        assert all(w for _, w, _ in convs) and all(d == torch.bfloat16 for _, _, d in convs), key
+    for key in (("unet_fwdbwd", "ours"), ("unet_fwdbwd", "ref"), ("train_semseg", "ours")):
+        assert len(fast[key]) > len(plain[key]), key  # checkpointing recomputes forwards in the backward
+
+
+def test_warm_up_work_is_finished_before_the_clock_starts(monkeypatch):
+    # a fake GPU: calls queue work, a sync runs it on the clock; warm-up calls queue 100 s, timed ones 1 s
+    clock, queued, calls = [0.0], [0.0], [0]
+
+    def sync(device):
+        clock[0] += queued[0]
+        queued[0] = 0.0
+
+    def fn():
+        calls[0] += 1
+        queued[0] += 100 if calls[0] <= 2 else 1
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(bench, "sync", sync)
+    monkeypatch.setattr(bench, "attention_ops", lambda fn: [])
+    args = SimpleNamespace(warmup=2, rounds=1, iters=3, compile=True, compile_mode="reduce-overhead", profile="",
+                           peak_tflops=None)
+    (row,) = bench.run_pair("unet_fwd", {"ours": fn}, 1e9, 1, args, torch.device("cuda"))
+    assert row["ms_all"] == [1000.0] * 3
+
+
+def kernel_lines(monkeypatch, capsys):
+    """bench_kernels' printed report with scripted times: flash 1 ms, cuDNN 3, math 4 (efficient refused)."""
+    attention = {SDPBackend.FLASH_ATTENTION: 1.0, SDPBackend.EFFICIENT_ATTENTION: None,
+                 SDPBackend.CUDNN_ATTENTION: 3.0, SDPBackend.MATH: 4.0}
+
+    def ms_of(step):
+        if step.kind == "attention":
+            return attention[step.backend]
+        return (1.0 if step.cudnn_benchmark else 2.0) if step.kind == "conv" else 0.5
+    run_kernel_bench_on_fakes(monkeypatch, [], ms_of)
+    return capsys.readouterr().out.splitlines()
+
+
+def test_kernel_report_sums_attention_over_layers_and_rates_rows_at_their_fastest_kernel(monkeypatch, capsys):
+    from vpd import flops
+    from vpd.unet import UNetConfig
+    lines = kernel_lines(monkeypatch, capsys)
+    kinds = flops.by_kind(flops.unet_layers(UNetConfig(), (64, 64), n_ctx=77, batch=16))
+    gflop = 6 * (kinds["self_attn"] + kinds["cross_attn"]) / 1e9  # forward + backward: 3 x 2 FLOPs per MAC
+    i = next(i for i, line in enumerate(lines) if line.startswith("attention: "))
+    assert float(re.match(r"attention: ([\d.]+) GFLOP", lines[i])[1]) == pytest.approx(gflop, abs=0.05)
+    flash = re.match(r"\s+flash\s+([\d.]+) ms\s+([\d.]+) TFLOP/s", lines[i + 1])
+    assert float(flash[1]) == 32.0  # SD's 32 attention layers at 1 ms each
+    assert float(flash[2]) == pytest.approx(gflop / 32.0, abs=0.006)  # GFLOP per ms = TFLOP/s
+    rows = [re.match(r"\((\d+), (\d+), (\d+), (\d+), (\d+)\) +\d+ .* ([\d.]+)$", line) for line in lines]
+    rows = [r for r in rows if r]
+    assert len(rows) > 3
+    for r in rows:  # each shape's TFLOP/s at flash's 1 ms, not at math's 4
+        b, h, lq, lk, d = map(int, r.groups()[:5])
+        assert float(r[6]) == pytest.approx(3 * 4 * b * h * lq * lk * d / 1e-3 / 1e12, abs=0.006)
