@@ -100,8 +100,8 @@ def image_paths(inputs, out):
             if subfolders:
                 print(f"{item}: {subfolders} subfolder(s) not searched (give them as inputs too)")
             found = [os.path.join(item, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
-            others = [n for n in names if os.path.isfile(os.path.join(item, n)) and os.path.join(item, n) not in found
-                      and not n.startswith(".")]  # (hidden files: .DS_Store and the like)
+            others = [n for n in names if not n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")
+                      and os.path.isfile(os.path.join(item, n))]  # (hidden files: .DS_Store and the like)
             if others:  # e.g. a phone's .heic photos: said, not silently left out
                 print(f"{item}: {len(others)} file(s) of other types not read ({', '.join(others[:3])}"
                       f"{', ...' if len(others) > 3 else ''}; images are {', '.join(IMAGE_EXTENSIONS)})")
