@@ -151,12 +151,17 @@ def test_backbone_runs_the_frozen_vae_under_the_callers_autocast():
         assert bb(images(1), torch.randn(3, 32))[0].dtype == torch.float32  # no autocast: float32
 
 
-def test_backbone_forward_has_no_graph_breaks():
-    torch.manual_seed(0)
-    bb = VPDBackbone(TINY_UNET, TINY_VAE, text_dim=32).eval()
+def test_backbone_and_task_models_have_no_graph_breaks():
+    # what train.py compiles: the backbone inside each task model, in training mode (dropout, BatchNorm
+    # statistics), depth also at a side it pads to 64; a break is a host sync or a recompile per step
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(bb)(images(1), torch.randn(3, 32))
-    assert explanation.graph_break_count == 0, explanation.break_reasons
+    x, x96, scenes = images(2), images(2, 96, 96), torch.tensor([3, 5])
+    for model, args in [(VPDBackbone(TINY_UNET, TINY_VAE, text_dim=32), (x, torch.randn(3, 32))),
+                        (tiny("semseg"), (x,)), (tiny("refer"), (x, torch.randint(0, 49407, (2, 40)))),
+                        (tiny("depth"), (x, scenes)), (tiny("depth"), (x96, scenes))]:
+        explanation = torch._dynamo.explain(model.train())(*args)
+        assert explanation.graph_break_count == 0, (type(model).__name__, explanation.break_reasons)
+    torch._dynamo.reset()
 
 
 def test_backbone_keeps_channels_last():
