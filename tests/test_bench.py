@@ -800,17 +800,19 @@ def test_gpu_check_passes_a_sound_run(gpu_check_on_cpu, capsys):
     assert len(lines) == 6 and lines[-1] == "GPU CHECKS PASSED"
 
 
-@pytest.mark.parametrize("fault, last", [("forward", "flash attention bf16 forward"),
-                                         ("features", "bf16 features + maps"), ("maps", "bf16 features + maps"),
-                                         ("compiled", "compiled bf16 features"),
-                                         ("compiled_maps", "compiled bf16 features"),
-                                         ("zero_grads", "compiled bf16 features"),
-                                         ("vae_grads", "compiled bf16 features")])
-def test_gpu_check_fails_at_the_check_for_what_went_wrong(gpu_check_on_cpu, capsys, fault, last):
-    # each fault is caught by its own check: the lines printed stop at that check's
+@pytest.mark.parametrize("fault, last, failed", [
+    ("forward", "flash attention bf16 forward", "flash attention bf16 forward against fp32"),
+    ("features", "bf16 features + maps", "bf16 features and maps against fp32"),
+    ("maps", "bf16 features + maps", "bf16 features and maps against fp32"),
+    ("compiled", "compiled bf16 features", "compiled bf16 features and maps against fp32"),
+    ("compiled_maps", "compiled bf16 features", "compiled bf16 features and maps against fp32"),
+    ("zero_grads", "compiled bf16 features", "compiled bf16 semseg step: no UNet gradient"),
+    ("vae_grads", "compiled bf16 features", "compiled bf16 semseg step: VAE gradients")])
+def test_gpu_check_fails_at_the_check_for_what_went_wrong(gpu_check_on_cpu, capsys, fault, last, failed):
+    # each fault is caught by its own check, which names itself: the lines printed stop at that check's
     gpu_check, faults, record = gpu_check_on_cpu
     faults.add(fault)
-    with pytest.raises(AssertionError):
+    with pytest.raises(SystemExit, match=f"^GPU CHECK FAILED: {failed}$"):
         gpu_check.main()
     assert capsys.readouterr().out.splitlines()[-1].startswith(last)
 
