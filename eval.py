@@ -220,7 +220,10 @@ def main(args):
     except ValueError as e:  # an unreadable file (BadSampleError), or no valid ground truth
         raise SystemExit(error_line(e)) from None
     if rank == 0:
-        print(f"{ev.task} on {n} samples ({world} process{'es' if world > 1 else ''}), {args.ckpt}")
+        # BTS's KITTI Eigen test list names frames without ground truth ('None'): say how many were left out
+        skipped = getattr(ev.dataset, "without_gt", 0)
+        print(f"{ev.task} on {n} samples ({world} process{'es' if world > 1 else ''}), {args.ckpt}"
+              + (f"; {skipped} listed without ground truth left out" if skipped else ""))
         print(format_metrics(metrics, ADE20K_CLASSES if ev.task == "semseg" else None))
         path = os.path.join(out, name)
         save_json(json_ready(dict(ckpt=os.path.abspath(args.ckpt), task=ev.task, samples=n, **protocol,

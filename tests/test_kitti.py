@@ -104,3 +104,24 @@ def test_eval_of_a_kitti_model_reads_kitti_in_the_garg_crop_up_to_80_m(tmp_path,
                               torch.device("cpu"))
     assert isinstance(ev.dataset, KITTI) and ev.dataset_name == "kitti"
     assert ev.depth_crop == "garg" and ev.max_depth == 80.0
+
+
+def test_eval_says_how_many_listed_frames_have_no_ground_truth(tmp_path, monkeypatch, capsys):
+    # BTS's Eigen test list names some frames with 'None' for depth: scored on the rest, and said so
+    import eval as eval_script
+    import vpd.tasks
+    from vpd.tasks import ConstantDepth
+    root = kitti_layout(tmp_path, 3)
+    with open(root / "test_list.txt", "a") as f:
+        f.write(f"2011_09_26/{DRIVE}/image_02/data/0000000000.png None 721.5\n")
+    model = ConstantDepth(20.0)
+    model.max_depth = 80.0
+    meta = dict(task="depth", demo=False, dataset="kitti", depth_crop="garg", sd_ckpt="sd.safetensors")
+    monkeypatch.setattr(vpd.tasks, "load_model", lambda *a: (model, meta))
+    monkeypatch.setattr(eval_script, "check_ckpt", lambda ckpt: None)  # no file: load_model is the stand-in
+    eval_script.main(eval_script.get_args(["--ckpt", str(tmp_path / "model.safetensors"), "--data-root", str(root),
+                                           "--workers", "0"]))
+    out = capsys.readouterr().out
+    assert "depth on 1 samples" in out and "; 1 listed without ground truth left out" in out
+    saved = json.loads((tmp_path / "eval" / "metrics_kitti_test.json").read_text())
+    assert saved["samples"] == 1
