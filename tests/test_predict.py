@@ -266,6 +266,25 @@ def test_an_sd_file_is_checked_by_its_frozen_parts_alone(world, tmp_path):
                 load_model(ckpt, sd_ckpt=path)
 
 
+def test_only_the_frozen_parts_are_read_from_the_sd_file(world, tmp_path):
+    # the UNet, adapter and head are the weight file's own: an SD file without its UNet serves, and the
+    # model holds exactly the weight file's tensors and the SD file's VAE encoder and CLIP, none left on meta
+    from safetensors.torch import load_file
+    sd = load_file(world.sd)
+    frozen_only = str(tmp_path / "frozen_only.safetensors")
+    save_file({k: v for k, v in sd.items() if not k.startswith("model.diffusion_model.")}, frozen_only)
+    ckpt = checkpoint(world, "refer")
+    model, _ = load_model(ckpt, sd_ckpt=frozen_only)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    state, trained = model.state_dict(), load_file(ckpt)
+    assert set(state) == set(trained) | {k for k in state if k.startswith(("backbone.vae.", "clip."))}
+    assert all(torch.equal(state[k], v) for k, v in trained.items())
+    for ours, prefix in (("backbone.vae.", "first_stage_model."), ("clip.", "cond_stage_model.transformer.text_model.")):
+        assert all(torch.equal(v, sd[prefix + k[len(ours):]]) for k, v in state.items() if k.startswith(ours))
+    assert not any(p.requires_grad for p in [*model.backbone.vae.parameters(), *model.clip.parameters()])
+    assert not model.backbone.vae.training and not model.clip.training
+
+
 def test_images_beyond_pils_decompression_bomb_limit_are_predicted(world, tmp_path, monkeypatch):
     # PIL refuses images over 2 x MAX_IMAGE_PIXELS (179 MP by default) as a possible attack: a user's own
     # panorama is predicted all the same (here the limit is lowered instead of writing a 200 MP file)

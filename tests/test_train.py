@@ -279,7 +279,7 @@ def bad_cases(world, tmp):
         "eval garbage": (["eval.py", "--ckpt", str(a_file) + ".safetensors"], ["not a readable"]),
         "eval not a ckpt": (["eval.py", "--ckpt", str(a_file)], ["not a checkpoint"]),
         "predict sd file": (["predict.py", "--ckpt", depth_ckpt, "--sd-ckpt", depth_ckpt, photo],
-                            ["no tensors under 'model.diffusion_model.'"]),  # a message, not a traceback
+                            ["no tensors under 'first_stage_model.'"]),  # a message, not a traceback
     }
 
 

@@ -13,13 +13,13 @@ from safetensors import safe_open
 from torch import nn
 
 from vpd import data, dist
-from vpd.clip import CLIPConfig, Tokenizer
+from vpd.clip import CLIPConfig, CLIPTextModel, Tokenizer
 from vpd.infer import MS_RATIOS
 from vpd.model import build_model
 from vpd.text import load_class_embeddings
 from vpd.trained import frozen_fingerprint, load_weights, read_meta
 from vpd.unet import UNetConfig
-from vpd.vae import VAEConfig
+from vpd.vae import VAE, VAEConfig
 
 # Where each task's data comes from, said in every "missing data" error.
 SOURCES = {
@@ -225,8 +225,15 @@ def load_model(ckpt, task=None, sd_ckpt=None):
         raise SystemExit(f"the SD checkpoint {sd} (frozen VAE/CLIP of this model) is not there: pass --sd-ckpt")
     with safe_open(ckpt, framework="pt") as f:  # the model's own text embeddings, not recomputed
         emb = f.get_tensor("class_embeddings") if "class_embeddings" in f.keys() else None
-    model = build_model(meta["task"], sd, _cfg(UNetConfig, meta["unet"]), _cfg(VAEConfig, meta["vae"]),
-                        _cfg(CLIPConfig, meta["clip"]), class_embeddings=emb, **meta["model_kwargs"])
+    # built on `meta`: only the frozen parts are read from the SD file; the UNet, adapter and head are
+    # the weight file's (reading the SD file's UNet too would double the start's reads and memory)
+    vae_cfg, clip_cfg = _cfg(VAEConfig, meta["vae"]), _cfg(CLIPConfig, meta["clip"])
+    with torch.device("meta"):
+        model = build_model(meta["task"], None, _cfg(UNetConfig, meta["unet"]), vae_cfg, clip_cfg,
+                            class_embeddings=emb, **meta["model_kwargs"])
+    model.backbone.vae = VAE.from_checkpoint(sd, vae_cfg, decoder=False).requires_grad_(False).eval()
+    if hasattr(model, "clip"):
+        model.clip = CLIPTextModel.from_checkpoint(sd, clip_cfg).requires_grad_(False).eval()
     if "frozen_sha256" in meta and frozen_fingerprint(model) != meta["frozen_sha256"]:  # (older files: unchecked)
         frozen = "VAE/CLIP" if hasattr(model, "clip") else "VAE"
         raise SystemExit(f"{sd} is not the SD file {ckpt} was trained with: its frozen {frozen} weights differ from "
