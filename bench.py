@@ -36,6 +36,7 @@ GPU (table below), whatever --dtype is.
 """
 import argparse
 import ctypes
+import importlib.util
 import json
 import statistics
 import sys
@@ -536,6 +537,9 @@ def main(args):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible")
     which, tasks = parse_which(args.which)
+    if which and not args.no_ref and importlib.util.find_spec("diffusers") is None:  # (the training steps have none)
+        raise SystemExit("the UNet / VAE rows compare with diffusers, which is not installed: pip install -r "
+                         "requirements-test.txt, or --no-ref to time ours alone")
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.sweep_batch.split(",") if b.strip()]

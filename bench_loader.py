@@ -28,7 +28,7 @@ def images_per_second(ds, workers, batch_size, epochs):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=32, help="synthetic images per task")
     ap.add_argument("--size", type=int, default=640, help="image width (height 3/4 of it; 640 -> NYU's 480x640)")
     ap.add_argument("--batch-size", type=int, default=4)

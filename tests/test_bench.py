@@ -99,6 +99,22 @@ def test_bench_refuses_bad_flags():
             bench.main(bench.parse_args(argv + ["--no-ref", "--res", "64"]))
 
 
+def test_bench_without_diffusers_says_what_to_install_or_to_pass(monkeypatch):
+    # the UNet / VAE rows time diffusers too: without it, a message (not an ImportError) naming the fix;
+    # --no-ref, and the training steps (which have no reference), run without it
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else find_spec(name, *a))
+    ran = []
+    monkeypatch.setattr(bench, "run_rows", lambda args, device, cfgs, gen, which, tasks, batches: ran.append(which) or [])
+    for which in ("unet_fwd", "vae_enc", "unet,train_semseg"):
+        with pytest.raises(SystemExit, match="pip install -r requirements-test.txt, or --no-ref to time ours alone"):
+            bench.main(bench.parse_args(["--which", which]))
+    bench.main(bench.parse_args(["--which", "unet", "--no-ref"]))
+    bench.main(bench.parse_args(["--which", "train_semseg", "--batch", "2"]))
+    assert ran == [{"unet_fwd", "unet_fwdbwd"}, set()]
+
+
 def test_kernel_bench_times_every_layer_shape_of_the_unet(tmp_path):
     import bench_kernels
     from vpd import flops
