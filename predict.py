@@ -6,7 +6,7 @@
     python predict.py --task refer --ckpt out/refer/model.safetensors street.jpg --text "the man on the left"
 
 Inputs are image files and folders of images (jpg, png, ...; any size and aspect). A folder gives
-its own images, not its subfolders' (nor, when it is also --out, earlier outputs). An image that
+its own images, not its subfolders' nor hidden files' (nor, when it is also --out, earlier outputs). An image that
 cannot be read is skipped, listed at the end, and the run exits with status 1. Every output PNG has
 the input image's own size and is named after it (<name> = the file name without extension):
 
@@ -85,12 +85,13 @@ def get_args(argv=None):
 
 def image_paths(inputs, out):
     """Files and folders -> (image paths, skipped). A folder gives its images, sorted: not its
-    subfolders', nor, when it is --out, an earlier run's outputs. A file whose header cannot be read is
+    subfolders' or hidden files, nor, when it is --out, an earlier run's outputs. A file whose header cannot be read is
     skipped and named, as one found truncated later; none readable stops us before the model load."""
     paths = []
     for item in inputs:
         if os.path.isdir(item):
-            names = sorted(os.listdir(item))
+            # not hidden files: .DS_Store, and the ._<name>.jpg metadata copies macOS writes to other drives
+            names = sorted(n for n in os.listdir(item) if not n.startswith("."))
             if os.path.abspath(item) == os.path.abspath(out):
                 ours = [n for n in names if n.endswith(sum(OUTPUTS.values(), ()))]
                 if ours:
@@ -100,8 +101,7 @@ def image_paths(inputs, out):
             if subfolders:
                 print(f"{item}: {subfolders} subfolder(s) not searched (give them as inputs too)")
             found = [os.path.join(item, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
-            others = [n for n in names if not n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")
-                      and os.path.isfile(os.path.join(item, n))]  # (hidden files: .DS_Store and the like)
+            others = [n for n in names if not n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(item, n))]
             if others:  # e.g. a phone's .heic photos: said, not silently left out
                 print(f"{item}: {len(others)} file(s) of other types not read ({', '.join(others[:3])}"
                       f"{', ...' if len(others) > 3 else ''}; images are {', '.join(IMAGE_EXTENSIONS)})")

@@ -490,8 +490,11 @@ def test_a_folder_gives_its_images_whatever_the_case_of_their_extension(tmp_path
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "IMG_0002.HEIC").write_bytes(b"a format PIL does not read")
     (tmp_path / ".DS_Store").write_bytes(b"")  # hidden: not mentioned
+    (tmp_path / "._IMG_0001.JPG").write_bytes(b"macOS metadata, not an image")  # hidden, image-named: not read
+    write_image(str(tmp_path / ".thumb.png"), 8, 8, 2)  # a hidden image too: a folder gives what it shows
     assert predict.image_paths([str(tmp_path)], "out") == ([str(tmp_path / "IMG_0001.JPG"), str(tmp_path / "b.png")],
                                                             [])
+    assert predict.image_paths([str(tmp_path / ".thumb.png")], "out") == ([str(tmp_path / ".thumb.png")], [])
     assert f"{tmp_path}: 2 file(s) of other types not read (IMG_0002.HEIC, notes.txt; images are .jpg" in (
         capsys.readouterr().out)
 
