@@ -280,12 +280,17 @@ def main(args):
     def eval_due(s):
         return s == total or bool(args.eval_every and s % args.eval_every == 0)
     if state is not None:
+        # a crash between the two writes of a save leaves the previous weights file (or none): write it again
+        weights_step = (read_meta(weights_path) or {}).get("step") if os.path.isfile(weights_path) else None
+        if (state["step"] == total and weights_step == read_json(metrics_path).get("step") == state["step"]
+                and os.path.isfile(os.path.join(args.out, "curves.png"))):  # all that a finished run writes
+            print0(f"--resume: the run in {args.out} is complete (step {total}, evaluated): nothing to do")
+            dist.teardown()
+            return
         try:
             load_trained_state(raw, state["model"], state_path)
         except ValueError as e:
             raise SystemExit(f"--resume: {e}") from None
-        # a crash between the two writes of a save leaves the previous weights file (or none): write it again
-        weights_step = (read_meta(weights_path) or {}).get("step") if os.path.isfile(weights_path) else None
         if master and weights_step != state["step"]:
             save_weights(raw, weights_path, dict(task.meta, step=state["step"], args=state["args"]))
         optimizer.load_state_dict(state["optimizer"])
@@ -359,7 +364,7 @@ def main(args):
         if doing == "save":  # state.pt is replaced whole or not at all: the old checkpoint or the new one
             at = f"{step}, if the save got that far" + (f", else {saved}" if saved is not None else "")
         where = (f"the checkpoint in {args.out} is at step {at}: continue with the same flags and --resume"
-                 if at is not None else "no checkpoint was written yet")
+                 if at is not None else "no checkpoint was written yet (a new run may take this --out)")
         when = {"save": f"in the save after step {step}", "eval": f"in the evaluation after step {step}"}
         return f"{what} {when.get(doing, f'in step {step + 1}')}; {where}"
 

@@ -608,7 +608,7 @@ def test_ctrl_c_and_unreadable_file_end_in_one_line_naming_the_checkpoint(world,
             train_here(argv)
         msg = e.value.code
         assert "\n" not in msg and msg.startswith(f"cannot read image {root}") and ".jpg" in msg, msg
-        assert msg.endswith("in step 1; no checkpoint was written yet"), msg
+        assert msg.endswith("in step 1; no checkpoint was written yet (a new run may take this --out)"), msg
 
     for path in glob.glob(str(root / "official_splits" / "test" / "*" / "rgb_*.jpg")):
         open(path, "wb").write(b"not a jpeg")
@@ -1371,6 +1371,20 @@ def test_ctrl_c_after_a_resume_names_the_checkpoint_it_resumed_from(world, tmp_p
         train_here(args + ["--resume"])
     assert e.value.code == (f"interrupted in step 2; the checkpoint in {out} is at step 1: "
                             "continue with the same flags and --resume")
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(world, tmp_path, capsys):
+    # trained and evaluated to its last step: said so, and no file is written again (a run whose last
+    # evaluation or weights file was lost is completed instead: the crash tests above)
+    out = tmp_path / "run"
+    args = flags(world, "depth", out, "--iters", 2, "--batch-size", 2, "--eval-max", 1)
+    train_here(args)
+    files = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
+    capsys.readouterr()
+    train_here(args + ["--resume"])
+    assert capsys.readouterr().out.endswith(f"--resume: the run in {out} is complete (step 2, evaluated): "
+                                            "nothing to do\n")
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == files
 
 
 def test_stop_after_past_the_end_ends_at_the_end(world, tmp_path):
