@@ -316,13 +316,15 @@ def test_missing_and_unreadable_images(world, tmp_path):
     err = error_of("--ckpt", ckpt, "--out", tmp_path / "o2", deep)
     assert f"cannot read image {deep}" in err and "(mode I;16) is not a photo" in err
     assert not os.path.exists(tmp_path / "o2")  # nothing readable: stopped before the model load
-    # in a folder, a file whose header cannot be read (e.g. macOS's ._IMG.jpg) is skipped like a truncated one
+    # in a folder, a file whose header cannot be read is skipped like a truncated one (macOS's hidden
+    # ._wide.jpg beside it is not read at all)
     folder = tmp_path / "photos"
     folder.mkdir()
-    (folder / "._wide.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    for name in ("._wide.jpg", "broken.jpg"):
+        (folder / name).write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     write_image(str(folder / "wide.jpg"), H, W, 0)
     err = error_of("--ckpt", ckpt, "--size", SIZE, "--out", tmp_path / "o3", folder)
-    assert err.startswith("1 image(s) skipped:") and f"cannot read image {folder / '._wide.jpg'}" in err
+    assert err.startswith("1 image(s) skipped:") and f"cannot read image {folder / 'broken.jpg'}" in err
     assert os.path.isfile(tmp_path / "o3" / "wide_depth.png")
     empty = tmp_path / "empty"
     empty.mkdir()
