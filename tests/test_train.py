@@ -432,6 +432,21 @@ def test_weights_file_holds_trained_parts_and_checks_shapes(tmp_path):
     assert read_meta(str(tmp_path / "official.pth")) is None  # not ours: no metadata to read
 
 
+def test_a_model_built_on_meta_takes_the_weight_files_tensors_in_its_own_dtypes(tmp_path):
+    # eval.py / predict.py build on `meta` and take the file's tensors themselves: a float16 copy of a weight
+    # file still gives the float32 model the frozen parts (read from the SD file in float32) expect
+    from vpd.trained import load_weights, save_weights
+    path = str(tmp_path / "w.safetensors")
+    src = Toy().half()
+    save_weights(src, path, {})
+    with torch.device("meta"):
+        dst = Toy()
+    dst.backbone.vae = torch.nn.Linear(2, 2)  # the frozen part, read from elsewhere
+    dst = load_weights(dst, path)
+    assert dst.head.weight.dtype == torch.float32 and not dst.head.weight.is_meta
+    assert torch.equal(dst.head.weight, src.head.weight.float())
+
+
 def test_weights_file_leaves_out_the_frozen_vae_and_text_encoder(tmp_path):
     # the VAE and CLIP text encoder come from the SD checkpoint the metadata names: not saved, not asked for
     from vpd.trained import load_weights, save_weights

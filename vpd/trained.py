@@ -110,6 +110,7 @@ def load_trained_state(model, state, where):
     wrong = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})" for k, v in state.items() if v.shape != own[k].shape]
     if wrong:
         raise ValueError(f"{where} does not fit this model: shapes differ for {wrong[:5]}")
-    # a model built on `meta` takes the tensors themselves (there is nothing to copy them into)
+    # a model built on `meta` takes the tensors themselves (there is nothing to copy them into), in its dtypes
+    state = {k: v.to(own[k].dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=any(t.is_meta for t in own.values()))
     return model
