@@ -26,7 +26,8 @@ from eval import count, evaluate
 from vpd import dist
 from vpd.data import error_line
 from vpd.optim import build_optimizer, lr_factor, set_lr
-from vpd.trained import load_trained_state, read_meta, save_json, save_state, save_weights, trained_state
+from vpd.trained import (load_trained_state, read_meta, save_json, save_state, save_weights, trained_state,
+                         write_atomic)
 from vpd.sampler import GlobalBatchSampler
 from vpd.metrics import json_ready
 from vpd.model import TASKS
@@ -477,7 +478,8 @@ def main(args):
         print0(f"stopped after step {step} of {total} (--stop-after): continue with --resume and the same flags "
                "but --stop-after (left out, or a later step)")
     elif master:
-        plot_curves(log_path, os.path.join(args.out, "curves.png"))
+        # whole or not at all: a finished run is known by its plot (--resume), so a torn one must not stand for it
+        write_atomic(lambda path: plot_curves(log_path, path), os.path.join(args.out, "curves.png"))
         print0(f"done: {weights_path}, {metrics_path}, {os.path.join(args.out, 'curves.png')}")
     dist.teardown()
 

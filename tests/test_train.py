@@ -1402,6 +1402,27 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(world, tmp_path, ca
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == files
 
 
+def test_a_plot_torn_at_the_end_is_drawn_again_on_resume(world, tmp_path, monkeypatch):
+    # killed while curves.png is written: no torn plot (nor its temporary) is left to pass for a finished
+    # run, and --resume draws it
+    from PIL import Image
+    out = tmp_path / "run"
+    args = flags(world, "depth", out, "--iters", 2, "--batch-size", 2, "--eval-max", 1)
+    save = Image.Image.save
+
+    def torn(self, fp, *a, **k):
+        open(fp, "wb").write(b"\x89PNG half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Image.Image, "save", torn)
+    with pytest.raises(KeyboardInterrupt):
+        train_here(args)
+    assert not any(name.startswith("curves.png") for name in os.listdir(out))
+    monkeypatch.setattr(Image.Image, "save", save)
+    train_here(args + ["--resume"])
+    with Image.open(out / "curves.png") as im:
+        assert im.size[0] > 0
+
+
 def test_stop_after_past_the_end_ends_at_the_end(world, tmp_path):
     # --stop-after beyond --iters: the run is over at --iters, evaluated there like any finished run
     out = tmp_path / "run"

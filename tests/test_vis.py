@@ -1,5 +1,4 @@
 import json
-import os
 
 import numpy as np
 import pytest
@@ -121,22 +120,6 @@ def test_plot_curves_from_records_and_jsonl(tmp_path):
     plot_curves(str(log), tmp_path / "b.png", width=500, panel_height=150)
     with Image.open(tmp_path / "b.png") as saved:
         assert (np.asarray(saved.convert("RGB")) == a).all()
-
-
-def test_plot_curves_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
-    # killed while the PNG is written: the earlier plot stays as it was and no torn file or temporary is left
-    # (train.py takes curves.png as a sign of a finished run)
-    out = tmp_path / "curves.png"
-    plot_curves(records()[:5], out, width=500, panel_height=150)
-    before = out.read_bytes()
-
-    def torn(self, fp, *args, **kwargs):
-        open(fp, "wb").write(b"\x89PNG half")
-        raise KeyboardInterrupt
-    monkeypatch.setattr(Image.Image, "save", torn)
-    with pytest.raises(KeyboardInterrupt):
-        plot_curves(records(), out, width=500, panel_height=150)
-    assert out.read_bytes() == before and os.listdir(tmp_path) == ["curves.png"]
 
 
 def test_plot_curves_errors(tmp_path):
