@@ -6,8 +6,8 @@
     python predict.py --task refer --ckpt out/refer/model.safetensors street.jpg --text "the man on the left"
 
 Inputs are image files and folders of images (jpg, png, ...; any size and aspect). A folder gives
-its own images, not its subfolders' nor hidden files' (nor, when it is also --out, earlier outputs). An image that
-cannot be read is skipped, listed at the end, and the run exits with status 1. Every output PNG has
+its own images, not its subfolders' nor hidden files' (nor, when it is also --out, earlier outputs).
+An image that cannot be read is skipped, listed at the end, and the run exits with status 1. Every output PNG has
 the input image's own size and is named after it (<name> = the file name without extension):
 
   depth   <name>_depth.png         16-bit depth in millimetres (x 1/256 m instead for models whose
@@ -85,8 +85,8 @@ def get_args(argv=None):
 
 def image_paths(inputs, out):
     """Files and folders -> (image paths, skipped). A folder gives its images, sorted: not its
-    subfolders' or hidden files, nor, when it is --out, an earlier run's outputs. A file whose header cannot be read is
-    skipped and named, as one found truncated later; none readable stops us before the model load."""
+    subfolders' or hidden files, nor, when it is --out, an earlier run's outputs. A file whose header cannot
+    be read is skipped and named, as one found truncated later; none readable stops us before the model load."""
     paths = []
     for item in inputs:
         if os.path.isdir(item):
@@ -101,7 +101,8 @@ def image_paths(inputs, out):
             if subfolders:
                 print(f"{item}: {subfolders} subfolder(s) not searched (give them as inputs too)")
             found = [os.path.join(item, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
-            others = [n for n in names if not n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(item, n))]
+            others = [n for n in names if not n.lower().endswith(IMAGE_EXTENSIONS)
+                      and os.path.isfile(os.path.join(item, n))]
             if others:  # e.g. a phone's .heic photos: said, not silently left out
                 print(f"{item}: {len(others)} file(s) of other types not read ({', '.join(others[:3])}"
                       f"{', ...' if len(others) > 3 else ''}; images are {', '.join(IMAGE_EXTENSIONS)})")
