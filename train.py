@@ -393,6 +393,8 @@ def main(args):
             baseline = evaluate(base_model.to(device), args.task, task.eval_set, device, nullcontext, args.eval_max,
                                 **protocol)
         if master:
+            if step == total:  # the finished bar stays above the last table, not drawn again below it
+                bar.close()
             # tqdm.write: the table below the progress bar, not over it (the evaluation bar has just moved the cursor)
             tqdm.write(side_by_side(metrics, baseline, f"step {step}", base_name if baseline else None))
             with open(log_path, "a") as f:
