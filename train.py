@@ -176,6 +176,7 @@ def main(args):
     dist.writable_dir(args.out)
     state_path, weights_path = os.path.join(args.out, "state.pt"), os.path.join(args.out, "model.safetensors")
     log_path, metrics_path = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "metrics.json")
+    curves_path = os.path.join(args.out, "curves.png")
     micro = args.micro_batch or args.batch_size // world
     if micro == 0 or args.batch_size % (micro * world):
         raise SystemExit(f"--batch-size {args.batch_size} does not split evenly over {world} processes"
@@ -226,7 +227,7 @@ def main(args):
         raise SystemExit(f"--out {args.out} holds the trained weights of an earlier run ({weights_path}): "
                          "give another --out")
     elif master:  # what a run that ended before its first checkpoint left: not this run's log and results
-        for name in (log_path, metrics_path, os.path.join(args.out, "curves.png")):
+        for name in (log_path, metrics_path, curves_path):
             if os.path.isfile(name):
                 os.remove(name)
     if master:  # the temporary of a save that was killed outright (kill -9, power cut): GBs at full size
@@ -283,8 +284,8 @@ def main(args):
     if state is not None:
         # a crash between the two writes of a save leaves the previous weights file (or none): write it again
         weights_step = (read_meta(weights_path) or {}).get("step") if os.path.isfile(weights_path) else None
-        if (state["step"] == total and weights_step == read_json(metrics_path).get("step") == state["step"]
-                and os.path.isfile(os.path.join(args.out, "curves.png"))):  # all that a finished run writes
+        evaluated = read_json(metrics_path).get("step") == state["step"]  # metrics.json: the step evaluated last
+        if state["step"] == total and weights_step == state["step"] and evaluated and os.path.isfile(curves_path):
             print0(f"--resume: the run in {args.out} is complete (step {total}, evaluated): nothing to do")
             dist.teardown()
             return
@@ -297,9 +298,8 @@ def main(args):
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step, last = state["step"], state["last_log"]
-        # a run killed in the evaluation that follows its checkpoint evaluates again (metrics.json says
-        # which step was evaluated last)
-        redo_eval = eval_due(step) and read_json(metrics_path).get("step") != step
+        # a run killed in the evaluation that follows its checkpoint evaluates again
+        redo_eval = eval_due(step) and not evaluated
         mine = state["ranks"][rank]
         loss_sum = mine["loss_sum"]
         torch.set_rng_state(mine["torch"])
@@ -481,8 +481,8 @@ def main(args):
                "but --stop-after (left out, or a later step)")
     elif master:
         # whole or not at all: a finished run is known by its plot (--resume), so a torn one must not stand for it
-        write_atomic(lambda path: plot_curves(log_path, path), os.path.join(args.out, "curves.png"))
-        print0(f"done: {weights_path}, {metrics_path}, {os.path.join(args.out, 'curves.png')}")
+        write_atomic(lambda path: plot_curves(log_path, path), curves_path)
+        print0(f"done: {weights_path}, {metrics_path}, {curves_path}")
     dist.teardown()
 
 
