@@ -10,6 +10,9 @@ Rows (same names in the printed table and in --json):
   unet_fwdbwd  UNet forward + backward of mean(out^2) (weight and input grads)
   vae_enc      VAE encoder to the posterior mode (no_grad), ours vs diffusers' AutoencoderKL
   train_<task> one VPD training step (forward, loss, backward, AdamW step); ours only
+  eval_semseg  ADE20K's multi-scale + flip test of one image, --res high and 4/3 as wide (512x683 at
+               512), in --res windows: ours batches 4 windows per forward; ref is ours one window per
+               forward, as mmseg runs them (eager always, as eval.py; --batch does not apply)
 Weights are random, drawn once for our modules (ldm's zero-initialised layers get random values
 too, so outputs are not trivially zero) and handed to diffusers through its own ldm-checkpoint
 converters, so both sides compute the same function; the script checks that before timing.
@@ -53,6 +56,7 @@ from torch.utils._pytree import tree_leaves
 from vpd import flops
 from vpd.clip import CLIPConfig
 from vpd.demo import TINY_CLIP, TINY_UNET, TINY_VAE, wake_zero_weights_
+from vpd.infer import MS_RATIOS, semseg_probs
 from vpd.model import build_model
 from vpd.optim import build_optimizer
 from vpd.unet import UNet, UNetConfig
@@ -66,7 +70,7 @@ PRESETS = {
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200 NVL": 835, "H200": 989, "A100": 312}
 N_TEXT = {"semseg": 150, "depth": 1, "refer": 40}  # context tokens of each task (ADE20K classes, scene, sentence)
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
-WHICH = ("unet_fwd", "unet_fwdbwd", "vae_enc", "train")
+WHICH = ("unet_fwd", "unet_fwdbwd", "vae_enc", "train", "eval_semseg")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -413,13 +417,8 @@ def train_setup(task, batch, args, device, cfgs, gen):
         vocab = cfgs["clip"].vocab_size
         inputs = (images, torch.randint(0, vocab, (B, model.max_tokens), generator=gen).to(device))
         target = torch.randint(0, 2, (B, res, res), generator=gen).to(device)
-    # the head's forward MACs, counted on this very model (its shapes depend on the task)
-    from torch.utils.flop_counter import FlopCounterMode
-    fc = FlopCounterMode(display=False, depth=None)
-    with fc, torch.no_grad():
-        model(*inputs)
-    head_macs = sum(fc.get_flop_counts()[f"{type(model).__name__}.head"].values()) // 2
-    step_flops = flops.train_step_flops(cfg_u, cfg_v, (res, res), N_TEXT[task], batch=B, head_macs=head_macs)
+    step_flops = flops.train_step_flops(cfg_u, cfg_v, (res, res), N_TEXT[task], batch=B,
+                                        head_macs=head_macs(model, inputs))
     if task == "refer":  # the frozen CLIP text tower runs forward once
         c = cfgs["clip"]
         step_flops += 2 * flops.clip_text_macs(model.max_tokens, c.hidden_size, c.num_hidden_layers,
@@ -434,6 +433,45 @@ def train_setup(task, batch, args, device, cfgs, gen):
         model.loss(out, target).backward()
         opt.step()
     return step, step_flops
+
+
+def head_macs(model, inputs):
+    """The task head's forward MACs, counted on this very model (its shapes depend on the task)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    fc = FlopCounterMode(display=False, depth=None)
+    with fc, torch.no_grad():
+        model(*inputs)
+    return sum(fc.get_flop_counts()[f"{type(model).__name__}.head"].values()) // 2
+
+
+def bench_eval_semseg(args, device, cfgs, gen):
+    model = build_model("semseg", unet_cfg=cfgs["unet"], vae_cfg=cfgs["vae"], clip_cfg=cfgs["clip"])
+    wake_zero_weights_(model.backbone, gen)
+    model = model.to(device).eval()
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    h, w = args.res, args.res * 4 // 3
+    views = [image_like((1, 3, round(h * r), round(w * r)), args, device, gen).clamp(-1, 1) for r in MS_RATIOS]
+    K = model.num_classes
+    seen = []  # the windows of one test, counted as the model sees them
+    hook = model.register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0].shape[0]))
+    with torch.no_grad():
+        semseg_probs(model, views, K, (h, w), flip=True, crop=args.res)
+    hook.remove()
+    window = image_like((1, 3, args.res, args.res), args, device, gen)
+    macs = (flops.unet_macs(cfgs["unet"], (h // 8, h // 8), K, out_head=False)
+            + flops.vae_encoder_macs(cfgs["vae"], (h, h)) + head_macs(model, (window,)))
+
+    def test(batch):
+        def step():
+            with torch.no_grad(), args.autocast():
+                semseg_probs(model, views, K, (h, w), flip=True, crop=args.res, batch=batch)
+        return step
+    fns = {"ours": test(4), **({} if args.no_ref else {"ref": test(1)})}
+    rows = run_pair("eval_semseg", fns, 2 * macs * sum(seen), 1, args, device)
+    for r in rows:
+        r["windows"] = sum(seen)
+    return rows
 
 
 def bench_train(args, device, cfgs, gen, tasks):
@@ -537,7 +575,9 @@ def main(args):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible")
     which, tasks = parse_which(args.which)
-    if which and not args.no_ref and importlib.util.find_spec("diffusers") is None:  # (the training steps have none)
+    if "eval_semseg" in which and args.compile:
+        raise SystemExit("eval_semseg times eval.py's eager model: run it without --compile")
+    if which - {"eval_semseg"} and not args.no_ref and importlib.util.find_spec("diffusers") is None:  # (the others have none)
         raise SystemExit("the UNet / VAE rows compare with diffusers, which is not installed: pip install -r "
                          "requirements-test.txt, or --no-ref to time ours alone")
     if args.threads:
@@ -579,6 +619,8 @@ def run_rows(args, device, cfgs, gen, which, tasks, batches):
         rows += bench_vae(args, device, cfgs, gen)
     if tasks:
         rows += bench_train(args, device, cfgs, gen, tasks)
+    if "eval_semseg" in which:
+        rows += bench_eval_semseg(args, device, cfgs, gen)
     if batches:
         rows += sweep_batch(args, device, cfgs, gen, batches)
     return rows

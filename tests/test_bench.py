@@ -77,6 +77,28 @@ def test_bench_rows_and_json(tmp_path, no_ref):
             assert r["img_s"] == pytest.approx(2 * 1000 / r["ms"])
 
 
+def test_bench_eval_semseg_row_counts_every_window(monkeypatch):
+    monkeypatch.setattr(bench, "attention_ops", lambda fn: [])  # (profiling 44 windows' ops takes seconds)
+    # ADE20K's ms + flip test of a 64x85 image in 64 windows (stride 42): views 64x85, 72x96, 80x106, 88x117,
+    # 96x128 take 1x2, 2x2, 2x2, 2x3, 2x3 windows (mmseg's grid), 22 in all, each also flipped
+    rows = bench.main(bench.parse_args(["--size", "tiny", "--res", "64", "--which", "eval_semseg", "--iters", "1",
+                                        "--warmup", "0"]))
+    assert [r["impl"] for r in rows] == ["ours", "ref"] and all(r["windows"] == 44 for r in rows)
+    assert rows[0]["ours_ref_ms"] > 0 and rows[0]["img_s"] == pytest.approx(1000 / rows[0]["ms"])
+    # the analytic FLOPs against the same test counted op by op on a fresh tiny model (the text adapter
+    # and attention-map matmuls are the difference: within 0.2%)
+    from vpd.demo import TINY_CLIP, TINY_UNET, TINY_VAE
+    from vpd.infer import MS_RATIOS, semseg_probs
+    from vpd.model import build_model
+    model = build_model("semseg", unet_cfg=TINY_UNET, vae_cfg=TINY_VAE, clip_cfg=TINY_CLIP).eval()
+    views = [torch.zeros(1, 3, round(64 * r), round(85 * r)) for r in MS_RATIOS]
+    with torch.no_grad():
+        counted = counted_flops(lambda: semseg_probs(model, views, 150, (64, 85), flip=True, crop=64))
+    assert rows[0]["gflop_per_iter"] * 1e9 == pytest.approx(counted, rel=2e-3)
+    with pytest.raises(SystemExit, match="without --compile"):
+        bench.main(bench.parse_args(["--which", "eval_semseg", "--compile"]))
+
+
 def test_bench_profile_appends_a_table_per_row(tmp_path):
     out = tmp_path / "profile.txt"
     argv = ["--size", "tiny", "--res", "128", "--which", "unet_fwd,vae_enc", "--iters", "1", "--warmup", "0",

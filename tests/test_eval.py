@@ -81,8 +81,8 @@ def test_semseg_ms_flip_is_vpds_five_scales_each_flipped():
 
     class Recorder(LabelFromImage):
         def forward(self, x):
-            # the image's width (channel 2 is 1 on it, 0 on the padding); channel 1 marks its left edge
-            calls.append((int((x[0, 2, 0] != 0).sum()), bool(x[0, 1, 0, 0] == 0)))
+            # each image's width (channel 2 is 1 on it, 0 on the padding); channel 1 marks its left edge
+            calls.extend((int((w[2, 0] != 0).sum()), bool(w[1, 0, 0] == 0)) for w in x)
             return super().forward(x)
 
     def view(side):
@@ -311,7 +311,7 @@ def test_semseg_windows_are_the_training_crop():
 
     class Recorder(LabelFromImage):
         def forward(self, x):
-            sizes.append(tuple(x.shape[-2:]))
+            sizes.extend(tuple(w.shape[-2:]) for w in x)
             return super().forward(x)
 
     label = torch.ones(40, 100, dtype=torch.int64)
@@ -322,7 +322,7 @@ def test_semseg_windows_are_the_training_crop():
 
     class Placed(LabelFromImage):  # channels 1 and 2 carry x / 1000 and y / 1000
         def forward(self, x):
-            starts.append((round(1000 * float(x[0, 2, 0, 0])), round(1000 * float(x[0, 1, 0, 0]))))
+            starts.extend((round(1000 * float(w[2, 0, 0])), round(1000 * float(w[1, 0, 0]))) for w in x)
             return super().forward(x)
     sample = seg_sample(label, 0)
     sample["image"][1], sample["image"][2] = torch.arange(100.0) / 1000, torch.arange(40.0)[:, None] / 1000
@@ -339,7 +339,7 @@ def test_default_semseg_window_is_the_papers_512():
 
     class Recorder(LabelFromImage):
         def forward(self, x):
-            widths.append(int((x[0, 2, 0] != 0).sum()))  # channel 2 is 1 on the image, 0 on the padding
+            widths.extend(int((w[2, 0] != 0).sum()) for w in x)  # channel 2 is 1 on the image, 0 on the padding
             return super().forward(x)
     sample = seg_sample(torch.ones(40, 600, dtype=torch.int64), 0)
     sample["image"][2] = 1.0

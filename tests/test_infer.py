@@ -24,10 +24,11 @@ class Recorder(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.seen = []
+        self.seen, self.calls = [], 0
 
     def forward(self, x):
-        self.seen.append((int(x[0, 0, 0, 0]), int(x[0, 1, 0, 0]), tuple(x.shape[-2:])))
+        self.calls += 1
+        self.seen += [(int(w[0, 0, 0]), int(w[1, 0, 0]), tuple(x.shape[-2:])) for w in x]
         return torch.ones(x.shape[0], 2, *x.shape[-2:])
 
 
@@ -62,6 +63,32 @@ def test_slide_equals_whole_image_for_translation_equivariant_model():
         whole = model(image)
         slid = slide_logits(model, image, 5, crop=64, stride=43)
     assert torch.allclose(slid, whole, atol=1e-5)
+
+
+def test_windows_go_through_the_model_a_batch_at_a_time():
+    # the 2 x 3 windows of test_slide_windows_follow_mmseg_grid, for two images: 4 (or 5) images per
+    # forward takes two windows of both images at a time, 3 forwards; fewer than 2, one window of both
+    for batch, calls in ((4, 3), (5, 3), (1, 6)):
+        rec = Recorder()
+        out = slide_logits(rec, coords(100, 150).repeat(2, 1, 1, 1), 2, crop=64, stride=43, batch=batch)
+        assert rec.calls == calls
+        assert sorted(rec.seen) == sorted((y, x, (64, 64)) for y in (0, 36) for x in (0, 43, 86) for _ in range(2))
+        assert torch.equal(out, torch.ones_like(out))
+
+
+def test_batched_windows_predict_what_one_by_one_does():
+    # a tiny VPD semseg model (BatchNorm in eval mode, cross-attention maps, padding): windows and
+    # mirror images batched together give the probabilities of mmseg's one forward per window
+    from vpd.demo import TINY_CLIP, TINY_UNET, TINY_VAE
+    from vpd.model import build_model
+    torch.manual_seed(0)
+    model = build_model("semseg", unet_cfg=TINY_UNET, vae_cfg=TINY_VAE, clip_cfg=TINY_CLIP, num_classes=7).eval()
+    views = [torch.rand(2, 3, 80, 112) * 2 - 1, torch.rand(2, 3, 96, 136) * 2 - 1]
+    with torch.no_grad():
+        one = semseg_probs(model, views, 7, (80, 112), flip=True, crop=64, batch=1)
+        for batch in (3, 4, 8):
+            torch.testing.assert_close(semseg_probs(model, views, 7, (80, 112), flip=True, crop=64, batch=batch),
+                                       one, atol=1e-5, rtol=1e-4)
 
 
 def test_small_image_is_padded_and_cut():

@@ -416,7 +416,7 @@ def test_semseg_sliding_window_stride_is_mmsegs(monkeypatch):
     import vpd.infer
     seen = {}
 
-    def fake_slide(model, image, k, crop, stride):
+    def fake_slide(model, image, k, crop, stride, batch):
         seen.update(crop=crop, stride=stride)
         return torch.zeros(1, k, *image.shape[-2:])
 

@@ -8,6 +8,7 @@
 #   OUT=results bash tools/gpu_run.sh cudnn      # compiled UNet fwd+bwd, batch 16: cuDNN attention / conv autotuning (~6 min)
 #   OUT=results bash tools/gpu_run.sh breakdown  # compiled VAE encoder alone; a kernel profile of the semseg step (~4 min)
 #   OUT=results bash tools/gpu_run.sh sweep 2 8  # compiled NHWC semseg step at these batches: speed, peak memory (~4.5 min each)
+#   OUT=results bash tools/gpu_run.sh evalms     # ADE20K's ms + flip test of one image: 4 windows per forward vs 1 (~1 min)
 # Compiling the full model takes minutes (about 4 on an H200), so each compiled row has a long timeout,
 # and each batch of the sweep is its own process: one static-shape compile each (a second batch in
 # the same process would be recompiled with a dynamic batch dimension), each row kept if a later one
@@ -66,5 +67,7 @@ sweep)
         --which train_semseg --iters 5 --warmup 2 --json "$OUT/compiled_semseg$batch.json"
     done
   done ;;
-*) echo "usage: bash tools/gpu_run.sh eager|compiled|graphs|kernels|cudnn|breakdown|sweep [batches]" >&2; exit 2 ;;
+evalms)  # eval.py's semseg test (eager bf16): its windows batched against mmseg's one per forward
+  run eval_semseg.txt 150 $B --dtype bf16 --which eval_semseg --iters 3 --warmup 1 --json "$OUT/eval_semseg.json" ;;
+*) echo "usage: bash tools/gpu_run.sh eager|compiled|graphs|kernels|cudnn|breakdown|sweep [batches]|evalms" >&2; exit 2 ;;
 esac
