@@ -27,7 +27,7 @@ from vpd.infer import depth_predict, refer_logits, semseg_probs
 from vpd.metrics import KITTI_CROPS, DepthMetric, ReferMetric, SegMetric, json_ready
 from vpd.model import TASKS
 from vpd.sampler import ShardedEvalSampler
-from vpd.tasks import build_eval, check_ckpt, demo_out, to_device
+from vpd.tasks import build_eval, check_ckpt, checkpoint_task, demo_out, to_device
 from vpd.trained import save_json
 
 
@@ -190,20 +190,18 @@ def check_task_flags(args, task):
 
 def main(args):
     rank, world, device = dist.setup(args.device)
-    if args.task is not None:
-        check_task_flags(args, args.task)  # before minutes of model loading
     check_ckpt(args.ckpt)  # before its folder gets an eval/ folder
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
     dist.writable_dir(out)
+    # flags of another task refused before minutes of model loading: the task is --task, or the one
+    # our checkpoint's header names
+    check_task_flags(args, checkpoint_task(args.ckpt, args.task)[0])
     if rank == 0:
         print(f"loading {args.ckpt} and the evaluation set")
     try:
         ev = build_eval(args, device)  # model from the checkpoint + the evaluation set
     except (ValueError, FileNotFoundError) as e:  # unreadable or mismatched files: say which, no traceback
         raise SystemExit(f"{type(e).__name__}: {e}") from None
-    if args.task is None:  # (a given --task was checked above, and the checkpoint's matches it)
-        args.task = ev.task
-        check_task_flags(args, ev.task)
     autocast = dist.amp_autocast(args.amp, device)
     n = len(ev.dataset) if args.max_samples is None else min(args.max_samples, len(ev.dataset))
     # flip: depth's flip averaging (semseg flips with --ms-flip; refer never); first N: only if N < all

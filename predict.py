@@ -52,8 +52,7 @@ from vpd.data import (IMAGE_EXTENSIONS, KITTI_SCENES, NYU_SCENES, BadSampleError
 from vpd.dist import amp_autocast, setup, writable_dir
 from vpd.infer import depth_predict, refer_logits, semseg_probs
 from vpd.model import TASKS
-from vpd.tasks import check_ckpt, load_model, to_device, training_crop
-from vpd.trained import read_meta
+from vpd.tasks import checkpoint_task, load_model, to_device, training_crop
 
 SIZES = {"depth": 640, "semseg": 512, "refer": 512}  # see the docstring: --size per task
 DEFAULT_SCENE = "living_room"
@@ -133,22 +132,6 @@ def image_paths(inputs, out):
                              "rename one or predict them into different --out folders")
         stems[stem] = path
     return list(dict.fromkeys(stems.values())), skipped  # each file once
-
-
-def resolve_task(args):
-    """The task of this run: --task, or the one our checkpoint's metadata names."""
-    check_ckpt(args.ckpt)
-    try:
-        meta = read_meta(args.ckpt) or {}
-    except ValueError as e:
-        raise SystemExit(f"--ckpt {e}") from None
-    if args.task and meta.get("task", args.task) != args.task:  # before the options of the wrong task
-        raise SystemExit(f"--ckpt {args.ckpt} is a {meta['task']} model, not {args.task}")
-    task = args.task or meta.get("task")
-    if task is None:
-        raise SystemExit(f"--task is required for {args.ckpt}: it holds no metadata of ours, so it is read as a "
-                         "released VPD checkpoint")
-    return task, meta
 
 
 def check_options(args, task):
@@ -246,7 +229,8 @@ def save_outputs(task, out, stem, pred, image_path, depth_units=1000):
 
 def main(args):
     Image.MAX_IMAGE_PIXELS = None  # your own photos, panoramas included: no decompression-bomb limit
-    task, meta = resolve_task(args)
+    task, meta = checkpoint_task(args.ckpt, args.task)  # before the options of the wrong task
+    meta = meta or {}
     check_options(args, task)
     paths, skipped = image_paths(args.images, args.out)
     size = args.size or default_size(task, meta)

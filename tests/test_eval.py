@@ -354,7 +354,7 @@ def test_eval_main_hands_the_protocol_to_evaluate(tmp_path, monkeypatch):
 
     import eval as eval_script
     calls = []
-    (tmp_path / "model.safetensors").write_bytes(b"")  # (build_eval, which reads it, is faked)
+    (tmp_path / "model.safetensors").write_bytes(b"")  # (checkpoint_task and build_eval, which read it, are faked)
 
     def recording(model, task, dataset, device, autocast, max_samples, **kw):
         with autocast():
@@ -367,6 +367,7 @@ def test_eval_main_hands_the_protocol_to_evaluate(tmp_path, monkeypatch):
         ev = SimpleNamespace(model=None, task=task, dataset=[0] * 5, data_root=str(tmp_path), sd_ckpt="/sd",
                              depth_crop="garg", max_depth=80.0, crop=64, dataset_name="x", split_by=None, split="y")
         monkeypatch.setattr(eval_script, "build_eval", lambda args, device, ev=ev: ev)
+        monkeypatch.setattr(eval_script, "checkpoint_task", lambda ckpt, task, ev=ev: (ev.task, None))
         eval_script.main(eval_script.get_args(["--ckpt", str(tmp_path / "model.safetensors"), "--out", str(tmp_path),
                                                "--device", "cpu", *flags]))
     depth, semseg, refer = calls

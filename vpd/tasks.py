@@ -197,15 +197,27 @@ def check_ckpt(ckpt):
         raise SystemExit(f"--ckpt {ckpt}: not a checkpoint (ours: model.safetensors; VPD's: .ckpt / .pth)")
 
 
+def checkpoint_task(ckpt, task=None):
+    """The task of a model file (checked to be one): `task`, or the one our metadata names; a
+    released VPD file needs `task`. Reads the file's header only. Returns (task, our metadata or None)."""
+    check_ckpt(ckpt)
+    try:
+        meta = read_meta(ckpt)
+    except ValueError as e:
+        raise SystemExit(f"--ckpt {e}") from None
+    if meta is None and task is None:
+        raise SystemExit(f"--task is required for {ckpt}: it holds no metadata of ours, so it is read as a "
+                         "released VPD checkpoint")
+    if meta is not None and task is not None and meta["task"] != task:
+        raise SystemExit(f"--ckpt {ckpt} is a {meta['task']} model, not {task}")
+    return task or meta["task"], meta
+
+
 def load_model(ckpt, task=None, sd_ckpt=None):
     """A model for evaluation / prediction from our `model.safetensors` (rebuilt from its metadata +
     the frozen parts of its SD file) or from an official VPD release. Returns (model, meta)."""
-    check_ckpt(ckpt)
-    meta = read_meta(ckpt)
+    task, meta = checkpoint_task(ckpt, task)
     if meta is None:  # an official VPD checkpoint
-        if task is None:
-            raise SystemExit(f"--task is required for {ckpt}: it holds no metadata of ours, so it is read as a "
-                             "released VPD checkpoint")
         if sd_ckpt is not None and task != "refer":  # would be read for nothing
             raise SystemExit(f"--sd-ckpt: the released {task} model holds its own VAE and UNet; only the refer "
                              "model takes its CLIP from an SD file")
@@ -216,8 +228,6 @@ def load_model(ckpt, task=None, sd_ckpt=None):
             raise SystemExit(f"--ckpt {ckpt}: {e}") from None
         return model, dict(task=task, demo=False, dataset=None, depth_crop=depth_crop(task, None, False), official=True,
                            sd_ckpt=os.path.abspath(sd_ckpt) if sd_ckpt else None)
-    if task is not None and meta["task"] != task:
-        raise SystemExit(f"--ckpt {ckpt} is a {meta['task']} model, not {task}")
     sd = sd_ckpt or meta["sd_ckpt"]
     if sd_ckpt is not None and not os.path.isfile(sd):
         raise SystemExit(f"--sd-ckpt {sd}: no such file")
