@@ -295,7 +295,7 @@ def check_same(name, ours_out, ref_out, tol):
     err = ((ours_out.float() - ref_out.float()).abs().max() / ref_out.float().abs().max()).item()
     print(f"check {name}: max |ours - ref| / max |ref| = {err:.2e}")
     if not err < tol:
-        raise RuntimeError(f"{name}: ours and diffusers disagree ({err:.2e} >= {tol}); the rows would compare "
+        raise RuntimeError(f"{name}: ours and the reference disagree ({err:.2e} >= {tol}); the rows would compare "
                            "different computations")
     return err
 
@@ -456,8 +456,10 @@ def bench_eval_semseg(args, device, cfgs, gen):
     seen = []  # the windows of one test, counted as the model sees them
     hook = model.register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0].shape[0]))
     with torch.no_grad():
-        semseg_probs(model, views, K, (h, w), flip=True, crop=args.res)
-    hook.remove()
+        probs = semseg_probs(model, views, K, (h, w), flip=True, crop=args.res, batch=4)
+        hook.remove()
+        check = None if args.no_ref else check_same(
+            "eval_semseg", probs, semseg_probs(model, views, K, (h, w), flip=True, crop=args.res, batch=1), 1e-3)
     window = image_like((1, 3, args.res, args.res), args, device, gen)
     macs = (flops.unet_macs(cfgs["unet"], (h // 8, h // 8), K, out_head=False)
             + flops.vae_encoder_macs(cfgs["vae"], (h, h)) + head_macs(model, (window,)))
@@ -470,7 +472,7 @@ def bench_eval_semseg(args, device, cfgs, gen):
     fns = {"ours": test(4), **({} if args.no_ref else {"ref": test(1)})}
     rows = run_pair("eval_semseg", fns, 2 * macs * sum(seen), 1, args, device)
     for r in rows:
-        r["windows"] = sum(seen)
+        r.update(windows=sum(seen), check_rel_err=check)
     return rows
 
 

@@ -27,7 +27,7 @@ from vpd.infer import depth_predict, refer_logits, semseg_probs
 from vpd.metrics import KITTI_CROPS, DepthMetric, ReferMetric, SegMetric, json_ready
 from vpd.model import TASKS
 from vpd.sampler import ShardedEvalSampler
-from vpd.tasks import build_eval, check_ckpt, checkpoint_task, demo_out, to_device
+from vpd.tasks import build_eval, checkpoint_task, demo_out, to_device
 from vpd.trained import save_json
 
 
@@ -190,12 +190,11 @@ def check_task_flags(args, task):
 
 def main(args):
     rank, world, device = dist.setup(args.device)
-    check_ckpt(args.ckpt)  # before its folder gets an eval/ folder
+    # the checkpoint checked (its header read: --task, or the task ours names) before its folder gets an
+    # eval/ folder, and flags of another task refused before minutes of model loading
+    check_task_flags(args, checkpoint_task(args.ckpt, args.task)[0])
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
     dist.writable_dir(out)
-    # flags of another task refused before minutes of model loading: the task is --task, or the one
-    # our checkpoint's header names
-    check_task_flags(args, checkpoint_task(args.ckpt, args.task)[0])
     if rank == 0:
         print(f"loading {args.ckpt} and the evaluation set")
     try:

@@ -84,6 +84,7 @@ def test_bench_eval_semseg_row_counts_every_window(monkeypatch):
     rows = bench.main(bench.parse_args(["--size", "tiny", "--res", "64", "--which", "eval_semseg", "--iters", "1",
                                         "--warmup", "0"]))
     assert [r["impl"] for r in rows] == ["ours", "ref"] and all(r["windows"] == 44 for r in rows)
+    assert rows[0]["check_rel_err"] < 1e-5  # the two compute the same probabilities
     assert rows[0]["ours_ref_ms"] > 0 and rows[0]["img_s"] == pytest.approx(1000 / rows[0]["ms"])
     # the analytic FLOPs against the same test counted op by op on a fresh tiny model (the text adapter
     # and attention-map matmuls are the difference: within 0.2%)

@@ -399,11 +399,15 @@ def test_eval_refuses_an_out_it_cannot_write_before_loading_anything(tmp_path, m
     import eval as eval_script
     monkeypatch.setattr(eval_script, "build_eval", lambda args, device: pytest.fail("loaded before --out was checked"))
     (tmp_path / "file").write_text("")
-    (tmp_path / "m.safetensors").write_bytes(b"")
+    (tmp_path / "m.pth").write_bytes(b"")  # a released file's name: only its header would be read before
     with pytest.raises(SystemExit, match="is not writable"):
-        eval_script.main(eval_script.get_args(["--ckpt", str(tmp_path / "m.safetensors"),
-                                               "--out", str(tmp_path / "file" / "eval"),
+        eval_script.main(eval_script.get_args(["--ckpt", str(tmp_path / "m.pth"), "--task", "depth",
+                                               "--out", str(tmp_path / "file" / "eval"), "--device", "cpu"]))
+    # a flag of another task is refused before the default --out, eval/ beside the checkpoint, is made
+    with pytest.raises(SystemExit, match="--ms-flip is only for the semseg task, not depth"):
+        eval_script.main(eval_script.get_args(["--ckpt", str(tmp_path / "m.pth"), "--task", "depth", "--ms-flip",
                                                "--device", "cpu"]))
+    assert not os.path.exists(tmp_path / "eval")
 
 
 def test_eval_leaves_no_folder_beside_a_ckpt_that_is_not_there(tmp_path, monkeypatch):

@@ -66,29 +66,59 @@ def test_slide_equals_whole_image_for_translation_equivariant_model():
 
 
 def test_windows_go_through_the_model_a_batch_at_a_time():
-    # the 2 x 3 windows of test_slide_windows_follow_mmseg_grid, for two images: 4 (or 5) images per
-    # forward takes two windows of both images at a time, 3 forwards; fewer than 2, one window of both
-    for batch, calls in ((4, 3), (5, 3), (1, 6)):
-        rec = Recorder()
-        out = slide_logits(rec, coords(100, 150).repeat(2, 1, 1, 1), 2, crop=64, stride=43, batch=batch)
+    # the 2 x 3 windows of test_slide_windows_follow_mmseg_grid over two different images: 12 crops,
+    # `batch` per forward (the last group shorter), each one's output back where it came from
+    class Echo(Recorder):  # returns its coordinate channels (image 1's are offset by 1000)
+        def forward(self, x):
+            super().forward(x)
+            return x[:, :2].clone()
+    images = torch.cat([coords(100, 150), coords(100, 150) + 1000])
+    for batch, calls in ((4, 3), (5, 3), (1, 12)):
+        rec = Echo()
+        out = slide_logits(rec, images, 2, crop=64, stride=43, batch=batch)
         assert rec.calls == calls
-        assert sorted(rec.seen) == sorted((y, x, (64, 64)) for y in (0, 36) for x in (0, 43, 86) for _ in range(2))
-        assert torch.equal(out, torch.ones_like(out))
+        assert sorted(rec.seen) == sorted((y + o, x + o, (64, 64)) for y in (0, 36) for x in (0, 43, 86) for o in (0, 1000))
+        assert torch.equal(out, images[:, :2])
 
 
-def test_batched_windows_predict_what_one_by_one_does():
-    # a tiny VPD semseg model (BatchNorm in eval mode, cross-attention maps, padding): windows and
-    # mirror images batched together give the probabilities of mmseg's one forward per window
+def mmseg_probs(model, views, k, out_size, crop, stride):
+    """mmseg's slide test written out: one window of one image per forward, a view and its mirror image
+    one after the other, each softmax taken at the output size."""
+    probs = 0
+    for x in views:
+        for flipped in (False, True):
+            x = x.flip(-1) if flipped else x
+            H, W = x.shape[-2:]
+            logits, count = torch.zeros(x.shape[0], k, H, W), torch.zeros(1, 1, H, W)
+            for r in range(max(H - crop + stride - 1, 0) // stride + 1):
+                for c in range(max(W - crop + stride - 1, 0) // stride + 1):
+                    y2, x2 = min(r * stride + crop, H), min(c * stride + crop, W)
+                    y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+                    for i in range(x.shape[0]):
+                        window, (h, w) = pad_to(x[i:i + 1, :, y1:y2, x1:x2])
+                        logits[i:i + 1, :, y1:y2, x1:x2] += model(window)[..., :h, :w]
+                    count[..., y1:y2, x1:x2] += 1
+            logits = logits / count
+            logits = logits.flip(-1) if flipped else logits
+            probs = probs + torch.nn.functional.interpolate(logits, size=out_size, mode="bilinear").softmax(1)
+    return probs / (2 * len(views))
+
+
+def test_batched_windows_predict_what_mmseg_does():
+    # a tiny VPD semseg model (BatchNorm in eval mode, cross-attention maps, padding): crops of two
+    # views and their mirror images, 1, 5 or 8 per forward (groups of 5 leave a short last one), give
+    # the probabilities of mmseg's one window of one image per forward
     from vpd.demo import TINY_CLIP, TINY_UNET, TINY_VAE
     from vpd.model import build_model
     torch.manual_seed(0)
     model = build_model("semseg", unet_cfg=TINY_UNET, vae_cfg=TINY_VAE, clip_cfg=TINY_CLIP, num_classes=7).eval()
-    views = [torch.rand(2, 3, 80, 112) * 2 - 1, torch.rand(2, 3, 96, 136) * 2 - 1]
-    with torch.no_grad():
-        one = semseg_probs(model, views, 7, (80, 112), flip=True, crop=64, batch=1)
-        for batch in (3, 4, 8):
-            torch.testing.assert_close(semseg_probs(model, views, 7, (80, 112), flip=True, crop=64, batch=batch),
-                                       one, atol=1e-5, rtol=1e-4)
+    for b in (1, 2):
+        views = [torch.rand(b, 3, 80, 112) * 2 - 1, torch.rand(b, 3, 96, 136) * 2 - 1]
+        with torch.no_grad():
+            want = mmseg_probs(model, views, 7, (80, 112), crop=64, stride=42)
+            for batch in (1, 5, 8):
+                got = semseg_probs(model, views, 7, (80, 112), flip=True, crop=64, batch=batch)
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 def test_small_image_is_padded_and_cut():

@@ -119,7 +119,6 @@ def test_eval_says_how_many_listed_frames_have_no_ground_truth(tmp_path, monkeyp
     meta = dict(task="depth", demo=False, dataset="kitti", depth_crop="garg", sd_ckpt="sd.safetensors")
     monkeypatch.setattr(vpd.tasks, "load_model", lambda *a: (model, meta))
     # no file: load_model is the stand-in
-    monkeypatch.setattr(eval_script, "check_ckpt", lambda ckpt: None)
     monkeypatch.setattr(eval_script, "checkpoint_task", lambda ckpt, task: ("depth", meta))
     eval_script.main(eval_script.get_args(["--ckpt", str(tmp_path / "model.safetensors"), "--data-root", str(root),
                                            "--workers", "0"]))

@@ -28,43 +28,42 @@ def _seg_logits(model, x):
 
 def slide_logits(model, image, num_classes, crop=512, stride=341, batch=4):
     """mmseg's slide inference: overlapping crops, logits summed and divided by the overlap count.
-    The crops (all of one size) go through the model `batch` images at a time: mmseg runs them one
-    by one, which leaves a GPU waiting on kernel launches. (4: the float32 logits of four 512x512
-    crops over 150 classes take 630 MB.)"""
+    The crops (all of one size) go through the model `batch` at a time: mmseg runs them one by one,
+    which leaves a GPU waiting on kernel launches. (4: the float32 logits of four 512x512 crops over
+    150 classes take 630 MB.)"""
     b, _, H, W = image.shape
     rows = max(H - crop + stride - 1, 0) // stride + 1
     cols = max(W - crop + stride - 1, 0) // stride + 1
-    boxes = []
+    logits = image.new_zeros(b, num_classes, H, W, dtype=torch.float32)
+    count = image.new_zeros(1, 1, H, W, dtype=torch.float32)
+    crops = []  # (image index, window) of every crop
     for r in range(rows):
         for c in range(cols):
             y2, x2 = min(r * stride + crop, H), min(c * stride + crop, W)
-            boxes.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
-    logits = image.new_zeros(b, num_classes, H, W, dtype=torch.float32)
-    count = image.new_zeros(1, 1, H, W, dtype=torch.float32)
-    per_forward = max(1, batch // b)
-    for i in range(0, len(boxes), per_forward):
-        group = boxes[i:i + per_forward]
-        out = _seg_logits(model, torch.cat([image[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in group])).float()
-        for j, (y1, y2, x1, x2) in enumerate(group):
-            logits[:, :, y1:y2, x1:x2] += out[j * b:(j + 1) * b]
+            y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
             count[:, :, y1:y2, x1:x2] += 1
-    return logits / count
+            crops += [(i, y1, y2, x1, x2) for i in range(b)]
+    for k in range(0, len(crops), batch):
+        group = crops[k:k + batch]
+        out = _seg_logits(model, torch.cat([image[i:i + 1, :, y1:y2, x1:x2] for i, y1, y2, x1, x2 in group]))
+        for o, (i, y1, y2, x1, x2) in zip(out.float(), group):
+            logits[i, :, y1:y2, x1:x2] += o
+    return logits.div_(count)
 
 
 def semseg_probs(model, views, num_classes, out_size, flip=False, crop=512, stride=None, batch=4):
     """Class probabilities (B, K, *out_size), averaged over `views` (a list of (B, 3, h, w): one image
     at one or more scales, e.g. ADE20K's ms_images) and, with flip, their mirror images. Windows of
-    `crop`, `stride` apart (default 2/3 of the crop: mmseg's 341 for VPD's 512), up to `batch` per forward
-    (a view and its mirror image slide together)."""
+    `crop`, `stride` apart (default 2/3 of the crop: mmseg's 341 for VPD's 512), `batch` per forward."""
     stride = stride or crop * 2 // 3
-    probs = 0
+    probs = views[0].new_zeros(views[0].shape[0], num_classes, *out_size, dtype=torch.float32)
     for x in views:
-        b = x.shape[0]
-        logits = slide_logits(model, torch.cat([x, x.flip(-1)]) if flip else x, num_classes, crop, stride, batch)
-        for i, part in enumerate(logits.split(b)):  # the view, then its mirror image
-            part = part.flip(-1) if i else part
-            probs = probs + F.interpolate(part, size=out_size, mode="bilinear", align_corners=False).softmax(1)
-    return probs / (len(views) * (2 if flip else 1))
+        for flipped in ((False, True) if flip else (False,)):
+            xi = x.flip(-1) if flipped else x
+            logits = slide_logits(model, xi, num_classes, crop, stride, batch)
+            logits = logits.flip(-1) if flipped else logits
+            probs += F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False).softmax(1)
+    return probs.div_(len(views) * (2 if flip else 1))
 
 
 def depth_predict(model, image, scene_ids, flip=True, windows=2):
