@@ -177,7 +177,7 @@ def main(args):
     state_path, weights_path = os.path.join(args.out, "state.pt"), os.path.join(args.out, "model.safetensors")
     log_path, metrics_path = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "metrics.json")
     curves_path = os.path.join(args.out, "curves.png")
-    micro = args.micro_batch or args.batch_size // world
+    micro_given, micro = args.micro_batch, args.micro_batch or args.batch_size // world
     if micro == 0 or args.batch_size % (micro * world):
         raise SystemExit(f"--batch-size {args.batch_size} does not split evenly over {world} processes"
                          + (f" x --micro-batch {args.micro_batch}" if args.micro_batch else "")
@@ -210,6 +210,8 @@ def main(args):
         if amp_given is None:  # the run's precision, not this device's default (a GPU run resumed on a CPU)
             args.amp = started["amp"]
         changed = [k for k in RUN_SETTINGS if started.get(k) != getattr(args, k, None)]
+        if "batch_size" in changed and micro_given is None and started["micro_batch"] == started["batch_size"] // world:
+            changed = [k for k in changed if k != "micro_batch"]  # derived from --batch-size, then and now
         # files at another path (moved, or copied to a local disk): taken if they hold what the run's did,
         # checked once read; a run from before the SD file's fingerprint was recorded compares paths alone
         moved = [k for k in RUN_FILES if getattr(args, k) is not None and started.get(k) != getattr(args, k)]

@@ -647,6 +647,9 @@ def test_resume_keeps_the_runs_settings_and_survives_a_crash_in_save_or_final_ev
         train_here(changed + ["--resume"])
     with pytest.raises(SystemExit, match=r"started with --micro-batch 4 \(not 2\)"):
         train_here(args + ["--resume", "--micro-batch", "2"])
+    # its micro-batch was the batch / processes: the batch names the change (the same batch mends both)
+    with pytest.raises(SystemExit, match=r"started with --batch-size 4 \(not 8\); pass the same values"):
+        train_here(args + ["--resume", "--batch-size", "8"])
 
     import shutil
     from safetensors import safe_open
