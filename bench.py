@@ -10,7 +10,7 @@ Rows (same names in the printed table and in --json):
   unet_fwdbwd  UNet forward + backward of mean(out^2) (weight and input grads)
   vae_enc      VAE encoder to the posterior mode (no_grad), ours vs diffusers' AutoencoderKL
   train_<task> one VPD training step (forward, loss, backward, AdamW step); ours only
-  eval_semseg  ADE20K's multi-scale + flip test of one image, --res high and 4/3 as wide (512x683 at
+  eval_semseg  ADE20K's multi-scale + flip test of one image, --res high and 4/3 as wide (512x682 at
                512), in --res windows: ours batches 4 windows per forward; ref is ours one window per
                forward, as mmseg runs them (eager always, as eval.py; --batch does not apply)
 Weights are random, drawn once for our modules (ldm's zero-initialised layers get random values

@@ -34,7 +34,7 @@ from vpd.model import TASKS
 from vpd.tasks import DATASETS, baseline_model, build_task, demo_out, forward_loss, refer_split_by, to_device
 from vpd.vis import plot_curves
 
-# The paper's recipes (VPD_NOTES "Tasks"). batch_size is the global batch of one optimizer step;
+# The paper's recipes (VPD's configs and scripts). batch_size is the global batch of one optimizer step;
 # micro_batch the images per process per forward: depth's 3 as on VPD's 8 GPUs, since its SILog loss
 # (not a mean over images) and unsynchronised BatchNorm see one forward's images (semseg and refer:
 # batch_size / processes, their losses are means and their BatchNorm is synchronised).
@@ -84,13 +84,14 @@ def get_args(argv=None):
     p.add_argument("--split-by", choices=["unc", "umd", "google"], default=None,
                    help="refer: REFER's split set, unc (refcoco, refcoco+; default) or umd / google (refcocog; "
                    "default umd)")
-    p.add_argument("--out", default=None, help="output directory (default out/<task>)")
+    p.add_argument("--out", default=None, help="output directory (default out/<task>; --demo: out/demo, "
+                   "out/demo_semseg, out/demo_refer)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--iters", type=count(1), help="optimizer steps (overrides --epochs)")
     p.add_argument("--epochs", type=count(1))
     p.add_argument("--batch-size", type=count(1), help="global batch per optimizer step")
     p.add_argument("--micro-batch", type=count(1), help="images per process per forward, accumulated to "
-                   "--batch-size (default: --batch-size / processes; depth: 3)")
+                   "--batch-size (default: --batch-size / processes; the depth recipe: 3)")
     p.add_argument("--lr", type=factor(zero_ok=False))
     p.add_argument("--weight-decay", type=factor(zero_ok=True))
     p.add_argument("--unet-lr-mult", type=factor(zero_ok=True), help="0 keeps the UNet as it is (but for the "
@@ -101,7 +102,8 @@ def get_args(argv=None):
     p.add_argument("--warmup-iters", type=count(0))
     p.add_argument("--crop", type=count(1))
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None,
-                   help="autocast dtype (default: bf16 on GPU, off on CPU, where bf16 is slower)")
+                   help="autocast dtype (default: bf16 on GPU, off on CPU, where bf16 is slower; "
+                        "--resume: the run's own)")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the model (backend: inductor, or e.g. aot_eager, which needs no C++ compiler)")
     p.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"], default=None,

@@ -613,7 +613,7 @@ def test_kernel_steps_do_the_work_their_rows_count(monkeypatch):
 
 def sd15_unet_layers(batch, latent, n_text):
     """SD v1.5's UNet layers read off its checkpoint's tensors: attention (B, heads, Lq, Lk, d) per
-    transformer block, one self- and one cross-attention over the text, with VPD_NOTES' 8 heads and
+    transformer block, one self- and one cross-attention over the text, with SD v1.5's 8 heads and
     attention levels (input_blocks 1-2 / 4-5 / 7-8 and output_blocks 9-11 / 6-8 / 3-5 at 1, 1/2, 1/4 of
     the latent side, the middle block at 1/8); the 4-D weights' shapes (convolutions) and the 2-D ones (linears)."""
     shapes = json.loads(SD15.read_text())["shapes"]

@@ -919,7 +919,7 @@ def test_unet_lr_multiplier_and_weight_decay_reach_the_optimizer(world, tmp_path
 
 
 def test_presets_are_the_papers_recipes():
-    # VPD_NOTES "Tasks": semseg AdamW 8e-5, wd 1e-3, UNet x0.1, 80k iters of 16, 512 crops, poly 1, 1500
+    # VPD's configs and scripts: semseg AdamW 8e-5, wd 1e-3, UNet x0.1, 80k iters of 16, 512 crops, poly 1, 1500
     # warmup iters; depth AdamW 5e-4, wd 0.1, UNet x0.01, 25 epochs of 24, 480 crops, 3e-5 -> 5e-4 -> 3e-5
     # (power 0.9); refer AdamW 5e-5, wd 1e-2, UNet x1 (torch ignored lr_scale), 40 epochs of 32, 512, poly 0.9
     real = ["--sd-ckpt", "sd.safetensors", "--data-root", "data"]
@@ -969,7 +969,7 @@ def test_logged_loss_is_the_windows_mean_and_lr_peaks_at_half_the_epochs(world, 
     lrs = [lr for _, _, lr in every]
     assert lrs.index(max(lrs)) == 2 and max(lrs) == pytest.approx(1e-3, rel=1e-12)
     assert lrs[:3] == sorted(lrs[:3]) and lrs[2:] == sorted(lrs[2:], reverse=True)
-    # by hand (VPD_NOTES): 3e-5 -> 5e-4 -> 3e-5 in --lr's units is 0.06 -> 1 -> 0.06, power 0.9, steps
+    # by hand (VPD's depth script): 3e-5 -> 5e-4 -> 3e-5 in --lr's units is 0.06 -> 1 -> 0.06, power 0.9, steps
     # counted from 1 against the peak at step 3; the fall reaches the floor at step 6
     rise = [0.06 + 0.94 * (s / 3) ** 0.9 for s in (1, 2)]
     fall = [1.0, 1 - 0.94 * (1 / 3) ** 0.9, 1 - 0.94 * (2 / 3) ** 0.9, 0.06, 0.06, 0.06, 0.06]
@@ -1024,7 +1024,7 @@ def test_semseg_training_evaluates_with_windows_of_its_crop(world, tmp_path, mon
 
 
 def test_refcocog_takes_77_tokens_and_the_umd_split(monkeypatch):
-    # VPD_NOTES: sentences of 40 tokens, 77 for G-Ref (UMD split); RefCOCO / RefCOCO+ on the UNC split
+    # VPD's refer code: sentences of 40 tokens, 77 for G-Ref (UMD split); RefCOCO / RefCOCO+ on the UNC split
     import vpd.data
     from vpd.tasks import datasets, model_kwargs
     seen = []
