@@ -150,7 +150,7 @@ def get_args(argv=None):
     p.add_argument("--demo", action="store_true", help="evaluate the checkpoint of `train.py --demo` (out/demo, or "
                    "out/demo_<task> with --task semseg / refer) on its synthetic set")
     p.add_argument("--sd-ckpt", help="SD v1.x file for the frozen VAE/CLIP (default: the one training used; "
-                   "of the official releases only refer's needs one, for CLIP)")
+                   "of the official releases refer's needs one, for CLIP, and one without the VAE for it)")
     p.add_argument("--data-root", help="dataset root in its standard layout (see README); only the evaluated split "
                    "needs to be there (default for --demo: its synthetic set)")
     p.add_argument("--dataset", default=None, help="depth: nyu|kitti; refer: refcoco|refcoco+|refcocog")

@@ -67,7 +67,7 @@ def get_args(argv=None):
                    "required for an official VPD file)")
     p.add_argument("--ckpt", required=True, help="our model.safetensors, or an official VPD .ckpt/.pth")
     p.add_argument("--sd-ckpt", help="SD v1.x file for the frozen VAE/CLIP (default: the one training used; "
-                   "of the official releases only refer's needs one, for CLIP)")
+                   "of the official releases refer's needs one, for CLIP, and one without the VAE for it)")
     p.add_argument("--text", help="refer: the referring expression, e.g. \"the man on the left\"")
     p.add_argument("--scene", default=None, help=f"depth: NYUv2 scene type (default {DEFAULT_SCENE}); one of "
                    + ", ".join(NYU_SCENES))

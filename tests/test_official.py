@@ -254,6 +254,37 @@ def test_an_sd_file_for_an_official_depth_or_semseg_model_is_refused(tmp_path):
     # their files hold the VAE and UNet; an --sd-ckpt would be read for nothing (only refer takes CLIP from it)
     from vpd.tasks import load_model
     for task in ("depth", "semseg"):
-        path = official_file(task, {}, tmp_path)
-        with pytest.raises(SystemExit, match=f"--sd-ckpt: the released {task} model holds its own VAE and UNet"):
+        path = official_file(task, released_state(task, tiny(task)), tmp_path)
+        with pytest.raises(SystemExit, match=f"the released {task} model holds its own VAE and UNet: an SD file "
+                                             r"\(--sd-ckpt\) is read only"):
             load_model(str(path), task, sd_ckpt="v1-5.safetensors")
+
+
+@pytest.mark.parametrize("task", ["depth", "semseg", "refer"])
+def test_a_release_without_the_vae_takes_it_from_the_sd_file(task, tmp_path):
+    # VPD's code builds its model from the SD file and loads a release over it non-strictly: a slimmed
+    # file without the frozen VAE (encoder_vq.*) works there with the SD file's; here with --sd-ckpt's
+    source = tiny(task, seed=0).eval()
+    vae = "encoder.encoder_vq." if task == "depth" else "encoder_vq."
+    slim = {k: v for k, v in released_state(task, source).items() if not k.startswith(vae)}
+    assert len(slim) < len(released_state(task, source))
+    path = official_file(task, slim, tmp_path)
+    assert not any(k.startswith("backbone.vae.") for k in load_official(path, task))  # no "missing group" error
+    sd = {"first_stage_model." + k: v for k, v in source.backbone.vae.state_dict().items()}
+    if task == "refer":  # (its CLIP comes from the SD file in any case)
+        sd.update({"cond_stage_model.transformer.text_model." + k: v for k, v in source.clip.state_dict().items()})
+    head = {"depth": TINY_DEPTH_HEAD, "semseg": {"channels": 16}, "refer": {}}[task]
+    model = official_model(path, task, sd_ckpt=sd, unet_cfg=TINY_UNET, vae_cfg=TINY_VAE, clip_cfg=TINY_CLIP, **head)
+    model.eval()
+    assert not any(p.requires_grad for p in model.backbone.vae.parameters())
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    args = {"depth": (torch.tensor([3]),), "semseg": (), "refer": (torch.randint(0, 49407, (1, 40)),)}[task]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, *args), source(x, *args))
+    if task != "refer":  # (refer needs an SD file anyway)
+        with pytest.raises(ValueError, match=r"holds no VAE \(a slimmed release\): give the SD file"):
+            official_model(path, task, unet_cfg=TINY_UNET, vae_cfg=TINY_VAE, clip_cfg=TINY_CLIP, **head)
+    # another part left out is still refused
+    no_head = {k: v for k, v in slim.items() if not any(h in k for h in ("last_layer_depth.", "conv_seg.", "conv1_1."))}
+    with pytest.raises(CheckpointError, match="missing groups"):
+        load_official(no_head, task)

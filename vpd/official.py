@@ -25,7 +25,9 @@ Name mapping, by prefix (official -> ours); a rule without a trailing dot names 
 
 `official_model(path, task, sd_ckpt)` builds the whole model from a released file: everything but
 the refer model's CLIP text encoder (read from the SD file) comes from the file itself, class
-embeddings included (evaluating the released models must use those, not recomputed ones).
+embeddings included (evaluating the released models must use those, not recomputed ones). A file
+without the frozen VAE (a slimmed copy, e.g. `fpn_vpd_sd1-5_512x512_slim.ckpt`) takes it from the SD
+file too, as VPD's code does: it builds the model from the SD file and loads a release over it non-strictly.
 
 Dropped on purpose: `sd_model.*` (ldm's noise-schedule buffers in the semseg file) and the UNet's
 unused `out.*` head. Any other name, or a rule that matches nothing, is an error. The refer file
@@ -71,6 +73,7 @@ DROP = {
 }
 
 NOT_IN_FILE = {"depth": (), "semseg": (), "refer": ("clip.",)}  # model parts the file does not carry
+VAE = "backbone.vae."  # frozen: a file may leave it out (the SD file has it)
 
 
 def _rename(name, rules, inverse=False):
@@ -119,9 +122,10 @@ def read_official(src):
 def load_official(src, task, model=None):
     """Released VPD checkpoint (path or dict) -> state dict in our names, class embeddings included.
 
-    Refuses names no rule knows and rules that match nothing. With `model` (a task model of ours,
-    possibly built on `meta`), also checks every name and shape against it and loads the tensors;
-    `clip.*` of a refer model is left as it is (the file carries no CLIP).
+    Refuses names no rule knows and rules that match nothing (but the VAE's: a file may leave the
+    frozen VAE out). With `model` (a task model of ours, possibly built on `meta`), also checks every
+    name and shape against it and loads the tensors; `clip.*` of a refer model, and the VAE of a file
+    without one, are left as they are.
     """
     _check_task(task)
     rules = RULES[task]
@@ -139,7 +143,7 @@ def load_official(src, task, model=None):
             continue
         used.add(next(r for r in rules if _rename(name, [r]) is not None))
         state[ours] = t
-    unused = [f"{a}* -> {b}*" for a, b in rules if (a, b) not in used]
+    unused = [f"{a}* -> {b}*" for a, b in rules if (a, b) not in used and b != VAE]
     if unknown or unused:
         msg = f"not a VPD {task} checkpoint as released"
         if unknown:
@@ -152,9 +156,15 @@ def load_official(src, task, model=None):
     return state
 
 
+def has_vae(state):
+    """Whether a state dict in our names holds the frozen VAE."""
+    return any(k.startswith(VAE) for k in state)
+
+
 def _load_into(model, state, task, copy=False):
     """copy: give the model its own tensors (the state's belong to a caller's dict)."""
-    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(NOT_IN_FILE[task])}
+    not_in_file = NOT_IN_FILE[task] + (() if has_vae(state) else (VAE,))
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(not_in_file)}
     official = lambda k: _rename(k, RULES[task], inverse=True) or "?"
     missing = [f"{k} ({official(k)})" for k in expected if k not in state]
     unexpected = [f"{k} ({official(k)})" for k in state if k not in expected]
@@ -183,16 +193,25 @@ def to_official(state, task):
 
 def official_model(src, task, sd_ckpt=None, **kw):
     """A task model with the weights of a released VPD file. The model is built on `meta` and takes the
-    file's tensors; `sd_ckpt` (an SD v1 file) supplies the refer model's CLIP. kw goes to build_model
-    (configs, head widths); semseg's class count and refer's token count are read off the file."""
+    file's tensors; `sd_ckpt` (an SD v1 file) supplies the refer model's CLIP, and the VAE of a file
+    without one. kw goes to build_model (configs, head widths); semseg's class count and refer's token
+    count are read off the file."""
     from vpd.clip import CLIPTextModel
     from vpd.model import build_model
     from vpd.unet import UNetConfig
+    from vpd.vae import VAE as SDVAE
 
     _check_task(task)
     if task == "refer" and sd_ckpt is None:
         raise ValueError("the refer model needs sd_ckpt: its CLIP text encoder is not in the VPD file")
     state = load_official(src, task)
+    vae_from_sd = not has_vae(state)
+    if vae_from_sd and sd_ckpt is None:
+        raise ValueError("the file holds no VAE (a slimmed release): give the SD file the model was trained from "
+                         "(--sd-ckpt; v1-5-pruned-emaonly for VPD's), for its frozen VAE encoder")
+    if sd_ckpt is not None and not vae_from_sd and task != "refer":
+        raise ValueError(f"the released {task} model holds its own VAE and UNet: an SD file (--sd-ckpt) is read "
+                         "only for the refer model's CLIP or for a release without the VAE")
     if task == "refer":  # N text tokens widen the 1/32 map: conv1_4 takes C64 + (C32 + N) channels
         cfg = kw.get("unet_cfg") or UNetConfig()
         kw["max_tokens"] = state["head.fuse32.0.weight"].shape[1] - cfg.model_channels * sum(cfg.channel_mult[-2:])
@@ -202,5 +221,7 @@ def official_model(src, task, sd_ckpt=None, **kw):
         model = build_model(task, **kw)
     if task == "refer":
         model.clip = CLIPTextModel.from_checkpoint(sd_ckpt, kw.get("clip_cfg")).requires_grad_(False).eval()
+    if vae_from_sd:
+        model.backbone.vae = SDVAE.from_checkpoint(sd_ckpt, kw.get("vae_cfg"), decoder=False).requires_grad_(False).eval()
     _load_into(model, state, task, copy=isinstance(src, dict))
     return model

@@ -218,9 +218,6 @@ def load_model(ckpt, task=None, sd_ckpt=None):
     the frozen parts of its SD file) or from an official VPD release. Returns (model, meta)."""
     task, meta = checkpoint_task(ckpt, task)
     if meta is None:  # an official VPD checkpoint
-        if sd_ckpt is not None and task != "refer":  # would be read for nothing
-            raise SystemExit(f"--sd-ckpt: the released {task} model holds its own VAE and UNet; only the refer "
-                             "model takes its CLIP from an SD file")
         from vpd.official import official_model
         try:
             model = official_model(ckpt, task, sd_ckpt=sd_ckpt)
