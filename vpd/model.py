@@ -64,6 +64,10 @@ class VPDBackbone(nn.Module):
         self.vae.requires_grad_(False)
         self.vae.eval()
 
+    def load_frozen_vae(self, sd_path, dtype=torch.float32):
+        """The VAE encoder of an SD v1 file (or dict), frozen (its decoder is not read)."""
+        self.vae = VAE.from_checkpoint(sd_path, self.vae_cfg, decoder=False, dtype=dtype).requires_grad_(False).eval()
+
     @classmethod
     def from_checkpoint(cls, sd_path, unet_cfg: UNetConfig = None, vae_cfg: VAEConfig = None,
                         dtype=torch.float32, **kw):
@@ -72,9 +76,7 @@ class VPDBackbone(nn.Module):
             model = cls(unet_cfg, vae_cfg, **kw)
         model.unet = UNet.from_checkpoint(sd_path, model.unet_cfg, dtype=dtype)
         del model.unet.out
-        model.vae = VAE.from_checkpoint(sd_path, model.vae_cfg, decoder=False, dtype=dtype)
-        model.vae.requires_grad_(False)
-        model.vae.eval()
+        model.load_frozen_vae(sd_path, dtype)
         text_dim = model.gamma.shape[0]
         model.text_adapter = TextAdapter(text_dim).to(dtype)
         model.gamma = nn.Parameter(torch.full((text_dim,), kw.get("gamma_init", 1e-4), dtype=dtype))

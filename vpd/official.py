@@ -199,7 +199,6 @@ def official_model(src, task, sd_ckpt=None, **kw):
     from vpd.clip import CLIPTextModel
     from vpd.model import build_model
     from vpd.unet import UNetConfig
-    from vpd.vae import VAE as SDVAE
 
     _check_task(task)
     if task == "refer" and sd_ckpt is None:
@@ -222,6 +221,6 @@ def official_model(src, task, sd_ckpt=None, **kw):
     if task == "refer":
         model.clip = CLIPTextModel.from_checkpoint(sd_ckpt, kw.get("clip_cfg")).requires_grad_(False).eval()
     if vae_from_sd:
-        model.backbone.vae = SDVAE.from_checkpoint(sd_ckpt, kw.get("vae_cfg"), decoder=False).requires_grad_(False).eval()
+        model.backbone.load_frozen_vae(sd_ckpt)
     _load_into(model, state, task, copy=isinstance(src, dict))
     return model

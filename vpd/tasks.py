@@ -19,7 +19,7 @@ from vpd.model import build_model
 from vpd.text import load_class_embeddings
 from vpd.trained import frozen_fingerprint, load_weights, read_meta
 from vpd.unet import UNetConfig
-from vpd.vae import VAE, VAEConfig
+from vpd.vae import VAEConfig
 
 # Where each task's data comes from, said in every "missing data" error.
 SOURCES = {
@@ -238,7 +238,7 @@ def load_model(ckpt, task=None, sd_ckpt=None):
     with torch.device("meta"):
         model = build_model(meta["task"], None, _cfg(UNetConfig, meta["unet"]), vae_cfg, clip_cfg,
                             class_embeddings=emb, **meta["model_kwargs"])
-    model.backbone.vae = VAE.from_checkpoint(sd, vae_cfg, decoder=False).requires_grad_(False).eval()
+    model.backbone.load_frozen_vae(sd)
     if hasattr(model, "clip"):
         model.clip = CLIPTextModel.from_checkpoint(sd, clip_cfg).requires_grad_(False).eval()
     if "frozen_sha256" in meta and frozen_fingerprint(model) != meta["frozen_sha256"]:  # (older files: unchecked)
