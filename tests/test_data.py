@@ -425,11 +425,25 @@ def test_depth_augmentation_applies_cut_depth_to_a_quarter_of_samples_changing_w
 def test_hsv_matches_colorsys_and_round_trips():
     rng = np.random.default_rng(0)
     img = rng.uniform(0, 255, (4, 5, 3))
+    img[0, :3] = [[0, 0, 0], [90, 90, 90], [200, 200, 40]]  # black, grey, two equal largest channels
     hsv = T.rgb_to_hsv(img)
     ref = np.array([colorsys.rgb_to_hsv(*(p / 255)) for p in img.reshape(-1, 3)]).reshape(4, 5, 3)
     np.testing.assert_allclose(hsv[..., 0] / 360.0, ref[..., 0], atol=1e-9)
     np.testing.assert_allclose(hsv[..., 1:], ref[..., 1:], atol=1e-9)
     np.testing.assert_allclose(T.hsv_to_rgb(hsv), img, atol=1e-9)
+
+
+def test_saturation_is_colorsys_hsv_with_saturation_scaled_and_clipped():
+    # mmseg's saturation step goes through HSV; saturate() skips the round trip and must land on the same RGB
+    rng = np.random.default_rng(1)
+    img = rng.uniform(0, 255, (6, 7, 3))
+    img[0, :3] = [[0, 0, 0], [90, 90, 90], [200, 200, 40]]
+    for factor in (0.0, 0.5, 1.5, 4.0):  # 4: most pixels clip at saturation 1
+        ref = []
+        for p in img.reshape(-1, 3) / 255:
+            h, sat, v = colorsys.rgb_to_hsv(*p)
+            ref.append(colorsys.hsv_to_rgb(h, min(sat * factor, 1.0), v))
+        np.testing.assert_allclose(T.saturate(img, factor), np.array(ref).reshape(img.shape) * 255, atol=1e-9)
 
 
 def test_keep_ratio_size_by_hand():

@@ -78,25 +78,41 @@ def crop_with_cat_max_ratio(label, crop, rng, cat_max_ratio=0.75, ignore_index=2
 
 # ----------------------------------------------------------------------------- colour
 
+# (Channel views and np.maximum / np.minimum chains: numpy reduces over a trailing axis of 3 some
+# thirty times slower than it compares three planes.)
+
 def rgb_to_hsv(img):
     """(H, W, 3) RGB in [0, 255] -> hue in degrees [0, 360), saturation and value in [0, 1]."""
-    rgb = img / 255.0
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    v = rgb.max(-1)
-    c = v - rgb.min(-1)
+    r, g, b = img[..., 0], img[..., 1], img[..., 2]
+    v = np.maximum(np.maximum(r, g), b)
+    c = v - np.minimum(np.minimum(r, g), b)
+    # the sextant of the largest channel (0, 2 or 4) plus the signed position within it; grey pixels
+    # (c = 0) get hue 0, as their numerator is 0
+    num = np.where(v == r, g - b, np.where(v == g, b - r + 2 * c, r - g + 4 * c))
+    h = (num / np.maximum(c, 1e-12) % 6.0) * 60.0
     s = np.where(v > 0, c / np.maximum(v, 1e-12), 0.0)
-    safe = np.maximum(c, 1e-12)
-    h = np.where(v == r, ((g - b) / safe) % 6.0, np.where(v == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
-    h = np.where(c > 0, h * 60.0, 0.0)
-    return np.stack([h, s, v], -1)
+    return np.stack([h, s, v / 255.0], -1)
 
 
 def hsv_to_rgb(hsv):
     """Inverse of rgb_to_hsv; returns RGB in [0, 255]."""
-    h, s, v = hsv[..., 0] % 360.0, hsv[..., 1], hsv[..., 2]
-    k = lambda n: (n + h / 60.0) % 6.0  # noqa: E731  (standard closed form of the hexcone)
-    f = lambda n: v - v * s * np.clip(np.minimum(k(n), 4.0 - k(n)), 0.0, 1.0)  # noqa: E731
-    return np.stack([f(5.0), f(3.0), f(1.0)], -1) * 255.0
+    h6, vs, v = hsv[..., 0] % 360.0 / 60.0, hsv[..., 2] * hsv[..., 1], hsv[..., 2]
+    channels = []
+    for n in (5.0, 3.0, 1.0):  # R, G, B: the standard closed form of the hexcone
+        k = (n + h6) % 6.0
+        channels.append(v - vs * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0))
+    return np.stack(channels, -1) * 255.0
+
+
+def saturate(img, factor):
+    """HSV saturation scaled by `factor` and clipped at 1, hue and value kept, without an HSV round trip:
+    each channel is v - v * s * t(hue) (v the largest channel, s = (v - smallest) / v, t in [0, 1]), so
+    scaling s by min(factor, 1 / s) scales each channel's distance below v by the same."""
+    r, g, b = img[..., 0], img[..., 1], img[..., 2]
+    v = np.maximum(np.maximum(r, g), b)
+    c = v - np.minimum(np.minimum(r, g), b)
+    scale = np.minimum(factor, v / np.maximum(c, 1e-12))
+    return v[..., None] - scale[..., None] * (v[..., None] - img)
 
 
 def photometric_distortion(img, rng, brightness_delta=32, contrast=(0.5, 1.5), saturation=(0.5, 1.5),
@@ -112,9 +128,7 @@ def photometric_distortion(img, rng, brightness_delta=32, contrast=(0.5, 1.5), s
     if contrast_first and rng.integers(2):
         img = np.clip(img * rng.uniform(*contrast), 0, 255)
     if rng.integers(2):
-        hsv = rgb_to_hsv(img)
-        hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(*saturation), 0, 1)
-        img = hsv_to_rgb(hsv)
+        img = saturate(img, rng.uniform(*saturation))
     if rng.integers(2):
         hsv = rgb_to_hsv(img)
         hsv[..., 0] += 2.0 * rng.integers(-hue_delta, hue_delta)  # mmseg's randint: -18..17
