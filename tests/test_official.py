@@ -255,8 +255,8 @@ def test_an_sd_file_for_an_official_depth_or_semseg_model_is_refused(tmp_path):
     from vpd.tasks import load_model
     for task in ("depth", "semseg"):
         path = official_file(task, released_state(task, tiny(task)), tmp_path)
-        with pytest.raises(SystemExit, match=f"the released {task} model holds its own VAE and UNet: an SD file "
-                                             r"\(--sd-ckpt\) is read only"):
+        with pytest.raises(SystemExit, match=rf"the released {task} file holds VAE tensors \(encoder_vq\.\*\) and the "
+                                             r"UNet: an SD file \(--sd-ckpt\) is read only"):
             load_model(str(path), task, sd_ckpt="v1-5.safetensors")
 
 
@@ -274,6 +274,13 @@ def test_a_release_without_the_vae_takes_it_from_the_sd_file(task, tmp_path):
     if task == "refer":  # (its CLIP comes from the SD file in any case)
         sd.update({"cond_stage_model.transformer.text_model." + k: v for k, v in source.clip.state_dict().items()})
     head = {"depth": TINY_DEPTH_HEAD, "semseg": {"channels": 16}, "refer": {}}[task]
+    # loaded into a model of ours: its VAE stays, if it has one (not on `meta`)
+    load_official(path, task, model=tiny(task, seed=1))
+    with torch.device("meta"):
+        bare = build_model(task, unet_cfg=TINY_UNET, vae_cfg=TINY_VAE, clip_cfg=TINY_CLIP, **head,
+                           **({"num_classes": 5} if task == "semseg" else {}))
+    with pytest.raises(CheckpointError, match=r"missing \(\d+\): backbone\.vae\."):
+        load_official(path, task, model=bare)
     model = official_model(path, task, sd_ckpt=sd, unet_cfg=TINY_UNET, vae_cfg=TINY_VAE, clip_cfg=TINY_CLIP, **head)
     model.eval()
     assert not any(p.requires_grad for p in model.backbone.vae.parameters())

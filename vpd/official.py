@@ -124,8 +124,8 @@ def load_official(src, task, model=None):
 
     Refuses names no rule knows and rules that match nothing (but the VAE's: a file may leave the
     frozen VAE out). With `model` (a task model of ours, possibly built on `meta`), also checks every
-    name and shape against it and loads the tensors; `clip.*` of a refer model, and the VAE of a file
-    without one, are left as they are.
+    name and shape against it and loads the tensors; `clip.*` of a refer model, and for a file without
+    the VAE a VAE the model already holds (not on `meta`), are left as they are.
     """
     _check_task(task)
     rules = RULES[task]
@@ -163,7 +163,9 @@ def has_vae(state):
 
 def _load_into(model, state, task, copy=False):
     """copy: give the model its own tensors (the state's belong to a caller's dict)."""
-    not_in_file = NOT_IN_FILE[task] + (() if has_vae(state) else (VAE,))
+    # a file without the VAE leaves the model's own, if it has one already (read from an SD file)
+    vae_ready = not any(t.is_meta for t in model.backbone.vae.state_dict().values())
+    not_in_file = NOT_IN_FILE[task] + ((VAE,) if vae_ready and not has_vae(state) else ())
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith(not_in_file)}
     official = lambda k: _rename(k, RULES[task], inverse=True) or "?"
     missing = [f"{k} ({official(k)})" for k in expected if k not in state]
@@ -209,8 +211,8 @@ def official_model(src, task, sd_ckpt=None, **kw):
         raise ValueError("the file holds no VAE (a slimmed release): give the SD file the model was trained from "
                          "(--sd-ckpt; v1-5-pruned-emaonly for VPD's), for its frozen VAE encoder")
     if sd_ckpt is not None and not vae_from_sd and task != "refer":
-        raise ValueError(f"the released {task} model holds its own VAE and UNet: an SD file (--sd-ckpt) is read "
-                         "only for the refer model's CLIP or for a release without the VAE")
+        raise ValueError(f"the released {task} file holds VAE tensors (encoder_vq.*) and the UNet: an SD file "
+                         "(--sd-ckpt) is read only for the refer model's CLIP or for a release without the VAE")
     if task == "refer":  # N text tokens widen the 1/32 map: conv1_4 takes C64 + (C32 + N) channels
         cfg = kw.get("unet_cfg") or UNetConfig()
         kw["max_tokens"] = state["head.fuse32.0.weight"].shape[1] - cfg.model_channels * sum(cfg.channel_mult[-2:])

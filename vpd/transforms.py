@@ -112,7 +112,7 @@ def saturate(img, factor):
     v = np.maximum(np.maximum(r, g), b)
     c = v - np.minimum(np.minimum(r, g), b)
     scale = np.minimum(factor, v / np.maximum(c, 1e-12))
-    return v[..., None] - scale[..., None] * (v[..., None] - img)
+    return np.maximum(v[..., None] - scale[..., None] * (v[..., None] - img), 0.0)  # (v - v/c * c: -1e-5)
 
 
 def photometric_distortion(img, rng, brightness_delta=32, contrast=(0.5, 1.5), saturation=(0.5, 1.5),
