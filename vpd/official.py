@@ -26,11 +26,12 @@ Name mapping, by prefix (official -> ours); a rule without a trailing dot names 
 `official_model(path, task, sd_ckpt)` builds the whole model from a released file: everything but
 the refer model's CLIP text encoder (read from the SD file) comes from the file itself, class
 embeddings included (evaluating the released models must use those, not recomputed ones). A file
-without the frozen VAE (a slimmed copy, e.g. `fpn_vpd_sd1-5_512x512_slim.ckpt`) takes it from the SD
-file too, as VPD's code does: it builds the model from the SD file and loads a release over it non-strictly.
+without the frozen VAE (should a slimmed copy such as `fpn_vpd_sd1-5_512x512_slim.ckpt` leave it out)
+takes it from the SD file too, as VPD's code does: it builds the model from the SD file and loads a
+release over it non-strictly.
 
 Dropped on purpose: `sd_model.*` (ldm's noise-schedule buffers in the semseg file) and the UNet's
-unused `out.*` head. Any other name, or a rule that matches nothing, is an error. The refer file
+unused `out.*` head. Any other name, or a rule that matches nothing (but the VAE's), is an error. The refer file
 holds no CLIP: our `clip.*` comes from the SD checkpoint.
 """
 import argparse
