@@ -31,8 +31,8 @@ takes it from the SD file too, as VPD's code does: it builds the model from the 
 release over it non-strictly.
 
 Dropped on purpose: `sd_model.*` (ldm's noise-schedule buffers in the semseg file) and the UNet's
-unused `out.*` head. Any other name, or a rule that matches nothing (but the VAE's), is an error. The refer file
-holds no CLIP: our `clip.*` comes from the SD checkpoint.
+unused `out.*` head. Any other name, or a rule that matches nothing (but the VAE's), is an error.
+The refer file holds no CLIP: our `clip.*` comes from the SD checkpoint.
 """
 import argparse
 import os
