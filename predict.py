@@ -39,6 +39,7 @@ and semseg window, as do demo depth models.
 """
 import argparse
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -55,6 +56,7 @@ from vpd.model import TASKS
 from vpd.tasks import checkpoint_task, load_model, to_device, training_crop
 
 SIZES = {"depth": 640, "semseg": 512, "refer": 512}  # see the docstring: --size per task
+WAITING = 4  # images whose PNGs may wait to be written
 DEFAULT_SCENE = "living_room"
 OUTPUTS = {"depth": ("_depth.png", "_depth_color.png"), "semseg": ("_semseg.png", "_semseg_ids.png"),
            "refer": ("_refer.png", "_refer_mask.png")}  # <name> + these, per task
@@ -268,8 +270,11 @@ def main(args):
 
     train_crop = training_crop(task, meta)  # semseg's sliding window
     dataset = ImageFolder(paths, task, size)
-    written = 0
-    with torch.inference_mode(), autocast():
+    # PNGs are written by two threads while the next image is predicted: at a photo's full size, colouring
+    # and compressing take longer than a GPU's prediction (Pillow's encoders release the GIL). At most
+    # WAITING images' outputs wait, each holding its prediction.
+    writes = []
+    with torch.inference_mode(), autocast(), ThreadPoolExecutor(2) as writer:
         for i in tqdm(range(len(dataset)), desc=f"predict {task}", unit="img", dynamic_ncols=True):
             try:
                 sample = dataset[i]
@@ -285,9 +290,13 @@ def main(args):
             else:
                 pred = predict_refer(model, sample, tokens)
             stem = os.path.splitext(os.path.basename(sample["path"]))[0]
-            save_outputs(task, args.out, stem, pred, sample["path"], depth_units if task == "depth" else 1000)
-            written += 1
-    print(f"wrote the {task} predictions of {written} image(s) to {args.out}")
+            writes.append(writer.submit(save_outputs, task, args.out, stem, pred.cpu(), sample["path"],
+                                        depth_units if task == "depth" else 1000))
+            if len(writes) - sum(w.done() for w in writes) > WAITING:
+                writes[-WAITING - 1].result()
+        for w in writes:
+            w.result()  # (a failed write raises here)
+    print(f"wrote the {task} predictions of {len(writes)} image(s) to {args.out}")
     if skipped:
         raise SystemExit(f"{len(skipped)} image(s) skipped:\n" + "\n".join(skipped))
 

@@ -556,3 +556,38 @@ def test_refer_overlay_of_a_rotated_phone_photo_is_upright(world, tmp_path):
     _, overlay = png(tmp_path / "phone_refer.png")
     assert mask.shape == (W, H) and overlay.shape == (W, H, 3)
     assert np.array_equal(overlay[mask == 0], upright[mask == 0]) and (mask == 0).any()
+
+
+def test_writes_wait_in_a_bounded_queue_and_a_failed_one_is_raised(world, tmp_path, monkeypatch):
+    # PNGs are written by threads beside the predictions; while writes are held up, predictions stop
+    # at most WAITING images ahead of them (their predictions stay in memory); a write that fails is
+    # raised, not lost in its thread
+    import threading
+    import time
+    for i in range(8):
+        write_image(str(tmp_path / f"img{i}.png"), H, W, i)
+    gate, done, ahead = threading.Event(), [], []
+    real_save, real_predict = predict.save_outputs, predict.predict_depth
+
+    def held_save(task, out, stem, *rest):
+        gate.wait(30)
+        if stem == "img6":
+            raise OSError("disk full")
+        done.append(real_save(task, out, stem, *rest))
+
+    def counting_predict(*a, **kw):
+        ahead.append(len(ahead) + 1 - len(done))  # predictions made, this one included, minus writes done
+        return real_predict(*a, **kw)
+    monkeypatch.setattr(predict, "save_outputs", held_save)
+    monkeypatch.setattr(predict, "predict_depth", counting_predict)
+
+    def release():  # once WAITING + 1 predictions wait, and a moment more in which an unbounded loop would go on
+        while len(ahead) < predict.WAITING + 1:
+            time.sleep(0.01)
+        time.sleep(0.5)
+        gate.set()
+    threading.Thread(target=release, daemon=True).start()
+    with pytest.raises(OSError, match="disk full"):
+        run("--ckpt", checkpoint(world, "depth"), "--size", SIZE, "--out", tmp_path / "out", tmp_path)
+    assert len(ahead) == 8 and max(ahead) == predict.WAITING + 1
+    assert len(done) == 7  # the other images were written
