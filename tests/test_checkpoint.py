@@ -35,6 +35,18 @@ def test_loads_prefix_strictly(tmp_path, fmt):
         assert torch.equal(m.state_dict()[k], v)
 
 
+def test_a_live_module_keeps_its_dtype_and_its_parameters():
+    # a module not on `meta` is copied into: a bfloat16 module stays bfloat16, and an optimizer holding
+    # its parameters still holds the module's
+    src_model = toy()
+    m = toy().bfloat16()
+    params = [id(p) for p in m.parameters()]
+    load_checkpoint(m, sd_layout(src_model), "model.x.")
+    assert [id(p) for p in m.parameters()] == params
+    for k, v in src_model.state_dict().items():
+        assert m.state_dict()[k].dtype == torch.bfloat16 and torch.equal(m.state_dict()[k], v.bfloat16())
+
+
 def test_errors_name_keys_and_leave_module_untouched(tmp_path):
     m = toy()
     before = {k: v.clone() for k, v in m.state_dict().items()}

@@ -43,6 +43,13 @@ def test_colorize_depth_range_ends_and_holes():
     assert (b[1, 1] == DEPTH_LUT[0]).all() and (b[1, 2] == DEPTH_LUT[255]).all()
     with pytest.raises(ValueError, match="no valid"):
         colorize_depth(np.zeros((2, 2)))
+    # inf, -inf and negative depths are holes too, and stay out of the default range
+    odd = np.array([[1.0, 2.0, np.inf, -np.inf, -0.5]])
+    for img in (colorize_depth(odd, vmin=1.0, vmax=2.0), colorize_depth(odd)):
+        c = np.asarray(img)
+        assert (c[0, 2:] == 0).all() and (c[0, 0] == DEPTH_LUT[0]).all() and (c[0, 1] == DEPTH_LUT[255]).all()
+    with pytest.raises(ValueError, match="below vmin"):
+        colorize_depth(depth, vmin=3.0, vmax=1.0)
 
 
 def test_depth_colormap_is_a_smooth_ramp_without_black():
@@ -67,6 +74,9 @@ def test_overlay_mask_blends_only_inside_the_mask():
         overlay_mask(image, np.zeros((3, 2), dtype=bool))
     with pytest.raises(ValueError, match="must be bool"):
         overlay_mask(image, np.zeros((2, 3), dtype=np.uint8))
+    for alpha in (1.5, -0.1):  # outside [0, 1] the blend would leave 0..255 and wrap in uint8
+        with pytest.raises(ValueError, match="alpha"):
+            overlay_mask(image, mask, alpha=alpha)
 
 
 def test_depth_png16_round_trip_to_the_millimetre(tmp_path):
