@@ -168,8 +168,15 @@ def test_refcoco_eval_view_walks_every_sentence_with_exact_masks(synth):
     for i in range(len(ds)):
         s = ds[i]
         k = next(k for k, sents in truth["refs"] if s["sentence"] in sents)
-        np.testing.assert_array_equal(s["mask"].numpy(), (truth["instances"] == k + 1).astype(np.uint8))
-        assert s["mask"].sum() > 0 and s["mask_resized"].shape == (512, 512)
+        mask = (truth["instances"] == k + 1).astype(np.uint8)
+        np.testing.assert_array_equal(s["mask"].numpy(), mask)
+        assert s["mask"].sum() > 0
+        # what LAVT / VPD score against: the mask resized by PIL's nearest, the image by PIL's bilinear
+        # (not mirrored: a flip would swap the sentences' left and right)
+        np.testing.assert_array_equal(s["mask_resized"].numpy(),
+                                      np.asarray(Image.fromarray(mask).resize((512, 512), Image.NEAREST)))
+        rgb = np.asarray(Image.fromarray(truth["rgb"]).resize((512, 512), Image.BILINEAR), dtype=np.float32)
+        assert np.abs(((s["image"].permute(1, 2, 0) + 1) * 127.5).numpy() - rgb).mean() < 3  # (stored as JPEG)
         n = len(s["sentence"].split()) + 2
         assert s["tokens"].shape == (40,) and s["tokens"][n - 1] == 49407 and (s["tokens"][:n - 1] != 49407).all()
         assert torch.all(s["tokens"][n:] == 49407)
@@ -202,6 +209,12 @@ def test_refcoco_bad_inputs(synth, tmp_path):
     shutil.copytree(synth["refer"], root)
     with pytest.raises(ValueError, match="testC.*available"):
         RefCOCO(str(root), split="testC")
+    # an image of another size than instances.json says: the sample is refused, naming both
+    ds = RefCOCO(str(root), split="val")
+    photo = ds._image_path(ds.refs[ds.items[0][0]])
+    Image.open(photo).resize((10, 12)).save(photo)
+    with pytest.raises(BadSampleError, match=r"is \(12, 10\), instances.json says"):
+        ds[0]
     refs = root / "refer/data/refcoco/refs(unc).p"
     refs.write_bytes(refs.read_bytes()[:100])
     with pytest.raises(ValueError, match=r"refs\(unc\)\.p"):
@@ -339,6 +352,9 @@ def test_image_folder_and_undo(tmp_path):
     s = ds[1]  # b.png, 40x20 -> fits 64x64 as 64x32, padded right by 32
     assert s["image"].shape == (3, 64, 64) and s["resized_size"].tolist() == [64, 32]
     assert torch.all(s["image"][:, :, 32:] == 0) and s["path"] == paths[1]
+    a = ds[0]  # a.jpg, 30x50 -> 38x64, padded at the bottom (the image keeps its top-left corner)
+    assert a["resized_size"].tolist() == [38, 64] and torch.all(a["image"][:, 38:] == 0)
+    assert a["image"][:, :38].abs().sum(0).gt(0).float().mean() > 0.9
     back = undo(s["image"], s)
     assert back.shape == (3, 40, 20)
     orig = torch.from_numpy(np.asarray(Image.open(tmp_path / "b.png"), dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
@@ -353,6 +369,10 @@ def test_image_folder_and_undo(tmp_path):
         Image.fromarray(np.full((h, w, 3), 128, np.uint8)).save(tmp_path / "strips" / name)
         s = ImageFolder([str(tmp_path / "strips" / name)], "depth", size=64)[0]
         assert s["image"].shape == (3, 64, 64) and min(s["resized_size"].tolist()) == 1
+        grey = 128 / 127.5 - 1
+        strip, pad = (s["image"][:, :1], s["image"][:, 1:]) if h == 1 else (s["image"][..., :1], s["image"][..., 1:])
+        assert torch.allclose(strip, torch.full_like(strip, grey), atol=1e-6) and torch.all(pad == 0)
+        assert torch.allclose(undo(s["image"], s), torch.full((3, h, w), grey), atol=1e-6)  # its pixels back
     with pytest.raises(ValueError, match="at least one image"):
         ImageFolder([], "depth")
     with pytest.raises(FileNotFoundError, match="c.jpg"):
@@ -533,6 +553,10 @@ def test_cut_depth_stripe_and_brightness_by_hand():
                      0.9, 0.9)  # no gamma, no hue/saturation/value
     x, _ = T.depth_train(img, depth, draws, (10, 100))
     torch.testing.assert_close((x + 1) * 127.5, torch.full_like(x, 125.5))
+    # and with contrast: alpha = 1 + 0.2, beta = 0.1 of 255 -> 100 * 1.2 + 25.5 (albumentations: alpha first)
+    draws = Scripted(0.9, 0.9, 0, 0, 0.1, 0.2, 0.1, 0.9, 0.9)
+    x, _ = T.depth_train(img, depth, draws, (10, 100))
+    torch.testing.assert_close((x + 1) * 127.5, torch.full_like(x, 145.5))
 
 
 def test_ade20k_evaluation_view_is_resized_without_antialiasing(tmp_path):
@@ -601,6 +625,11 @@ def test_depth_hue_saturation_value_shifts_are_in_opencv_8bit_units():
     # s = 0.75 + 51/255 = 0.95, v = 220: max 220, min 220 * 0.05 = 11, at 20 degrees G = 11 + 209 * 20/60
     expected = torch.tensor([220.0, 11.0 + 209.0 / 3.0, 11.0])
     torch.testing.assert_close((x[:, 0, 0] + 1) * 127.5, expected, atol=1e-3, rtol=0)
+    # saturation and value clip at their maxima: s = 0.9 + 0.2 -> 1 (the smallest channel 0), v = 250 + 20 -> 255
+    img = np.full((2, 2, 3), (250.0, 25.0, 25.0), np.float32)
+    draws = Scripted(0.9, 0.9, 0, 0, 0.9, 0.9, 0.1, 0.0, 51.0, 20.0)
+    x, _ = T.depth_train(img, np.ones((2, 2), np.float32), draws, (2, 2))
+    torch.testing.assert_close((x[:, 0, 0] + 1) * 127.5, torch.tensor([255.0, 0.0, 0.0]), atol=1e-3, rtol=0)
 
 
 def test_depth_crop_larger_than_the_image_in_one_side_is_an_error():
@@ -936,6 +965,9 @@ def test_kitti_frame_of_exactly_the_kb_size_and_cut_depth_at_80_m(tmp_path):
     # a frame already 352x1216 is its own KB crop; KITTI's CutDepth writes depth / 80 m * 255
     from vpd.data import kb_crop_box
     assert kb_crop_box(352, 1216) == (0, 0)
+    for h, w in ((351, 1216), (352, 1215)):
+        with pytest.raises(ValueError, match=f"image {h}x{w} is smaller than the KB crop 352x1216"):
+            kb_crop_box(h, w)
     assert kb_crop_box(352, 1219) == (0, 1)  # BTS: int((1219 - 1216) / 2) = int(1.5) = 1
     _kitti_root(tmp_path, "data_depth_annotated", size=(352, 1216), metres=40, split="train")
     ds = KITTI(str(tmp_path), crop=(352, 704))

@@ -39,6 +39,27 @@ def test_setup_without_torchrun_is_one_process_and_auto_prefers_the_gpu(monkeypa
     assert dist.setup("auto") == (0, 1, torch.device("cpu")) and calls == []
 
 
+def test_setup_refuses_a_missing_gpu_and_an_unknown_device(monkeypatch):
+    fake_launch(monkeypatch, False, {})
+    with pytest.raises(SystemExit, match="--device cuda asked for, but torch sees no CUDA device"):
+        dist.setup("cuda")
+    with pytest.raises(SystemExit, match="--device must be cpu, cuda or auto, not 'tpu'"):
+        dist.setup("tpu")
+
+
+def test_broadcast_buffers_sends_every_buffer_from_the_source_rank(monkeypatch):
+    # BatchNorm statistics drift apart over ranks: before an evaluation every rank takes rank 0's
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4))
+    sent = []
+    monkeypatch.setattr(dist, "is_dist", lambda: True)
+    monkeypatch.setattr(torch.distributed, "broadcast", lambda t, src: sent.append((id(t), src)))
+    dist.broadcast_buffers(model)
+    assert sent == [(id(b), 0) for b in model.buffers()] and len(sent) == 6  # mean, var, count of each BN
+    monkeypatch.setattr(dist, "is_dist", lambda: False)
+    dist.broadcast_buffers(model)  # one process: nothing to send
+    assert len(sent) == 6
+
+
 def test_helpers_outside_a_process_group_are_one_process():
     assert not dist.is_dist()
     assert (dist.rank(), dist.world_size()) == (0, 1)

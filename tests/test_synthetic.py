@@ -84,6 +84,14 @@ def test_objects_stand_apart_on_the_floor():
     assert pairs > 50
 
 
+def on_screen(s):
+    """The objects a reader of the image sees, from the rendered instance map: those covering at least
+    max(20, 1/500 of the image) pixels (the module's rule for "visible", restated here)."""
+    inst = s["instances"]
+    least = max(20, inst.size // 500)
+    return [o for k, o in enumerate(s["objects"]) if (inst == k + 1).sum() >= least]
+
+
 def test_scene_sample_is_deterministic_and_refers_uniquely():
     a, b = scene_sample(3, 5, 64), scene_sample(3, 5, 64)
     np.testing.assert_array_equal(a["rgb"], b["rgb"])
@@ -92,7 +100,7 @@ def test_scene_sample_is_deterministic_and_refers_uniquely():
     for i in range(12):
         s = scene_sample(0, i, 96)
         assert s["depth"].max() < 10.0 and s["depth"].min() > 0
-        vis = [s["objects"][k] for k in s["visible"]]
+        vis = on_screen(s)
         for k, sentences in s["refs"]:
             o = s["objects"][k]
             for sent in sentences:
@@ -113,7 +121,7 @@ def test_colour_only_expressions_name_the_one_object_of_that_colour():
     checked = 0
     for i in range(24):
         s = scene_sample(0, i, 64)
-        vis = [s["objects"][k] for k in s["visible"]]
+        vis = on_screen(s)
         for k, sentences in s["refs"]:
             for sent in sentences:
                 m = re.fullmatch(r"the (\w+) object", sent)
@@ -153,7 +161,10 @@ def test_cli(tmp_path):
                         "--out", str(out)], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode == 0, r.stderr
-    assert (out / "train_list.txt").exists()
+    # --n 2 images of --size 32 (24x32)
+    lines = sum(len(open(out / f).read().splitlines()) for f in ("train_list.txt", "test_list.txt"))
+    photos = sorted(out.rglob("rgb_*.jpg"))
+    assert lines == 2 and len(photos) == 2 and all(Image.open(p).size == (32, 24) for p in photos)
 
 
 def test_bad_arguments(tmp_path):
