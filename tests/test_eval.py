@@ -145,6 +145,9 @@ def test_nyu_depth_takes_vpds_two_windows_and_their_flips():
     m = run(Recorder(), "depth", [sample], depth_crop=None)
     assert seen == [[((480, 480), 0), ((480, 480), 160), ((480, 480), 479), ((480, 480), 639)]]
     assert m["abs_rel"] < 1e-6
+    seen.clear()
+    run(Recorder(), "depth", [sample], depth_crop=None, flip=False)  # eval.py --no-flip: the windows alone
+    assert seen == [[((480, 480), 0), ((480, 480), 160)]]
 
 
 def test_depth_eigen_crop_and_invalid_pixels():
@@ -359,10 +362,10 @@ def test_eval_main_hands_the_protocol_to_evaluate(tmp_path, monkeypatch):
     def recording(model, task, dataset, device, autocast, max_samples, **kw):
         with autocast():
             kw["autocast"] = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-        calls.append(kw)
+        calls.append(dict(kw, max_samples=max_samples))
         return {"score": 1.0, "IoU": [50.0, float("nan")]}
     monkeypatch.setattr(eval_script, "evaluate", recording)
-    for task, flags in (("depth", ["--no-flip"]), ("semseg", ["--ms-flip", "--amp", "bf16"]),
+    for task, flags in (("depth", ["--no-flip"]), ("depth", []), ("semseg", ["--ms-flip", "--amp", "bf16"]),
                         ("refer", ["--refer-full-res"])):
         ev = SimpleNamespace(model=None, task=task, dataset=[0] * 5, data_root=str(tmp_path), sd_ckpt="/sd",
                              depth_crop="garg", max_depth=80.0, crop=64, dataset_name="x", split_by=None, split="y")
@@ -370,12 +373,13 @@ def test_eval_main_hands_the_protocol_to_evaluate(tmp_path, monkeypatch):
         monkeypatch.setattr(eval_script, "checkpoint_task", lambda ckpt, task, ev=ev: (ev.task, None))
         eval_script.main(eval_script.get_args(["--ckpt", str(tmp_path / "model.safetensors"), "--out", str(tmp_path),
                                                "--device", "cpu", *flags]))
-    depth, semseg, refer = calls
-    assert all(c["save_vis"] is None for c in calls)
+    depth, flipped, semseg, refer = calls
+    assert all(c["save_vis"] is None and c["max_samples"] is None for c in calls)
+    assert flipped["flip"] and not depth["flip"]  # VPD's flip averaging unless --no-flip
     # --save-vis PNGs go into a folder per protocol, as the metrics files do: runs do not overwrite each other
     eval_script.main(eval_script.get_args(["--ckpt", str(tmp_path / "model.safetensors"), "--out", str(tmp_path),
                                            "--device", "cpu", "--save-vis", "--refer-full-res", "--max-samples", "3"]))
-    assert calls[-1]["save_vis"] == str(tmp_path / "vis_x_y_fullres_first3")
+    assert calls[-1]["save_vis"] == str(tmp_path / "vis_x_y_fullres_first3") and calls[-1]["max_samples"] == 3
     assert os.path.isfile(tmp_path / "metrics_x_y_fullres_first3.json")
     eval_script.main(eval_script.get_args(["--ckpt", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "all"),
                                            "--device", "cpu", "--refer-full-res", "--max-samples", "1000"]))

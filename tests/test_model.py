@@ -238,6 +238,16 @@ def test_refer_text_is_the_sentences_clip_token_states():
     torch.testing.assert_close(seen["text"], states)
 
 
+def test_seg_text_is_the_class_embeddings_in_their_order():
+    # map channel k is class k: the backbone is conditioned on the class embeddings as they are stored
+    model = tiny("semseg").eval()
+    seen = {}
+    model.backbone.register_forward_pre_hook(lambda m, a: seen.update(text=a[1]))
+    with torch.no_grad():
+        model(images(1))
+    assert torch.equal(seen["text"], model.class_embeddings)
+
+
 def test_seg_classes_need_not_be_the_text_rows():
     # num_classes sets the logits; the class embeddings only set the text (and map) count N
     torch.manual_seed(0)
