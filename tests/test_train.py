@@ -978,6 +978,11 @@ def test_logged_loss_is_the_windows_mean_and_lr_peaks_at_half_the_epochs(world, 
     for s, l, _ in pairs:
         want = loss[s] if s == 9 else (loss[s - 1] + loss[s]) / 2  # step 9: a window of one step
         assert l == pytest.approx(want, rel=1e-5), s
+    # a length in --iters (4 steps, the preset's 25 epochs overridden): the peak at step 4 // 2 = 2
+    train_here(flags(world, "depth", tmp_path / "iters", "--iters", 4, "--batch-size", 4, "--eval-max", 1,
+                     "--lr", 1e-3))
+    by_hand = [0.06 + 0.94 * (1 / 2) ** 0.9, 1.0, 1 - 0.94 * (1 / 2) ** 0.9, 0.06]
+    assert [lr for _, _, lr in losses(tmp_path / "iters")] == pytest.approx([1e-3 * f for f in by_hand], rel=1e-9)
 
 
 def test_epochs_alone_set_the_length_and_a_fresh_run_clears_an_unsaved_runs_log(world, tmp_path):
@@ -1356,27 +1361,29 @@ def test_an_epoch_drops_the_last_partial_batch(world, tmp_path, monkeypatch):
     assert all(len(set(seen[2 * e] + seen[2 * e + 1])) == 10 for e in range(2))
 
 
-def test_a_nan_loss_stops_the_run_at_its_log_line(world, tmp_path, monkeypatch):
-    # the loss is checked at each log line: a diverged run stops there, not at its next checkpoint
+@pytest.mark.parametrize("poison", ["nan", "inf"])
+def test_a_non_finite_loss_stops_the_run_at_its_log_line(world, tmp_path, monkeypatch, poison):
+    # the loss is checked at each log line: a diverged run stops there, not at its next checkpoint. An
+    # fp16 overflow gives inf: its scaler skips the update, the weights stay finite, no save would stop it
     from vpd.tasks import forward_loss
     calls = []
 
-    def nan_from_third(model, raw, task, batch):
+    def poisoned_from_third(model, raw, task, batch):
         calls.append(1)
         loss = forward_loss(model, raw, task, batch)
-        return loss * float("nan") if len(calls) >= 3 else loss
-    monkeypatch.setattr(train, "forward_loss", nan_from_third)
+        return loss * float(poison) if len(calls) >= 3 else loss
+    monkeypatch.setattr(train, "forward_loss", poisoned_from_third)
     with pytest.raises(SystemExit) as e:
         train_here(flags(world, "depth", tmp_path / "run", "--iters", 6, "--batch-size", 2))
     assert len(calls) == 3
     # what is left, and advice that fits the run: bf16 only helps where fp16 overflowed
-    assert e.value.code == "loss is nan at step 3: stopping; no checkpoint was written (lower --lr)"
+    assert e.value.code == f"loss is {poison} at step 3: stopping; no checkpoint was written (lower --lr)"
     calls.clear()
     with pytest.raises(SystemExit) as e:
         train_here(flags(world, "depth", tmp_path / "run2", "--iters", 6, "--batch-size", 2, "--save-every", 2,
                          "--amp", "fp16"))
-    assert e.value.code == (f"loss is nan at step 3: stopping; the checkpoint in {tmp_path / 'run2'} is at step 2 "
-                            "(lower --lr, or use --amp bf16 (fp16 overflows))")
+    assert e.value.code == (f"loss is {poison} at step 3: stopping; the checkpoint in {tmp_path / 'run2'} is at "
+                            "step 2 (lower --lr, or use --amp bf16 (fp16 overflows))")
 
 
 def test_ctrl_c_after_a_resume_names_the_checkpoint_it_resumed_from(world, tmp_path, monkeypatch):
