@@ -223,6 +223,16 @@ def test_depth_windows_cover_every_column(windows):
     assert torch.isfinite(out).all() and torch.allclose(out, image[:, :1], atol=1e-6)
 
 
+def test_four_depth_windows_by_hand():
+    # KITTI-style: 4 windows of 32 over 100 columns start at 0, 22, 45, 68 (the last ends at 100, the
+    # others evenly between, rounded down); the fake returns the crop-local column, averaged where they overlap
+    out = depth_predict(DepthFake("column"), torch.zeros(1, 3, 32, 100), torch.tensor([0]), flip=False, windows=4)
+    c = np.arange(100, dtype=np.float64)
+    inside = [(c >= s) & (c < s + 32) for s in (0, 22, 45, 68)]
+    total = sum(np.where(m, c - s, 0) for m, s in zip(inside, (0, 22, 45, 68)))
+    assert np.allclose(out[0, 0, 3].numpy(), total / sum(m.astype(float) for m in inside))
+
+
 def test_depth_too_few_windows_is_an_error():
     with pytest.raises(ValueError, match="at least 4"):
         depth_predict(DepthFake("image"), torch.rand(1, 3, 32, 100), torch.tensor([0]), windows=2)
