@@ -39,6 +39,7 @@ and semseg window, as do demo depth models.
 """
 import argparse
 import os
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -273,7 +274,7 @@ def main(args):
     # PNGs are written by two threads while the next image is predicted: at a photo's full size, colouring
     # and compressing take longer than a GPU's prediction (Pillow's encoders release the GIL). At most
     # WAITING images' outputs wait, each holding its prediction.
-    writes = []
+    writes, written = deque(), 0
     with torch.inference_mode(), autocast(), ThreadPoolExecutor(2) as writer:
         for i in tqdm(range(len(dataset)), desc=f"predict {task}", unit="img", dynamic_ncols=True):
             try:
@@ -292,11 +293,12 @@ def main(args):
             stem = os.path.splitext(os.path.basename(sample["path"]))[0]
             writes.append(writer.submit(save_outputs, task, args.out, stem, pred.cpu(), sample["path"],
                                         depth_units if task == "depth" else 1000))
-            if len(writes) - sum(w.done() for w in writes) > WAITING:
-                writes[-WAITING - 1].result()
+            written += 1
+            if len(writes) > WAITING:
+                writes.popleft().result()  # the oldest write (a failed one raises here)
         for w in writes:
             w.result()  # (a failed write raises here)
-    print(f"wrote the {task} predictions of {len(writes)} image(s) to {args.out}")
+    print(f"wrote the {task} predictions of {written} image(s) to {args.out}")
     if skipped:
         raise SystemExit(f"{len(skipped)} image(s) skipped:\n" + "\n".join(skipped))
 
