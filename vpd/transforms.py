@@ -79,7 +79,8 @@ def crop_with_cat_max_ratio(label, crop, rng, cat_max_ratio=0.75, ignore_index=2
 # ----------------------------------------------------------------------------- colour
 
 # (Channel views and np.maximum / np.minimum chains: numpy reduces over a trailing axis of 3 some
-# thirty times slower than it compares three planes.)
+# thirty times slower than it compares three planes. Values known to lie within one turn are wrapped
+# by a comparison, not by float %, which costs as much as the rest of a step.)
 
 def rgb_to_hsv(img):
     """(H, W, 3) RGB in [0, 255] -> hue in degrees [0, 360), saturation and value in [0, 1]."""
@@ -89,7 +90,8 @@ def rgb_to_hsv(img):
     # the sextant of the largest channel (0, 2 or 4) plus the signed position within it; grey pixels
     # (c = 0) get hue 0, as their numerator is 0
     num = np.where(v == r, g - b, np.where(v == g, b - r + 2 * c, r - g + 4 * c))
-    h = (num / np.maximum(c, 1e-12) % 6.0) * 60.0
+    h = num / np.maximum(c, 1e-12)  # in [-1, 5]
+    h = np.where(h < 0, h + 6.0, h) * 60.0
     s = np.where(v > 0, c / np.maximum(v, 1e-12), 0.0)
     return np.stack([h, s, v / 255.0], -1)
 
@@ -99,7 +101,8 @@ def hsv_to_rgb(hsv):
     h6, vs, v = hsv[..., 0] % 360.0 / 60.0, hsv[..., 2] * hsv[..., 1], hsv[..., 2]
     channels = []
     for n in (5.0, 3.0, 1.0):  # R, G, B: the standard closed form of the hexcone
-        k = (n + h6) % 6.0
+        k = n + h6  # in [1, 11): (n + h6) mod 6 below
+        k = np.where(k >= 6.0, k - 6.0, k)
         channels.append(v - vs * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0))
     return np.stack(channels, -1) * 255.0
 
