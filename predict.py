@@ -273,7 +273,8 @@ def main(args):
     dataset = ImageFolder(paths, task, size)
     # PNGs are written by two threads while the next image is predicted: at a photo's full size, colouring
     # and compressing take longer than a GPU's prediction (Pillow's encoders release the GIL). At most
-    # WAITING images' outputs wait, each holding its prediction.
+    # WAITING + 1 images' outputs wait, each holding its prediction; on Ctrl-C or an error those already
+    # predicted are still written.
     writes, written = deque(), 0
     with torch.inference_mode(), autocast(), ThreadPoolExecutor(2) as writer:
         for i in tqdm(range(len(dataset)), desc=f"predict {task}", unit="img", dynamic_ncols=True):

@@ -451,6 +451,9 @@ def test_hsv_matches_colorsys_and_round_trips():
     np.testing.assert_allclose(hsv[..., 0] / 360.0, ref[..., 0], atol=1e-9)
     np.testing.assert_allclose(hsv[..., 1:], ref[..., 1:], atol=1e-9)
     np.testing.assert_allclose(T.hsv_to_rgb(hsv), img, atol=1e-9)
+    whole = img.round()  # 8-bit input is read as the same numbers (channel differences must not wrap)
+    np.testing.assert_allclose(T.rgb_to_hsv(whole.astype(np.uint8)), T.rgb_to_hsv(whole), atol=1e-4)
+    np.testing.assert_allclose(T.saturate(whole.astype(np.uint8), 1.5), T.saturate(whole, 1.5), atol=1e-3)
 
 
 def test_saturation_is_colorsys_hsv_with_saturation_scaled_and_clipped():

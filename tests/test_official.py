@@ -253,11 +253,15 @@ def test_official_model_is_built_from_the_file_alone(task, tmp_path):
 def test_an_sd_file_for_an_official_depth_or_semseg_model_is_refused(tmp_path):
     # their files hold the VAE and UNet; an --sd-ckpt would be read for nothing (only refer takes CLIP from it)
     from vpd.tasks import load_model
+    sd = tmp_path / "v1-5.safetensors"
+    sd.write_bytes(b"")  # (there, but not read)
     for task in ("depth", "semseg"):
         path = official_file(task, released_state(task, tiny(task)), tmp_path)
         with pytest.raises(SystemExit, match=rf"the released {task} file holds VAE tensors \(encoder_vq\.\*\) and the "
                                              r"UNet: an SD file \(--sd-ckpt\) is read only"):
-            load_model(str(path), task, sd_ckpt="v1-5.safetensors")
+            load_model(str(path), task, sd_ckpt=str(sd))
+    with pytest.raises(SystemExit, match="--sd-ckpt v1-4.safetensors: no such file"):  # before the release is read
+        load_model(str(path), "semseg", sd_ckpt="v1-4.safetensors")
 
 
 @pytest.mark.parametrize("task", ["depth", "semseg", "refer"])
@@ -275,7 +279,12 @@ def test_a_release_without_the_vae_takes_it_from_the_sd_file(task, tmp_path):
         sd.update({"cond_stage_model.transformer.text_model." + k: v for k, v in source.clip.state_dict().items()})
     head = {"depth": TINY_DEPTH_HEAD, "semseg": {"channels": 16}, "refer": {}}[task]
     # loaded into a model of ours: its VAE stays, if it has one (not on `meta`)
-    load_official(path, task, model=tiny(task, seed=1))
+    target = tiny(task, seed=1)
+    vae_before = {k: v.clone() for k, v in target.backbone.vae.state_dict().items()}
+    load_official(path, task, model=target)
+    assert all(torch.equal(v, target.backbone.vae.state_dict()[k]) for k, v in vae_before.items())
+    first_conv = lambda m: m.backbone.unet.input_blocks[0][0].weight  # noqa: E731
+    assert torch.equal(first_conv(target), first_conv(source))  # the rest is the file's
     with torch.device("meta"):
         bare = build_model(task, unet_cfg=TINY_UNET, vae_cfg=TINY_VAE, clip_cfg=TINY_CLIP, **head,
                            **({"num_classes": 5} if task == "semseg" else {}))

@@ -581,10 +581,12 @@ def test_writes_wait_in_a_bounded_queue_and_a_failed_one_is_raised(world, tmp_pa
     monkeypatch.setattr(predict, "save_outputs", held_save)
     monkeypatch.setattr(predict, "predict_depth", counting_predict)
 
-    def release():  # once WAITING + 1 predictions wait, and a moment more in which an unbounded loop would go on
+    def release():  # once WAITING + 1 predictions wait, and 2 s more in which an unbounded loop would go on
         while len(ahead) < predict.WAITING + 1:
             time.sleep(0.01)
-        time.sleep(0.5)
+        deadline = time.time() + 2.0
+        while len(ahead) < 8 and time.time() < deadline:
+            time.sleep(0.01)
         gate.set()
     threading.Thread(target=release, daemon=True).start()
     with pytest.raises(OSError, match="disk full"):

@@ -217,6 +217,8 @@ def load_model(ckpt, task=None, sd_ckpt=None):
     """A model for evaluation / prediction from our `model.safetensors` (rebuilt from its metadata +
     the frozen parts of its SD file) or from an official VPD release. Returns (model, meta)."""
     task, meta = checkpoint_task(ckpt, task)
+    if sd_ckpt is not None and not os.path.isfile(sd_ckpt):
+        raise SystemExit(f"--sd-ckpt {sd_ckpt}: no such file")
     if meta is None:  # an official VPD checkpoint
         from vpd.official import official_model
         try:
@@ -226,8 +228,6 @@ def load_model(ckpt, task=None, sd_ckpt=None):
         return model, dict(task=task, demo=False, dataset=None, depth_crop=depth_crop(task, None, False), official=True,
                            sd_ckpt=os.path.abspath(sd_ckpt) if sd_ckpt else None)
     sd = sd_ckpt or meta["sd_ckpt"]
-    if sd_ckpt is not None and not os.path.isfile(sd):
-        raise SystemExit(f"--sd-ckpt {sd}: no such file")
     if not os.path.isfile(sd):
         raise SystemExit(f"the SD checkpoint {sd} (frozen VAE/CLIP of this model) is not there: pass --sd-ckpt")
     with safe_open(ckpt, framework="pt") as f:  # the model's own text embeddings, not recomputed

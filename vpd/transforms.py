@@ -84,6 +84,7 @@ def crop_with_cat_max_ratio(label, crop, rng, cat_max_ratio=0.75, ignore_index=2
 
 def rgb_to_hsv(img):
     """(H, W, 3) RGB in [0, 255] -> hue in degrees [0, 360), saturation and value in [0, 1]."""
+    img = img if img.dtype.kind == "f" else img.astype(np.float32)  # (uint8 differences would wrap)
     r, g, b = img[..., 0], img[..., 1], img[..., 2]
     v = np.maximum(np.maximum(r, g), b)
     c = v - np.minimum(np.minimum(r, g), b)
@@ -111,6 +112,7 @@ def saturate(img, factor):
     """HSV saturation scaled by `factor` and clipped at 1, hue and value kept, without an HSV round trip:
     each channel is v - v * s * t(hue) (v the largest channel, s = (v - smallest) / v, t in [0, 1]), so
     scaling s by min(factor, 1 / s) scales each channel's distance below v by the same."""
+    img = img if img.dtype.kind == "f" else img.astype(np.float32)
     r, g, b = img[..., 0], img[..., 1], img[..., 2]
     v = np.maximum(np.maximum(r, g), b)
     c = v - np.minimum(np.minimum(r, g), b)
