@@ -230,6 +230,10 @@ class VPDRefer(nn.Module):
         self.clip.eval()
         return self
 
+    def load_frozen_clip(self, sd_path):
+        """The CLIP text encoder of an SD v1 file (or dict), frozen, in this model's CLIP config."""
+        self.clip = CLIPTextModel.from_checkpoint(sd_path, self.clip.cfg).requires_grad_(False).eval()
+
     def forward(self, images, token_ids):
         """images (B, 3, H, W) in [-1, 1], H and W multiples of 64; token_ids (B, max_tokens) CLIP ids
         padded with end-of-text -> logits (B, 2, H, W)."""

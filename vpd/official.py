@@ -199,7 +199,6 @@ def official_model(src, task, sd_ckpt=None, **kw):
     file's tensors; `sd_ckpt` (an SD v1 file) supplies the refer model's CLIP, and the VAE of a file
     without one. kw goes to build_model (configs, head widths); semseg's class count and refer's token
     count are read off the file."""
-    from vpd.clip import CLIPTextModel
     from vpd.model import build_model
     from vpd.unet import UNetConfig
 
@@ -222,7 +221,7 @@ def official_model(src, task, sd_ckpt=None, **kw):
     with torch.device("meta"):
         model = build_model(task, **kw)
     if task == "refer":
-        model.clip = CLIPTextModel.from_checkpoint(sd_ckpt, kw.get("clip_cfg")).requires_grad_(False).eval()
+        model.load_frozen_clip(sd_ckpt)
     if vae_from_sd:
         model.backbone.load_frozen_vae(sd_ckpt)
     _load_into(model, state, task, copy=isinstance(src, dict))

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from torch import nn
 
 from vpd import data, dist
-from vpd.clip import CLIPConfig, CLIPTextModel, Tokenizer
+from vpd.clip import CLIPConfig, Tokenizer
 from vpd.infer import MS_RATIOS
 from vpd.model import build_model
 from vpd.text import load_class_embeddings
@@ -234,13 +234,12 @@ def load_model(ckpt, task=None, sd_ckpt=None):
         emb = f.get_tensor("class_embeddings") if "class_embeddings" in f.keys() else None
     # built on `meta`: only the frozen parts are read from the SD file; the UNet, adapter and head are
     # the weight file's (reading the SD file's UNet too would double the start's reads and memory)
-    vae_cfg, clip_cfg = _cfg(VAEConfig, meta["vae"]), _cfg(CLIPConfig, meta["clip"])
     with torch.device("meta"):
-        model = build_model(meta["task"], None, _cfg(UNetConfig, meta["unet"]), vae_cfg, clip_cfg,
-                            class_embeddings=emb, **meta["model_kwargs"])
+        model = build_model(meta["task"], None, _cfg(UNetConfig, meta["unet"]), _cfg(VAEConfig, meta["vae"]),
+                            _cfg(CLIPConfig, meta["clip"]), class_embeddings=emb, **meta["model_kwargs"])
     model.backbone.load_frozen_vae(sd)
     if hasattr(model, "clip"):
-        model.clip = CLIPTextModel.from_checkpoint(sd, clip_cfg).requires_grad_(False).eval()
+        model.load_frozen_clip(sd)
     if "frozen_sha256" in meta and frozen_fingerprint(model) != meta["frozen_sha256"]:  # (older files: unchecked)
         frozen = "VAE/CLIP" if hasattr(model, "clip") else "VAE"
         raise SystemExit(f"{sd} is not the SD file {ckpt} was trained with: its frozen {frozen} weights differ from "

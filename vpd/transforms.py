@@ -82,12 +82,18 @@ def crop_with_cat_max_ratio(label, crop, rng, cat_max_ratio=0.75, ignore_index=2
 # thirty times slower than it compares three planes. Values known to lie within one turn are wrapped
 # by a comparison, not by float %, which costs as much as the rest of a step.)
 
-def rgb_to_hsv(img):
-    """(H, W, 3) RGB in [0, 255] -> hue in degrees [0, 360), saturation and value in [0, 1]."""
+def _value_chroma(img):
+    """Float (H, W, 3) RGB, its largest channel v and chroma c = v - smallest channel, each (H, W)."""
     img = img if img.dtype.kind == "f" else img.astype(np.float32)  # (uint8 differences would wrap)
     r, g, b = img[..., 0], img[..., 1], img[..., 2]
     v = np.maximum(np.maximum(r, g), b)
-    c = v - np.minimum(np.minimum(r, g), b)
+    return img, v, v - np.minimum(np.minimum(r, g), b)
+
+
+def rgb_to_hsv(img):
+    """(H, W, 3) RGB in [0, 255] -> hue in degrees [0, 360), saturation and value in [0, 1]."""
+    img, v, c = _value_chroma(img)
+    r, g, b = img[..., 0], img[..., 1], img[..., 2]
     # the sextant of the largest channel (0, 2 or 4) plus the signed position within it; grey pixels
     # (c = 0) get hue 0, as their numerator is 0
     num = np.where(v == r, g - b, np.where(v == g, b - r + 2 * c, r - g + 4 * c))
@@ -112,10 +118,7 @@ def saturate(img, factor):
     """HSV saturation scaled by `factor` and clipped at 1, hue and value kept, without an HSV round trip:
     each channel is v - v * s * t(hue) (v the largest channel, s = (v - smallest) / v, t in [0, 1]), so
     scaling s by min(factor, 1 / s) scales each channel's distance below v by the same."""
-    img = img if img.dtype.kind == "f" else img.astype(np.float32)
-    r, g, b = img[..., 0], img[..., 1], img[..., 2]
-    v = np.maximum(np.maximum(r, g), b)
-    c = v - np.minimum(np.minimum(r, g), b)
+    img, v, c = _value_chroma(img)
     scale = np.minimum(factor, v / np.maximum(c, 1e-12))
     return np.maximum(v[..., None] - scale[..., None] * (v[..., None] - img), 0.0)  # (v - v/c * c: -1e-5)
 
