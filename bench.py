@@ -49,7 +49,6 @@ from contextlib import nullcontext
 
 import torch
 from torch._dynamo.utils import counters
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -527,11 +526,6 @@ def parse_args(argv=None):
     p.add_argument("--no-ref", action="store_true", help="time ours only (no diffusers models are built)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute blocks in backward (both sides)")
-    p.add_argument("--sdpa", choices=["default", "cudnn"], default="default",
-                   help="attention kernels' priority: cudnn tries cuDNN's fused attention first (CUDA), "
-                        "default keeps PyTorch's order (flash first)")
-    p.add_argument("--cudnn-benchmark", action="store_true",
-                   help="let cuDNN time its convolution algorithms on the first call of each shape (CUDA)")
     p.add_argument("--profile", default="", help="append a torch.profiler table of one more iteration per row here")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--iters", type=int, default=5, help="timed iterations per round")
@@ -547,8 +541,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.compile_mode and not args.compile:
         raise SystemExit("--compile-mode needs --compile")
-    if (args.sdpa != "default" or args.cudnn_benchmark) and args.device != "cuda":
-        raise SystemExit("--sdpa cudnn and --cudnn-benchmark choose cuDNN kernels: they need --device cuda")
     if args.res % 64:
         raise SystemExit(f"--res {args.res}: must be a multiple of 64 (the UNet halves the latent 3 times)")
     return args
@@ -596,13 +588,8 @@ def main(args):
     print(f"device {name}, torch {torch.__version__}, {torch.get_num_threads()} threads, size {args.size}, "
           f"res {args.res}, batch {args.batch}, {args.dtype}, compile {args.compile}, "
           f"channels_last {args.channels_last}, grad_checkpoint {args.grad_checkpoint}"
-          + (f", compile mode {args.compile_mode}" if args.compile_mode else "")
-          + (f", sdpa {args.sdpa}, cudnn benchmark {args.cudnn_benchmark}" if device.type == "cuda" else ""))
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    # compiled graphs pick their attention kernel while tracing: the priority holds for the whole run
-    with sdpa_kernel(order, set_priority=True) if args.sdpa == "cudnn" else nullcontext():
-        rows = run_rows(args, device, cfgs, gen, which, tasks, batches)
+          + (f", compile mode {args.compile_mode}" if args.compile_mode else ""))
+    rows = run_rows(args, device, cfgs, gen, which, tasks, batches)
     print_table(rows)
     for r in rows:
         print(f"attention in {r['name']} / {r['impl']}: {', '.join(r['attention_ops']) or '-'}")

@@ -5,7 +5,6 @@
 #   OUT=results bash tools/gpu_run.sh compiled   # compiled bf16 at batch 16, NHWC: semseg step, UNet fwd+bwd (~9 min)
 #   OUT=results bash tools/gpu_run.sh graphs     # the semseg step at batch 2 under CUDA graphs (reduce-overhead, ~5 min)
 #   OUT=results bash tools/gpu_run.sh kernels    # SD's attention and conv shapes under each kernel choice, eager (~2 min)
-#   OUT=results bash tools/gpu_run.sh cudnn      # compiled UNet fwd+bwd, batch 16: cuDNN attention / conv autotuning (~6 min)
 #   OUT=results bash tools/gpu_run.sh breakdown  # compiled VAE encoder alone; a kernel profile of the semseg step (~4 min)
 #   OUT=results bash tools/gpu_run.sh sweep 2 8  # compiled NHWC semseg step at these batches: speed, peak memory (~4.5 min each)
 #   OUT=results bash tools/gpu_run.sh evalms     # ADE20K's ms + flip test of one image: 4 windows per forward vs 1 (~1 min)
@@ -49,14 +48,7 @@ kernels)  # where the UNet's time goes, and whether another attention or convolu
   for b in 16 2; do
     run kernels$b.txt 100 python3 bench_kernels.py --batch $b --res 512 --json "$OUT/kernels$b.json"
   done ;;
-cudnn)  # the same run three times on one machine; the caches make the later compiles shorter, but the
-  # cuDNN-attention run must not take the first run's traced graph (the SDPA priority is not in the cache key)
-  U="$B --batch 16 --dtype bf16 --compile --channels-last --no-ref --which unet_fwdbwd --iters 5 --warmup 2"
-  run unet16_default.txt 220 $U --json "$OUT/unet16_default.json"
-  run unet16_sdpa_cudnn.txt 200 env TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0 \
-    $U --sdpa cudnn --json "$OUT/unet16_sdpa_cudnn.json"
-  run unet16_cudnn_benchmark.txt 150 $U --cudnn-benchmark --json "$OUT/unet16_cudnn_benchmark.json" ;;
-breakdown)  # where the semseg step's time goes beyond the UNet (240 ms against 124 ms at batch 16)
+breakdown)  # where the semseg step's time goes beyond the UNet (half of it at batch 16: 262 ms against 132 ms on an H100)
   run vae16.txt 120 $B --batch 16 --dtype bf16 --compile --channels-last --no-ref --which vae_enc --iters 5 --warmup 2
   run semseg16.txt 300 $B --batch 16 --dtype bf16 --compile --channels-last --which train_semseg --iters 3 \
     --warmup 2 --profile "$OUT/profile_semseg16.txt" ;;
@@ -69,5 +61,5 @@ sweep)
   done ;;
 evalms)  # eval.py's semseg test (eager bf16): its windows batched against mmseg's one per forward
   run eval_semseg.txt 150 $B --dtype bf16 --which eval_semseg --iters 3 --warmup 1 --json "$OUT/eval_semseg.json" ;;
-*) echo "usage: bash tools/gpu_run.sh eager|compiled|graphs|kernels|cudnn|breakdown|sweep [batches]|evalms" >&2; exit 2 ;;
+*) echo "usage: bash tools/gpu_run.sh eager|compiled|graphs|kernels|breakdown|sweep [batches]|evalms" >&2; exit 2 ;;
 esac
