@@ -225,7 +225,10 @@ def attention_ops(fn):
 
 
 def profile_into(path, name, fns, device):
-    """One more iteration per impl under torch.profiler; its busiest kernels appended to `path`."""
+    """One more iteration per impl under torch.profiler, appended to `path` as two tables: the busiest
+    kernels (self time), then the ops by their total time, kernels launched inside them included.
+    The second splits a training step into its phases: the compiled forward (CompiledFunction), its
+    backward (CompiledFunctionBackward), the eager loss and its backward, and Optimizer.step."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -233,10 +236,11 @@ def profile_into(path, name, fns, device):
         with torch.profiler.profile(activities=activities) as prof:
             fn()
             sync(device)
-        table = prof.key_averages().table(sort_by=f"self_{device.type}_time_total", row_limit=40,
-                                          max_name_column_width=80)
+        ops = prof.key_averages()
+        tables = [ops.table(sort_by=f"{prefix}{device.type}_time_total", row_limit=40, max_name_column_width=80)
+                  for prefix in ("self_", "")]
         with open(path, "a") as f:
-            f.write(f"== {name} / {impl}\n{table}\n")
+            f.write(f"== {name} / {impl}\n{tables[0]}\nby total time:\n{tables[1]}\n")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -137,6 +137,21 @@ def test_bench_profile_appends_a_table_per_row(tmp_path):
     heads = [line for line in text.splitlines() if line.startswith("== ")]
     assert heads == ["== unet_fwd / ours", "== unet_fwd / ref", "== vae_enc / ours", "== vae_enc / ref"]
     assert "aten::convolution" in text and "aten::_scaled_dot_product" in text
+    assert text.count("by total time:") == 4
+
+
+def test_bench_profile_splits_a_training_step_by_total_time(tmp_path):
+    out = tmp_path / "profile.txt"
+    bench.main(bench.parse_args(["--size", "tiny", "--res", "128", "--batch", "2", "--which", "train_semseg",
+                                 "--iters", "1", "--warmup", "0", "--profile", str(out)]))
+    by_total = out.read_text().split("by total time:\n")[1]
+    lines = by_total.splitlines()  # a rule, the header, a rule, the rows, a rule
+    rows = [line.split() for line in lines[3:lines.index(lines[0], 3)]]
+    unit = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+    # columns from the right: calls, mean, CPU total, its %, self CPU, its %; names may hold spaces
+    totals = [float(r[-3].rstrip("usm")) * unit[r[-3].lstrip("0123456789.")] for r in rows]
+    assert totals == sorted(totals, reverse=True) and len(totals) == 40
+    assert ["Optimizer.step#AdamW.step"] in [r[:-6] for r in rows]  # a phase: a wrapper of little self time
 
 
 def test_bench_refuses_bad_flags():
