@@ -32,6 +32,11 @@ tensor MiB: the peak of the bytes held by tensors created during one more iterat
 exact and allocator-independent on any device, blind to workspaces an op frees before returning;
 counts new gradients in full (peak MiB nets them against the freed old ones); not measured with
 --compile.
+--ddp: the training step's model wrapped as train.py wraps it under torchrun, DDP around the compiled
+model, in a process group of this one process: DDP adds its gradient buckets, and torch.compile splits
+the model into one graph per bucket so that each bucket's all-reduce can start while the backward
+goes on (`graphs` in the JSON and under the table: the graphs compiled for the row). What several GPUs
+add, the communication itself, is not in it.
 attention: the scaled-dot-product-attention ops one more iteration dispatches (lines under the
 table, `attention_ops` in the JSON): which kernel (flash, efficient, cuDNN, math) really ran.
 TFLOP/s: analytic FLOPs (vpd/flops.py) per iteration / time; % peak: of the dense bf16 peak of the
@@ -48,7 +53,9 @@ import weakref
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 from torch._dynamo.utils import counters
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -428,6 +435,9 @@ def train_setup(task, batch, args, device, cfgs, gen):
                                                c.intermediate_size, batch=B)
     opt = build_optimizer(model, lr=1e-6, weight_decay=1e-2, unet_lr_mult=0.1, fused=device.type == "cuda")  # as train.py
     fwd = torch.compile(model, mode=args.compile_mode) if args.compile else model
+    if args.ddp:  # train.py's order: DDP around the compiled model
+        ids = [torch.cuda.current_device()] if device.type == "cuda" else None
+        fwd = DDP(fwd, device_ids=ids, bucket_cap_mb=args.ddp)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -479,22 +489,25 @@ def bench_eval_semseg(args, device, cfgs, gen):
     return rows
 
 
-def bench_train(args, device, cfgs, gen, tasks):
-    rows = []
-    for task in tasks:
-        step, step_flops = train_setup(task, args.batch, args, device, cfgs, gen)
-        rows += run_pair(f"train_{task}", {"ours": step}, step_flops, args.batch, args, device)
-        del step
+def train_rows(name, task, batch, args, device, cfgs, gen):
+    """run_pair's row of one training step, with the number of graphs compiled for it."""
+    before = counters["aot_autograd"]["total"]
+    step, step_flops = train_setup(task, batch, args, device, cfgs, gen)
+    rows = run_pair(name, {"ours": step}, step_flops, batch, args, device)
+    for r in rows:
+        r["graphs"] = counters["aot_autograd"]["total"] - before if args.compile else None
     return rows
+
+
+def bench_train(args, device, cfgs, gen, tasks):
+    return [row for task in tasks for row in train_rows(f"train_{task}", task, args.batch, args, device, cfgs, gen)]
 
 
 def sweep_batch(args, device, cfgs, gen, batches):
     rows = []
     for B in batches:
         torch._dynamo.reset()  # compiled: a static graph per batch, not a recompile with a dynamic batch dimension
-        step, step_flops = train_setup("semseg", B, args, device, cfgs, gen)
-        rows += run_pair(f"train_semseg bs={B}", {"ours": step}, step_flops, B, args, device)
-        del step
+        rows += train_rows(f"train_semseg bs={B}", "semseg", B, args, device, cfgs, gen)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -530,6 +543,9 @@ def parse_args(argv=None):
     p.add_argument("--no-ref", action="store_true", help="time ours only (no diffusers models are built)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute blocks in backward (both sides)")
+    p.add_argument("--ddp", type=float, nargs="?", const=25.0, default=None, metavar="BUCKET_MB",
+                   help="training rows: wrap the model in DDP over this one process, as train.py does under "
+                        "torchrun (gradient buckets of BUCKET_MB, default 25 as there)")
     p.add_argument("--profile", default="", help="append a torch.profiler table of one more iteration per row here")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--iters", type=int, default=5, help="timed iterations per round")
@@ -584,6 +600,10 @@ def main(args):
     if (tasks and args.batch == 1 or 1 in batches) and args.res < 128:
         raise SystemExit(f"--res {args.res} with batch 1: the heads' BatchNorm sees a single 1x1 value at "
                          "1/64 of the image in training; use --res 128 or more, or a larger batch")
+    if args.ddp is not None and not (tasks or batches):
+        raise SystemExit("--ddp wraps the training step's model: add a train_<task> row or --sweep-batch")
+    if args.ddp is not None and args.ddp <= 0:
+        raise SystemExit(f"--ddp {args.ddp}: bucket size must be > 0 MB")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     args.peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     dtype = torch.bfloat16 if args.dtype == "bf16" else None
@@ -592,11 +612,21 @@ def main(args):
     print(f"device {name}, torch {torch.__version__}, {torch.get_num_threads()} threads, size {args.size}, "
           f"res {args.res}, batch {args.batch}, {args.dtype}, compile {args.compile}, "
           f"channels_last {args.channels_last}, grad_checkpoint {args.grad_checkpoint}"
-          + (f", compile mode {args.compile_mode}" if args.compile_mode else ""))
-    rows = run_rows(args, device, cfgs, gen, which, tasks, batches)
+          + (f", compile mode {args.compile_mode}" if args.compile_mode else "")
+          + (f", DDP over 1 process, {args.ddp:g} MB buckets" if args.ddp else ""))
+    if args.ddp:  # an in-process store: one rank needs no address or port
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+    try:
+        rows = run_rows(args, device, cfgs, gen, which, tasks, batches)
+    finally:
+        if args.ddp:
+            dist.destroy_process_group()
     print_table(rows)
     for r in rows:
         print(f"attention in {r['name']} / {r['impl']}: {', '.join(r['attention_ops']) or '-'}")
+        if r.get("graphs"):
+            print(f"graphs compiled for {r['name']}: {r['graphs']}")
     if args.json:
         meta = {k: v for k, v in vars(args).items() if k != "autocast"}
         with open(args.json, "w") as f:

@@ -163,6 +163,36 @@ def test_bench_refuses_bad_flags():
     for argv in (["--which", "train_semseg", "--batch", "1"], ["--which", "unet_fwd", "--sweep-batch", "1,2"]):
         with pytest.raises(SystemExit, match="BatchNorm sees a single 1x1 value"):
             bench.main(bench.parse_args(argv + ["--no-ref", "--res", "64"]))
+    for argv, match in ((["--which", "unet_fwd", "--ddp"], "add a train_<task> row"),
+                        (["--which", "train_semseg", "--ddp", "0"], "must be > 0")):
+        with pytest.raises(SystemExit, match=match):
+            bench.main(bench.parse_args(argv + ["--no-ref"]))
+
+
+def test_ddp_splits_the_compiled_training_step_at_its_buckets(monkeypatch):
+    # train.py's DDP(compile(model)) under torchrun: the compiler splits the model's graph at DDP's
+    # gradient buckets. Compiled here with aot_eager (inductor needs a C++ compiler), graphs counted
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, mode=None: compile_(m, backend="aot_eager"))
+    wrapped, ddp = [], bench.DDP
+    monkeypatch.setattr(bench, "DDP", lambda m, **kw: wrapped.append((type(m).__name__, kw)) or ddp(m, **kw))
+    def run_pair(name, fns, *args):  # one step, untimed
+        fns["ours"]()
+        return [dict(name=name, impl="ours", attention_ops=[])]
+    monkeypatch.setattr(bench, "run_pair", run_pair)
+    monkeypatch.setattr(bench, "print_table", lambda rows: None)
+    argv = ["--size", "tiny", "--res", "64", "--batch", "2", "--which", "train_semseg", "--compile"]
+    graphs = []
+    for extra in ([], ["--ddp", "10"]):
+        torch._dynamo.reset()
+        [row] = bench.main(bench.parse_args(argv + extra))
+        graphs.append(row["graphs"])
+        assert not torch.distributed.is_initialized()  # the one-process group is gone again
+    assert wrapped == [("OptimizedModule", dict(device_ids=None, bucket_cap_mb=10.0))]  # around the compiled model
+    model = bench.build_model("semseg", unet_cfg=bench.TINY_UNET, vae_cfg=bench.TINY_VAE, clip_cfg=bench.TINY_CLIP)
+    mb = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad) / 2 ** 20
+    assert graphs[0] == 1 and graphs[1] >= math.ceil(mb / 10) > 1
+    assert bench.parse_args(["--ddp"]).ddp == 25.0  # DDP's default, as train.py leaves it
 
 
 def test_bench_without_diffusers_says_what_to_install_or_to_pass(monkeypatch):
@@ -402,7 +432,7 @@ def test_sweep_batch_resets_dynamo_before_each_batch(monkeypatch):
         return None, 0
     monkeypatch.setattr(bench, "train_setup", train_setup)
     monkeypatch.setattr(bench, "run_pair", lambda *a: [])
-    bench.sweep_batch(SimpleNamespace(), torch.device("cpu"), None, None, [2, 4])
+    bench.sweep_batch(SimpleNamespace(compile=False), torch.device("cpu"), None, None, [2, 4])
     assert events == ["reset", 2, "reset", 4]
 
 

@@ -8,6 +8,7 @@
 #   OUT=results bash tools/gpu_run.sh breakdown  # compiled VAE encoder alone; a kernel profile of the semseg step (~4 min)
 #   OUT=results bash tools/gpu_run.sh sweep 2 8  # compiled NHWC semseg step at these batches: speed, peak memory (~4.5 min each)
 #   OUT=results bash tools/gpu_run.sh evalms     # ADE20K's ms + flip test of one image: 4 windows per forward vs 1 (~1 min)
+#   OUT=results bash tools/gpu_run.sh ddp        # the compiled batch-2 semseg step alone and split at DDP's buckets (~9 min)
 # Compiling the full model takes minutes (about 4 on an H200), so each compiled row has a long timeout,
 # and each batch of the sweep is its own process: one static-shape compile each (a second batch in
 # the same process would be recompiled with a dynamic batch dimension), each row kept if a later one
@@ -61,5 +62,9 @@ sweep)
   done ;;
 evalms)  # eval.py's semseg test (eager bf16): its windows batched against mmseg's one per forward
   run eval_semseg.txt 150 $B --dtype bf16 --which eval_semseg --iters 3 --warmup 1 --json "$OUT/eval_semseg.json" ;;
-*) echo "usage: bash tools/gpu_run.sh eager|compiled|graphs|kernels|breakdown|sweep [batches]|evalms" >&2; exit 2 ;;
+ddp)  # what train.py's DDP(compile(model)) costs a GPU beyond the communication: ~130 graphs, one per 25 MB bucket of 3.3 GB
+  S="$B --batch 2 --dtype bf16 --compile --channels-last --which train_semseg --iters 10 --warmup 3"
+  run semseg2.txt 280 $S --json "$OUT/semseg2.json"
+  run semseg2_ddp.txt 290 $S --ddp --json "$OUT/semseg2_ddp.json" ;;
+*) echo "usage: bash tools/gpu_run.sh eager|compiled|graphs|kernels|breakdown|sweep [batches]|evalms|ddp" >&2; exit 2 ;;
 esac
