@@ -563,6 +563,8 @@ def parse_args(argv=None):
         raise SystemExit("--compile-mode needs --compile")
     if args.res % 64:
         raise SystemExit(f"--res {args.res}: must be a multiple of 64 (the UNet halves the latent 3 times)")
+    if args.ddp is not None and args.ddp <= 0:
+        raise SystemExit(f"--ddp {args.ddp:g}: bucket size must be > 0 MB")
     return args
 
 
@@ -602,8 +604,6 @@ def main(args):
                          "1/64 of the image in training; use --res 128 or more, or a larger batch")
     if args.ddp is not None and not (tasks or batches):
         raise SystemExit("--ddp wraps the training step's model: add a train_<task> row or --sweep-batch")
-    if args.ddp is not None and args.ddp <= 0:
-        raise SystemExit(f"--ddp {args.ddp}: bucket size must be > 0 MB")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     args.peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     dtype = torch.bfloat16 if args.dtype == "bf16" else None
