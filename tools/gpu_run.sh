@@ -9,6 +9,7 @@
 #   OUT=results bash tools/gpu_run.sh sweep 2 8  # compiled NHWC semseg step at these batches: speed, peak memory (~4.5 min each)
 #   OUT=results bash tools/gpu_run.sh evalms     # ADE20K's ms + flip test of one image: 4 windows per forward vs 1 (~1 min)
 #   OUT=results bash tools/gpu_run.sh ddp        # the compiled batch-2 semseg step alone and split at DDP's buckets (~9 min)
+#   OUT=results bash tools/gpu_run.sh ddpgraphs  # the same split step under CUDA graphs: does reduce-overhead work under DDP (~5 min)
 # Compiling the full model takes minutes (about 4 on an H200), so each compiled row has a long timeout,
 # and each batch of the sweep is its own process: one static-shape compile each (a second batch in
 # the same process would be recompiled with a dynamic batch dimension), each row kept if a later one
@@ -66,5 +67,8 @@ ddp)  # what train.py's DDP(compile(model)) costs a GPU beyond the communication
   S="$B --batch 2 --dtype bf16 --compile --channels-last --which train_semseg --iters 10 --warmup 3"
   run semseg2.txt 280 $S --json "$OUT/semseg2.json"
   run semseg2_ddp.txt 290 $S --ddp --json "$OUT/semseg2_ddp.json" ;;
-*) echo "usage: bash tools/gpu_run.sh eager|compiled|graphs|kernels|breakdown|sweep [batches]|evalms|ddp" >&2; exit 2 ;;
+ddpgraphs)
+  run semseg2_ddp_graphs.txt 300 $B --batch 2 --dtype bf16 --compile --compile-mode reduce-overhead --channels-last \
+    --which train_semseg --iters 10 --warmup 3 --ddp --json "$OUT/semseg2_ddp_graphs.json" ;;
+*) echo "usage: bash tools/gpu_run.sh eager|compiled|graphs|kernels|breakdown|sweep [batches]|evalms|ddp|ddpgraphs" >&2; exit 2 ;;
 esac
