@@ -63,7 +63,7 @@ sweep)
   done ;;
 evalms)  # eval.py's semseg test (eager bf16): its windows batched against mmseg's one per forward
   run eval_semseg.txt 150 $B --dtype bf16 --which eval_semseg --iters 3 --warmup 1 --json "$OUT/eval_semseg.json" ;;
-ddp)  # what train.py's DDP(compile(model)) costs a GPU beyond the communication: ~130 graphs, one per 25 MB bucket of 3.3 GB
+ddp)  # what train.py's DDP(compile(model)) costs a GPU beyond the communication: ~130 graphs, one per 25 MB bucket of 3.3 GiB
   S="$B --batch 2 --dtype bf16 --compile --channels-last --which train_semseg --iters 10 --warmup 3"
   run semseg2.txt 280 $S --json "$OUT/semseg2.json"
   run semseg2_ddp.txt 290 $S --ddp --json "$OUT/semseg2_ddp.json" ;;
