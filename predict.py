@@ -35,7 +35,7 @@ How each task sees an image (vpd/data.py ImageFolder, vpd/infer.py):
           windows with stride 341, logits resized to the image's size.
   refer   resized to --size x --size (default 512, aspect not kept, as in training).
 Our semseg and refer models default to their training crop (512 in the paper's recipes) as --size
-and semseg window, as do demo depth models.
+and semseg window; demo depth models to the width of the demo's frames.
 """
 import argparse
 import os
@@ -169,8 +169,12 @@ def scene_index(scene, official):
 
 
 def default_size(task, meta):
-    if meta.get("demo") or (task != "depth" and "args" in meta):
-        return int(meta["args"]["crop"])  # the scale training saw (semseg: short side, refer: side)
+    """The scale training saw: semseg and refer models' crop (semseg: short side, refer: side); depth models
+    crop without resizing, so the width of their frames (NYU: 640, KITTI: 1216, the demo's synthetic frames: 128)."""
+    if task == "depth" and meta.get("demo"):
+        return int(meta["args"]["demo_size"])
+    if task != "depth" and "args" in meta:
+        return int(meta["args"]["crop"])
     if task == "depth" and meta.get("dataset") == "kitti":
         return 1216  # KITTI's benchmark crop width
     return SIZES[task]

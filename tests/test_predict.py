@@ -21,10 +21,12 @@ from safetensors.torch import save_file
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # predict.py is a script at the repository root
 import predict  # noqa: E402
+import train  # noqa: E402
 from vpd.clip import Tokenizer  # noqa: E402
 from vpd.data import NYU_SCENES, BadSampleError, ImageFolder, read_rgb  # noqa: E402
 from vpd.demo import TINY_CLIP, TINY_UNET, TINY_VAE, wake_zero_weights_, write_random_sd  # noqa: E402
 from vpd.model import build_model  # noqa: E402
+from vpd.synthetic import scene_sample  # noqa: E402
 from vpd.tasks import load_model, model_kwargs  # noqa: E402
 from vpd.trained import frozen_fingerprint, save_weights  # noqa: E402
 
@@ -390,8 +392,17 @@ def test_default_size_follows_the_training_crop():
     assert predict.default_size("refer", trained) == 384 and predict.default_size("semseg", trained) == 384
     assert predict.default_size("depth", trained) == 640  # depth crops at NYU's scale: not a resize
     assert [predict.default_size(t, {}) for t in ("semseg", "refer", "depth")] == [512, 512, 640]  # official
-    assert predict.default_size("depth", {"demo": True, "args": {"crop": 96}}) == 96  # a demo model's crop
     assert predict.default_size("depth", {"dataset": "kitti", "args": {"crop": 352}}) == 1216  # KITTI's width
+
+
+def test_demo_depth_models_see_the_demos_frames_at_their_own_scale(tmp_path):
+    # a demo depth model trained on uncropped-scale crops of the demo's frames: its default --size keeps
+    # such a frame at its size (fitting it into the 96 crop would shrink it to 0.75x, doubling the error)
+    meta = {"demo": True, "args": dict(train.DEMO, crop=train.DEMO_CROP["depth"])}
+    frame = tmp_path / "frame.jpg"
+    Image.fromarray(scene_sample(0, 0, train.DEMO["demo_size"])["rgb"]).save(frame)
+    sample = ImageFolder([frame], "depth", size=predict.default_size("depth", meta))[0]
+    assert sample["resized_size"].tolist() == sample["orig_size"].tolist() == [96, 128]
 
 
 def test_depth_takes_two_windows_up_to_twice_as_wide_as_tall():
