@@ -346,8 +346,8 @@ def main(args):
         bad = next((b for b in dist.gather_objects(bad) if b is not None), None)
         if bad is not None:
             bar.close()
-            raise SystemExit(f"non-finite weights after step {step} ({bad}): not saved; the checkpoint in "
-                             f"{args.out} stays at step {saved} ({advice})")
+            where = f"the checkpoint in {args.out} stays at step {saved}" if saved else "no checkpoint was written"
+            raise SystemExit(f"non-finite weights after step {step} ({bad}): not saved; {where} ({advice})")
         mine = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
                     cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                     loss_sum=float(loss_sum))

@@ -742,6 +742,15 @@ def test_a_diverged_run_keeps_its_last_good_checkpoint(world, tmp_path, monkeypa
     assert not list(out.glob("*.tmp*"))
 
 
+def test_a_run_diverged_before_its_first_checkpoint_says_there_is_none(world, tmp_path, monkeypatch):
+    from vpd.tasks import forward_loss
+    monkeypatch.setattr(train, "forward_loss", lambda *a: forward_loss(*a) * float("nan"))
+    out = tmp_path / "diverged"
+    with pytest.raises(SystemExit, match=r"non-finite weights after step 1 .*: not saved; no checkpoint was written \("):
+        train_here(flags(world, "depth", out, "--iters", 4, "--batch-size", 2, "--save-every", 1, "--log-every", 4))
+    assert not (out / "state.pt").exists()
+
+
 def test_resume_takes_moved_files_of_the_same_contents_and_refuses_others(world, tmp_path, capsys):
     import shutil
     sd, root = tmp_path / "moved" / "sd.safetensors", tmp_path / "moved" / "data"
