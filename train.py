@@ -224,6 +224,9 @@ def main(args):
                                     for k in changed)))
         # left out, the run's own file: recorded again as it started, so a later --resume with it still matches
         args.class_embeddings = args.class_embeddings or started.get("class_embeddings")
+        if args.stop_after is not None and args.stop_after <= state["step"]:
+            raise SystemExit(f"--stop-after {args.stop_after}: the run in {args.out} is already at step {state['step']}; "
+                             "give a later step, or leave it out to finish the run")
     elif os.path.isfile(state_path):
         raise SystemExit(f"--out {args.out} holds the checkpoint of an earlier run: continue it with --resume, "
                          "or give another --out")

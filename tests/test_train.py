@@ -318,7 +318,9 @@ def test_class_embeddings_file_is_the_models_text(world, tmp_path, capsys):
         train_here(flags(world, "semseg", out, "--iters", 3, "--batch-size", 2, "--class-embeddings",
                          tmp_path / "other.pth", "--resume"))
     torch.save(emb, tmp_path / "copy.pth")  # the same text at another path: taken, and recorded
-    train_here(flags(world, "semseg", out, "--iters", 3, "--stop-after", 2, "--batch-size", 2, "--class-embeddings",
+    with pytest.raises(SystemExit, match=r"^--stop-after 2: the run in .* is already at step 2; give a later step"):
+        train_here(flags(world, "semseg", out, "--iters", 3, "--stop-after", 2, "--batch-size", 2, "--resume"))
+    train_here(flags(world, "semseg", out, "--iters", 3, "--batch-size", 2, "--class-embeddings",
                      tmp_path / "copy.pth", "--resume"))
     assert "copy.pth in place of" in capsys.readouterr().out
     train_here(flags(world, "semseg", out, "--iters", 3, "--batch-size", 2, "--class-embeddings",
