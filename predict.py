@@ -35,7 +35,7 @@ How each task sees an image (vpd/data.py ImageFolder, vpd/infer.py):
           windows with stride 341, logits resized to the image's size.
   refer   resized to --size x --size (default 512, aspect not kept, as in training).
 Our semseg and refer models default to their training crop (512 in the paper's recipes) as --size
-and semseg window; demo depth models to the width of the demo's frames.
+and semseg window; demo depth models on the synthetic NYU frames to those frames' width.
 """
 import argparse
 import os
@@ -49,8 +49,8 @@ from tqdm import tqdm
 
 from vpd import vis
 from vpd.clip import Tokenizer
-from vpd.data import (IMAGE_EXTENSIONS, KITTI_SCENES, NYU_SCENES, BadSampleError, ImageFolder, check_photo, read_rgb,
-                      undo, vpd_scene_id)
+from vpd.data import (IMAGE_EXTENSIONS, KB_CROP, KITTI_SCENES, NYU_SCENES, BadSampleError, ImageFolder, check_photo,
+                      read_rgb, undo, vpd_scene_id)
 from vpd.dist import amp_autocast, setup, writable_dir
 from vpd.infer import depth_predict, refer_logits, semseg_probs
 from vpd.model import TASKS
@@ -85,7 +85,7 @@ def get_args(argv=None):
 
 # ----------------------------------------------------------------------------- checks before the model loads
 
-def image_paths(inputs, out):
+def image_paths(inputs, out, task):
     """Files and folders -> (image paths, skipped). A folder gives its images, sorted: not its
     subfolders' or hidden files, nor, when it is --out, an earlier run's outputs. A file whose header cannot
     be read is skipped and named, as one found truncated later; none readable stops us before the model load."""
@@ -134,6 +134,12 @@ def image_paths(inputs, out):
             raise SystemExit(f"{stems[stem]} and {path} would write the same output names ({stem}_*.png): "
                              "rename one or predict them into different --out folders")
         stems[stem] = path
+    writes = {os.path.realpath(os.path.join(out, stem + end)): path for stem, path in stems.items()
+              for end in OUTPUTS[task]}
+    for path in stems.values():  # e.g. a photo named b_depth.png next to b.png: b's depth would replace it
+        if os.path.realpath(path) in writes:
+            raise SystemExit(f"{path} is an input that the outputs of {writes[os.path.realpath(path)]} would "
+                             "overwrite: rename it or predict into another --out folder")
     return list(dict.fromkeys(stems.values())), skipped  # each file once
 
 
@@ -170,14 +176,13 @@ def scene_index(scene, official):
 
 def default_size(task, meta):
     """The scale training saw: semseg and refer models' crop (semseg: short side, refer: side); depth models
-    crop without resizing, so the width of their frames (NYU: 640, KITTI: 1216, the demo's synthetic frames: 128)."""
-    if task == "depth" and meta.get("demo"):
-        return int(meta["args"]["demo_size"])
-    if task != "depth" and "args" in meta:
-        return int(meta["args"]["crop"])
-    if task == "depth" and meta.get("dataset") == "kitti":
-        return 1216  # KITTI's benchmark crop width
-    return SIZES[task]
+    crop without resizing, so the width of their frames (NYU: 640, KITTI's benchmark crop: 1216, demo runs
+    too; the demo's synthetic NYU frames: --demo's demo_size, 128)."""
+    if task != "depth":
+        return int(meta["args"]["crop"]) if "args" in meta else SIZES[task]
+    if meta.get("dataset") == "kitti":
+        return KB_CROP[1]
+    return int(meta["args"]["demo_size"]) if meta.get("demo") else SIZES[task]
 
 
 # ----------------------------------------------------------------------------- prediction of one image
@@ -239,7 +244,7 @@ def main(args):
     task, meta = checkpoint_task(args.ckpt, args.task)  # before the options of the wrong task
     meta = meta or {}
     check_options(args, task)
-    paths, skipped = image_paths(args.images, args.out)
+    paths, skipped = image_paths(args.images, args.out, task)
     size = args.size or default_size(task, meta)
     writable_dir(args.out)
     _, _, device = setup(args.device)

@@ -81,7 +81,8 @@ def test_kitti_trains_evaluates_and_predicts(tmp_path, monkeypatch):
         return depth_predict(*args, **kwargs)
     monkeypatch.setattr(predict, "depth_predict", recording_windows)
     predict.main(predict.get_args([str(photo), "--ckpt", ckpt, "--out", str(tmp_path / "pred")]))
-    assert windows == [((19, 64), 4)]  # resized to the demo crop's width, in square windows as trained
+    # at the width of KITTI's frames, from which the 64 crops were cut unscaled; in square windows as trained
+    assert windows == [((365, 1216), 4)]
     depth = np.asarray(Image.open(tmp_path / "pred" / "street_depth.png"))
     assert depth.shape == (90, 300) and depth.dtype == np.uint16
     assert 0 < depth.max() <= 80 * 256  # a KITTI model (80 m) writes 1/256 m units

@@ -80,7 +80,7 @@ def checkpoint(world, task):
             model.head.classifier.bias[1] -= (logits[0, 1] - logits[0, 0]).median()
     meta = dict(task=task, sd_ckpt=world.sd, demo=True, dataset=None, unet=asdict(TINY_UNET),
                 vae=asdict(TINY_VAE), clip=asdict(TINY_CLIP), model_kwargs=kw,
-                depth_crop=None, args=dict(crop=CROPS[task]), frozen_sha256=frozen_fingerprint(model))
+                depth_crop=None, args=dict(crop=CROPS[task], demo_size=train.DEMO["demo_size"]), frozen_sha256=frozen_fingerprint(model))
     path = str(world.root / f"{task}.safetensors")
     save_weights(model, path, meta)
     world.ckpts[task] = path
@@ -505,9 +505,9 @@ def test_a_folder_gives_its_images_whatever_the_case_of_their_extension(tmp_path
     (tmp_path / ".DS_Store").write_bytes(b"")  # hidden: not mentioned
     (tmp_path / "._IMG_0001.JPG").write_bytes(b"macOS metadata, not an image")  # hidden, image-named: not read
     write_image(str(tmp_path / ".thumb.png"), 8, 8, 2)  # a hidden image too: a folder gives what it shows
-    assert predict.image_paths([str(tmp_path)], "out") == ([str(tmp_path / "IMG_0001.JPG"), str(tmp_path / "b.png")],
+    assert predict.image_paths([str(tmp_path)], "out", "depth") == ([str(tmp_path / "IMG_0001.JPG"), str(tmp_path / "b.png")],
                                                             [])
-    assert predict.image_paths([str(tmp_path / ".thumb.png")], "out") == ([str(tmp_path / ".thumb.png")], [])
+    assert predict.image_paths([str(tmp_path / ".thumb.png")], "out", "depth") == ([str(tmp_path / ".thumb.png")], [])
     assert f"{tmp_path}: 2 file(s) of other types not read (IMG_0002.HEIC, notes.txt; images are .jpg" in (
         capsys.readouterr().out)
 
@@ -532,10 +532,21 @@ def test_a_folder_that_is_out_gives_its_photos_not_earlier_outputs(world, tmp_pa
     out = capsys.readouterr().out
     assert "its 2 earlier output(s)" in out and f"{tmp_path}: 1 subfolder(s) not searched" in out
     # a folder and a file in it: each file once, not two inputs of the same name
-    assert predict.image_paths([world.images, world.wide], "out") == ([world.tall, world.wide], [])
+    assert predict.image_paths([world.images, world.wide], "out", "depth") == ([world.tall, world.wide], [])
     # in another folder, files of those names are photos like any other
-    assert predict.image_paths([str(tmp_path)], "elsewhere")[0] == [
+    assert predict.image_paths([str(tmp_path)], "elsewhere", "depth")[0] == [
         str(tmp_path / n) for n in ("photo.png", "photo_depth_color.png")]  # (the 16-bit PNG: not a photo)
+
+
+def test_an_input_that_another_inputs_output_would_overwrite_is_refused(tmp_path):
+    # a photo named b_depth.png beside b.png, predicted into their own folder: b's depth map would replace it
+    write_image(str(tmp_path / "b.png"), 8, 8, 0)
+    write_image(str(tmp_path / "b_semseg.png"), 8, 8, 1)
+    files = [str(tmp_path / "b.png"), str(tmp_path / "b_semseg.png")]
+    with pytest.raises(SystemExit, match=r"b_semseg.png is an input that the outputs of .*b.png would overwrite"):
+        predict.image_paths(files, str(tmp_path), "semseg")
+    assert predict.image_paths(files, str(tmp_path), "depth")[0] == files  # depth writes b_depth*.png
+    assert predict.image_paths(files, str(tmp_path / "out"), "semseg")[0] == files  # another --out
 
 
 def test_semseg_without_size_sees_the_image_at_its_training_scale(world, tmp_path, monkeypatch):
