@@ -134,11 +134,11 @@ def image_paths(inputs, out, task):
             raise SystemExit(f"{stems[stem]} and {path} would write the same output names ({stem}_*.png): "
                              "rename one or predict them into different --out folders")
         stems[stem] = path
-    writes = {os.path.realpath(os.path.join(out, stem + end)): path for stem, path in stems.items()
-              for end in OUTPUTS[task]}
+    outputs = {os.path.realpath(os.path.join(out, stem + end)): path for stem, path in stems.items()
+               for end in OUTPUTS[task]}
     for path in stems.values():  # e.g. a photo named b_depth.png next to b.png: b's depth would replace it
-        if os.path.realpath(path) in writes:
-            raise SystemExit(f"{path} is an input that the outputs of {writes[os.path.realpath(path)]} would "
+        if os.path.realpath(path) in outputs:
+            raise SystemExit(f"{path} is an input that the outputs of {outputs[os.path.realpath(path)]} would "
                              "overwrite: rename it or predict into another --out folder")
     return list(dict.fromkeys(stems.values())), skipped  # each file once
 
@@ -237,6 +237,15 @@ def save_outputs(task, out, stem, pred, image_path, depth_units=1000):
     return paths
 
 
+def finish(write, image_path):
+    """Waits for one image's PNGs to be written; a failed write (full disk, a folder of an output's
+    name) stops the run with one line."""
+    try:
+        write.result()
+    except OSError as e:
+        raise SystemExit(f"cannot write the predictions of {image_path}: {e}") from None
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(args):
@@ -301,13 +310,13 @@ def main(args):
             else:
                 pred = predict_refer(model, sample, tokens)
             stem = os.path.splitext(os.path.basename(sample["path"]))[0]
-            writes.append(writer.submit(save_outputs, task, args.out, stem, pred.cpu(), sample["path"],
-                                        depth_units if task == "depth" else 1000))
+            writes.append((writer.submit(save_outputs, task, args.out, stem, pred.cpu(), sample["path"],
+                                         depth_units if task == "depth" else 1000), sample["path"]))
             written += 1
             if len(writes) > WAITING:
-                writes.popleft().result()  # the oldest write (a failed one raises here)
+                finish(*writes.popleft())  # the oldest write
         for w in writes:
-            w.result()  # (a failed write raises here)
+            finish(*w)
     print(f"wrote the {task} predictions of {written} image(s) to {args.out}")
     if skipped:
         raise SystemExit(f"{len(skipped)} image(s) skipped:\n" + "\n".join(skipped))
