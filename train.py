@@ -234,9 +234,12 @@ def main(args):
         raise SystemExit(f"--out {args.out} holds the trained weights of an earlier run ({weights_path}): "
                          "give another --out")
     elif master:  # what a run that ended before its first checkpoint left: not this run's log and results
-        for name in (log_path, metrics_path, curves_path):
-            if os.path.isfile(name):
-                os.remove(name)
+        left = [name for name in (log_path, metrics_path, curves_path) if os.path.isfile(name)]
+        for name in left:
+            os.remove(name)
+        if left:
+            print0(f"removed {', '.join(map(os.path.basename, left))} from {args.out}: left by a run that ended "
+                   "before its first checkpoint")
     if master:  # the temporary of a save that was killed outright (kill -9, power cut): GBs at full size
         for name in os.listdir(args.out):
             if name.startswith(("state.pt.tmp", "model.safetensors.tmp")):

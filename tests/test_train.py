@@ -996,7 +996,7 @@ def test_logged_loss_is_the_windows_mean_and_lr_peaks_at_half_the_epochs(world, 
     assert [lr for _, _, lr in losses(tmp_path / "iters")] == pytest.approx([1e-3 * f for f in by_hand], rel=1e-9)
 
 
-def test_epochs_alone_set_the_length_and_a_fresh_run_clears_an_unsaved_runs_log(world, tmp_path):
+def test_epochs_alone_set_the_length_and_a_fresh_run_clears_an_unsaved_runs_log(world, tmp_path, capsys):
     a = train.get_args(["--task", "semseg", "--sd-ckpt", "x", "--data-root", "y", "--epochs", "3"])
     assert a.iters is None and a.epochs == 3  # not the preset's 80,000 iterations
     assert train.get_args(["--demo", "--epochs", "2"]).iters is None
@@ -1007,6 +1007,8 @@ def test_epochs_alone_set_the_length_and_a_fresh_run_clears_an_unsaved_runs_log(
     (out / "log.jsonl").write_text(json.dumps(dict(step=23, loss=1.0, lr=0.0)) + "\n")  # killed before a save
     train_here(flags(world, "depth", out, "--iters", 2, "--batch-size", 2, "--eval-max", 1))
     assert [r["step"] for r in records(out)] == [1, 2, 2]  # two loss lines and the evaluation
+    assert f"removed log.jsonl from {out}: left by a run that ended before its first checkpoint" in (
+        capsys.readouterr().out)
     os.remove(out / "state.pt")  # finished, its optimizer state deleted to save space: the weights stay
     before = (out / "model.safetensors").read_bytes()
     with pytest.raises(SystemExit, match="holds the trained weights of an earlier run"):
@@ -1448,4 +1450,6 @@ def test_stop_after_past_the_end_ends_at_the_end(world, tmp_path):
     out = tmp_path / "run"
     train_here(flags(world, "depth", out, "--iters", 2, "--batch-size", 2, "--eval-max", 1, "--stop-after", 5))
     assert [r["step"] for r in records(out)] == [1, 2, 2]  # two loss lines and the evaluation
+    assert f"removed log.jsonl from {out}: left by a run that ended before its first checkpoint" in (
+        capsys.readouterr().out)
     assert torch.load(out / "state.pt", weights_only=False)["step"] == 2
