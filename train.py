@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import signal
 import time
 from contextlib import nullcontext, suppress
 
@@ -475,8 +476,8 @@ def main(args):
                 if eval_due(step):
                     run_eval()
                 t0 += time.time() - paused
-    except KeyboardInterrupt:
-        raise SystemExit(stopped("interrupted")) from None
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (see terminate)
+        raise SystemExit(stopped(str(e) or "interrupted")) from None
     except torch.OutOfMemoryError:
         what = "out of memory"
         if doing is None:  # in a training step, not a save or an evaluation
@@ -513,13 +514,20 @@ def side_by_side(metrics, baseline=None, title="", baseline_name=None):
     return "\n".join([head] + rows)
 
 
+def terminate(signum, frame):
+    """SIGTERM, what a cluster scheduler (and torchrun, passing on its own) sends before killing a job: a
+    run ends as on Ctrl-C, saying which checkpoint it leaves."""
+    raise KeyboardInterrupt("terminated")
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, terminate)
     args = get_args()
     new_out = not os.path.exists(args.out)
     try:
         main(args)
-    except KeyboardInterrupt:  # before training started (the loop says which checkpoint there is)
-        raise SystemExit("interrupted") from None
+    except KeyboardInterrupt as e:  # before training started (the loop says which checkpoint there is)
+        raise SystemExit(str(e) or "interrupted") from None
     finally:  # a run that ended before writing anything leaves no empty --out behind
         if new_out and os.path.isdir(args.out) and not os.listdir(args.out):
             with suppress(OSError):  # another rank may have removed it first

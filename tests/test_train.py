@@ -3,6 +3,7 @@ exact resume, AMP / compile, distributed eval, rank-0-only output, clear errors 
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -578,6 +579,25 @@ def interrupt_in_step(monkeypatch, n):
             raise KeyboardInterrupt
         return forward_loss(*args)
     monkeypatch.setattr(train, "forward_loss", forward)
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does(world, tmp_path):
+    # what a cluster scheduler sends at the time limit: one line naming the checkpoint, no traceback
+    import signal
+    import time
+    out = tmp_path / "terminated"
+    p = subprocess.Popen([sys.executable, "train.py", *flags(world, "depth", out, "--iters", 10000, "--batch-size", 2,
+                                                             "--save-every", 2)],
+                         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "state.pt").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 1 and "Traceback" not in err, err[-2000:]
+    step = torch.load(out / "state.pt", weights_only=False)["step"]
+    assert re.search(rf"terminated in (step|the save after step) \d+; the checkpoint in {re.escape(str(out))} is "
+                     rf"at step ({step}|\d+, if the save got that far, else {step})", err), err[-2000:]
 
 
 def test_ctrl_c_and_unreadable_file_end_in_one_line_naming_the_checkpoint(world, tmp_path, monkeypatch):
