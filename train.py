@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from eval import count, evaluate
 from vpd import dist
-from vpd.data import error_line
+from vpd.data import error_line, leave_sigterm_to_the_main_process
 from vpd.optim import build_optimizer, lr_factor, set_lr
 from vpd.trained import (load_trained_state, read_meta, save_json, save_state, save_weights, trained_state,
                          write_atomic)
@@ -432,7 +432,8 @@ def main(args):
             # resumed run, which creates one more loader, would drift from the uninterrupted one
             loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers,
                                                  pin_memory=device.type == "cuda",
-                                                 generator=torch.Generator().manual_seed(args.seed))
+                                                 generator=torch.Generator().manual_seed(args.seed),
+                                                 worker_init_fn=leave_sigterm_to_the_main_process)
             it = iter(loader)
             for _ in range(steps_per_epoch - step % steps_per_epoch):
                 if step >= stop:
