@@ -582,17 +582,19 @@ def interrupt_in_step(monkeypatch, n):
 
 
 def test_sigterm_ends_a_run_as_ctrl_c_does(world, tmp_path):
-    # what a cluster scheduler sends at the time limit: one line naming the checkpoint, no traceback
+    # what a cluster scheduler sends at the time limit, to every process of the job (loader workers too):
+    # one line naming the checkpoint, no traceback
     import signal
     import time
     out = tmp_path / "terminated"
     p = subprocess.Popen([sys.executable, "train.py", *flags(world, "depth", out, "--iters", 10000, "--batch-size", 2,
-                                                             "--save-every", 2)],
-                         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                                             "--save-every", 2, "--workers", 1)],
+                         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
     deadline = time.time() + 120
     while not (out / "state.pt").exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.1)
-    p.send_signal(signal.SIGTERM)
+    os.killpg(p.pid, signal.SIGTERM)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 1 and "Traceback" not in err, err[-2000:]
     step = torch.load(out / "state.pt", weights_only=False)["step"]
