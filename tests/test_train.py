@@ -10,12 +10,13 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import eval as eval_script
 import train
 from vpd.demo import write_random_sd
 from vpd.synthetic import make_synthetic
+from vpd.trained import read_meta
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT)  # OMP_NUM_THREADS comes from conftest.py
@@ -264,6 +265,8 @@ def bad_cases(world, tmp):
     a_file.write_text("x")
     sd = world["sd"]
     photo = sorted(glob.glob(os.path.join(world["roots"]["depth"], "official_splits", "test", "*", "rgb_*.jpg")))[0]
+    moved = str(tmp / "moved.safetensors")  # a demo model whose synthetic data has moved since
+    save_file(load_file(depth_ckpt), moved, {"vpd": json.dumps(dict(read_meta(depth_ckpt), data_root=str(tmp / "gone")))})
     return {
         "task": (["train.py", "--task", "segmentation"], ["invalid choice", "segmentation"]),
         "ckpt of another task": (["eval.py", "--task", "semseg", "--ckpt", depth_ckpt], ["depth model, not semseg"]),
@@ -279,6 +282,7 @@ def bad_cases(world, tmp):
         "eval ckpt": (["eval.py", "--ckpt", str(tmp / "missing.safetensors")], ["missing.safetensors", "no such file"]),
         "eval garbage": (["eval.py", "--ckpt", str(a_file) + ".safetensors"], ["not a readable"]),
         "eval not a ckpt": (["eval.py", "--ckpt", str(a_file)], ["not a checkpoint"]),
+        "eval moved demo data": (["eval.py", "--ckpt", moved], [f"the demo's data {tmp / 'gone'}", "--data-root"]),
         "predict sd file": (["predict.py", "--ckpt", depth_ckpt, "--sd-ckpt", depth_ckpt, photo],
                             ["no tensors under 'first_stage_model.'"]),  # a message, not a traceback
     }

@@ -259,6 +259,9 @@ def build_eval(args, device):
     root = args.data_root
     if root is None and meta.get("demo"):
         root = meta["data_root"]  # the synthetic set the demo trained on
+        if not os.path.isdir(root):
+            raise SystemExit(f"the demo's data {root}, which {args.ckpt} trained on, is not there: give its new "
+                             "place with --data-root")
     if root is None:
         raise SystemExit("--data-root is required")
     crop = training_crop(task, meta)
