@@ -116,10 +116,10 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--workers", type=count(0), help="data loader processes per training process (default: up to 4)")
     p.add_argument("--seed", type=count(0), default=0)
-    p.add_argument("--log-every", type=count(1), help="steps per log line (default 50)")
+    p.add_argument("--log-every", type=count(1), help="steps per log line (default 50; --demo: 10)")
     p.add_argument("--eval-every", type=count(1), help="steps between evaluations (always at the last step)")
     p.add_argument("--eval-max", type=count(1), default=None, help="evaluate on at most this many samples")
-    p.add_argument("--save-every", type=count(1), help="steps between checkpoints (default 1000; always at the end)")
+    p.add_argument("--save-every", type=count(1), help="steps between checkpoints (default 1000, --demo: 100; always at the end)")
     p.add_argument("--stop-after", type=count(1), default=None, help="end the run after this step, having saved a "
                    "checkpoint (the schedule still spans --iters; continue later with --resume)")
     p.add_argument("--class-embeddings", default=None, metavar="FILE",
