@@ -58,6 +58,7 @@ from vpd.tasks import checkpoint_task, load_model, to_device, training_crop
 
 SIZES = {"depth": 640, "semseg": 512, "refer": 512}  # see the docstring: --size per task
 WAITING = 4  # images whose PNGs may wait to be written
+READ_AHEAD = 2  # images read (decoded, resized) while the one before them is predicted
 DEFAULT_SCENE = "living_room"
 OUTPUTS = {"depth": ("_depth.png", "_depth_color.png"), "semseg": ("_semseg.png", "_semseg_ids.png"),
            "refer": ("_refer.png", "_refer_mask.png")}  # <name> + these, per task
@@ -237,6 +238,18 @@ def save_outputs(task, out, stem, pred, image_path, depth_units=1000):
     return paths
 
 
+def read_ahead(dataset, ahead=READ_AHEAD):
+    """Futures of the dataset's samples, in order, each read by a thread up to `ahead` images before it is
+    wanted: decoding and resizing a phone photo takes about as long as a GPU's prediction of it, and Pillow's
+    decoders and torch's resize release the GIL, so reading overlaps predicting."""
+    with ThreadPoolExecutor(ahead) as reader:
+        reads = deque(reader.submit(dataset.__getitem__, i) for i in range(min(ahead, len(dataset))))
+        for i in range(len(dataset)):
+            if i + ahead < len(dataset):
+                reads.append(reader.submit(dataset.__getitem__, i + ahead))
+            yield reads.popleft()
+
+
 def finish(write, image_path):
     """Waits for one image's PNGs to be written; a failed write (full disk, a folder of an output's
     name) stops the run with one line."""
@@ -295,9 +308,10 @@ def main(args):
     # predicted are still written.
     writes, written = deque(), 0
     with torch.inference_mode(), autocast(), ThreadPoolExecutor(2) as writer:
-        for i in tqdm(range(len(dataset)), desc=f"predict {task}", unit="img", dynamic_ncols=True):
+        for read in tqdm(read_ahead(dataset), total=len(dataset), desc=f"predict {task}", unit="img",
+                         dynamic_ncols=True):
             try:
-                sample = dataset[i]
+                sample = read.result()
             except BadSampleError as e:  # e.g. a truncated file, which only decoding finds: the others go on
                 tqdm.write(f"skipped: {e}")
                 skipped.append(str(e))

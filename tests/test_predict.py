@@ -580,6 +580,29 @@ def test_refer_overlay_of_a_rotated_phone_photo_is_upright(world, tmp_path):
     assert np.array_equal(overlay[mask == 0], upright[mask == 0]) and (mask == 0).any()
 
 
+def test_images_are_read_ahead_in_threads_in_order_and_at_most_two_ahead():
+    # while one image is predicted the next two are read (decoded, resized) by threads, no more; a read
+    # that fails is raised for that image alone
+    import threading
+    entered = [threading.Event() for _ in range(6)]
+
+    class Photos(list):
+        def __getitem__(self, i):
+            entered[i].set()
+            if i == 4:
+                raise BadSampleError("cannot read image 4")
+            return i
+    got = []
+    for i, read in enumerate(predict.read_ahead(Photos(range(6)))):
+        if i == 0:  # nothing asked for yet beyond image 0: the threads read 1 and 2 meanwhile
+            assert entered[1].wait(10) and entered[2].wait(10) and not entered[3].is_set()
+        try:
+            got.append(read.result())
+        except BadSampleError as e:
+            got.append(str(e))
+    assert got == [0, 1, 2, 3, "cannot read image 4", 5]
+
+
 def test_writes_wait_in_a_bounded_queue_and_a_failed_one_is_raised(world, tmp_path, monkeypatch):
     # PNGs are written by threads beside the predictions; while writes are held up, predictions stop
     # at most WAITING images ahead of them (their predictions stay in memory); a write that fails stops
