@@ -149,10 +149,13 @@ def test_train_step_matches_the_notes():
     assert flops.train_step_flops(UNetConfig(), VAEConfig(), (512, 512), 150, batch=1, head_macs=head) == step + 6 * head
 
 
-@pytest.mark.parametrize("task", ["semseg", "depth"])
-def test_train_step_matches_flop_counter_over_forward_and_backward(task):
-    # an independent count of the whole step: the frozen VAE runs forward only, everything after it
-    # forward and backward (the counter sees what autograd actually runs)
+@pytest.mark.parametrize("task,rel", [("semseg", 2e-3), ("depth", 5e-4)])
+def test_train_step_matches_flop_counter_over_forward_and_backward(task, rel):
+    # an independent count of the step: the frozen VAE runs forward only, everything after it forward
+    # and backward (the counter sees what autograd actually runs). The head, whose count is the counter's
+    # own (3x its forward), is taken out of both sides: in this tiny config it is most of the step and
+    # would hide an error in the UNet's count. Semseg is off by about -0.1% (the text adapter, left out of
+    # the analytic count), depth by +0.03% (the first conv's input grads, counted, which autograd skips)
     from vpd.demo import TINY_CLIP, TINY_UNET, TINY_VAE
     from vpd.model import build_model
     torch.manual_seed(0)
@@ -171,8 +174,8 @@ def test_train_step_matches_flop_counter_over_forward_and_backward(task):
         model(*inputs)
     head_macs = sum(head.get_flop_counts()[f"{type(model).__name__}.head"].values()) // 2
     n_ctx = 150 if task == "semseg" else 1
-    analytic = flops.train_step_flops(TINY_UNET, TINY_VAE, (res, res), n_ctx, batch=B, head_macs=head_macs)
-    assert analytic == pytest.approx(counter.get_total_flops(), rel=2e-3)
+    analytic = flops.train_step_flops(TINY_UNET, TINY_VAE, (res, res), n_ctx, batch=B)
+    assert analytic == pytest.approx(counter.get_total_flops() - 6 * head_macs, rel=rel)
 
 
 def test_bad_sizes_are_named():

@@ -128,7 +128,8 @@ def test_fpn_init_is_mmseg_s():
 
 def test_depth_head_init_is_vpd_s():
     # VPD: trunc_normal(std 0.02), bias 0 for layer1/layer2/out_layer; N(0, 0.001), bias 0 for the
-    # decoder (deconvs, conv, last_layer_depth); BN at (1, 0)
+    # decoder (deconvs, conv, last_layer_depth); BN at (1, 0). (The truncation, at +-2, is 100 std away:
+    # no draw reaches it, so it is not checked.)
     torch.manual_seed(0)
     head = DepthHead([32, 32, 64, 64], fuse_channels=64, deconv_channels=32, out_channels=64)
     fusing = [m for m in [*head.down8, *head.down16, *head.fuse] if isinstance(m, torch.nn.Conv2d)]
@@ -136,7 +137,7 @@ def test_depth_head_init_is_vpd_s():
                 if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
     assert len(fusing) == 4 and len(decoding) == 6
     for m in fusing:
-        assert abs(m.weight.std() / 0.02 - 1) < 0.1 and m.weight.abs().max() <= 2.0
+        assert abs(m.weight.std() / 0.02 - 1) < 0.1
     assert abs(torch.cat([m.weight.flatten() for m in decoding]).std() / 0.001 - 1) < 0.05
     assert all(not m.bias.any() for m in fusing + decoding if m.bias is not None)
     bns = [m for m in head.modules() if isinstance(m, torch.nn.BatchNorm2d)]

@@ -198,4 +198,4 @@ def test_against_pycocotools():
         poly = list(np.round(rng.uniform(0, min(h, w), 12), 2))
         ref = mask_api.decode(mask_api.merge(mask_api.frPyObjects([poly], h, w)))
         wrong, area = wrong + (polygon_to_mask([poly], h, w) != ref).sum(), area + ref.sum()
-    assert wrong < 0.08 * area
+    assert wrong < 0.07 * area  # 6.1%: these small random hexagons are mostly boundary
