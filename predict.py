@@ -4,6 +4,7 @@
     python predict.py --task depth --ckpt vpd_depth.ckpt --scene kitchen photos/
     python predict.py --task semseg --ckpt out/semseg/model.safetensors a.jpg b.png --out seg/
     python predict.py --task refer --ckpt out/refer/model.safetensors street.jpg --text "the man on the left"
+    python predict.py --ckpt out/refer/model.safetensors street.jpg --text "the red car" --text "the dog"
 
 Inputs are image files and folders of images (jpg, png, ...; any size and aspect). A folder gives
 its own images, not its subfolders' nor hidden files' (nor, when it is also --out, earlier outputs).
@@ -17,8 +18,8 @@ the input image's own size and is named after it (<name> = the file name without
           <name>_semseg_ids.png    class ids 0..K-1 (ADE20K: class i is ADE20K_CLASSES[i])
   refer   <name>_refer.png         the image with the referred object tinted red
           <name>_refer_mask.png    the object's mask: 255 on the object, 0 elsewhere
-                                   (one sentence per run: another --text on the image writes over
-                                   these; give each sentence its own --out)
+                                   (several --text: <name>_refer<k>.png and <name>_refer<k>_mask.png
+                                   for the k-th sentence, k = 1, 2, ...; one forward per image for all)
 
 How each task sees an image (vpd/data.py ImageFolder, vpd/infer.py):
   depth   resized, aspect kept, to fit --size x --size (default 640: NYU's 480x640 frames keep
@@ -39,6 +40,7 @@ and semseg window; demo depth models on the synthetic NYU frames to those frames
 """
 import argparse
 import os
+import re
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -62,6 +64,14 @@ READ_AHEAD = 2  # images read (decoded, resized) while the one before them is pr
 DEFAULT_SCENE = "living_room"
 OUTPUTS = {"depth": ("_depth.png", "_depth_color.png"), "semseg": ("_semseg.png", "_semseg_ids.png"),
            "refer": ("_refer.png", "_refer_mask.png")}  # <name> + these, per task
+EARLIER_OUTPUT = re.compile(r"_(depth|depth_color|semseg|semseg_ids|refer\d*|refer\d*_mask)\.png$")
+
+
+def output_ends(task, sentences=1):
+    """<name> + these are one image's PNGs: OUTPUTS, or refer's numbered per sentence when several."""
+    if task == "refer" and sentences > 1:
+        return tuple(f"_refer{k}{end}" for k in range(1, sentences + 1) for end in (".png", "_mask.png"))
+    return OUTPUTS[task]
 
 
 def get_args(argv=None):
@@ -72,7 +82,8 @@ def get_args(argv=None):
     p.add_argument("--ckpt", required=True, help="our model.safetensors, or an official VPD .ckpt/.pth")
     p.add_argument("--sd-ckpt", help="SD v1.x file for the frozen VAE/CLIP (default: the one training used; "
                    "of the official releases refer's needs one, for CLIP, and one without the VAE for it)")
-    p.add_argument("--text", help="refer: the referring expression, e.g. \"the man on the left\"")
+    p.add_argument("--text", action="append", help="refer: the referring expression, e.g. \"the man on the left\"; "
+                   "again for more sentences, each predicted on every image")
     p.add_argument("--scene", default=None, help=f"depth: NYUv2 scene type (default {DEFAULT_SCENE}); one of "
                    + ", ".join(NYU_SCENES))
     p.add_argument("--size", type=int, help="network input size (see above; default per task)")
@@ -86,7 +97,7 @@ def get_args(argv=None):
 
 # ----------------------------------------------------------------------------- checks before the model loads
 
-def image_paths(inputs, out, task):
+def image_paths(inputs, out, task, sentences=1):
     """Files and folders -> (image paths, skipped). A folder gives its images, sorted: not its
     subfolders' or hidden files, nor, when it is --out, an earlier run's outputs. A file whose header cannot
     be read is skipped and named, as one found truncated later; none readable stops us before the model load."""
@@ -96,7 +107,7 @@ def image_paths(inputs, out, task):
             # not hidden files: .DS_Store, and the ._<name>.jpg metadata copies macOS writes to other drives
             names = sorted(n for n in os.listdir(item) if not n.startswith("."))
             if os.path.abspath(item) == os.path.abspath(out):
-                ours = [n for n in names if n.endswith(sum(OUTPUTS.values(), ()))]
+                ours = [n for n in names if EARLIER_OUTPUT.search(n)]
                 if ours:
                     print(f"{item} is --out: its {len(ours)} earlier output(s) (<name>_depth.png, ...) are not inputs")
                 names = [n for n in names if n not in ours]
@@ -136,7 +147,7 @@ def image_paths(inputs, out, task):
                              "rename one or predict them into different --out folders")
         stems[stem] = path
     outputs = {os.path.realpath(os.path.join(out, stem + end)): path for stem, path in stems.items()
-               for end in OUTPUTS[task]}
+               for end in output_ends(task, sentences)}
     for path in stems.values():  # e.g. a photo named b_depth.png next to b.png: b's depth would replace it
         if os.path.realpath(path) in outputs:
             raise SystemExit(f"{path} is an input that the outputs of {outputs[os.path.realpath(path)]} would "
@@ -148,7 +159,7 @@ def check_options(args, task):
     if task == "refer":
         if args.text is None:
             raise SystemExit('--text is required for the refer task, e.g. --text "the man on the left"')
-        if not args.text.strip():
+        if not all(t.strip() for t in args.text):
             raise SystemExit("--text is empty")
     elif args.text is not None:
         raise SystemExit(f"--text is only for the refer task, not {task}")
@@ -214,16 +225,17 @@ def predict_semseg(model, sample, crop):
 
 
 def predict_refer(model, sample, tokens):
-    """-> (H, W) bool mask at the original size."""
+    """tokens (S, max_tokens), S sentences -> (S, H, W) bool masks at the original size."""
     size = tuple(sample["orig_size"].tolist())
-    return refer_logits(model, sample["image"][None], tokens, size)[0].argmax(0) == 1
+    images = sample["image"][None].expand(tokens.shape[0], -1, -1, -1)  # one batch: the image per sentence
+    return refer_logits(model, images, tokens, size).argmax(1) == 1
 
 
 # ----------------------------------------------------------------------------- writing PNGs
 
 def save_outputs(task, out, stem, pred, image_path, depth_units=1000):
     """The PNGs of one image (see the module docstring); returns their paths."""
-    paths = [os.path.join(out, stem) + suffix for suffix in OUTPUTS[task]]
+    paths = [os.path.join(out, stem) + end for end in output_ends(task, len(pred) if task == "refer" else 1)]
     pred = pred.cpu().numpy()
     if task == "depth":
         vis.save_depth_png16(pred, paths[0], depth_units)
@@ -232,9 +244,10 @@ def save_outputs(task, out, stem, pred, image_path, depth_units=1000):
         vis.colorize_labels(pred).save(paths[0])  # (which refuses ids beyond its 150 colours: uint8 holds the rest)
         Image.fromarray(pred.astype(np.uint8)).save(paths[1])
     else:
-        rgb = read_rgb(image_path, upright=True).astype(np.uint8)  # as the mask was predicted
-        vis.overlay_mask(rgb, pred).save(paths[0])
-        Image.fromarray(pred.astype(np.uint8) * 255).save(paths[1])
+        rgb = read_rgb(image_path, upright=True).astype(np.uint8)  # as the masks were predicted
+        for mask, overlay_path, mask_path in zip(pred, paths[::2], paths[1::2]):
+            vis.overlay_mask(rgb, mask).save(overlay_path)
+            Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
     return paths
 
 
@@ -266,7 +279,7 @@ def main(args):
     task, meta = checkpoint_task(args.ckpt, args.task)  # before the options of the wrong task
     meta = meta or {}
     check_options(args, task)
-    paths, skipped = image_paths(args.images, args.out, task)
+    paths, skipped = image_paths(args.images, args.out, task, len(args.text or ()))
     size = args.size or default_size(task, meta)
     writable_dir(args.out)
     _, _, device = setup(args.device)
@@ -295,10 +308,13 @@ def main(args):
         print(f"depth: scene {args.scene}, PNGs in 1/{depth_units} m")
     if task == "refer":
         tokenizer = Tokenizer()
-        n, room = len(tokenizer.encode(args.text)) - 2, model.max_tokens - 2  # without BOS and EOS
-        if n > room:
-            print(f"--text is {n} tokens long: this model reads its first {room}")
-        tokens = tokenizer(args.text, max_length=model.max_tokens).to(device)  # (1, max_tokens)
+        for k, text in enumerate(args.text, 1):
+            if len(args.text) > 1:
+                print(f"sentence {k} (<name>_refer{k}.png, <name>_refer{k}_mask.png): {text}")
+            n, room = len(tokenizer.encode(text)) - 2, model.max_tokens - 2  # without BOS and EOS
+            if n > room:
+                print(f"--text {text!r} is {n} tokens long: this model reads its first {room}")
+        tokens = tokenizer(args.text, max_length=model.max_tokens).to(device)  # (sentences, max_tokens)
 
     train_crop = training_crop(task, meta)  # semseg's sliding window
     dataset = ImageFolder(paths, task, size)

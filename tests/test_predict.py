@@ -215,6 +215,26 @@ def test_refer_mask_is_binary_and_matches_the_model(world, tmp_path):
     assert not np.array_equal(overlay[mask == 255], original[mask == 255])
 
 
+def test_several_sentences_give_each_its_numbered_masks_as_one_at_a_time_would(world, tmp_path, capsys):
+    ckpt = checkpoint(world, "refer")
+    for k, text in enumerate(["the man", "the red car on the left"], 1):
+        run("--ckpt", ckpt, "--size", SIZE, "--text", text, "--out", tmp_path / f"one{k}", world.wide)
+    folder = tmp_path / "both"
+    folder.mkdir()
+    shutil.copy(world.wide, folder / "wide.png")
+    for _ in range(2):  # the second run finds the first one's numbered PNGs in the folder: not inputs
+        run("--ckpt", ckpt, "--size", SIZE, "--text", "the man", "--text", "the red car on the left", "--out",
+            folder, folder)
+    assert sorted(os.listdir(folder)) == ["wide.png", "wide_refer1.png", "wide_refer1_mask.png", "wide_refer2.png",
+                                          "wide_refer2_mask.png"]
+    assert "sentence 2 (<name>_refer2.png, <name>_refer2_mask.png): the red car on the left" in capsys.readouterr().out
+    masks = [png(folder / f"wide_refer{k}_mask.png")[1] for k in (1, 2)]
+    assert not np.array_equal(masks[0], masks[1])  # two sentences, two masks
+    for k in (1, 2):  # batched together as predicted one per run (ties aside: a batch may sum in another order)
+        assert (masks[k - 1] == png(tmp_path / f"one{k}" / "wide_refer_mask.png")[1]).mean() > 0.999
+        assert (png(folder / f"wide_refer{k}.png")[1] == png(tmp_path / f"one{k}" / "wide_refer.png")[1]).mean() > 0.999
+
+
 def test_refer_says_when_the_text_is_longer_than_the_model_reads(world, tmp_path, capsys):
     ckpt = checkpoint(world, "refer")
     room = load_model(ckpt)[0].max_tokens - 2  # BOS and EOS take two places
@@ -223,7 +243,7 @@ def test_refer_says_when_the_text_is_longer_than_the_model_reads(world, tmp_path
     assert "tokens long" not in capsys.readouterr().out
     run("--ckpt", ckpt, "--size", SIZE, "--text", " ".join(["the man"] * (room // 2 + 1)), "--out", tmp_path,
         world.wide)
-    assert f"--text is {room + 2} tokens long: this model reads its first {room}" in capsys.readouterr().out
+    assert f"is {room + 2} tokens long: this model reads its first {room}" in capsys.readouterr().out
     tokens = Tokenizer()(" ".join(["the man"] * (room // 2 + 1)), max_length=room + 2)
     assert tokens[0, -2] == 786 and tokens[0, -1] == 49407  # the cut: the first 19 pairs, then EOS
 
