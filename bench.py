@@ -46,6 +46,7 @@ import argparse
 import ctypes
 import importlib.util
 import json
+import os
 import statistics
 import sys
 import time
@@ -59,6 +60,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from eval import count
 from vpd import flops
 from vpd.clip import CLIPConfig
 from vpd.demo import TINY_CLIP, TINY_UNET, TINY_VAE, wake_zero_weights_
@@ -532,9 +534,9 @@ def print_table(rows):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=list(PRESETS), default="tiny", help="SD v1.5 sizes, or a tiny config")
-    p.add_argument("--res", type=int, default=256, help="image size (square); the latent is res/8")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--ctx", type=int, default=77, help="text tokens of the UNet benchmark's context")
+    p.add_argument("--res", type=count(64), default=256, help="image size (square); the latent is res/8")
+    p.add_argument("--batch", type=count(1), default=1)
+    p.add_argument("--ctx", type=count(1), default=77, help="text tokens of the UNet benchmark's context")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast, fp32 weights")
     p.add_argument("--compile", action="store_true", help="torch.compile both sides")
     p.add_argument("--compile-mode", default=None,
@@ -548,14 +550,15 @@ def parse_args(argv=None):
                         "torchrun (gradient buckets of BUCKET_MB, default 25 as there)")
     p.add_argument("--profile", default="", help="append a torch.profiler table of one more iteration per row here")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--iters", type=int, default=5, help="timed iterations per round")
-    p.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
-    p.add_argument("--rounds", type=int, default=1, help="rounds of one memory iteration + --iters timed ones")
+    p.add_argument("--iters", type=count(1), default=5, help="timed iterations per round")
+    p.add_argument("--warmup", type=count(0), default=1, help="untimed iterations first")
+    p.add_argument("--rounds", type=count(1), default=1, help="rounds of one memory iteration + --iters timed ones")
     p.add_argument("--which", default="unet,vae,train",
                    help=f"comma list of {', '.join(WHICH)}; 'unet' = unet_fwd,unet_fwdbwd; 'vae' = vae_enc; "
                         "train or train_<task> for semseg, depth, refer")
-    p.add_argument("--sweep-batch", default="", help="comma list of batch sizes for the semseg training step")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--sweep-batch", type=counts, default=[], help="comma list of batch sizes for the semseg training "
+                   "step")
+    p.add_argument("--threads", type=count(0), default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="write the rows here")
     args = p.parse_args(argv)
@@ -565,7 +568,21 @@ def parse_args(argv=None):
         raise SystemExit(f"--res {args.res}: must be a multiple of 64 (the UNet halves the latent 3 times)")
     if args.ddp is not None and args.ddp <= 0:
         raise SystemExit(f"--ddp {args.ddp:g}: bucket size must be > 0 MB")
+    check_json_path(args.json)
     return args
+
+
+def check_json_path(path):
+    """--json's file must be writable: found out now, not after the (long) timing."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if path and (os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK)):
+        raise SystemExit(f"--json {path}: cannot write a file there")
+
+
+def counts(text):
+    """argparse type: a comma list of integers >= 1 (batch sizes)."""
+    parse = count(1)
+    return [parse(t) for t in text.split(",") if t.strip()]
 
 
 def parse_which(spec):
@@ -598,7 +615,7 @@ def main(args):
                          "requirements-test.txt, or --no-ref to time ours alone")
     if args.threads:
         torch.set_num_threads(args.threads)
-    batches = [int(b) for b in args.sweep_batch.split(",") if b.strip()]
+    batches = args.sweep_batch
     if (tasks and args.batch == 1 or 1 in batches) and args.res < 128:
         raise SystemExit(f"--res {args.res} with batch 1: the heads' BatchNorm sees a single 1x1 value at "
                          "1/64 of the image in training; use --res 128 or more, or a larger batch")

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench import sync, timed
+from bench import check_json_path, sync, timed
+from eval import count
 from vpd.demo import TINY_UNET
 from vpd.flops import conv_macs
 from vpd.unet import CrossAttention, UNet, UNetConfig
@@ -120,19 +121,22 @@ def linear_step(shape, dtype, device):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=["full", "tiny"], default="full")
-    p.add_argument("--res", type=int, default=512, help="image side (latent = res / 8)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--text", type=int, default=77, help="context tokens (77: bench.py's UNet rows; 150: ADE20K's "
-                   "classes, the semseg model's context)")
+    p.add_argument("--res", type=count(64), default=512, help="image side (latent = res / 8)")
+    p.add_argument("--batch", type=count(1), default=16)
+    p.add_argument("--text", type=count(1), default=77, help="context tokens (77: bench.py's UNet rows; 150: "
+                   "ADE20K's classes, the semseg model's context)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--json", help="also write the rows and totals here")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--iters", type=count(1), default=10)
+    p.add_argument("--warmup", type=count(0), default=3)
+    p.add_argument("--json", default="", help="also write the rows and totals here")
     args = p.parse_args(argv)
     if args.res % 64:
         raise SystemExit(f"--res {args.res}: the UNet takes multiples of 64")
+    check_json_path(args.json)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible (--device cpu times the CPU's kernels)")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     cfg = UNetConfig() if args.size == "full" else TINY_UNET
     attn, conv, linear = layer_shapes(cfg, args.batch, args.res, args.text)
@@ -160,9 +164,9 @@ def main(argv=None):
     for shape, n in sorted(conv.items(), key=lambda kv: -kv[0][0][2]):
         (B, _, H, W), (cout, cin, kh, kw), stride, pad = shape
         h_out, w_out = (H + 2 * pad[0] - kh) // stride[0] + 1, (W + 2 * pad[1] - kw) // stride[1] + 1
-        ms = {}
-        for benchmark, b in ((False, "default"), (True, "autotuned")):  # cuDNN's heuristics, then autotuning
-            torch.backends.cudnn.benchmark = benchmark
+        ms = {"default": None, "autotuned": None}  # (the CPU has no cuDNN to autotune: a second timing is noise)
+        for benchmark, b in ((False, "default"), (True, "autotuned"))[:2 if device.type == "cuda" else 1]:
+            torch.backends.cudnn.benchmark = benchmark  # cuDNN's heuristics, then autotuning
             ms[b] = timer(device, conv_step(shape, dtype, device), args.iters, args.warmup)
         report("convolution", shape, f"{shape[0]} {shape[1]} s{stride[0]} p{pad[0]}", n,
                3 * 2 * B * conv_macs(h_out, w_out, cin, cout, kh), ms)  # SD's kernels are square
