@@ -10,6 +10,7 @@ import time
 
 from torch.utils.data import DataLoader
 
+from eval import count
 from vpd.data import ADE20K, NYUv2, RefCOCO
 from vpd.synthetic import make_synthetic
 
@@ -27,15 +28,15 @@ def images_per_second(ds, workers, batch_size, epochs):
     return n / (time.perf_counter() - t0)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=32, help="synthetic images per task")
-    ap.add_argument("--size", type=int, default=640, help="image width (height 3/4 of it; 640 -> NYU's 480x640)")
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    ap.add_argument("--n", type=count(1), default=32, help="synthetic images per task")
+    ap.add_argument("--size", type=count(32), default=640, help="image width (height 3/4 of it; 640 -> NYU's 480x640)")
+    ap.add_argument("--batch-size", type=count(1), default=4)
+    ap.add_argument("--epochs", type=count(1), default=2)
+    ap.add_argument("--workers", type=count(0), nargs="+", default=[0, 2])
     ap.add_argument("--out", default=None, help="where to write the synthetic data (default: a temp dir)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     tmp = None if args.out else tempfile.TemporaryDirectory(prefix="vpd_bench_")
     out = args.out or tmp.name
@@ -44,11 +45,16 @@ def main():
              for task in ("depth", "semseg", "refer")}
     print(f"wrote {3 * args.n} synthetic images ({args.size * 3 // 4}x{args.size}) in "
           f"{time.perf_counter() - t0:.1f} s to {out}")
+    crop = min(480, args.size * 3 // 4)
     datasets = {
-        "depth (NYU recipe, 480x480 crop)": NYUv2(roots["depth"], crop=(min(480, args.size * 3 // 4),) * 2),
+        f"depth (NYU recipe, {crop}x{crop} crop)": NYUv2(roots["depth"], crop=(crop, crop)),
         "semseg (mmseg ADE20K recipe, 512)": ADE20K(roots["semseg"]),
         "refer (resize 512)": RefCOCO(roots["refer"], tokenizer=lambda s: [49406] + [1] * len(s.split()) + [49407]),
     }
+    for name, ds in datasets.items():  # whole batches only are timed: a smaller set would time nothing
+        if len(ds) < args.batch_size:
+            raise SystemExit(f"{name}: {len(ds)} training images of --n {args.n}, fewer than --batch-size "
+                             f"{args.batch_size}: give a larger --n")
     print(f"{'pipeline':36s} {'images':>6s} " + " ".join(f"{f'{w} workers':>12s}" for w in args.workers))
     for name, ds in datasets.items():
         rates = [images_per_second(ds, w, args.batch_size, args.epochs) for w in args.workers]

@@ -830,6 +830,16 @@ def test_loader_main_times_each_pipeline_on_synthetic_data(monkeypatch, capsys):
     assert head.split()[-4:] == ["0", "workers", "3", "workers"]
     assert len(table) == 3 and all(line.endswith(" im/s      7.0 im/s") for line in table)
     assert [int(line[36:].split()[0]) for line in table][:2] == [4, 4]  # depth, semseg: an image a sample
+    assert table[0].startswith("depth (NYU recipe, 48x48 crop)")  # the crop it timed
+
+
+def test_loader_bench_refuses_what_would_time_nothing():
+    for argv in (["--n", "0"], ["--size", "16"], ["--batch-size", "0"], ["--epochs", "0"], ["--workers", "-1"]):
+        with pytest.raises(SystemExit):
+            bench_loader.main(argv)
+    # fewer training images than a batch: whole batches only are timed, so no image would be (0.0 im/s)
+    with pytest.raises(SystemExit, match="2 training images of --n 2, fewer than --batch-size 4: give a larger --n"):
+        bench_loader.main(["--n", "2", "--size", "64", "--batch-size", "4", "--workers", "0"])
 
 
 def load_gpu_check():
