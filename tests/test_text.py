@@ -126,12 +126,16 @@ def test_embeddings_files_are_read_and_checked(tmp_path):
     torch.save(emb.t().contiguous(), tmp_path / "transposed.pth")  # (dim, count): rows would not be classes
     save_file({}, str(tmp_path / "empty.safetensors"))
     torch.save({"emb": emb, "obj": Counting(nn.Identity())}, tmp_path / "pickled.pth")  # code, not data
+    nan = emb.clone()
+    nan[2, 5] = float("nan")
+    torch.save(nan, tmp_path / "nan.pth")  # a run would train on it, then stop at its first save
     for name, count, dim, words in [("e.pth", 4, 8, r"must be a \(4, 8\) float tensor, got a \(3, 8\)"),
                                     ("e.pth", 3, 16, r"\(3, 16\)"), ("two.safetensors", 3, 8, "holds one tensor"),
                                     ("dict.pth", 3, 8, "got dict"),
                                     ("text.pth", 3, 8, r"cannot read class embeddings from it \(not a torch file\)"),
                                     ("ints.pth", 3, 8, "torch.int64"), ("transposed.pth", 3, 8, r"got a \(8, 3\)"),
                                     ("empty.safetensors", 3, 8, "this one 0"),
+                                    ("nan.pth", 3, 8, r"rows \[2\] are not finite"),
                                     ("pickled.pth", 3, 8, "cannot read class embeddings .*holds a .*Counting object")]:
         with pytest.raises(ValueError, match=words):
             load_class_embeddings(tmp_path / name, count, dim)

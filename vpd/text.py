@@ -72,6 +72,10 @@ def load_class_embeddings(path, count, dim) -> torch.Tensor:
     if not torch.is_tensor(emb) or tuple(emb.shape) != (count, dim) or not emb.is_floating_point():
         what = f"a {tuple(emb.shape)} {emb.dtype} tensor" if torch.is_tensor(emb) else type(emb).__name__
         raise ValueError(f"{path}: class embeddings must be a ({count}, {dim}) float tensor, got {what}")
+    bad = (~emb.isfinite()).any(dim=1).nonzero().flatten().tolist()
+    if bad:  # a run would train on them and stop at its first save, blaming the learning rate
+        raise ValueError(f"{path}: class embeddings of rows {bad[:5]}{' ...' if len(bad) > 5 else ''} are not "
+                         "finite (NaN or inf)")
     return emb.float()
 
 
