@@ -182,10 +182,11 @@ def main(args):
     curves_path = os.path.join(args.out, "curves.png")
     micro_given, micro = args.micro_batch, args.micro_batch or args.batch_size // world
     if micro == 0 or args.batch_size % (micro * world):
-        raise SystemExit(f"--batch-size {args.batch_size} does not split evenly over {world} processes"
-                         + (f" x --micro-batch {args.micro_batch}" if args.micro_batch else "")
+        split = f"{world} process{'es' * (world > 1)}" + (f" x --micro-batch {micro_given}" if micro_given else "")
+        recipe = args.task == "depth" and not args.demo and micro_given == 3  # the preset's, or given as it
+        raise SystemExit(f"--batch-size {args.batch_size} does not split evenly over {split}"
                          + ("; the depth recipe forwards 3 images per process: give a --batch-size that is a "
-                            "multiple of 3 x processes, or --micro-batch" if args.task == "depth" else ""))
+                            "multiple of 3 x processes, or another --micro-batch" if recipe else ""))
     args.micro_batch, accum = micro, args.batch_size // (micro * world)
     amp_given, args.amp = args.amp, dist.resolve_amp(args.amp, device)
 
