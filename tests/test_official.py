@@ -1,14 +1,16 @@
 """Import of the released VPD checkpoints: official names written out from wl-zhao/VPD's module
 structure, round trips through files laid out as the released ones, and clear refusals."""
 import argparse
+import re
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from test_model import TINY_CLIP, TINY_DEPTH_HEAD, TINY_UNET, TINY_VAE, tiny
 from vpd.checkpoint import CheckpointError
 from vpd.model import build_model
-from vpd.official import load_official, official_model, to_official
+from vpd.official import SDFileError, load_official, official_model, to_official
 
 NOISE_BUFFERS = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                  "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
@@ -246,8 +248,12 @@ def test_official_model_is_built_from_the_file_alone(task, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(x, *args), source(x, *args))
     if task == "refer":
-        with pytest.raises(ValueError, match="sd_ckpt"):
+        with pytest.raises(ValueError, match=r"needs an SD file \(--sd-ckpt\) for its CLIP text encoder"):
             official_model(path, task)
+        no_clip = tmp_path / "vae_only.safetensors"  # an SD file that cannot give the CLIP: said of it, not the release
+        save_file({"first_stage_model.encoder.conv_in.bias": torch.zeros(3)}, str(no_clip))
+        with pytest.raises(SDFileError, match=rf"^--sd-ckpt {re.escape(str(no_clip))}: "):
+            official_model(path, task, sd_ckpt=str(no_clip), unet_cfg=TINY_UNET, vae_cfg=TINY_VAE, clip_cfg=TINY_CLIP)
 
 
 def test_an_sd_file_for_an_official_depth_or_semseg_model_is_refused(tmp_path):

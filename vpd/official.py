@@ -194,6 +194,10 @@ def to_official(state, task):
     return out
 
 
+class SDFileError(ValueError):
+    """The SD file given for a release's frozen CLIP / VAE cannot give them."""
+
+
 def official_model(src, task, sd_ckpt=None, **kw):
     """A task model with the weights of a released VPD file. The model is built on `meta` and takes the
     file's tensors; `sd_ckpt` (an SD v1 file) supplies the refer model's CLIP, and the VAE of a file
@@ -204,7 +208,8 @@ def official_model(src, task, sd_ckpt=None, **kw):
 
     _check_task(task)
     if task == "refer" and sd_ckpt is None:
-        raise ValueError("the refer model needs sd_ckpt: its CLIP text encoder is not in the VPD file")
+        raise ValueError("the refer model needs an SD file (--sd-ckpt) for its CLIP text encoder, which the VPD "
+                         "file does not hold")
     state = load_official(src, task)
     vae_from_sd = not has_vae(state)
     if vae_from_sd and sd_ckpt is None:
@@ -220,9 +225,12 @@ def official_model(src, task, sd_ckpt=None, **kw):
         kw["class_embeddings"] = state["class_embeddings"]
     with torch.device("meta"):
         model = build_model(task, **kw)
-    if task == "refer":
-        model.load_frozen_clip(sd_ckpt)
-    if vae_from_sd:
-        model.backbone.load_frozen_vae(sd_ckpt)
+    try:
+        if task == "refer":
+            model.load_frozen_clip(sd_ckpt)
+        if vae_from_sd:
+            model.backbone.load_frozen_vae(sd_ckpt)
+    except ValueError as e:  # said of the SD file: the VPD file itself was read
+        raise SDFileError(f"--sd-ckpt {sd_ckpt}: {e}") from None
     _load_into(model, state, task, copy=isinstance(src, dict))
     return model

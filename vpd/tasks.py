@@ -220,9 +220,11 @@ def load_model(ckpt, task=None, sd_ckpt=None):
     if sd_ckpt is not None and not os.path.isfile(sd_ckpt):
         raise SystemExit(f"--sd-ckpt {sd_ckpt}: no such file")
     if meta is None:  # an official VPD checkpoint
-        from vpd.official import official_model
+        from vpd.official import SDFileError, official_model
         try:
             model = official_model(ckpt, task, sd_ckpt=sd_ckpt)
+        except SDFileError as e:
+            raise SystemExit(str(e)) from None
         except ValueError as e:
             raise SystemExit(f"--ckpt {ckpt}: {e}") from None
         return model, dict(task=task, demo=False, dataset=None, depth_crop=depth_crop(task, None, False), official=True,
