@@ -204,10 +204,13 @@ def test_unknown_missing_and_misshapen_names_are_refused(tmp_path):
                                               r"\[16, 32, 1, 1\]"):
         load_official(wrong, "semseg", model=model)
 
-    # a depth file is not a semseg file
+    # a depth file is not a semseg file, nor a semseg file a refer one: said so, not hundreds of unknown names
     depth = released_state("depth", tiny("depth"))
-    with pytest.raises(CheckpointError, match="unknown names"):
+    with pytest.raises(CheckpointError, match="^a VPD depth checkpoint by its names, not a semseg one: give --task"):
         load_official(depth, "semseg")
+    for task, other in (("semseg", "refer"), ("refer", "depth"), ("refer", "semseg")):
+        with pytest.raises(CheckpointError, match=f"^a VPD {task} checkpoint by its names, not a {other} one"):
+            load_official(released_state(task, tiny(task)), other)
     # the UNet's unused `out` head is dropped from a depth file too (the released one had it deleted)
     out_head = "encoder.unet.unet.diffusion_model.out.0.weight"
     assert load_official({**depth, out_head: torch.ones(32)}, "depth").keys() == load_official(depth, "depth").keys()

@@ -129,23 +129,15 @@ def load_official(src, task, model=None):
     the VAE a VAE the model already holds (not on `meta`), are left as they are.
     """
     _check_task(task)
-    rules = RULES[task]
     official = read_official(src)
     if any(name.startswith("model.diffusion_model.") for name in official):
         raise CheckpointError(f"a Stable Diffusion checkpoint (model.diffusion_model.*), not a VPD {task} model: "
                               "it is what --sd-ckpt takes")
-    state, unknown, used = {}, [], set()
-    for name, t in official.items():
-        if name.startswith(DROP[task]):
-            continue
-        ours = _rename(name, rules)
-        if ours is None:
-            unknown.append(name)
-            continue
-        used.add(next(r for r in rules if _rename(name, [r]) is not None))
-        state[ours] = t
-    unused = [f"{a}* -> {b}*" for a, b in rules if (a, b) not in used and b != VAE]
+    state, unknown, unused = _renamed(official, task)
     if unknown or unused:
+        other = next((t for t in RULES if t != task and _renamed(official, t)[1:] == ([], [])), None)
+        if other is not None:  # said so, not hundreds of unknown names
+            raise CheckpointError(f"a VPD {other} checkpoint by its names, not a {task} one: give --task {other}")
         msg = f"not a VPD {task} checkpoint as released"
         if unknown:
             msg += f"\n  unknown names ({len(unknown)}): {listing(unknown, 8)}"
@@ -155,6 +147,21 @@ def load_official(src, task, model=None):
     if model is not None:
         _load_into(model, state, task, copy=isinstance(src, dict))
     return state
+
+
+def _renamed(official, task):
+    """-> (state in our names, official names no rule knows, rules (but the VAE's) that matched nothing)."""
+    rules, state, unknown, used = RULES[task], {}, [], set()
+    for name, t in official.items():
+        if name.startswith(DROP[task]):
+            continue
+        ours = _rename(name, rules)
+        if ours is None:
+            unknown.append(name)
+            continue
+        used.add(next(r for r in rules if _rename(name, [r]) is not None))
+        state[ours] = t
+    return state, unknown, [f"{a}* -> {b}*" for a, b in rules if (a, b) not in used and b != VAE]
 
 
 def has_vae(state):
