@@ -75,8 +75,9 @@ def test_not_a_checkpoint(tmp_path):
         load_checkpoint(toy(), junk, "model.x.")
     # torch's advice to load with weights_only=False (running code from the file) is not passed on
     assert "not a torch file" in str(e.value) and "weights_only" not in str(e.value)
-    with pytest.raises(CheckpointError, match="no tensors under 'model.x.'"):
+    with pytest.raises(CheckpointError, match="no tensors under 'model.x.'") as e:
         load_checkpoint(toy(), {"vae.w": torch.zeros(1)}, "model.x.")
+    assert "VPD release" not in str(e.value)
     bare = tmp_path / "tensor.pt"  # one tensor, no names
     torch.save(torch.zeros(2), bare)
     with pytest.raises(CheckpointError, match="holds a Tensor, not a dict of tensors"):
@@ -84,8 +85,12 @@ def test_not_a_checkpoint(tmp_path):
     nested = tmp_path / "vpd_depth.ckpt"  # tensors one level down, as in a released VPD file
     torch.save({"model": sd_layout(toy()), "optimizer": {}}, nested)
     with pytest.raises(CheckpointError, match=r"no tensors at its top level or under 'state_dict' "
-                                              r"\(its keys: model, optimizer\)"):
+                                              r"\(its keys: model, optimizer\); it looks like a VPD release: "
+                                              r"eval.py and predict.py take that as --ckpt"):
         load_checkpoint(toy(), nested, "model.x.")
+    # the semseg release keeps its tensors under state_dict, the UNet as unet.unet.diffusion_model.*
+    with pytest.raises(CheckpointError, match=r"no tensors under 'model.x.'.*it looks like a VPD release"):
+        load_checkpoint(toy(), {"unet.unet.diffusion_model.out.0.weight": torch.zeros(1)}, "model.x.")
 
 
 def test_linear_weight_fits_1x1_conv():

@@ -72,6 +72,11 @@ def load_error(e):
     return f"{type(e).__name__}: {text}"
 
 
+# the depth and refer releases keep their tensors under 'model', the semseg one under 'state_dict' as
+# unet.unet.diffusion_model.*: given where an SD file is wanted, say what they are
+RELEASE_HINT = "; it looks like a VPD release: eval.py and predict.py take that as --ckpt (an SD v1 file is --sd-ckpt)"
+
+
 def _open(src):
     """Return (names, get_shape, get_tensor) for a path or a dict of tensors."""
     if isinstance(src, dict):
@@ -93,7 +98,8 @@ def _open(src):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
     if not any(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} has no tensors at its top level or under 'state_dict' "
-                              f"(its keys: {listing([str(k) for k in obj])})")
+                              f"(its keys: {listing([str(k) for k in obj])})"
+                              + (RELEASE_HINT if isinstance(obj.get("model"), dict) else ""))
     obj = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     return list(obj), lambda k: tuple(obj[k].shape), lambda k: obj[k]
 
@@ -162,6 +168,7 @@ def load_checkpoint(module: nn.Module, src, prefix: str, cfg=None, ignore=(), dt
         what = type(module).__name__
         if not under:
             msg = f"{describe(src)} has no tensors under '{prefix}': not a checkpoint holding a {what}"
+            msg += RELEASE_HINT if any(".unet.diffusion_model." in k for k in names) else ""
         else:
             msg = f"{describe(src)} does not match {what}" + mismatch_lines(missing, unexpected, wrong)
         if cfg is not None:
