@@ -119,7 +119,8 @@ def get_args(argv=None):
     p.add_argument("--log-every", type=count(1), help="steps per log line (default 50; --demo: 10)")
     p.add_argument("--eval-every", type=count(1), help="steps between evaluations (always at the last step)")
     p.add_argument("--eval-max", type=count(1), default=None, help="evaluate on at most this many samples")
-    p.add_argument("--save-every", type=count(1), help="steps between checkpoints (default 1000, --demo: 100; always at the end)")
+    p.add_argument("--save-every", type=count(1), help="steps between checkpoints (default 1000, --demo: 100; "
+                   "always at the end)")
     p.add_argument("--stop-after", type=count(1), default=None, help="end the run after this step, having saved a "
                    "checkpoint (the schedule still spans --iters; continue later with --resume)")
     p.add_argument("--class-embeddings", default=None, metavar="FILE",
@@ -227,8 +228,8 @@ def main(args):
         # left out, the run's own file: recorded again as it started, so a later --resume with it still matches
         args.class_embeddings = args.class_embeddings or started.get("class_embeddings")
         if args.stop_after is not None and args.stop_after <= state["step"]:
-            raise SystemExit(f"--stop-after {args.stop_after}: the run in {args.out} is already at step {state['step']}; "
-                             "give a later step, or leave it out to finish the run")
+            raise SystemExit(f"--stop-after {args.stop_after}: the run in {args.out} is already at step "
+                             f"{state['step']}; give a later step, or leave it out to finish the run")
     elif os.path.isfile(state_path):
         raise SystemExit(f"--out {args.out} holds the checkpoint of an earlier run: continue it with --resume, "
                          "or give another --out")

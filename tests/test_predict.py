@@ -80,7 +80,8 @@ def checkpoint(world, task):
             model.head.classifier.bias[1] -= (logits[0, 1] - logits[0, 0]).median()
     meta = dict(task=task, sd_ckpt=world.sd, demo=True, dataset=None, unet=asdict(TINY_UNET),
                 vae=asdict(TINY_VAE), clip=asdict(TINY_CLIP), model_kwargs=kw,
-                depth_crop=None, args=dict(crop=CROPS[task], demo_size=train.DEMO["demo_size"]), frozen_sha256=frozen_fingerprint(model))
+                depth_crop=None, args=dict(crop=CROPS[task], demo_size=train.DEMO["demo_size"]),
+                frozen_sha256=frozen_fingerprint(model))
     path = str(world.root / f"{task}.safetensors")
     save_weights(model, path, meta)
     world.ckpts[task] = path
@@ -525,8 +526,8 @@ def test_a_folder_gives_its_images_whatever_the_case_of_their_extension(tmp_path
     (tmp_path / ".DS_Store").write_bytes(b"")  # hidden: not mentioned
     (tmp_path / "._IMG_0001.JPG").write_bytes(b"macOS metadata, not an image")  # hidden, image-named: not read
     write_image(str(tmp_path / ".thumb.png"), 8, 8, 2)  # a hidden image too: a folder gives what it shows
-    assert predict.image_paths([str(tmp_path)], "out", "depth") == ([str(tmp_path / "IMG_0001.JPG"), str(tmp_path / "b.png")],
-                                                            [])
+    assert predict.image_paths([str(tmp_path)], "out", "depth") == (
+        [str(tmp_path / "IMG_0001.JPG"), str(tmp_path / "b.png")], [])
     assert predict.image_paths([str(tmp_path / ".thumb.png")], "out", "depth") == ([str(tmp_path / ".thumb.png")], [])
     assert f"{tmp_path}: 2 file(s) of other types not read (IMG_0002.HEIC, notes.txt; images are .jpg" in (
         capsys.readouterr().out)

@@ -266,7 +266,8 @@ def bad_cases(world, tmp):
     sd = world["sd"]
     photo = sorted(glob.glob(os.path.join(world["roots"]["depth"], "official_splits", "test", "*", "rgb_*.jpg")))[0]
     moved = str(tmp / "moved.safetensors")  # a demo model whose synthetic data has moved since
-    save_file(load_file(depth_ckpt), moved, {"vpd": json.dumps(dict(read_meta(depth_ckpt), data_root=str(tmp / "gone")))})
+    meta = dict(read_meta(depth_ckpt), data_root=str(tmp / "gone"))
+    save_file(load_file(depth_ckpt), moved, {"vpd": json.dumps(meta)})
     return {
         "task": (["train.py", "--task", "segmentation"], ["invalid choice", "segmentation"]),
         "ckpt of another task": (["eval.py", "--task", "semseg", "--ckpt", depth_ckpt], ["depth model, not semseg"]),
@@ -774,7 +775,8 @@ def test_a_run_diverged_before_its_first_checkpoint_says_there_is_none(world, tm
     from vpd.tasks import forward_loss
     monkeypatch.setattr(train, "forward_loss", lambda *a: forward_loss(*a) * float("nan"))
     out = tmp_path / "diverged"
-    with pytest.raises(SystemExit, match=r"non-finite weights after step 1 .*: not saved; no checkpoint was written \("):
+    with pytest.raises(SystemExit, match=r"non-finite weights after step 1 .*: not saved; no checkpoint was "
+                                         r"written \("):
         train_here(flags(world, "depth", out, "--iters", 4, "--batch-size", 2, "--save-every", 1, "--log-every", 4))
     assert not (out / "state.pt").exists()
 
