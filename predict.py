@@ -64,6 +64,7 @@ READ_AHEAD = 2  # images read (decoded, resized) while the one before them is pr
 DEFAULT_SCENE = "living_room"
 OUTPUTS = {"depth": ("_depth.png", "_depth_color.png"), "semseg": ("_semseg.png", "_semseg_ids.png"),
            "refer": ("_refer.png", "_refer_mask.png")}  # <name> + these, per task
+# the names OUTPUTS and output_ends give, refer's numbered ones too: a folder that is --out holds these
 EARLIER_OUTPUT = re.compile(r"_(depth|depth_color|semseg|semseg_ids|refer\d*|refer\d*_mask)\.png$")
 
 
