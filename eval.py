@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from vpd import dist
-from vpd.data import ADE20K_CLASSES, depth_eval_mask, error_line, leave_sigterm_to_the_main_process
+from vpd.data import ADE20K_CLASSES, depth_eval_mask, error_line
 from vpd.infer import depth_predict, refer_logits, semseg_probs
 from vpd.metrics import KITTI_CROPS, DepthMetric, ReferMetric, SegMetric, json_ready
 from vpd.model import TASKS
@@ -45,7 +45,7 @@ def evaluate(model, task, dataset, device, autocast=nullcontext, max_samples=Non
     # its own generator: a loader seeds its workers from the global RNG otherwise, and an evaluation
     # during training would shift the dropout draws of the steps after it (a resumed run would differ)
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=workers,
-                                         generator=torch.Generator(), worker_init_fn=leave_sigterm_to_the_main_process)
+                                         generator=torch.Generator())
     if task == "semseg":
         k = model.num_classes
         metric = SegMetric(k)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from eval import count, evaluate
 from vpd import dist
-from vpd.data import error_line, leave_sigterm_to_the_main_process
+from vpd.data import error_line
 from vpd.optim import build_optimizer, lr_factor, set_lr
 from vpd.trained import (load_trained_state, read_meta, save_json, save_state, save_weights, trained_state,
                          write_atomic)
@@ -434,8 +434,7 @@ def main(args):
             # resumed run, which creates one more loader, would drift from the uninterrupted one
             loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers,
                                                  pin_memory=device.type == "cuda",
-                                                 generator=torch.Generator().manual_seed(args.seed),
-                                                 worker_init_fn=leave_sigterm_to_the_main_process)
+                                                 generator=torch.Generator().manual_seed(args.seed))
             it = iter(loader)
             for _ in range(steps_per_epoch - step % steps_per_epoch):
                 if step >= stop:
@@ -519,7 +518,11 @@ def side_by_side(metrics, baseline=None, title="", baseline_name=None):
 
 def terminate(signum, frame):
     """SIGTERM, what a cluster scheduler (and torchrun, passing on its own) sends before killing a job: a
-    run ends as on Ctrl-C, saying which checkpoint it leaves."""
+    run ends as on Ctrl-C, saying which checkpoint it leaves. A scheduler signals every process of the job,
+    loader workers too: their deaths are expected from here on, not an error for the DataLoader's SIGCHLD
+    handler to raise over that message. (The workers must stay killable: the DataLoader and Python's exit
+    stop stray ones with SIGTERM.)"""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     raise KeyboardInterrupt("terminated")
 
 

@@ -15,7 +15,6 @@ naming it when loaded (BadSampleError: train.py and eval.py stop with that one l
 import json
 import os
 import re
-import signal
 
 import numpy as np
 import torch
@@ -73,13 +72,6 @@ def error_line(e):
     if len(lines) > 1 and lines[0].startswith("Caught "):
         return lines[-1].split(": ", 1)[-1]
     return " ".join(lines) or type(e).__name__
-
-
-def leave_sigterm_to_the_main_process(worker_id):
-    """DataLoader worker_init_fn. A cluster scheduler sends SIGTERM to every process of a job: the workers
-    ignore it, so that the main process ends the run in its own words (train.py) and shuts them down,
-    rather than finding them dead and raising over it."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------- file readers
