@@ -520,9 +520,10 @@ def terminate(signum, frame):
     """SIGTERM, what a cluster scheduler (and torchrun, passing on its own) sends before killing a job: a
     run ends as on Ctrl-C, saying which checkpoint it leaves. A scheduler signals every process of the job,
     loader workers too: their deaths are expected from here on, not an error for the DataLoader's SIGCHLD
-    handler to raise over that message. (The workers must stay killable: the DataLoader and Python's exit
-    stop stray ones with SIGTERM.)"""
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    handler to raise over that message (a handler that does nothing: with SIG_DFL, a SIGCHLD already pending
+    prints a "race condition" error). The workers must stay killable: the DataLoader and Python's exit stop
+    stray ones with SIGTERM."""
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     raise KeyboardInterrupt("terminated")
 
 
