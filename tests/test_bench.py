@@ -47,7 +47,7 @@ def row_flops_by_counter(res, batch, n_ctx):
 
 
 @pytest.mark.parametrize("no_ref", [False, True])
-def test_bench_rows_and_json(tmp_path, no_ref):
+def test_bench_rows_and_json(tmp_path, no_ref, resize_uncounted):
     out = tmp_path / "rows.json"
     argv = ["--size", "tiny", "--res", "128", "--batch", "2", "--ctx", "7", "--which", "unet,vae,train_semseg",
             "--iters", "1", "--warmup", "0", "--json", str(out)] + (["--no-ref"] if no_ref else [])
@@ -70,7 +70,8 @@ def test_bench_rows_and_json(tmp_path, no_ref):
         # the analytic FLOPs behind TFLOP/s: each row's work counted op by op on the same sizes. The
         # forwards are exact; fwd+bwd counts the input grads of the first conv, which autograd skips
         # (+0.08%); the training step leaves out VPD's text adapter and map products (-0.003%)
-        counted = row_flops_by_counter(128, 2, 7)
+        with resize_uncounted():
+            counted = row_flops_by_counter(128, 2, 7)
         for r in rows:
             rel = {"unet_fwd": 1e-12, "vae_enc": 1e-12, "unet_fwdbwd": 1e-3, "train_semseg": 1e-4}[r["name"]]
             assert r["gflop_per_iter"] * 1e9 == pytest.approx(counted[r["name"]], rel=rel), r["name"]
@@ -103,7 +104,7 @@ def test_each_row_times_the_implementation_it_names(monkeypatch):
         assert seen[name, "ours"] == {"vpd"} and seen[name, "ref"] == {"diffusers"}, name
 
 
-def test_bench_eval_semseg_row_counts_every_window(monkeypatch):
+def test_bench_eval_semseg_row_counts_every_window(monkeypatch, resize_uncounted):
     monkeypatch.setattr(bench, "attention_ops", lambda fn: [])  # (profiling 44 windows' ops takes seconds)
     # ADE20K's ms + flip test of a 64x85 image in 64 windows (stride 42): views 64x85, 72x96, 80x106, 88x117,
     # 96x128 take 1x2, 2x2, 2x2, 2x3, 2x3 windows (mmseg's grid), 22 in all, each also flipped
@@ -120,7 +121,7 @@ def test_bench_eval_semseg_row_counts_every_window(monkeypatch):
     from vpd.model import build_model
     model = build_model("semseg", unet_cfg=TINY_UNET, vae_cfg=TINY_VAE, clip_cfg=TINY_CLIP).eval()
     views = [torch.zeros(1, 3, round(64 * r), round(85 * r)) for r in MS_RATIOS]
-    with torch.no_grad():
+    with torch.no_grad(), resize_uncounted():
         counted = counted_flops(lambda: semseg_probs(model, views, 150, (64, 85), flip=True, crop=64))
     n, d = model.class_embeddings.shape
     assert rows[0]["gflop_per_iter"] * 1e9 + 14 * 2 * (2 * n * d * d) == pytest.approx(counted, rel=1e-12)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vpd.heads import DepthHead, FPNSegHead, ReferHead
+from vpd.heads import DepthHead, FPNSegHead, ReferHead, resize_bilinear
 
 SD_SEG = [320, 640 + 150, 1280 + 150, 1280]  # VPD's ADE20K neck in_channels [320, 790, 1430, 1280]
 SD_DEPTH = [320, 640, 1280, 1280]
@@ -278,3 +278,29 @@ def test_head_norms_use_torchs_default_eps():
     norms = [m for h in heads for m in h.modules() if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm))]
     assert len(norms) == 7 + 6 + 6  # FPN: 7 BN; depth: 2 GN + 4 BN; refer: 6 BN
     assert all(m.eps == 1e-5 for m in norms)
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("size_in,size_out", [((8, 8), (64, 64)), ((7, 5), (61, 43)), ((9, 12), (4, 5)),
+                                              ((1, 3), (5, 4)), ((6, 6), (6, 6))])
+def test_resize_bilinear_is_torchs_bilinear_interpolation(align_corners, size_in, size_out):
+    # values and input gradients against F.interpolate's own kernels (computed in float64 as the reference)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, *size_in, generator=g, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 3, *size_out, generator=g, dtype=torch.float64)
+    ref = F.interpolate(x, size=size_out, mode="bilinear", align_corners=align_corners)
+    (ref_grad,) = torch.autograd.grad(ref, x, grad)
+    out = resize_bilinear(x, size_out, align_corners)
+    (out_grad,) = torch.autograd.grad(out, x, grad)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out_grad, ref_grad, rtol=0, atol=1e-5)
+
+
+def test_resize_bilinear_stays_float32_under_bf16_autocast():
+    x = torch.randn(1, 4, 8, 8).to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = resize_bilinear(x.bfloat16(), (64, 64))
+    assert out.dtype == torch.float32
+    ref = F.interpolate(x.bfloat16().float(), size=(64, 64), mode="bilinear")
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)

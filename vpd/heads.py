@@ -7,6 +7,7 @@ channel counts `in_channels` (for SD v1.5 and N text tokens: [320, 640+N, 1280+N
 - FPNSegHead: mmseg's FPN neck + FPNHead ("Semantic FPN"), as VPD's ADE20K config builds them.
 - DepthHead: VPD's NYUv2 decoder (GLPDepth / SimpleBaseline style deconvolutions).
 - ReferHead: LAVT's SimpleDecoding, as VPD's referring-segmentation model uses it.
+- resize_bilinear: the segmentation models' logits brought to the image size.
 
 Module names are plain; vpd/official.py holds the short table mapping the released checkpoints'
 names onto them.
@@ -16,6 +17,35 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def resize_bilinear(x, size, align_corners=False):
+    """F.interpolate(x, size, mode="bilinear") in float32, as two matrix products: out = A_h x A_w^T, each
+    row of A holding an output pixel's two interpolation weights (the source position clamped to the
+    input, as PyTorch clamps it). The same values up to rounding, but a backward of two more products
+    rather than a scatter: F.interpolate's backward adds each output pixel's gradient into four input
+    pixels, on CUDA atomically, and at x8 (a 1/8 map to the image) some 256 adds land on each input pixel."""
+    device = x.device.type
+    float32 = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
+    with float32:  # autocast would run the products in bf16
+        a_h = _interp_matrix(x.shape[-2], size[0], align_corners, x.device)
+        a_w = _interp_matrix(x.shape[-1], size[1], align_corners, x.device)
+        # the height first, on the small map; then the big product as one (B*K*H, w) x (w, W) matrix product
+        y = (x.float().transpose(-1, -2) @ a_h.T).transpose(-1, -2)  # (..., H, w)
+        return y @ a_w.T
+
+
+def _interp_matrix(n_in, n_out, align_corners, device):
+    """(n_out, n_in) bilinear weights: the hat function max(0, 1 - |src - j|) around each output's source
+    position src, which gives weight 1 - frac(src) to floor(src) and frac(src) to the next pixel."""
+    i = torch.arange(n_out, device=device, dtype=torch.float64)
+    if align_corners:
+        src = i * ((n_in - 1) / (n_out - 1)) if n_out > 1 else i * 0
+    else:
+        src = (i + 0.5) * (n_in / n_out) - 0.5
+    src = src.clamp(0, n_in - 1)
+    j = torch.arange(n_in, device=device, dtype=torch.float64)
+    return (1 - (src[:, None] - j[None, :]).abs()).clamp(min=0).float()
 
 
 class ConvBNReLU(nn.Module):

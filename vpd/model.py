@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vpd.clip import CLIPTextModel, Tokenizer
-from vpd.heads import DepthHead, FPNSegHead, ReferHead
+from vpd.heads import DepthHead, FPNSegHead, ReferHead, resize_bilinear
 from vpd.unet import UNet, UNetConfig
 from vpd.vae import VAE, VAEConfig
 
@@ -158,7 +158,7 @@ class VPDSeg(nn.Module):
         _check_images(images, 64)
         logits = self.head(self.backbone(images, self.class_embeddings))  # (B, K, H/8, W/8)
         # upsampled in float32, not rounded to bf16 again (the loss and inference take float32 anyway)
-        return F.interpolate(logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return resize_bilinear(logits, images.shape[-2:])
 
     @staticmethod
     def loss(logits, label, ignore_index=255):
@@ -243,7 +243,7 @@ class VPDRefer(nn.Module):
         with torch.no_grad():
             text, _ = self.clip(token_ids)  # (B, max_tokens, D)
         logits = self.head(self.backbone(images, text))  # (B, 2, H/8, W/8)
-        return F.interpolate(logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=True)
+        return resize_bilinear(logits, images.shape[-2:], align_corners=True)
 
     @staticmethod
     def loss(logits, target):
