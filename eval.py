@@ -9,7 +9,7 @@ semseg: mIoU / aAcc / per-class IoU, sliding windows of the training crop (512, 
 multi-scale + flip. depth: the nine metrics with the Eigen crop (NYU) or Garg crop (KITTI), flip +
 shifted square windows (two for NYU's 480x640, as many as cover a KITTI frame). refer: oIoU, mIoU,
 precision@0.5:0.9 over every sentence. Results on stdout and in
-<out>/metrics_<dataset>[_<refer split set>]_<split>[_<test-time options>].json (one file per protocol;
+<out>/metrics_<dataset>[_<refer split set>]_<split>[_<test-time options>][_<bf16|fp16>].json (one file per protocol;
 default <out>: eval/ next to the checkpoint); --save-vis writes coloured predictions. Under torchrun
 each sample is counted exactly once (no DistributedSampler padding).
 """
@@ -121,12 +121,14 @@ def _save_vis(task, out_dir, batch, pred):
 
 
 def metrics_name(protocol):
-    """metrics_<dataset>[_<split_by>]_<split>[_msflip][_noflip][_fullres][_first<N>].json: one file per
-    protocol (split_by: refer's unc / umd / google split sets)."""
+    """metrics_<dataset>[_<split_by>]_<split>[_msflip][_noflip][_fullres][_first<N>][_bf16|_fp16].json: one file
+    per protocol (split_by: refer's unc / umd / google split sets), and per precision: autocast's dtype, none for
+    float32 (a GPU run's default bf16 and an --amp off run of one model do not overwrite each other)."""
     tags = [protocol["dataset"], *([protocol["split_by"]] if protocol["split_by"] else []), protocol["split"]]
     tags += [tag for tag, on in (("msflip", protocol["ms_flip"]), ("noflip", protocol["flip"] is False),
                                  ("fullres", protocol["refer_full_res"])) if on]
     tags += [f"first{protocol['max_samples']}"] if protocol["max_samples"] else []
+    tags += [protocol["amp"]] if protocol["amp"] != "off" else []
     return "metrics_" + "_".join(tags) + ".json"
 
 
@@ -206,7 +208,7 @@ def main(args):
     # flip: depth's flip averaging (semseg flips with --ms-flip; refer never); first N: only if N < all
     protocol = dict(dataset=ev.dataset_name, split_by=ev.split_by, split=ev.split, ms_flip=args.ms_flip,
                     flip=not args.no_flip if ev.task == "depth" else None, refer_full_res=args.refer_full_res,
-                    max_samples=n if n < len(ev.dataset) else None)
+                    max_samples=n if n < len(ev.dataset) else None, amp=dist.resolve_amp(args.amp, device))
     name = metrics_name(protocol)  # metrics_<protocol>.json, and vis_<protocol>/ for the PNGs
     vis_dir = os.path.join(out, "vis_" + name[len("metrics_"):-len(".json")]) if args.save_vis else None
     try:
@@ -224,8 +226,7 @@ def main(args):
         print(format_metrics(metrics, ADE20K_CLASSES if ev.task == "semseg" else None))
         path = os.path.join(out, name)
         save_json(json_ready(dict(ckpt=os.path.abspath(args.ckpt), task=ev.task, samples=n, **protocol,
-                                  data_root=os.path.abspath(ev.data_root), sd_ckpt=ev.sd_ckpt,
-                                  amp=dist.resolve_amp(args.amp, device), **metrics)), path)
+                                  data_root=os.path.abspath(ev.data_root), sd_ckpt=ev.sd_ckpt, **metrics)), path)
         print(f"wrote {path}")
     dist.teardown()
 

@@ -387,10 +387,11 @@ def test_eval_main_hands_the_protocol_to_evaluate(tmp_path, monkeypatch):
     every = json.load(open(tmp_path / "all" / "metrics_x_y_fullres.json"))
     assert (every["max_samples"], every["samples"]) == (None, 5)
     # the files say what was run: flip only for depth (the others have no such option), the data and amp
-    saved = {n: json.load(open(tmp_path / n)) for n in ("metrics_x_y_noflip.json", "metrics_x_y_msflip.json",
+    # (and per precision: bf16 in the name, float32 not)
+    saved = {n: json.load(open(tmp_path / n)) for n in ("metrics_x_y_noflip.json", "metrics_x_y_msflip_bf16.json",
                                                        "metrics_x_y_fullres.json")}
     assert [m["flip"] for m in saved.values()] == [False, None, None]
-    assert saved["metrics_x_y_msflip.json"]["IoU"] == [50.0, None]  # a class never seen: null, not bare NaN
+    assert saved["metrics_x_y_msflip_bf16.json"]["IoU"] == [50.0, None]  # a class never seen: null, not bare NaN
     assert [m["amp"] for m in saved.values()] == ["off", "bf16", "off"]
     assert all(m["data_root"] == str(tmp_path) and m["samples"] == 5 and m["sd_ckpt"] == "/sd" for m in saved.values())
     assert depth["depth_crop"] == "garg" and depth["max_depth"] == 80.0 and not depth["flip"]
