@@ -151,8 +151,8 @@ def get_args(argv=None):
     p.add_argument("--ckpt", help="our model.safetensors, or an official VPD .ckpt/.pth")
     p.add_argument("--demo", action="store_true", help="evaluate the checkpoint of `train.py --demo` (out/demo, or "
                    "out/demo_<task> with --task semseg / refer) on its synthetic set")
-    p.add_argument("--sd-ckpt", help="SD v1.x file for the frozen VAE/CLIP (default: the one training used; "
-                   "of the official releases refer's needs one, for CLIP, and one without the VAE for it)")
+    p.add_argument("--sd-ckpt", help="SD v1.x file for the frozen VAE/CLIP (default: the one training used). An "
+                   "official release needs one only for refer (its CLIP) or when the release holds no VAE")
     p.add_argument("--data-root", help="dataset root in its standard layout (see README); only the evaluated split "
                    "needs to be there (default for --demo: its synthetic set)")
     p.add_argument("--dataset", default=None, help="depth: nyu|kitti; refer: refcoco|refcoco+|refcocog")
@@ -164,7 +164,8 @@ def get_args(argv=None):
     p.add_argument("--ms-flip", action="store_true", help="semseg: multi-scale + flip test")
     p.add_argument("--no-flip", action="store_true", help="depth: no flip averaging")
     p.add_argument("--refer-full-res", action="store_true",
-                   help="refer: score masks at the original image size, not at the 512x512 input size")
+                   help="refer: score masks at the original image size, not at the network's input size (the "
+                        "training crop: 512x512 in the paper's recipe)")
     p.add_argument("--max-samples", type=count(1))
     p.add_argument("--save-vis", action="store_true", help="also write each sample's prediction as a coloured PNG "
                    "(<sample index, 6 digits>.png, e.g. 000012.png) into vis_<protocol>/ in --out")

@@ -81,8 +81,8 @@ def get_args(argv=None):
     p.add_argument("--task", choices=TASKS, help="depth, semseg or refer (read from our own checkpoints; "
                    "required for an official VPD file)")
     p.add_argument("--ckpt", required=True, help="our model.safetensors, or an official VPD .ckpt/.pth")
-    p.add_argument("--sd-ckpt", help="SD v1.x file for the frozen VAE/CLIP (default: the one training used; "
-                   "of the official releases refer's needs one, for CLIP, and one without the VAE for it)")
+    p.add_argument("--sd-ckpt", help="SD v1.x file for the frozen VAE/CLIP (default: the one training used). An "
+                   "official release needs one only for refer (its CLIP) or when the release holds no VAE")
     p.add_argument("--text", action="append", help="refer: the referring expression, e.g. \"the man on the left\"; "
                    "again for more sentences, each predicted on every image")
     p.add_argument("--scene", default=None, help=f"depth: NYUv2 scene type (default {DEFAULT_SCENE}); one of "
@@ -242,7 +242,7 @@ def save_outputs(task, out, stem, pred, image_path, depth_units=1000):
         vis.save_depth_png16(pred, paths[0], depth_units)
         vis.colorize_depth(pred).save(paths[1])
     elif task == "semseg":
-        vis.colorize_labels(pred).save(paths[0])  # (which refuses ids beyond its 150 colours: uint8 holds the rest)
+        vis.colorize_labels(pred).save(paths[0])  # raises on ids >= 150 (its palette): the ids below fit uint8
         Image.fromarray(pred.astype(np.uint8)).save(paths[1])
     else:
         rgb = read_rgb(image_path, upright=True).astype(np.uint8)  # as the masks were predicted

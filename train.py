@@ -57,6 +57,7 @@ RUN_SETTINGS = ("task", "iters", "epochs", "batch_size", "micro_batch", "amp", "
                 "param_groups", "warmup_iters", "crop", "seed", "dataset", "split_by", "schedule", "power",
                 "min_lr_ratio", "demo_images", "demo_size")
 RUN_FILES = ("sd_ckpt", "data_root", "class_embeddings")  # where given, the same contents (the demo writes its own)
+PRESET_ONLY = ("schedule", "power", "min_lr_ratio", "demo_images", "demo_size")  # no flag: PRESETS / DEMO alone
 
 
 def factor(zero_ok):
@@ -181,10 +182,11 @@ def main(args):
     state_path, weights_path = os.path.join(args.out, "state.pt"), os.path.join(args.out, "model.safetensors")
     log_path, metrics_path = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "metrics.json")
     curves_path = os.path.join(args.out, "curves.png")
-    micro_given, micro = args.micro_batch, args.micro_batch or args.batch_size // world
+    # micro_set: --micro-batch or the depth preset's 3; None: derived from --batch-size
+    micro_set, micro = args.micro_batch, args.micro_batch or args.batch_size // world
     if micro == 0 or args.batch_size % (micro * world):
-        split = f"{world} process{'es' * (world > 1)}" + (f" x --micro-batch {micro_given}" if micro_given else "")
-        recipe = args.task == "depth" and not args.demo and micro_given == 3  # the preset's, or given as it
+        split = f"{world} process{'es' * (world > 1)}" + (f" x --micro-batch {micro_set}" if micro_set else "")
+        recipe = args.task == "depth" and not args.demo and micro_set == 3  # the preset's, or given as it
         raise SystemExit(f"--batch-size {args.batch_size} does not split evenly over {split}"
                          + ("; the depth recipe forwards 3 images per process: give a --batch-size that is a "
                             "multiple of 3 x processes, or another --micro-batch" if recipe else ""))
@@ -215,16 +217,18 @@ def main(args):
         if amp_given is None:  # the run's precision, not this device's default (a GPU run resumed on a CPU)
             args.amp = started["amp"]
         changed = [k for k in RUN_SETTINGS if started.get(k) != getattr(args, k, None)]
-        if "batch_size" in changed and micro_given is None and started["micro_batch"] == started["batch_size"] // world:
+        if "batch_size" in changed and micro_set is None and started["micro_batch"] == started["batch_size"] // world:
             changed = [k for k in changed if k != "micro_batch"]  # derived from --batch-size, then and now
         # files at another path (moved, or copied to a local disk): taken if they hold what the run's did,
         # checked once read; a run from before the SD file's fingerprint was recorded compares paths alone
         moved = [k for k in RUN_FILES if getattr(args, k) is not None and started.get(k) != getattr(args, k)]
         changed += [k for k in moved if k == "sd_ckpt" and "frozen_sha256" not in state]
-        if changed:
-            raise SystemExit("--resume: the run in {} was started with {}; pass the same values".format(
-                args.out, ", ".join(f"--{k.replace('_', '-')} {started.get(k)} (not {getattr(args, k, None)})"
-                                    for k in changed)))
+        if changed:  # a preset-only setting differs when train.py's presets changed since the run started
+            said = [f"{k} {started.get(k)} (this train.py's preset: {getattr(args, k, None)})" if k in PRESET_ONLY
+                    else f"--{k.replace('_', '-')} {started.get(k)} (not {getattr(args, k, None)})" for k in changed]
+            raise SystemExit(f"--resume: the run in {args.out} was started with {', '.join(said)}; pass the same values"
+                             + ("; a preset differs: resume with the train.py the run started with"
+                                if set(changed) & set(PRESET_ONLY) else ""))
         # left out, the run's own file: recorded again as it started, so a later --resume with it still matches
         args.class_embeddings = args.class_embeddings or started.get("class_embeddings")
         if args.stop_after is not None and args.stop_after <= state["step"]:
@@ -251,10 +255,10 @@ def main(args):
     torch.manual_seed(args.seed + rank)
     # --- task: datasets, model, evaluation (vpd/tasks.py) ---
     try:
-        task = build_task(args, device, log=print0)
+        built = build_task(args, device, log=print0)
     except (ValueError, FileNotFoundError) as e:  # bad files / configs: say which, without a traceback
         raise SystemExit(f"{type(e).__name__}: {e}") from None
-    model, train_set = task.model.to(device), task.train_set
+    model, train_set = built.model.to(device), built.train_set
     if args.grad_checkpoint:
         model.backbone.unet.grad_checkpointing = True
     if args.channels_last:  # the weights' layout is enough: each convolution's output follows it
@@ -272,7 +276,7 @@ def main(args):
                          f"--data-root {args.data_root} now holds {len(train_set)}")
     for k in moved:  # (resumed runs only)
         flag, was = f"--{k.replace('_', '-')} {getattr(args, k)}", state["args"].get(k) or "the SD file's embeddings"
-        if k == "sd_ckpt" and task.meta["frozen_sha256"] != state["frozen_sha256"]:
+        if k == "sd_ckpt" and built.meta["frozen_sha256"] != state["frozen_sha256"]:
             raise SystemExit(f"--resume: {flag} is not the SD file the run in {args.out} started with ({was}): "
                              "its frozen VAE/CLIP weights differ")
         if k == "class_embeddings" and not torch.equal(raw.class_embeddings.cpu(), state["model"]["class_embeddings"]):
@@ -307,7 +311,7 @@ def main(args):
         except ValueError as e:
             raise SystemExit(f"--resume: {e}") from None
         if master and weights_step != state["step"]:
-            save_weights(raw, weights_path, dict(task.meta, step=state["step"], args=state["args"]))
+            save_weights(raw, weights_path, dict(built.meta, step=state["step"], args=state["args"]))
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step, last = state["step"], state["last_log"]
@@ -365,9 +369,9 @@ def main(args):
             weights = trained_state(raw)  # one copy on the host for both files
             save_state(dict(step=step, last_log=last, model=weights, optimizer=optimizer.state_dict(),
                             scaler=scaler.state_dict(), args=vars(args), ranks=ranks, train_samples=len(train_set),
-                            frozen_sha256=task.meta["frozen_sha256"]),
+                            frozen_sha256=built.meta["frozen_sha256"]),
                        state_path)
-            save_weights(raw, weights_path, dict(task.meta, step=step, args=vars(args)), weights)
+            save_weights(raw, weights_path, dict(built.meta, step=step, args=vars(args)), weights)
         dist.barrier()
         saved, doing = step, None
 
@@ -392,18 +396,19 @@ def main(args):
         nonlocal doing
         doing = "eval"
         dist.broadcast_buffers(raw)
-        protocol = dict(workers=args.workers, depth_crop=task.meta["depth_crop"],  # the baseline's too
+        protocol = dict(workers=args.workers, depth_crop=built.meta["depth_crop"],  # the baseline's too
                         max_depth=getattr(raw, "max_depth", 10.0), seg_crop=args.crop)
         try:
-            metrics = evaluate(raw, args.task, task.eval_set, device, autocast, args.eval_max, **protocol)
+            metrics = evaluate(raw, args.task, built.eval_set, device, autocast, args.eval_max, **protocol)
         except ValueError as e:  # an unreadable evaluation file, or no valid ground truth
-            raise SystemExit(f"evaluation after step {step}: {error_line(e)} (the checkpoint in {args.out} is "
-                             f"at step {saved}: eval.py evaluates it)") from None
+            where = (f"the checkpoint in {args.out} is at step {saved}: eval.py evaluates it" if saved is not None
+                     else "no checkpoint was written yet")
+            raise SystemExit(f"evaluation after step {step}: {error_line(e)} ({where})") from None
         baseline = None
         if args.demo and step == total:  # the demo shows what training bought over a trivial predictor
             train_set.set_epoch(0)  # fitted to the first epoch's samples: the same however the run got here
             base_model, base_name = baseline_model(args.task, train_set)
-            baseline = evaluate(base_model.to(device), args.task, task.eval_set, device, nullcontext, args.eval_max,
+            baseline = evaluate(base_model.to(device), args.task, built.eval_set, device, nullcontext, args.eval_max,
                                 **protocol)
         if master:
             if step == total:  # the finished bar stays above the last table, not drawn again below it
@@ -413,7 +418,7 @@ def main(args):
             with open(log_path, "a") as f:
                 f.write(json.dumps(dict(step=step, **{f"eval/{k}": v for k, v in metrics.items()
                                                       if isinstance(v, float)})) + "\n")
-            samples = min(args.eval_max or len(task.eval_set), len(task.eval_set))
+            samples = min(args.eval_max or len(built.eval_set), len(built.eval_set))
             save_json(json_ready(dict(step=step, samples=samples, **metrics, **(
                 {"baseline": dict(name=base_name, **baseline)} if baseline else {}))), metrics_path)
         doing = None
@@ -439,8 +444,9 @@ def main(args):
             for _ in range(steps_per_epoch - step % steps_per_epoch):
                 if step >= stop:
                     break
-                set_lr(optimizer, args.lr * lr_factor(step, total, args.schedule, args.warmup_iters,
-                                                       power=args.power, min_ratio=args.min_lr_ratio, peak=peak))
+                lr = args.lr * lr_factor(step, total, args.schedule, args.warmup_iters, power=args.power,
+                                         min_ratio=args.min_lr_ratio, peak=peak)
+                set_lr(optimizer, lr)  # each group at lr x its multiplier
                 for a in range(accum):
                     batch = to_device(next_batch(it), device)
                     sync = a == accum - 1 or world == 1
@@ -456,7 +462,6 @@ def main(args):
                 if step % args.log_every == 0 or step == total:
                     dt = time.time() - t0
                     loss_avg = dist.mean_over_ranks(float(loss_sum) / (step - last), device)
-                    lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_scale"]
                     rec = dict(step=step, loss=loss_avg, lr=lr, ms=1000 * dt / (step - timed),
                                img_s=(step - timed) * args.batch_size / dt)
                     if device.type == "cuda":  # this rank's peak since the last log line, to size batches by

@@ -663,7 +663,7 @@ def test_ctrl_c_and_unreadable_file_end_in_one_line_naming_the_checkpoint(world,
     assert "\n" not in e.value.code and e.value.code.startswith(f"cannot read image {root}"), e.value.code
 
 
-def test_resume_keeps_the_runs_settings_and_survives_a_crash_in_save_or_final_eval(world, tmp_path):
+def test_resume_keeps_the_runs_settings_and_survives_a_crash_in_save_or_final_eval(world, tmp_path, monkeypatch):
     ref = loss_run(world, "semseg")  # a finished 16-step run
     args = flags(world, "semseg", ref, *LOSS_RUN, crop=LOSS_CROP["semseg"])
     # a fresh run into a folder with a checkpoint would overwrite it (and append to its log)
@@ -679,6 +679,12 @@ def test_resume_keeps_the_runs_settings_and_survives_a_crash_in_save_or_final_ev
     # its micro-batch was the batch / processes: the batch names the change (the same batch mends both)
     with pytest.raises(SystemExit, match=r"started with --batch-size 4 \(not 8\); pass the same values"):
         train_here(args + ["--resume", "--batch-size", "8"])
+    # a setting with no flag, changed in train.py's presets since the run started: no flag to suggest
+    with monkeypatch.context() as m:
+        m.setitem(train.PRESETS["semseg"], "min_lr_ratio", 0.5)
+        with pytest.raises(SystemExit, match=r"started with min_lr_ratio 0.0 \(this train.py's preset: 0.5\); pass the "
+                           "same values; a preset differs: resume with the train.py the run started with$"):
+            train_here(args + ["--resume"])
 
     import shutil
     from safetensors import safe_open
@@ -722,7 +728,7 @@ def test_resume_keeps_the_runs_settings_and_survives_a_crash_in_save_or_final_ev
         train_here(args + ["--resume"])
 
 
-def test_out_of_memory_says_what_to_change_and_which_checkpoint_is_left(world, tmp_path, monkeypatch):
+def test_out_of_memory_and_eval_errors_say_what_to_change_and_which_checkpoint_is_left(world, tmp_path, monkeypatch):
     from vpd.tasks import forward_loss
     calls = []
 
@@ -748,6 +754,14 @@ def test_out_of_memory_says_what_to_change_and_which_checkpoint_is_left(world, t
     with pytest.raises(SystemExit, match=r"^out of memory in the evaluation after step 2; the checkpoint in .* is "
                        "at step 2"):
         train_here(flags(world, "depth", tmp_path / "eval", "--iters", 2, "--batch-size", 2))
+
+    def unreadable_in_eval(*a, **kw):
+        raise ValueError("cannot read image x.jpg")
+    monkeypatch.setattr(train, "evaluate", unreadable_in_eval)  # an evaluation between checkpoints, before the first
+    with pytest.raises(SystemExit, match=r"^evaluation after step 1: cannot read image x.jpg \(no checkpoint was "
+                       r"written yet\)$"):
+        train_here(flags(world, "depth", tmp_path / "early", "--iters", 4, "--batch-size", 2, "--eval-every", 1,
+                         "--save-every", 4))
 
 
 @pytest.mark.parametrize("poison", ["nan loss", "inf statistics"])
@@ -1228,9 +1242,10 @@ def test_eval_writes_one_metrics_file_per_protocol(world, tmp_path):
     assert (a["flip"], b["flip"]) == (True, False) and a["samples"] == b["samples"] == 2
     assert a["rmse"] != b["rmse"]
     refer = dict(dataset="refcocog", split_by="umd", split="val", ms_flip=False, flip=True, refer_full_res=False,
-                 max_samples=None)
+                 max_samples=None, amp="off")
     assert eval_script.metrics_name(refer) == "metrics_refcocog_umd_val.json"
     assert eval_script.metrics_name(dict(refer, split_by="google")) == "metrics_refcocog_google_val.json"
+    assert eval_script.metrics_name(dict(refer, amp="bf16")) == "metrics_refcocog_umd_val_bf16.json"
 
 
 def test_demo_resume_takes_its_own_files_named_relatively(world, tmp_path, monkeypatch):

@@ -25,14 +25,18 @@ def resize_bilinear(x, size, align_corners=False):
     input, as PyTorch clamps it). The same values up to rounding, but a backward of two more products
     rather than a scatter: F.interpolate's backward adds each output pixel's gradient into four input
     pixels, on CUDA atomically, and at x8 (a 1/8 map to the image) some 256 adds land on each input pixel."""
-    device = x.device.type
-    float32 = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
-    with float32:  # autocast would run the products in bf16
+    with _float32_region(x):  # autocast would run the products in bf16
         a_h = _interp_matrix(x.shape[-2], size[0], align_corners, x.device)
         a_w = _interp_matrix(x.shape[-1], size[1], align_corners, x.device)
         # the height first, on the small map; then the big product as one (B*K*H, w) x (w, W) matrix product
         y = (x.float().transpose(-1, -2) @ a_h.T).transpose(-1, -2)  # (..., H, w)
         return y @ a_w.T
+
+
+def _float32_region(x):
+    """Autocast turned off for x's device (devices without autocast, such as meta, have nothing to turn off)."""
+    device = x.device.type
+    return torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
 
 
 def _interp_matrix(n_in, n_out, align_corners, device):
@@ -123,14 +127,14 @@ class DepthHead(nn.Module):
 
     Fuse at 1/32: 1/8 -> conv s2, GroupNorm(16), ReLU, conv s2; 1/16 -> conv s2; 1/32 concatenated
     with the nearest-x2 upsampled 1/64 map. Concatenate, 1x1 conv to `fuse_channels`, GroupNorm(16),
-    ReLU. Decode: `num_deconv` x (ConvTranspose k2 s2 -> BN -> ReLU), 3x3 conv-BN-ReLU to
+    ReLU. Decode: 3 x (ConvTranspose k2 s2 -> BN -> ReLU), 3x3 conv-BN-ReLU to
     `out_channels`, bilinear x2 twice, 3x3 conv, ReLU, 3x3 conv to 1, sigmoid x max_depth.
     `forward(feats, crop=None)`: `crop` (h, w) trims the fused 1/32 map to its top-left h x w
     (VPD pads 480x480 inputs to 512 and drops the fused map's last row and column).
     """
 
     def __init__(self, in_channels: list, max_depth: float = 10.0, fuse_channels: int = 1536,
-                 deconv_channels: int = 32, num_deconv: int = 3, out_channels: int = 192):
+                 deconv_channels: int = 32, out_channels: int = 192):
         super().__init__()
         c8, c16, c32, c64 = in_channels
         self.in_channels = list(in_channels)
@@ -142,7 +146,7 @@ class DepthHead(nn.Module):
         self.fuse = nn.Sequential(nn.Conv2d(c8 + c16 + c32 + c64, fuse_channels, 1),
                                   nn.GroupNorm(16, fuse_channels), nn.ReLU())
         deconv, c = [], fuse_channels
-        for _ in range(num_deconv):
+        for _ in range(3):  # 1/32 -> 1/4
             deconv += [nn.ConvTranspose2d(c, deconv_channels, 2, stride=2, bias=False),
                        nn.BatchNorm2d(deconv_channels), nn.ReLU()]
             c = deconv_channels
@@ -176,10 +180,7 @@ class DepthHead(nn.Module):
         x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
         x = self.predict[:-1](x)
         # the last conv and the sigmoid in float32: under bf16 autocast depths would round to 3-6 cm steps
-        # (devices without autocast, such as meta, have nothing to turn off)
-        device = x.device.type
-        float32 = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
-        with float32:
+        with _float32_region(x):
             return torch.sigmoid(self.predict[-1](x.float())) * self.max_depth
 
 
@@ -189,14 +190,14 @@ def _fuse_block(in_ch, hidden):
 
 
 class ReferHead(nn.Module):
-    """LAVT's SimpleDecoding -> (B, num_classes, H/8, W/8) mask logits.
+    """LAVT's SimpleDecoding -> (B, 2, H/8, W/8) mask logits (background, target).
 
     Top-down: upsample the 1/64 map to 1/32 (bilinear, align_corners), concatenate with 1/32, two
-    3x3 conv-BN-ReLU; the same with 1/16, then with 1/8; a 1x1 conv to `num_classes`.
+    3x3 conv-BN-ReLU; the same with 1/16, then with 1/8; a 1x1 conv to the 2 classes.
     `hidden` defaults to half the coarsest map's channels (640 for SD v1.5).
     """
 
-    def __init__(self, in_channels: list, hidden: int = None, num_classes: int = 2):
+    def __init__(self, in_channels: list, hidden: int = None):
         super().__init__()
         c8, c16, c32, c64 = in_channels
         self.in_channels = list(in_channels)
@@ -204,7 +205,7 @@ class ReferHead(nn.Module):
         self.fuse32 = _fuse_block(c64 + c32, hidden)
         self.fuse16 = _fuse_block(hidden + c16, hidden)
         self.fuse8 = _fuse_block(hidden + c8, hidden)
-        self.classifier = nn.Conv2d(hidden, num_classes, 1)
+        self.classifier = nn.Conv2d(hidden, 2, 1)
 
     @staticmethod
     def _up_cat(x, skip):

@@ -23,6 +23,7 @@ from vpd.unet import UNet, UNetConfig
 from vpd.vae import VAE, VAEConfig
 
 MAP_MAX_FRACTION = 0.25  # keep maps with h*w <= 1/4 of the latent's: 1/16 and 1/32 of the image
+GAMMA_INIT = 1e-4  # VPD's start for the text adapter's per-channel scale
 TASKS = ("semseg", "depth", "refer")
 
 
@@ -46,7 +47,7 @@ class VPDBackbone(nn.Module):
 
     def __init__(self, unet_cfg: UNetConfig = None, vae_cfg: VAEConfig = None, text_dim: int = 768,
                  map_blocks=("input", "output"), detach_maps: bool = True,
-                 gamma_init: float = 1e-4):
+                 gamma_init: float = GAMMA_INIT):
         super().__init__()
         self.unet_cfg = unet_cfg = unet_cfg or UNetConfig()
         self.vae_cfg = vae_cfg = vae_cfg or VAEConfig()
@@ -79,7 +80,7 @@ class VPDBackbone(nn.Module):
         model.load_frozen_vae(sd_path, dtype)
         text_dim = model.gamma.shape[0]
         model.text_adapter = TextAdapter(text_dim).to(dtype)
-        model.gamma = nn.Parameter(torch.full((text_dim,), kw.get("gamma_init", 1e-4), dtype=dtype))
+        model.gamma = nn.Parameter(torch.full((text_dim,), kw.get("gamma_init", GAMMA_INIT), dtype=dtype))
         return model
 
     def train(self, mode: bool = True):
@@ -91,8 +92,9 @@ class VPDBackbone(nn.Module):
         """Feature levels (0 = 1/8 ... 3 = 1/64) that get the attention maps concatenated."""
         cfg = self.unet_cfg
         last = 2 ** (len(cfg.channel_mult) - 1)
-        sizes = {ds for ds in cfg.attention_resolutions if {"input", "output"} & set(self.map_blocks)}
-        sizes |= {last} if "middle" in self.map_blocks else set()
+        sizes = set(cfg.attention_resolutions) if {"input", "output"} & set(self.map_blocks) else set()
+        if "middle" in self.map_blocks:
+            sizes.add(last)
         return [i for i in range(len(cfg.channel_mult)) if 2 ** i in sizes and 1 / 4 ** i <= MAP_MAX_FRACTION]
 
     def feature_channels(self, n_text: int) -> list:

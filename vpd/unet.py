@@ -225,8 +225,8 @@ class TimestepEmbedSequential(nn.Sequential):
         """-> (x, list of the block's cross-attention maps; empty unless keep_map).
 
         x may be a list of maps to join on channels (a decoder block's input and its skip). The
-        list is emptied once joined, so no caller's frame keeps the parts alive, and the joined
-        map is freed as soon as the first layer has read it."""
+        list is emptied once joined, so no caller's frame keeps the parts alive; in inference the
+        joined map is freed as soon as the first layer has read it (training keeps it for the backward)."""
         x = join(x) if isinstance(x, list) else x
         maps = []
         for layer in self:
