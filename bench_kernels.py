@@ -10,6 +10,8 @@ between these kernels (norms, activations, residual adds, copies): set against t
 step, the rest is that elementwise work; and the rows show what a kernel choice could gain. TFLOP/s: 3x the forward's
 FLOPs (two backward matmuls per forward one), as vpd/flops.py counts them, at the row's fastest kernel.
 Every attention layer is timed as SDPA, also the few whose maps VPD keeps (an explicit softmax there).
+Last, beyond the UNet: the semseg model's float32 logits (ADE20K's 150 classes at 1/8) brought to the
+image, forward + backward, by F.interpolate and by vpd/heads.py's resize_bilinear (two matrix products).
 
     python bench_kernels.py --batch 16 --res 512                       # bf16, SD v1.5, on the GPU
     python bench_kernels.py --device cpu --size tiny --dtype fp32 --res 64 --iters 2
@@ -29,6 +31,7 @@ from bench import check_json_path, sync, timed
 from eval import count
 from vpd.demo import TINY_UNET
 from vpd.flops import conv_macs
+from vpd.heads import resize_bilinear
 from vpd.unet import CrossAttention, UNet, UNetConfig
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -118,6 +121,17 @@ def linear_step(shape, dtype, device):
     return step
 
 
+def resize_step(shape, device, resize):
+    B, K, h, w = shape
+    x = torch.randn(B, K, h, w, device=device, requires_grad=True)
+    grad = torch.randn(B, K, 8 * h, 8 * w, device=device)
+
+    def step():
+        x.grad = None
+        resize(x, (8 * h, 8 * w)).backward(grad)
+    return step
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=["full", "tiny"], default="full")
@@ -177,6 +191,13 @@ def main(argv=None):
         x_shape, (cout, cin) = shape
         ms = {"default": timer(device, linear_step(shape, dtype, device), args.iters, args.warmup)}
         report("linear", shape, f"{shape[0]} {shape[1]}", n, 3 * 2 * math.prod(x_shape[:-1]) * cin * cout, ms)
+
+    shape = (args.batch, 150, args.res // 8, args.res // 8)
+    impls = {"interp": lambda x, size: F.interpolate(x, size=size, mode="bilinear"), "matmuls": resize_bilinear}
+    print(f"\n{'seg logits to the image, float32 (B, K, h, w), x8':58} {'n':>3} " + " ".join(f"{k:>9}" for k in impls))
+    ms = {k: timer(device, resize_step(shape, device, f), args.iters, args.warmup) for k, f in impls.items()}
+    rows.append(dict(kind="resize", shape=shape, count=1, ms=ms))
+    print(f"{str(shape):58} {1:>3} " + " ".join(f"{t:>9.3f}" for t in ms.values()))
 
     # per kernel choice: the sum over all layers, where that choice takes every shape of its kind
     totals = {}

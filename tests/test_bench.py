@@ -250,6 +250,8 @@ def test_kernel_bench_times_every_layer_shape_of_the_unet(tmp_path):
     assert all(r["ms"]["default"] > 0 for r in rows if r["kind"] == "linear")
     assert totals["attention math"] > 0 and totals["convolution default"] > 0 and totals["linear default"] > 0
     assert json.loads((tmp_path / "k.json").read_text())["totals"] == totals
+    (resize,) = [r for r in rows if r["kind"] == "resize"]  # the semseg logits (150 classes) x8 to the image
+    assert resize["shape"] == (2, 150, 8, 8) and resize["ms"]["interp"] > 0 and resize["ms"]["matmuls"] > 0
 
 
 def test_bench_kernels_refuses_bad_flags(tmp_path, monkeypatch):

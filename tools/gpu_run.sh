@@ -4,7 +4,8 @@
 #   OUT=results bash tools/gpu_run.sh eager      # flash/bf16/compile checks, eager benchmarks, DDP demo (~9 min)
 #   OUT=results bash tools/gpu_run.sh compiled   # compiled bf16 at batch 16, NHWC: semseg step, UNet fwd+bwd (~9 min)
 #   OUT=results bash tools/gpu_run.sh graphs     # the semseg step at batch 2 under CUDA graphs (reduce-overhead, ~5 min)
-#   OUT=results bash tools/gpu_run.sh kernels    # SD's attention and conv shapes under each kernel choice, eager (~2 min)
+#   OUT=results bash tools/gpu_run.sh kernels    # SD's attention and conv shapes under each kernel choice, and the seg
+#                                                # logits' x8 upsampling both ways, eager (~2 min)
 #   OUT=results bash tools/gpu_run.sh breakdown  # compiled VAE encoder alone; a kernel profile of the semseg step (~4 min)
 #   OUT=results bash tools/gpu_run.sh sweep 2 8  # compiled NHWC semseg step at these batches: speed, peak memory (~4.5 min each)
 #   OUT=results bash tools/gpu_run.sh evalms     # ADE20K's ms + flip test of one image: 4 windows per forward vs 1 (~1 min)
