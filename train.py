@@ -16,6 +16,7 @@ import os
 import random
 import signal
 import time
+import warnings
 from contextlib import nullcontext, suppress
 
 import numpy as np
@@ -339,6 +340,9 @@ def main(args):
         print0(f"resumed from {args.out} at step {step}")
 
     if args.compile:  # compiled at the first step, not here
+        # inductor advises TF32 wherever it compiles a float32 matrix product on a GPU: resize_bilinear's products
+        # upsample the logits in float32 on purpose
+        warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores for float32 matrix multiplication")
         model = torch.compile(model, backend=args.compile, mode=args.compile_mode)
         print0(f"--compile {args.compile}: the first step compiles the model (minutes for SD v1.5 with inductor)")
     if world > 1:
