@@ -164,10 +164,10 @@ def test_bench_refuses_bad_flags(tmp_path):
     assert bench.parse_args(["--sweep-batch", "2, 8,"]).sweep_batch == [2, 8]
     with pytest.raises(SystemExit, match="--json .*nowhere/x.json: cannot write a file there"):
         bench.parse_args(["--json", str(tmp_path / "nowhere" / "x.json")])  # not after the timing
-    # a training step of one image at 64x64: its head's BatchNorm would see one value per channel at 1/64.
-    # The sweep trains semseg steps whatever --which names: a batch of 1 in it is refused too
+    # a semseg training step of one image at 64x64: its FPN head's BatchNorm would see one value per channel at
+    # 1/64. The sweep trains semseg steps whatever --which names: a batch of 1 in it is refused too
     for argv in (["--which", "train_semseg", "--batch", "1"], ["--which", "unet_fwd", "--sweep-batch", "1,2"]):
-        with pytest.raises(SystemExit, match="BatchNorm sees a single 1x1 value"):
+        with pytest.raises(SystemExit, match="semseg head's BatchNorm .* sees a single 1x1 value"):
             bench.main(bench.parse_args(argv + ["--no-ref", "--res", "64"]))
     for argv, match in ((["--which", "unet_fwd", "--ddp"], "add a train_<task> row"),
                         (["--which", "train_semseg", "--ddp", "0"], "must be > 0")):
@@ -566,6 +566,8 @@ def run_kernel_bench_on_fakes(monkeypatch, argv, ms_of):
         return make
     for kind in ("attention", "conv", "linear"):
         monkeypatch.setattr(bench_kernels, f"{kind}_step", fake(kind))
+    monkeypatch.setattr(bench_kernels, "resize_step",  # (float32 always; its "backend" the resize timed)
+                        lambda shape, device, resize: fake("resize")(shape, torch.float32, device, resize))
 
     def timer(device, step, iters, warmup):
         step.cudnn_benchmark = torch.backends.cudnn.benchmark  # as it was when this step was timed
@@ -695,6 +697,8 @@ def test_kernel_steps_do_the_work_their_rows_count(monkeypatch):
         monkeypatch.setattr(bench_kernels, f"{kind}_step", tagged)
 
     def timer(device, step, iters, warmup):
+        if not hasattr(step, "key"):  # the seg logits' resize: a resampling, no FLOPs to its row
+            return 1.0
         kind, shape, backend = step.key
         if backend not in (None, bench_kernels.BACKENDS["math"]):
             return None
@@ -704,6 +708,7 @@ def test_kernel_steps_do_the_work_their_rows_count(monkeypatch):
     rows, _ = bench_kernels.main(["--device", "cpu", "--size", "tiny", "--dtype", "fp32", "--res", "64",
                                   "--batch", "2", "--text", "7"])
     kinds = {"attention": "attention", "convolution": "conv", "linear": "linear"}
+    rows = [r for r in rows if r["kind"] != "resize"]
     assert len(counted) == len(rows)
     for r in rows:
         assert counted[kinds[r["kind"]], r["shape"]] == pytest.approx(r["gflop"] * 1e9 / r["count"], rel=1e-12), r
@@ -767,7 +772,10 @@ def test_kernel_bench_sums_scripted_times_over_sd15s_layers(monkeypatch, tmp_pat
                       "linear default": 0.5 * nl, "linear best per shape": 0.5 * nl}
     assert not torch.backends.cudnn.benchmark  # autotuning is switched off again after the convolutions
     assert {r["shape"]: r["count"] for r in rows if r["kind"] == "attention"} == attn
-    assert all(s.dtype == torch.bfloat16 and s.device == torch.device("cuda") for s in steps)
+    unet = [s for s in steps if s.kind != "resize"]
+    assert all(s.dtype == torch.bfloat16 and s.device == torch.device("cuda") for s in unet)
+    resize = [s for s in steps if s.kind == "resize"]  # the semseg logits (150 classes, float32), both ways
+    assert [s.shape for s in resize] == [(16, 150, 64, 64)] * 2 and all(s.device.type == "cuda" for s in resize)
     # largest first: attention by query length, convolutions by input height, linears by input size
     for kind, size in (("attention", lambda s: s[2]), ("convolution", lambda s: s[0][2]),
                        ("linear", lambda s: math.prod(s[0]))):
