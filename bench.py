@@ -616,9 +616,9 @@ def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = args.sweep_batch
-    if (tasks and args.batch == 1 or 1 in batches) and args.res < 128:
-        raise SystemExit(f"--res {args.res} with batch 1: the heads' BatchNorm sees a single 1x1 value at "
-                         "1/64 of the image in training; use --res 128 or more, or a larger batch")
+    if ("semseg" in tasks and args.batch == 1 or 1 in batches) and args.res < 128:  # (the sweep is semseg's)
+        raise SystemExit(f"--res {args.res} with batch 1: the semseg head's BatchNorm (its FPN scale head at 1/64) "
+                         "sees a single 1x1 value in training; use --res 128 or more, or a larger batch")
     if args.ddp is not None and not (tasks or batches):
         raise SystemExit("--ddp wraps the training step's model: add a train_<task> row or --sweep-batch")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -3,7 +3,7 @@
 Runs the UNet once on the meta device to list the shapes of its attention, convolution and linear
 layers at the given size, then times each distinct shape forward + backward, eagerly:
   attention   every SDPA kernel that takes the shape (flash, efficient, cuDNN, math)
-  convolution cuDNN's default choice, then with cudnn.benchmark (autotuned per shape)
+  convolution (NHWC, as --channels-last) cuDNN's default choice, then with cudnn.benchmark (autotuned per shape)
   linear      the default matmul (cuBLAS: no choice to make, timed for its share)
 and sums the times over the UNet's layers. Each shape is timed alone, so the sums leave out what runs
 between these kernels (norms, activations, residual adds, copies): set against the UNet's measured

@@ -11,6 +11,7 @@ import time
 from torch.utils.data import DataLoader
 
 from eval import count
+from vpd.clip import Tokenizer
 from vpd.data import ADE20K, NYUv2, RefCOCO
 from vpd.synthetic import make_synthetic
 
@@ -49,7 +50,7 @@ def main(argv=None):
     datasets = {
         f"depth (NYU recipe, {crop}x{crop} crop)": NYUv2(roots["depth"], crop=(crop, crop)),
         "semseg (mmseg ADE20K recipe, 512)": ADE20K(roots["semseg"]),
-        "refer (resize 512)": RefCOCO(roots["refer"], tokenizer=lambda s: [49406] + [1] * len(s.split()) + [49407]),
+        "refer (resize 512)": RefCOCO(roots["refer"], tokenizer=Tokenizer()),
     }
     for name, ds in datasets.items():  # whole batches only are timed: a smaller set would time nothing
         if len(ds) < args.batch_size:

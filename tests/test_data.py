@@ -8,6 +8,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from vpd import transforms as T
+from vpd.clip import Tokenizer
 from vpd.data import (ADE20K, ADE20K_CLASSES, KITTI, NYU_SCENES, NYUv2, RefCOCO, BadSampleError, ImageFolder,
                       depth_eval_mask, read_rgb, undo)
 from vpd.infer import MS_RATIOS
@@ -92,6 +93,10 @@ def test_nyu_unreadable_files_name_the_file(synth, tmp_path):
     Image.fromarray(np.zeros((48, 64), np.uint16)).save(ds.depths[1])  # no measurement at all
     with pytest.raises(BadSampleError, match=os.path.basename(ds.depths[1]) + ".*no valid"):
         ds[1]
+    train = NYUv2(synth["depth"], split="test", train=True, crop=(64, 64))  # a crop taller than the 48-row images
+    with pytest.raises(BadSampleError, match=os.path.basename(train.images[0]) + ": image 48x64 is smaller than the "
+                       "crop 64x64"):
+        train[0]
 
 
 # ----------------------------------------------------------------------------- ADE20K
@@ -156,12 +161,9 @@ def test_ade_bad_inputs(synth, tmp_path):
 
 # ----------------------------------------------------------------------------- RefCOCO
 
-def _tok(sentence):
-    return [49406] + [len(w) for w in sentence.split()] + [49407]
-
-
 def test_refcoco_eval_view_walks_every_sentence_with_exact_masks(synth):
-    ds = RefCOCO(synth["refer"], split="val", tokenizer=_tok)
+    tok = Tokenizer()
+    ds = RefCOCO(synth["refer"], split="val", tokenizer=tok)
     truth = scene_sample(0, 7, 64)  # image index 7 is the only val image of ten
     assert len(ds) == sum(len(s) for _, s in truth["refs"])
     seen = []
@@ -177,7 +179,7 @@ def test_refcoco_eval_view_walks_every_sentence_with_exact_masks(synth):
                                       np.asarray(Image.fromarray(mask).resize((512, 512), Image.NEAREST)))
         rgb = np.asarray(Image.fromarray(truth["rgb"]).resize((512, 512), Image.BILINEAR), dtype=np.float32)
         assert np.abs(((s["image"].permute(1, 2, 0) + 1) * 127.5).numpy() - rgb).mean() < 3  # (stored as JPEG)
-        n = len(s["sentence"].split()) + 2
+        n = len(tok.encode(s["sentence"]))  # BOS, the sentence's tokens, EOS
         assert s["tokens"].shape == (40,) and s["tokens"][n - 1] == 49407 and (s["tokens"][:n - 1] != 49407).all()
         assert torch.all(s["tokens"][n:] == 49407)
         seen.append(s["sentence"])
@@ -185,7 +187,7 @@ def test_refcoco_eval_view_walks_every_sentence_with_exact_masks(synth):
 
 
 def test_refcoco_train_view_is_seeded_and_batches(synth):
-    ds = RefCOCO(synth["refer"], split="train", tokenizer=_tok, max_tokens=3, seed=0)
+    ds = RefCOCO(synth["refer"], split="train", tokenizer=Tokenizer(), max_tokens=3, seed=0)
     s = ds[0]
     assert s["image"].shape == (3, 512, 512) and s["mask"].dtype == torch.uint8
     assert s["tokens"].tolist()[-1] == 49407 and s["tokens"].tolist()[0] == 49406  # cut keeps the end token
@@ -762,13 +764,6 @@ def test_refcoco_images_are_named_by_instances_not_by_the_refs_file_name(synth, 
     assert s["mask"].shape == truth["instances"].shape and s["mask"].sum() > 0
 
 
-def test_refcoco_tokens_cut_keeps_the_first_ids_and_the_end_token(synth):
-    ds = RefCOCO(synth["refer"], split="val", tokenizer=lambda s: [49406, 1, 2, 3, 4, 49407], max_tokens=4)
-    assert ds.tokenize("anything").tolist() == [49406, 1, 2, 49407]
-    ds = RefCOCO(synth["refer"], split="val", tokenizer=lambda s: [49406, 7, 49407], max_tokens=5, pad_id=0)
-    assert ds.tokenize("anything").tolist() == [49406, 7, 49407, 0, 0]
-
-
 def test_refcoco_view_follows_train_not_the_split_name(synth):
     # the evaluation view walks every sentence whatever the split; the training view one sample per ref
     ev = RefCOCO(synth["refer"], split="train", train=False)
@@ -971,6 +966,9 @@ def test_kitti_frame_of_exactly_the_kb_size_and_cut_depth_at_80_m(tmp_path):
     for h, w in ((351, 1216), (352, 1215)):
         with pytest.raises(ValueError, match=f"image {h}x{w} is smaller than the KB crop 352x1216"):
             kb_crop_box(h, w)
+    _kitti_root(tmp_path / "small", "data_depth_annotated", size=(352, 1200))  # a frame narrower than the crop
+    with pytest.raises(BadSampleError, match=r"0000000005.png: image 352x1200 is smaller than the KB crop"):
+        KITTI(str(tmp_path / "small"), split="test", train=False)[0]
     assert kb_crop_box(352, 1219) == (0, 1)  # BTS: int((1219 - 1216) / 2) = int(1.5) = 1
     _kitti_root(tmp_path, "data_depth_annotated", size=(352, 1216), metres=40, split="train")
     ds = KITTI(str(tmp_path), crop=(352, 704))

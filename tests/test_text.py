@@ -144,7 +144,7 @@ def test_embeddings_files_are_read_and_checked(tmp_path):
 
 
 def test_long_prompts_are_truncated_to_20_positions(tok):
-    # VPD's FrozenCLIPEmbedderContext(max_length=20): BOS + at most 18 tokens + EOS; pooled at that EOS
+    # VPD's FrozenCLIPEmbedder(max_length=20): BOS + at most 18 tokens + EOS; pooled at that EOS
     clip = tiny_clip()
     name = "tall wooden chest of drawers with many small brass handles beside a very old window"
     ids = tok([t.format(name) for t in IMAGENET_TEMPLATES], max_length=77)
@@ -269,6 +269,14 @@ def test_fingerprint_sees_names_and_shapes():
     assert weights_fingerprint(as_ints) not in prints
     with pytest.raises(ValueError, match="meta device"):  # a model built on meta and never loaded
         weights_fingerprint(nn.Linear(2, 2, device="meta"))
+    # the digest is sha256 over "name:shape:dtype;" and the tensor's bytes in order (checkpoints record it)
+    import hashlib
+    want = hashlib.sha256(b"w:[2, 3]:torch.float32;" + torch.arange(6.0).numpy().tobytes()).hexdigest()
+    assert weights_fingerprint(holder("w", (2, 3))) == want
+    bn = nn.BatchNorm2d(2)  # a 0-d tensor (num_batches_tracked) among them
+    before = weights_fingerprint(bn)
+    bn.num_batches_tracked += 1
+    assert weights_fingerprint(bn) != before
 
 
 def test_fingerprint_sees_every_weight_and_bad_names_are_refused(tok):

@@ -40,7 +40,8 @@ class _Inert:
 def torch_load(path, allow=()):
     """A torch pickle under weights_only (no code from the file runs), with the classes in `allow` let
     through; Lightning / numpy objects in it become inert stand-ins, any other non-tensor global is
-    refused with torch's full message."""
+    refused with a CheckpointError naming the class found (load_error: without torch's advice to load
+    with weights_only=False)."""
     mmap = zipfile.is_zipfile(path)  # torch >= 1.6's format; older files are read whole
     try:
         try:

@@ -153,7 +153,7 @@ def _read_pair_list(list_file, hint):
 # ----------------------------------------------------------------------------- shared machinery
 
 class _SeededDataset(Dataset):
-    """Seeded per-sample augmentation and `set_epoch`; subclasses `load(index)` a sample."""
+    """Seeded per-sample augmentation and `set_epoch`: a sample's draws are a function of (seed, epoch, index)."""
 
     def __init__(self, seed):
         self.seed, self.epoch = int(seed), 0
@@ -163,9 +163,6 @@ class _SeededDataset(Dataset):
 
     def rng(self, index):
         return T.sample_rng(self.seed, self.epoch, index)
-
-    def __getitem__(self, index):
-        return self.load(index)
 
 
 # ----------------------------------------------------------------------------- depth: NYUv2
@@ -197,7 +194,10 @@ class _DepthDataset(_SeededDataset):
     def _depth_view(self, img, depth, index):
         """(image, depth) tensors: the training recipe, or the map as it is for evaluation."""
         if self.train:
-            return T.depth_train(img, depth, self.rng(index), self.crop, self.max_depth)
+            try:
+                return T.depth_train(img, depth, self.rng(index), self.crop, self.max_depth)
+            except ValueError as e:  # an image smaller than the crop: say which
+                raise BadSampleError(f"{self.images[index]}: {e}") from None
         return T.to_tensor(img), torch.from_numpy(np.ascontiguousarray(depth))[None]
 
 
@@ -257,7 +257,7 @@ class NYUv2(_DepthDataset):
     def __len__(self):
         return len(self.images)
 
-    def load(self, index):
+    def __getitem__(self, index):
         x, d = self._depth_view(*self._read_pair(index, 1000.0), index)
         return {"image": x, "depth": d, "scene": self.scenes[index], "scene_id": self.scene_ids[index],
                 "index": index}
@@ -350,11 +350,14 @@ class KITTI(_DepthDataset):
     def __len__(self):
         return len(self.images)
 
-    def load(self, index):
+    def __getitem__(self, index):
         img, depth = self._read_pair(index, 256.0)
         depth[depth > self.max_depth] = 0.0
         h, w = depth.shape
-        t, l = kb_crop_box(h, w)
+        try:
+            t, l = kb_crop_box(h, w)
+        except ValueError as e:
+            raise BadSampleError(f"{self.images[index]}: {e}") from None
         img, depth = img[t:t + KB_CROP[0], l:l + KB_CROP[1]], depth[t:t + KB_CROP[0], l:l + KB_CROP[1]]
         x, d = self._depth_view(img, depth, index)
         return {"image": x, "depth": d, "orig_size": torch.tensor([h, w]), "scene": KITTI_SCENES[0], "scene_id": 0,
@@ -413,7 +416,7 @@ class ADE20K(_SeededDataset):
     def __len__(self):
         return len(self.images)
 
-    def load(self, index):
+    def __getitem__(self, index):
         img = read_rgb(self.images[index])
         label = reduce_ade_label(read_label_png(self.labels[index]), self.labels[index])
         if img.shape[:2] != label.shape:
@@ -447,18 +450,17 @@ class RefCOCO(_SeededDataset):
     Evaluation view: one sample per sentence of every ref; the image resized to 512x512, `mask`
     at the ORIGINAL image size (for metrics at full resolution), `mask_resized` the 512x512
     nearest-resized mask (the official LAVT/VPD protocol scores at that size), `orig_size` (H, W).
-    With a `tokenizer` (a callable sentence -> list of ids), `tokens` holds max_tokens ids (longer
-    lists are cut, keeping their last id, the end token for CLIP; shorter ones padded with pad_id,
-    CLIP's end-of-text 49407 by default; no mask: CLIP's causal attention never lets a real token
-    see the padding after it, as in VPD).
+    With a `tokenizer` (vpd.clip.Tokenizer), `tokens` holds the sentence's max_tokens CLIP ids (cut
+    keeping the end token, padded with end-of-text; no mask: CLIP's causal attention never lets a real
+    token see the padding after it, as in VPD).
     The refs pickle is read without allowing any class (vpd.masks.load_plain_pickle).
     """
 
     def __init__(self, root, dataset="refcoco", split_by="unc", split="train", train=None, images=None,
-                 tokenizer=None, max_tokens=40, pad_id=49407, size=(512, 512), seed=0):
+                 tokenizer=None, max_tokens=40, size=(512, 512), seed=0):
         super().__init__(seed)
         self.train = split == "train" if train is None else bool(train)
-        self.tokenizer, self.max_tokens, self.pad_id, self.size = tokenizer, int(max_tokens), int(pad_id), tuple(size)
+        self.tokenizer, self.max_tokens, self.size = tokenizer, int(max_tokens), tuple(size)
         data_dir = os.path.join(root, "refer", "data", dataset)
         _require_dir(data_dir, f"{root}/refer/data/{dataset}/refs({split_by}).p + instances.json (REFER)")
         self.image_dir = images or os.path.join(root, "refer", "data", "images", "mscoco", "images", "train2014")
@@ -496,16 +498,7 @@ class RefCOCO(_SeededDataset):
     def __len__(self):
         return len(self.items)
 
-    def tokenize(self, sentence):
-        ids = list(self.tokenizer(sentence))
-        if len(ids) > self.max_tokens:
-            ids = ids[:self.max_tokens - 1] + ids[-1:]
-        n = len(ids)
-        tokens = torch.full((self.max_tokens,), self.pad_id, dtype=torch.long)
-        tokens[:n] = torch.tensor(ids, dtype=torch.long)
-        return tokens
-
-    def load(self, index):
+    def __getitem__(self, index):
         ref_pos, sent_pos = self.items[index]
         ref = self.refs[ref_pos]
         if sent_pos is None:
@@ -524,7 +517,7 @@ class RefCOCO(_SeededDataset):
         if not self.train:
             sample.update(mask=torch.from_numpy(mask), mask_resized=m, orig_size=torch.tensor(mask.shape))
         if self.tokenizer is not None:
-            sample["tokens"] = self.tokenize(sentence)
+            sample["tokens"] = self.tokenizer(sentence, max_length=self.max_tokens)[0]
         return sample
 
 
@@ -564,7 +557,9 @@ class ImageFolder(Dataset):
         else:
             rh, rw = T.keep_ratio_size(h, w, (4 * self.size, self.size))
         rh, rw = max(rh, 1), max(rw, 1)  # the thin side of an extreme aspect (a 3000x1 strip) would round to 0
-        x = T.to_tensor(T.resize_image(img, (rh, rw), antialias=self.task == "refer"))  # as in training
+        x = T.to_tensor(T.resize_image(img, (rh, rw), antialias=self.task == "refer"))
+        # (refer: PIL's antialiased resize, as its training; semseg: ADE20K's test resize, cv2's, none; depth's
+        # training never resizes)
         if self.task == "depth":  # bottom / right, so that depth images batch
             x = torch.nn.functional.pad(x, (0, self.size - rw, 0, self.size - rh), value=0.0)
         return {"image": x, "orig_size": torch.tensor([h, w]), "resized_size": torch.tensor([rh, rw]),

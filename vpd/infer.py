@@ -6,7 +6,8 @@ semseg: mmseg's sliding window (512 crops, stride 341; 4 crops per forward, mmse
 depth:  VPD's flip + shifted square windows, averaged.
 refer:  one forward, logits resized to the mask's size.
 The segmentation networks take sides that are multiples of 64, the depth network multiples of 32
-(it pads 480 to 512 itself); other sizes are zero-padded here and the padding is cut off the prediction.
+(it pads 480 to 512 itself); other sizes are zero-padded here and the padding is cut off the prediction
+(refer_logits pads nothing: its inputs are resized to a multiple of 64).
 """
 import torch
 import torch.nn.functional as F

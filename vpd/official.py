@@ -10,7 +10,7 @@ Name mapping, by prefix (official -> ours); a rule without a trailing dot names 
     depth                                   semseg / refer
     encoder.unet.unet.diffusion_model. -> backbone.unet.      unet.unet.diffusion_model. -> backbone.unet.
     encoder.encoder_vq.                -> backbone.vae.       encoder_vq.                -> backbone.vae.
-    encoder.text_adapter.              -> backbone.text_adapter.   text_adapter.         -> (same)
+    encoder.text_adapter.              -> backbone.text_adapter.   text_adapter.  -> backbone.text_adapter.
     encoder.gamma                      -> backbone.gamma      gamma                      -> backbone.gamma
     encoder.class_embeddings           -> class_embeddings    class_embeddings (semseg)  -> class_embeddings
     encoder.layer1.                    -> head.down8.
@@ -223,7 +223,8 @@ def official_model(src, task, sd_ckpt=None, **kw):
         raise ValueError("the file holds no VAE (a slimmed release): give the SD file the model was trained from "
                          "(--sd-ckpt; v1-5-pruned-emaonly for VPD's), for its frozen VAE encoder")
     if sd_ckpt is not None and not vae_from_sd and task != "refer":
-        raise ValueError(f"the released {task} file holds VAE tensors (encoder_vq.*) and the UNet: an SD file "
+        vae = "encoder.encoder_vq.*" if task == "depth" else "encoder_vq.*"
+        raise ValueError(f"the released {task} file holds VAE tensors ({vae}) and the UNet: an SD file "
                          "(--sd-ckpt) is read only for the refer model's CLIP or for a release without the VAE")
     if task == "refer":  # N text tokens widen the 1/32 map: conv1_4 takes C64 + (C32 + N) channels
         cfg = kw.get("unet_cfg") or UNetConfig()

@@ -3,10 +3,11 @@
 One optimizer step consumes a global batch of `micro * world * accum` samples: the next slice of the
 epoch's permutation (seeded by seed and epoch). The slice is cut into `world * accum` micro-batches;
 process `rank` takes micro-batch `a * world + rank` at accumulation step `a`. So 2 processes x 1
-accumulation and 1 process x 2 accumulations see the same micro-batches (so batch norm normalises
-each by the same statistics; its running averages differ: accumulation updates them once per
-micro-batch, DDP once per step from rank 0's), and a run resumed at step s continues with exactly
-the batches it would have had.
+accumulation and 1 process x 2 accumulations see the same micro-batches, and a run resumed at step s
+continues with exactly the batches it would have had. Where BatchNorm is per process (depth; any task on
+CPU) the two layouts therefore normalise each micro-batch by the same statistics (the running averages
+differ: accumulation updates them once per micro-batch, DDP once per step from rank 0's); semseg and refer
+on GPUs under torchrun use SyncBatchNorm, which normalises over all ranks' micro-batches of a step.
 
 Evaluation: torch.utils.data.DistributedSampler pads the set with repeated samples so that every rank
 gets the same count; those repeats would be counted twice. ShardedEvalSampler gives each index to

@@ -88,7 +88,7 @@ def datasets(task, root, crop, seed=0, dataset=None, split_by=None, split=None, 
                     lambda: data.ADE20K(root, "validation", train=False, scale=scale, ms_ratios=ms_ratios))
         else:
             kw = dict(dataset=dataset or "refcoco", split_by=refer_split_by(dataset, split_by),
-                      tokenizer=Tokenizer().encode, max_tokens=max_tokens or refer_max_tokens(dataset),
+                      tokenizer=Tokenizer(), max_tokens=max_tokens or refer_max_tokens(dataset),
                       size=(crop, crop))
             make = (lambda: data.RefCOCO(root, split="train", seed=seed, **kw),
                     lambda: data.RefCOCO(root, split=split or EVAL_SPLITS[task], train=False, **kw))

@@ -48,7 +48,7 @@ IMAGENET_TEMPLATES = [
 
 ADE20K_TEMPLATES = ["a photo of a {}"]
 
-MAX_LENGTH = 20  # the script's FrozenCLIPEmbedderContext(max_length=20) for the class prompts
+MAX_LENGTH = 20  # the script's FrozenCLIPEmbedder(max_length=20) (vpd/models.py: pooler_output) for the class prompts
 
 
 def load_class_embeddings(path, count, dim) -> torch.Tensor:

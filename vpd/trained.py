@@ -49,7 +49,7 @@ def weights_fingerprint(module, prefixes=None) -> str:
             raise ValueError(f"cannot fingerprint {type(module).__name__}: '{name}' is on the meta device")
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{list(t.shape)}:{t.dtype};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # (0-d: one element)
     return h.hexdigest()
 
 

@@ -151,7 +151,7 @@ def _collect_series(records, x):
             raise ValueError(f"record {n} is a {type(rec).__name__}, not a dict")
         names = [k for k, v in rec.items() if k != x and _is_number(v)]
         if not names:
-            continue  # e.g. a record of run settings
+            continue  # e.g. a record of strings only
         if not _is_number(rec.get(x)):
             raise ValueError(f"record {n} has values {names} but no numeric {x!r}: {rec}")
         for k in names:
@@ -178,7 +178,8 @@ def plot_curves(records, out_png, x="step", width=720, panel_height=220):
     """Line plots of every numeric series in a training log against `x`, one panel per series.
 
     records: a JSON-lines file path or a list of dicts such as {"step": 10, "loss": 0.5, "lr": 1e-4}.
-    Records whose only numbers are settings are skipped; one with numbers but no `x` is an error.
+    Records with no number besides `x` (e.g. strings only) are skipped; one with numbers but no numeric `x`
+    is an error.
     Writes `out_png` and returns the image.
     """
     if isinstance(records, (str, os.PathLike)):
