@@ -90,6 +90,8 @@ def get_args(argv=None):
     p.add_argument("--out", default=None, help="output directory (default out/<task>; --demo: out/demo, "
                    "out/demo_semseg, out/demo_refer)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--auto-resume", action="store_true", help="--resume if --out holds a checkpoint, else start the "
+                   "run: one command for a job a scheduler may stop and requeue (mmseg's --auto-resume)")
     p.add_argument("--iters", type=count(1), help="optimizer steps (overrides --epochs)")
     p.add_argument("--epochs", type=count(1))
     p.add_argument("--batch-size", type=count(1), help="global batch per optimizer step")
@@ -195,6 +197,9 @@ def main(args):
     amp_given, args.amp = args.amp, dist.resolve_amp(args.amp, device)
 
     state, moved = None, []
+    if args.auto_resume and not args.resume:
+        args.resume = os.path.isfile(state_path)
+        print0(f"--auto-resume: {'continuing the run in' if args.resume else 'no checkpoint yet in'} {args.out}")
     if args.resume:
         if not os.path.isfile(state_path):
             raise SystemExit(f"--resume: no checkpoint to resume from in {args.out} (expected {state_path})")

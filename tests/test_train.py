@@ -110,6 +110,21 @@ def test_resume_reproduces_the_uninterrupted_run(world):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
 
+def test_auto_resume_starts_the_run_then_continues_it(world, tmp_path, capsys):
+    # one command for a job a scheduler may stop and requeue: a new run where --out holds no checkpoint,
+    # a resumed one where it does, and nothing to do once the run is complete
+    out = tmp_path / "run"
+    args = flags(world, "depth", out, "--iters", 4, "--batch-size", 2, "--eval-max", 1, "--auto-resume")
+    train_here(args + ["--stop-after", "2"])
+    assert [s for s, _, _ in losses(out)] == [1, 2]
+    assert "--auto-resume: no checkpoint yet in" in capsys.readouterr().out
+    train_here(args)
+    assert [s for s, _, _ in losses(out)] == [1, 2, 3, 4]
+    assert f"--auto-resume: continuing the run in {out}" in capsys.readouterr().out
+    train_here(args)
+    assert "is complete (step 4, evaluated): nothing to do" in capsys.readouterr().out
+
+
 def test_resume_restores_the_grad_scaler(world, tmp_path, monkeypatch):
     # fp16's loss scale is training state: a resumed run goes on from the scaler state.pt saved (here a
     # stand-in scaler that counts its steps: real fp16 autocast takes seconds per step on a CPU)
