@@ -280,17 +280,20 @@ def main(args):
     if state is not None and state["train_samples"] != len(train_set):  # batches and length
         raise SystemExit(f"--resume: the run in {args.out} trained on {state['train_samples']} samples; "
                          f"--data-root {args.data_root} now holds {len(train_set)}")
+    # resumed runs: the files' contents, whether given at a new path or replaced at the run's own one
+    if state is not None and "frozen_sha256" in state and built.meta["frozen_sha256"] != state["frozen_sha256"]:
+        given = f"--sd-ckpt {args.sd_ckpt}" if args.sd_ckpt else f"the demo's SD file in {args.out}"
+        raise SystemExit(f"--resume: {given} is not the SD file the run in {args.out} started with "
+                         f"({state['args']['sd_ckpt'] or 'the one written there'}): its frozen VAE/CLIP weights differ")
+    if state is not None and args.class_embeddings and not torch.equal(raw.class_embeddings.cpu(),
+                                                                       state["model"]["class_embeddings"]):
+        raise SystemExit(f"--resume: --class-embeddings {args.class_embeddings} holds other text embeddings than the "
+                         f"run in {args.out} started with ({state['args'].get('class_embeddings')})")
     for k in moved:  # (resumed runs only)
-        flag, was = f"--{k.replace('_', '-')} {getattr(args, k)}", state["args"].get(k) or "the SD file's embeddings"
-        if k == "sd_ckpt" and built.meta["frozen_sha256"] != state["frozen_sha256"]:
-            raise SystemExit(f"--resume: {flag} is not the SD file the run in {args.out} started with ({was}): "
-                             "its frozen VAE/CLIP weights differ")
-        if k == "class_embeddings" and not torch.equal(raw.class_embeddings.cpu(), state["model"]["class_embeddings"]):
-            raise SystemExit(f"--resume: {flag} holds other text embeddings than the run in {args.out} started "
-                             f"with ({was})")
+        given, was = f"--{k.replace('_', '-')} {getattr(args, k)}", state["args"].get(k) or "the SD file's embeddings"
         same = {"sd_ckpt": "the same frozen weights", "class_embeddings": "the same embeddings",
                 "data_root": f"as many training samples, {len(train_set)}"}[k]
-        print0(f"--resume: {flag} in place of {was}, which the run started with ({same})")
+        print0(f"--resume: {given} in place of {was}, which the run started with ({same})")
     total = args.iters or args.epochs * steps_per_epoch
     stop = min(total, args.stop_after or total)
     peak = (args.epochs // 2) * steps_per_epoch if args.epochs and not args.iters else None

@@ -338,6 +338,10 @@ def test_class_embeddings_file_is_the_models_text(world, tmp_path, capsys):
                                          r"\(.*class_embeddings.pth\)"):
         train_here(flags(world, "semseg", out, "--iters", 3, "--batch-size", 2, "--class-embeddings",
                          tmp_path / "other.pth", "--resume"))
+    torch.save(emb + 1, tmp_path / "class_embeddings.pth")  # other text in the run's own file: refused too
+    with pytest.raises(SystemExit, match=r"--class-embeddings .*class_embeddings.pth holds other text embeddings"):
+        train_here(flags(world, "semseg", out, "--iters", 3, "--batch-size", 2, "--resume"))
+    torch.save(emb, tmp_path / "class_embeddings.pth")
     torch.save(emb, tmp_path / "copy.pth")  # the same text at another path: taken, and recorded
     with pytest.raises(SystemExit, match=r"^--stop-after 2: the run in .* is already at step 2; give a later step"):
         train_here(flags(world, "semseg", out, "--iters", 3, "--stop-after", 2, "--batch-size", 2, "--resume"))
@@ -837,6 +841,12 @@ def test_resume_takes_moved_files_of_the_same_contents_and_refuses_others(world,
     assert f"--data-root {root} in place of {world['roots']['depth']}" in said
     # recorded: the next resume compares with the new paths, and eval.py finds the SD file there
     assert torch.load(tmp_path / "run" / "state.pt", weights_only=False)["args"]["sd_ckpt"] == str(sd)
+    shutil.copyfile(sd, tmp_path / "kept.safetensors")
+    shutil.copyfile(other, sd)  # other weights in the run's own SD file: refused all the same
+    with pytest.raises(SystemExit, match=r"--sd-ckpt .*moved.sd.safetensors is not the SD file the run in .* "
+                                         r"started with \(.*moved.sd.safetensors\): its frozen VAE/CLIP weights differ"):
+        train_here(moved + ["--resume"])
+    shutil.copyfile(tmp_path / "kept.safetensors", sd)
     train_here(moved + ["--resume"])
     assert "in place of" not in capsys.readouterr().out
     from vpd.trained import read_meta
