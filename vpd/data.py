@@ -557,9 +557,9 @@ class ImageFolder(Dataset):
         else:
             rh, rw = T.keep_ratio_size(h, w, (4 * self.size, self.size))
         rh, rw = max(rh, 1), max(rw, 1)  # the thin side of an extreme aspect (a 3000x1 strip) would round to 0
+        # antialiased for refer, as PIL resizes its training images; semseg as ADE20K's test resize (OpenCV's,
+        # no antialiasing); depth has no resize in training to follow, and takes the same as semseg
         x = T.to_tensor(T.resize_image(img, (rh, rw), antialias=self.task == "refer"))
-        # (refer: PIL's antialiased resize, as its training; semseg: ADE20K's test resize, cv2's, none; depth's
-        # training never resizes)
         if self.task == "depth":  # bottom / right, so that depth images batch
             x = torch.nn.functional.pad(x, (0, self.size - rw, 0, self.size - rh), value=0.0)
         return {"image": x, "orig_size": torch.tensor([h, w]), "resized_size": torch.tensor([rh, rw]),
