@@ -353,6 +353,9 @@ def main(args):
         warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores for float32 matrix multiplication")
         model = torch.compile(model, backend=args.compile, mode=args.compile_mode)
         print0(f"--compile {args.compile}: the first step compiles the model (minutes for SD v1.5 with inductor)")
+        if args.compile_mode == "reduce-overhead" and device.type != "cuda":
+            print0(f"--compile-mode reduce-overhead: CUDA graphs need a GPU; on {device.type} the model is compiled "
+                   "without them")
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 

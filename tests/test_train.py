@@ -236,7 +236,7 @@ def test_amp_compile_grad_checkpoint_run(world, flag, ran, monkeypatch):
     assert not any(k.startswith("_orig_mod.") for k in load_file(os.path.join(out, "model.safetensors")))
 
 
-def test_compile_mode_reaches_torch_compile(world, monkeypatch):
+def test_compile_mode_reaches_torch_compile(world, monkeypatch, capsys):
     # inductor itself needs a C++ compiler here: the mode is recorded, the model compiled with aot_eager
     seen, compile_ = [], torch.compile
 
@@ -248,6 +248,7 @@ def test_compile_mode_reaches_torch_compile(world, monkeypatch):
     train_here(flags(world, "depth", out, "--iters", 1, "--batch-size", 2, "--eval-max", 1,
                      "--compile", "--compile-mode", "reduce-overhead"))
     assert seen == [("inductor", "reduce-overhead")] and len(losses(out)) == 1
+    assert "CUDA graphs need a GPU; on cpu the model is compiled without them" in capsys.readouterr().out
 
 
 def test_channels_last_trains_the_same(world, monkeypatch):
