@@ -9,7 +9,8 @@ Rows (same names in the printed table and in --json):
   unet_fwd     UNet forward (no_grad), ours vs diffusers' UNet2DConditionModel
   unet_fwdbwd  UNet forward + backward of mean(out^2) (weight and input grads)
   vae_enc      VAE encoder to the posterior mode (no_grad), ours vs diffusers' AutoencoderKL
-  train_<task> one VPD training step (forward, loss, backward, AdamW step); ours only
+  train_<task> one VPD training step (forward, loss, backward, AdamW step); ours only. With --compile,
+               the loss is compiled apart from the model, as train.py compiles it
   eval_semseg  ADE20K's multi-scale + flip test of one image, --res high and 4/3 as wide (512x682 at
                512), in --res windows: ours batches 4 windows per forward; ref is ours one window per
                forward, as mmseg runs them (eager always, as eval.py; --batch does not apply)
@@ -35,7 +36,8 @@ counts new gradients in full (peak MiB nets them against the freed old ones); no
 --ddp: the training step's model wrapped as train.py wraps it under torchrun, DDP around the compiled
 model, in a process group of this one process: DDP adds its gradient buckets, and torch.compile splits
 the model into one graph per bucket so that each bucket's all-reduce can start while the backward
-goes on (`graphs` in the JSON and under the table: the graphs compiled for the row). What several GPUs
+goes on (`graphs` in the JSON and under the table: the graphs compiled for the row, the loss's one
+among them). What several GPUs
 add, the communication itself, is not in it.
 attention: the scaled-dot-product-attention ops one more iteration dispatches (lines under the
 table, `attention_ops` in the JSON): which kernel (flash, efficient, cuDNN, math) really ran.
@@ -236,8 +238,8 @@ def attention_ops(fn):
 def profile_into(path, name, fns, device):
     """One more iteration per impl under torch.profiler, appended to `path` as two tables: the busiest
     kernels (self time), then the ops by their total time, kernels launched inside them included.
-    The second splits a training step into its phases: the compiled forward (CompiledFunction), its
-    backward (CompiledFunctionBackward), the eager loss and its backward, and Optimizer.step."""
+    The second splits a training step into its phases: the compiled graphs' forwards (CompiledFunction: the
+    model's, then the loss's), their backwards (CompiledFunctionBackward) and Optimizer.step."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -437,6 +439,7 @@ def train_setup(task, batch, args, device, cfgs, gen):
                                                c.intermediate_size, batch=B)
     opt = build_optimizer(model, lr=1e-6, weight_decay=1e-2, unet_lr_mult=0.1, fused=device.type == "cuda")  # as train.py
     fwd = torch.compile(model, mode=args.compile_mode) if args.compile else model
+    loss = torch.compile(model.loss) if args.compile else model.loss  # as train.py
     if args.ddp:  # train.py's order: DDP around the compiled model
         ids = [torch.cuda.current_device()] if device.type == "cuda" else None
         fwd = DDP(fwd, device_ids=ids, bucket_cap_mb=args.ddp)
@@ -445,7 +448,7 @@ def train_setup(task, batch, args, device, cfgs, gen):
         opt.zero_grad(set_to_none=True)
         with args.autocast():
             out = fwd(*inputs)
-        model.loss(out, target).backward()
+        loss(out, target).backward()
         opt.step()
     return step, step_flops
 

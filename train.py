@@ -347,11 +347,15 @@ def main(args):
             print(f"{log_path} is missing: the log (and curves.png) restarts at step {step + 1}")
         print0(f"resumed from {args.out} at step {step}")
 
+    loss_fn = raw.loss
     if args.compile:  # compiled at the first step, not here
         # inductor advises TF32 wherever it compiles a float32 matrix product on a GPU: resize_bilinear's products
         # upsample the logits in float32 on purpose
         warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores for float32 matrix multiplication")
         model = torch.compile(model, backend=args.compile, mode=args.compile_mode)
+        # the loss too, apart from the model that DDP wraps: compiled, semseg's cross-entropy reads the float32
+        # logits at the image size (150 x 512 x 512 per image) once each way, and keeps no log-probabilities
+        loss_fn = torch.compile(raw.loss, backend=args.compile)
         print0(f"--compile {args.compile}: the first step compiles the model (minutes for SD v1.5 with inductor)")
         if args.compile_mode == "reduce-overhead" and device.type != "cuda":
             print0(f"--compile-mode reduce-overhead: CUDA graphs need a GPU; on {device.type} the model is compiled "
@@ -466,7 +470,7 @@ def main(args):
                     batch = to_device(next_batch(it), device)
                     sync = a == accum - 1 or world == 1
                     with (nullcontext() if sync else model.no_sync()), autocast():
-                        loss = forward_loss(model, raw, args.task, batch) / accum
+                        loss = forward_loss(model, loss_fn, args.task, batch) / accum
                     scaler.scale(loss).backward()
                     loss_sum += loss.detach()  # no host sync per micro-step
                 scaler.step(optimizer)

@@ -197,7 +197,7 @@ def test_ddp_splits_the_compiled_training_step_at_its_buckets(monkeypatch):
     assert wrapped == [("OptimizedModule", dict(device_ids=None, bucket_cap_mb=10.0))]  # around the compiled model
     model = bench.build_model("semseg", unet_cfg=bench.TINY_UNET, vae_cfg=bench.TINY_VAE, clip_cfg=bench.TINY_CLIP)
     mb = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad) / 2 ** 20
-    assert graphs[0] == 1 and graphs[1] >= math.ceil(mb / 10) > 1
+    assert graphs[0] == 2 and graphs[1] >= math.ceil(mb / 10) + 1 > 2  # the model's graphs and the loss's one
     assert bench.parse_args(["--ddp"]).ddp == 25.0  # DDP's default, as train.py leaves it
 
 
@@ -217,9 +217,10 @@ def test_bench_without_diffusers_says_what_to_install_or_to_pass(monkeypatch):
     assert ran == [{"unet_fwd", "unet_fwdbwd"}, set()]
 
 
-def test_kernel_bench_times_every_layer_shape_of_the_unet(tmp_path):
+def test_kernel_bench_times_every_layer_shape_of_the_unet(tmp_path, monkeypatch):
     import bench_kernels
     from vpd import flops
+    from vpd.model import VPDSeg
     from vpd.demo import TINY_UNET
     from vpd.unet import UNetConfig
 
@@ -236,6 +237,8 @@ def test_kernel_bench_times_every_layer_shape_of_the_unet(tmp_path):
                 k["linear"] + k["attn_proj"] + k["geglu"])
 
     assert macs(*bench_kernels.layer_shapes(UNetConfig(), 2, 512, 150)) == analytic(UNetConfig(), 64, 2, 150)
+    compile_, compiled = torch.compile, []  # inductor needs a C++ compiler: the loss compiled with aot_eager
+    monkeypatch.setattr(torch, "compile", lambda fn: compiled.append(fn) or compile_(fn, backend="aot_eager"))
     rows, totals = bench_kernels.main(["--device", "cpu", "--size", "tiny", "--dtype", "fp32", "--res", "64",
                                        "--batch", "2", "--text", "7", "--iters", "1", "--warmup", "0",
                                        "--json", str(tmp_path / "k.json")])
@@ -252,6 +255,36 @@ def test_kernel_bench_times_every_layer_shape_of_the_unet(tmp_path):
     assert json.loads((tmp_path / "k.json").read_text())["totals"] == totals
     (resize,) = [r for r in rows if r["kind"] == "resize"]  # the semseg logits (150 classes) x8 to the image
     assert resize["shape"] == (2, 150, 8, 8) and resize["ms"]["interp"] > 0 and resize["ms"]["matmuls"] > 0
+    # the candidate changes: q/k/v at every self-attention width, the VAE's attention at 1/8 of the image
+    # (TINY_VAE: 32 x 2 channels), the seg loss at the image size, eager and compiled
+    qkv = {r["shape"]: r for r in rows if r["kind"] == "qkv"}
+    selfs = {(B, lq, h * d) for B, h, lq, lk, d in (r["shape"] for r in rows if r["kind"] == "attention") if lq == lk}
+    assert qkv.keys() == selfs and len(selfs) > 2 and all(min(r["ms"].values()) > 0 for r in qkv.values())
+    (vae,) = [r for r in rows if r["kind"] == "vae_attention"]
+    assert vae["shape"] == (2, 64, 64) and vae["ms"]["math"] > 0 and vae["ms"]["explicit"] > 0
+    (loss,) = [r for r in rows if r["kind"] == "loss"]
+    assert loss["shape"] == (2, 150, 64, 64) and min(loss["ms"].values()) > 0 and compiled == [VPDSeg.loss]
+
+
+def test_kernel_bench_alternatives_compute_the_same():
+    # each candidate change is timed on the same computation both ways
+    import bench_kernels
+    cpu = torch.device("cpu")
+
+    def grads(joined):
+        torch.manual_seed(0)
+        step = bench_kernels.qkv_step((2, 6, 8), torch.float64, cpu, joined)
+        step()
+        return [c.cell_contents.grad for c in step.__closure__ if torch.is_tensor(c.cell_contents)] + [
+            w.grad for c in step.__closure__ if isinstance(c.cell_contents, list)
+            for w in c.cell_contents if torch.is_tensor(w) and w.requires_grad]
+    three, joined = grads(False), grads(True)
+    assert len(three) == 4 and all(torch.allclose(a, b) for a, b in zip(three, joined))
+
+    def attention(how):
+        torch.manual_seed(0)
+        return bench_kernels.vae_attention_step((2, 10, 16), torch.float64, cpu, how)()
+    torch.testing.assert_close(attention("explicit"), attention("math"))
 
 
 def test_bench_kernels_refuses_bad_flags(tmp_path, monkeypatch):
@@ -564,10 +597,11 @@ def run_kernel_bench_on_fakes(monkeypatch, argv, ms_of):
             steps.append(SimpleNamespace(kind=kind, shape=shape, dtype=dtype, device=device, backend=backend))
             return steps[-1]
         return make
-    for kind in ("attention", "conv", "linear"):
+    for kind in ("attention", "conv", "linear", "qkv", "vae_attention"):
         monkeypatch.setattr(bench_kernels, f"{kind}_step", fake(kind))
-    monkeypatch.setattr(bench_kernels, "resize_step",  # (float32 always; its "backend" the resize timed)
-                        lambda shape, device, resize: fake("resize")(shape, torch.float32, device, resize))
+    for kind in ("resize", "loss"):  # (float32 always; its "backend" the function timed)
+        monkeypatch.setattr(bench_kernels, f"{kind}_step",
+                            lambda shape, device, fn, kind=kind: fake(kind)(shape, torch.float32, device, fn))
 
     def timer(device, step, iters, warmup):
         step.cudnn_benchmark = torch.backends.cudnn.benchmark  # as it was when this step was timed
@@ -697,7 +731,7 @@ def test_kernel_steps_do_the_work_their_rows_count(monkeypatch):
         monkeypatch.setattr(bench_kernels, f"{kind}_step", tagged)
 
     def timer(device, step, iters, warmup):
-        if not hasattr(step, "key"):  # the seg logits' resize: a resampling, no FLOPs to its row
+        if not hasattr(step, "key"):  # the candidate changes' rows: timed both ways, no FLOPs to them
             return 1.0
         kind, shape, backend = step.key
         if backend not in (None, bench_kernels.BACKENDS["math"]):
@@ -708,7 +742,7 @@ def test_kernel_steps_do_the_work_their_rows_count(monkeypatch):
     rows, _ = bench_kernels.main(["--device", "cpu", "--size", "tiny", "--dtype", "fp32", "--res", "64",
                                   "--batch", "2", "--text", "7"])
     kinds = {"attention": "attention", "convolution": "conv", "linear": "linear"}
-    rows = [r for r in rows if r["kind"] != "resize"]
+    rows = [r for r in rows if r["kind"] in kinds]
     assert len(counted) == len(rows)
     for r in rows:
         assert counted[kinds[r["kind"]], r["shape"]] == pytest.approx(r["gflop"] * 1e9 / r["count"], rel=1e-12), r
@@ -772,10 +806,18 @@ def test_kernel_bench_sums_scripted_times_over_sd15s_layers(monkeypatch, tmp_pat
                       "linear default": 0.5 * nl, "linear best per shape": 0.5 * nl}
     assert not torch.backends.cudnn.benchmark  # autotuning is switched off again after the convolutions
     assert {r["shape"]: r["count"] for r in rows if r["kind"] == "attention"} == attn
-    unet = [s for s in steps if s.kind != "resize"]
-    assert all(s.dtype == torch.bfloat16 and s.device == torch.device("cuda") for s in unet)
-    resize = [s for s in steps if s.kind == "resize"]  # the semseg logits (150 classes, float32), both ways
-    assert [s.shape for s in resize] == [(16, 150, 64, 64)] * 2 and all(s.device.type == "cuda" for s in resize)
+    bf16 = [s for s in steps if s.kind not in ("resize", "loss")]
+    assert all(s.dtype == torch.bfloat16 and s.device == torch.device("cuda") for s in bf16)
+    # the candidate changes: q/k/v of each self-attention width, the VAE's 1-head attention at 64x64 (every
+    # SDPA kernel and written out), the semseg logits (150 classes, float32) and loss, both ways
+    assert [(s.shape, s.backend) for s in steps if s.kind == "qkv"] == [  # (the backend: joined or not)
+        (shape, joined) for shape in ((16, 4096, 320), (16, 1024, 640), (16, 256, 1280), (16, 64, 1280))
+        for joined in (False, True)]
+    assert [(s.shape, s.backend) for s in steps if s.kind == "vae_attention"] == [
+        ((16, 4096, 512), how) for how in ("flash", "efficient", "cudnn", "math", "explicit")]
+    resize, loss = ([s for s in steps if s.kind == kind] for kind in ("resize", "loss"))
+    assert [s.shape for s in resize] == [(16, 150, 64, 64)] * 2 and [s.shape for s in loss] == [(16, 150, 512, 512)] * 2
+    assert all(s.dtype == torch.float32 and s.device.type == "cuda" for s in resize + loss)
     # largest first: attention by query length, convolutions by input height, linears by input size
     for kind, size in (("attention", lambda s: s[2]), ("convolution", lambda s: s[0][2]),
                        ("linear", lambda s: math.prod(s[0]))):
@@ -1048,8 +1090,8 @@ def test_layout_precision_compile_and_checkpointing_flags_reach_the_timed_models
     compiled, fast = bench_convolutions(monkeypatch, ["--channels-last", "--grad-checkpoint", "--dtype", "bf16",
                                                       "--compile", "--compile-mode", mode])
     _, plain = bench_convolutions(monkeypatch, [])
-    assert sorted(compiled) == sorted((n, mode) for n in ("UNet", "UNet2DConditionModel", "VAE", "AutoencoderKL",
-                                                          "VPDSeg"))
+    assert sorted(compiled) == sorted([(n, mode) for n in ("UNet", "UNet2DConditionModel", "VAE", "AutoencoderKL",
+                                                           "VPDSeg")] + [("function", None)])  # + the loss, as train.py
     for key, convs in fast.items():
         assert convs and convs[0][0], key  # the input enters channels-last
         assert all(w for _, w, _ in convs) and all(d == torch.bfloat16 for _, _, d in convs), key

@@ -4,11 +4,10 @@
 #   OUT=results bash tools/gpu_run.sh eager      # flash/bf16/compile checks, eager benchmarks, DDP demo (~9 min)
 #   OUT=results bash tools/gpu_run.sh compiled   # compiled bf16 at batch 16, NHWC: semseg step, UNet fwd+bwd (~9 min)
 #   OUT=results bash tools/gpu_run.sh graphs     # the semseg step at batch 2 under CUDA graphs (reduce-overhead, ~5 min)
-#   OUT=results bash tools/gpu_run.sh kernels    # SD's attention and conv shapes under each kernel choice, and the seg
-#                                                # logits' x8 upsampling both ways, eager (~2 min)
-#   OUT=results bash tools/gpu_run.sh resize     # the kernels at batch 16 (the logits' upsampling both ways among them),
-#                                                # then the compiled semseg step at batch 16 with resize_bilinear (~7 min)
-#   OUT=results bash tools/gpu_run.sh breakdown  # compiled VAE encoder alone; a kernel profile of the semseg step (~4 min)
+#   OUT=results bash tools/gpu_run.sh kernels    # SD's attention and conv shapes under each kernel choice, and the
+#                                                # candidate changes each way, eager, at batches 16 and 2 (~4 min)
+#   OUT=results bash tools/gpu_run.sh profile    # the kernels at batch 16; the compiled VAE encoder alone; the compiled
+#                                                # semseg step at batch 16, timed, then a kernel profile of it (~9 min)
 #   OUT=results bash tools/gpu_run.sh sweep 2 8  # compiled NHWC semseg step at these batches: speed, peak memory (~4.5 min each)
 #   OUT=results bash tools/gpu_run.sh evalms     # ADE20K's ms + flip test of one image: 4 windows per forward vs 1 (~1 min)
 #   OUT=results bash tools/gpu_run.sh ddp        # the compiled batch-2 semseg step alone and split at DDP's buckets (~9 min)
@@ -49,18 +48,16 @@ compiled)
 graphs)
   run graphs_semseg2.txt 300 $B --batch 2 --dtype bf16 --compile --compile-mode reduce-overhead --channels-last \
     --which train_semseg --iters 10 --warmup 3 --json "$OUT/graphs_semseg2.json" ;;
-kernels)  # where the UNet's time goes, and whether another attention or convolution kernel would pay
+kernels)  # where the UNet's time goes, whether another attention or convolution kernel would pay, and the candidates
   for b in 16 2; do
-    run kernels$b.txt 100 python3 bench_kernels.py --batch $b --res 512 --json "$OUT/kernels$b.json"
+    run kernels$b.txt 120 python3 bench_kernels.py --batch $b --res 512 --json "$OUT/kernels$b.json"
   done ;;
-resize)  # what the logits' upsampling by two matrix products (resize_bilinear) changed: kernel and step
-  run kernels16.txt 100 python3 bench_kernels.py --batch 16 --res 512 --json "$OUT/kernels16.json"
+profile)  # where the semseg step's time goes beyond the UNet (half of it at batch 16: 262 ms against 132 ms on an H100)
+  run kernels16.txt 150 python3 bench_kernels.py --batch 16 --res 512 --json "$OUT/kernels16.json"
+  run vae16.txt 120 $B --batch 16 --dtype bf16 --compile --channels-last --no-ref --which vae_enc --iters 5 --warmup 2 \
+    --json "$OUT/vae16.json"
   run compiled_semseg16.txt 300 $B --batch 16 --dtype bf16 --compile --channels-last --which train_semseg \
-    --iters 5 --warmup 2 --json "$OUT/compiled_semseg16.json" ;;
-breakdown)  # where the semseg step's time goes beyond the UNet (half of it at batch 16: 262 ms against 132 ms on an H100)
-  run vae16.txt 120 $B --batch 16 --dtype bf16 --compile --channels-last --no-ref --which vae_enc --iters 5 --warmup 2
-  run semseg16.txt 300 $B --batch 16 --dtype bf16 --compile --channels-last --which train_semseg --iters 3 \
-    --warmup 2 --profile "$OUT/profile_semseg16.txt" ;;
+    --iters 5 --warmup 2 --json "$OUT/compiled_semseg16.json" --profile "$OUT/profile_semseg16.txt" ;;
 sweep)
   for b in "${@:-2 8}"; do
     for batch in $b; do
@@ -77,6 +74,6 @@ ddp)  # what train.py's DDP(compile(model)) costs a GPU beyond the communication
 ddpgraphs)
   run semseg2_ddp_graphs.txt 300 $B --batch 2 --dtype bf16 --compile --compile-mode reduce-overhead --channels-last \
     --which train_semseg --iters 10 --warmup 3 --ddp --json "$OUT/semseg2_ddp_graphs.json" ;;
-*) echo "usage: bash tools/gpu_run.sh eager|compiled|graphs|kernels|resize|breakdown|sweep [batches]|evalms|ddp|ddpgraphs" >&2
+*) echo "usage: bash tools/gpu_run.sh eager|compiled|graphs|kernels|profile|sweep [batches]|evalms|ddp|ddpgraphs" >&2
    exit 2 ;;
 esac

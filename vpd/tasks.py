@@ -44,13 +44,14 @@ def to_device(batch, device):
     return {k: move(v) for k, v in batch.items()}
 
 
-def forward_loss(model, raw, task, batch):
-    """Training loss of one batch. `model` may be the DDP/compiled wrapper; `raw` has `.loss`."""
+def forward_loss(model, loss, task, batch):
+    """Training loss of one batch. `model` may be the DDP/compiled wrapper; `loss` is the task model's
+    `.loss`, or that compiled."""
     if task == "semseg":
-        return raw.loss(model(batch["image"]), batch["label"])
+        return loss(model(batch["image"]), batch["label"])
     if task == "depth":
-        return raw.loss(model(batch["image"], batch["scene_id"]), batch["depth"])
-    return raw.loss(model(batch["image"], batch["tokens"]), batch["mask"].long())
+        return loss(model(batch["image"], batch["scene_id"]), batch["depth"])
+    return loss(model(batch["image"], batch["tokens"]), batch["mask"].long())
 
 
 def refer_max_tokens(dataset):
