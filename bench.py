@@ -442,7 +442,7 @@ def train_setup(task, batch, args, device, cfgs, gen):
     loss = torch.compile(model.loss) if args.compile else model.loss  # as train.py
     if args.ddp:  # train.py's order: DDP around the compiled model
         ids = [torch.cuda.current_device()] if device.type == "cuda" else None
-        fwd = DDP(fwd, device_ids=ids, bucket_cap_mb=args.ddp)
+        fwd = DDP(fwd, device_ids=ids, bucket_cap_mb=args.ddp, gradient_as_bucket_view=True)
 
     def step():
         opt.zero_grad(set_to_none=True)

@@ -194,7 +194,8 @@ def test_ddp_splits_the_compiled_training_step_at_its_buckets(monkeypatch):
         [row] = bench.main(bench.parse_args(argv + extra))
         graphs.append(row["graphs"])
         assert not torch.distributed.is_initialized()  # the one-process group is gone again
-    assert wrapped == [("OptimizedModule", dict(device_ids=None, bucket_cap_mb=10.0))]  # around the compiled model
+    assert wrapped == [("OptimizedModule", dict(device_ids=None, bucket_cap_mb=10.0,  # around the compiled model
+                                                gradient_as_bucket_view=True))]  # as train.py
     model = bench.build_model("semseg", unet_cfg=bench.TINY_UNET, vae_cfg=bench.TINY_VAE, clip_cfg=bench.TINY_CLIP)
     mb = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad) / 2 ** 20
     assert graphs[0] == 2 and graphs[1] >= math.ceil(mb / 10) + 1 > 2  # the model's graphs and the loss's one

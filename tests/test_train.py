@@ -1359,14 +1359,16 @@ def test_ddp_all_reduces_once_per_step_on_its_last_micro_batch(world, tmp_path, 
     # Without --micro-batch each process takes its whole share, 4, in one forward
     from vpd import dist
     monkeypatch.setattr(dist, "setup", lambda device: (0, 2, torch.device("cpu")))
-    synced = []
-    monkeypatch.setattr(train, "DDP", lambda model, device_ids: NoSyncRecorder(model, device_ids, synced))
+    synced, options = [], []
+    monkeypatch.setattr(train, "DDP", lambda model, device_ids, **kw: options.append(kw)
+                        or NoSyncRecorder(model, device_ids, synced))
     train_here(flags(world, "depth", tmp_path / "run", "--iters", 2, "--batch-size", 8, "--micro-batch", 2,
                      "--eval-max", 1))
     assert synced == [(False, 2), (True, 2), (False, 2), (True, 2)]
     synced.clear()
     train_here(flags(world, "depth", tmp_path / "whole", "--iters", 1, "--batch-size", 8, "--eval-max", 1))
     assert synced == [(True, 4)]
+    assert options == [dict(gradient_as_bucket_view=True)] * 2  # the gradients kept in DDP's buckets, not copied
 
 
 def test_depth_recipe_sets_three_images_per_forward(world, tmp_path, monkeypatch):
