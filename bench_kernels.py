@@ -11,6 +11,8 @@ step, the rest is that elementwise work; and the rows show what a kernel choice 
 FLOPs (two backward matmuls per forward one), as vpd/flops.py counts them, at the row's fastest kernel.
 Every attention layer is timed as SDPA, also the few whose maps VPD keeps (an explicit softmax there).
 Last, candidate changes beyond the kernel choice, each timed both ways:
+  1x1 conv    each 1x1 convolution (NHWC) by cuDNN, or as a matrix product over the pixels (inductor's
+              conv_1x1_as_mm)
   q/k/v       each self-attention's three projections as three linears, or one on the weights joined
   VAE attention the frozen VAE encoder's one attention layer (a single head 512 wide), forward only: each
               SDPA kernel that takes it, or written out (two matrix products around a softmax)
@@ -125,6 +127,23 @@ def linear_step(shape, dtype, device):
     def step():
         x.grad = w.grad = None
         F.linear(x, w).backward(grad)
+    return step
+
+
+def conv1x1_step(shape, dtype, device, as_matmul):
+    """A 1x1 convolution of an NHWC input, forward + backward: cuDNN's, or the same product written as a
+    linear over the pixels (B*H*W, Cin) x (Cin, Cout), whose output is NHWC again."""
+    x_shape, w_shape, _, _ = shape
+    x = torch.randn(x_shape, device=device, dtype=dtype).to(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(w_shape, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(x_shape[0], w_shape[0], *x_shape[2:], device=device, dtype=dtype).to(
+        memory_format=torch.channels_last)
+
+    def step():
+        x.grad = w.grad = None
+        out = F.linear(x.permute(0, 2, 3, 1), w.flatten(1)).permute(0, 3, 1, 2) if as_matmul else F.conv2d(x, w)
+        out.backward(grad)
+        return out
     return step
 
 
@@ -252,6 +271,9 @@ def main(argv=None):
             print(f"{str(shape):58} {n:>3} " + " ".join(f"{t:>9.3f}" if t is not None else f"{'-':>9}"
                                                         for t in ms.values()))
 
+    compare("conv1x1", "1x1 convolution (input, weight), NHWC", [
+        (shape, n, {k: conv1x1_step(shape, dtype, device, k == "matmul") for k in ("conv", "matmul")})
+        for shape, n in sorted(conv.items(), key=lambda kv: -kv[0][0][2]) if shape[1][2:] == (1, 1)])
     selfs = Counter()
     for (B, heads, lq, lk, d), n in attn.items():
         if lq == lk:  # self-attention: q, k and v all project the same x
