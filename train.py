@@ -59,6 +59,10 @@ RUN_SETTINGS = ("task", "iters", "epochs", "batch_size", "micro_batch", "amp", "
                 "min_lr_ratio", "demo_images", "demo_size")
 RUN_FILES = ("sd_ckpt", "data_root", "class_embeddings")  # where given, the same contents (the demo writes its own)
 PRESET_ONLY = ("schedule", "power", "min_lr_ratio", "demo_images", "demo_size")  # no flag: PRESETS / DEMO alone
+# left out on --resume, the run's own: its recipe, files, and what it logs, saves and evaluates (not the
+# flags of speed and hardware: --compile, --channels-last, --grad-checkpoint, --device, --workers)
+FROM_RUN = tuple(k for k in RUN_SETTINGS if k not in PRESET_ONLY) + RUN_FILES + (
+    "demo", "log_every", "save_every", "eval_every", "eval_max", "text_cache")
 
 
 def factor(zero_ok):
@@ -78,7 +82,7 @@ def factor(zero_ok):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=TASKS, help="semseg (ADE20K), depth (NYUv2 / KITTI) or refer (RefCOCO)")
-    p.add_argument("--demo", action="store_true", help="tiny random model on synthetic data (task depth unless "
+    p.add_argument("--demo", action="store_true", default=None, help="tiny random model on synthetic data (task depth unless "
                    "--task says; a given tiny-config --sd-ckpt or synthetic --data-root is used instead of writing "
                    "one into --out)")
     p.add_argument("--sd-ckpt", help="Stable Diffusion v1.x .safetensors or .ckpt")
@@ -89,7 +93,8 @@ def get_args(argv=None):
                    "default umd)")
     p.add_argument("--out", default=None, help="output directory (default out/<task>; --demo: out/demo, "
                    "out/demo_semseg, out/demo_refer)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out; the flags of "
+                   "its recipe, files, logging and evaluation left out are the run's own")
     p.add_argument("--auto-resume", action="store_true", help="--resume if --out holds a checkpoint, else start the "
                    "run: one command for a job a scheduler may stop and requeue (mmseg's --auto-resume)")
     p.add_argument("--iters", type=count(1), help="optimizer steps (overrides --epochs)")
@@ -101,7 +106,7 @@ def get_args(argv=None):
     p.add_argument("--weight-decay", type=factor(zero_ok=True))
     p.add_argument("--unet-lr-mult", type=factor(zero_ok=True), help="0 keeps the UNet as it is (but for the "
                    "transformer norms under semseg's --param-groups official)")
-    p.add_argument("--param-groups", choices=["default", "official"], default="default",
+    p.add_argument("--param-groups", choices=["default", "official"], default=None,
                    help="official: VPD's own lr / weight-decay groups for semseg and refer (README, 'Optimizer "
                         "groups'); depth's are the default ones")
     p.add_argument("--warmup-iters", type=count(0))
@@ -119,7 +124,7 @@ def get_args(argv=None):
                    help="NHWC memory layout for the convolutions (what GPU bf16 convolution kernels read natively)")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--workers", type=count(0), help="data loader processes per training process (default: up to 4)")
-    p.add_argument("--seed", type=count(0), default=0)
+    p.add_argument("--seed", type=count(0), help="(default 0)")
     p.add_argument("--log-every", type=count(1), help="steps per log line (default 50; --demo: 10)")
     p.add_argument("--eval-every", type=count(1), help="steps between evaluations (always at the last step)")
     p.add_argument("--eval-max", type=count(1), default=None, help="evaluate on at most this many samples")
@@ -135,6 +140,16 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.compile_mode and args.compile != "inductor":
         p.error("--compile-mode is inductor's: give it with --compile (inductor)")
+    started = resumed_run(args)
+    if started and args.task not in (None, started["task"]):
+        raise SystemExit(f"--resume: {args.out} holds a {started['task']} run, not {args.task}")
+    if started and args.demo and not started["demo"]:
+        raise SystemExit(f"--resume: the run in {args.out} is not a --demo run: leave out --demo")
+    for k in FROM_RUN if started else ():
+        if getattr(args, k) is None:
+            setattr(args, k, started.get(k))
+    args.demo, args.seed = bool(args.demo), args.seed or 0
+    args.param_groups = args.param_groups or "default"
     if args.task is None:
         if not args.demo:
             p.error("--task is required (semseg, depth or refer), or --demo for the tiny demo")
@@ -177,6 +192,28 @@ def get_args(argv=None):
     return args
 
 
+def resumed_run(args):
+    """The flags (state.pt's args) of the run --resume continues, or --auto-resume where --out holds one;
+    None for a new run."""
+    if not (args.resume or args.auto_resume):
+        return None
+    out = args.out or (demo_out(args.task or "depth") if args.demo else os.path.join("out", args.task) if args.task
+                       else None)
+    if out is None:
+        if args.resume:
+            raise SystemExit("--resume: give --out, the run's folder (or --task for out/<task>)")
+        return None
+    args.out, path = out, os.path.join(out, "state.pt")
+    if not os.path.isfile(path):
+        if args.resume:
+            raise SystemExit(f"--resume: no checkpoint to resume from in {out} (expected {path})")
+        return None
+    try:  # mmap: the flags without reading the weights and optimizer state
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["args"]
+    except Exception as e:  # noqa: BLE001 (a truncated or foreign file: say which)
+        raise SystemExit(f"--resume: cannot read the checkpoint in {out}: {type(e).__name__}: {e}") from None
+
+
 def main(args):
     rank, world, device = dist.setup(args.device)
     master = rank == 0
@@ -194,37 +231,26 @@ def main(args):
                          + ("; the depth recipe forwards 3 images per process: give a --batch-size that is a "
                             "multiple of 3 x processes, or another --micro-batch" if recipe else ""))
     args.micro_batch, accum = micro, args.batch_size // (micro * world)
-    amp_given, args.amp = args.amp, dist.resolve_amp(args.amp, device)
+    args.amp = dist.resolve_amp(args.amp, device)
 
     state, moved = None, []
     if args.auto_resume and not args.resume:
         args.resume = os.path.isfile(state_path)
         print0(f"--auto-resume: {'continuing the run in' if args.resume else 'no checkpoint yet in'} {args.out}")
     if args.resume:
-        if not os.path.isfile(state_path):
-            raise SystemExit(f"--resume: no checkpoint to resume from in {args.out} (expected {state_path})")
         try:  # mmap: each process maps the file instead of holding its own copy of the optimizer state
             state = torch.load(state_path, map_location="cpu", weights_only=False, mmap=True)
         except Exception as e:  # noqa: BLE001 (a truncated or foreign file: say which)
             raise SystemExit(f"--resume: cannot read the checkpoint in {args.out}: {type(e).__name__}: {e}") from None
-        if state["args"]["task"] != args.task:
-            raise SystemExit(f"--resume: {args.out} holds a {state['args']['task']} run, not {args.task}")
         if len(state["ranks"]) != world:
             n = len(state["ranks"])
             raise SystemExit(f"--resume: {args.out} was written by {n} processes, this run has {world}: "
                              f"launch it with {n} (torchrun --nproc_per_node)")
-        if state["args"]["demo"] != args.demo:
-            raise SystemExit(f"--resume: the run in {args.out} is {'a' if args.demo is False else 'not a'} --demo run: "
-                             f"{'add' if args.demo is False else 'leave out'} --demo")
         started = dict(state["args"], dataset=state["args"]["dataset"] or DATASETS[args.task][0])  # None: the default
         started.setdefault("param_groups", "default")  # runs from before the flag
         if args.task == "refer":
             started["split_by"] = refer_split_by(started["dataset"], started["split_by"])
-        if amp_given is None:  # the run's precision, not this device's default (a GPU run resumed on a CPU)
-            args.amp = started["amp"]
         changed = [k for k in RUN_SETTINGS if started.get(k) != getattr(args, k, None)]
-        if "batch_size" in changed and micro_set is None and started["micro_batch"] == started["batch_size"] // world:
-            changed = [k for k in changed if k != "micro_batch"]  # derived from --batch-size, then and now
         # files at another path (moved, or copied to a local disk): taken if they hold what the run's did,
         # checked once read; a run from before the SD file's fingerprint was recorded compares paths alone
         moved = [k for k in RUN_FILES if getattr(args, k) is not None and started.get(k) != getattr(args, k)]
@@ -235,8 +261,6 @@ def main(args):
             raise SystemExit(f"--resume: the run in {args.out} was started with {', '.join(said)}; pass the same values"
                              + ("; a preset differs: resume with the train.py the run started with"
                                 if set(changed) & set(PRESET_ONLY) else ""))
-        # left out, the run's own file: recorded again as it started, so a later --resume with it still matches
-        args.class_embeddings = args.class_embeddings or started.get("class_embeddings")
         if args.stop_after is not None and args.stop_after <= state["step"]:
             raise SystemExit(f"--stop-after {args.stop_after}: the run in {args.out} is already at step "
                              f"{state['step']}; give a later step, or leave it out to finish the run")
@@ -364,7 +388,7 @@ def main(args):
         # step, and no second copy of them held (3.3 GB for SD v1.5)
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
 
-    print0(f"{args.task}: {len(train_set)} training samples, {total} steps of {args.batch_size} images "
+    print0(f"{args.task}: {len(train_set)} training samples, {total} step{'s' * (total != 1)} of {args.batch_size} images "
            f"({world} process{'es' if world > 1 else ''} x {micro} x {accum} accumulation), amp {args.amp}")
     bar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True)
     saved = step if state is not None else None  # the step of the checkpoint in --out

@@ -125,6 +125,24 @@ def test_auto_resume_starts_the_run_then_continues_it(world, tmp_path, capsys):
     assert "is complete (step 4, evaluated): nothing to do" in capsys.readouterr().out
 
 
+def test_resume_takes_the_flags_left_out_from_the_run(world, tmp_path):
+    # `--resume --out DIR` alone continues the run as it was started (not with the demo's presets, 300
+    # steps of 8); the flags of speed and hardware are as given
+    out = tmp_path / "run"
+    started = flags(world, "depth", out, "--iters", 4, "--batch-size", 2, "--eval-max", 1, "--lr", "2e-3")
+    train_here(started + ["--stop-after", "2"])
+    train_here(["--resume", "--out", str(out), "--workers", "0"])
+    assert [s for s, _, _ in losses(out)] == [1, 2, 3, 4]
+    ran = torch.load(out / "state.pt", weights_only=False)["args"]
+    first = train.get_args(started)
+    assert all(ran[k] == getattr(first, k) for k in train.FROM_RUN if k not in ("amp", "micro_batch")), ran
+    assert (ran["amp"], ran["micro_batch"]) == ("off", 2)  # as resolved on this CPU for 1 process
+    with pytest.raises(SystemExit, match="--resume: give --out, the run's folder"):
+        train.get_args(["--resume"])
+    with pytest.raises(SystemExit, match=f"--resume: {out} holds a depth run, not semseg"):
+        train.get_args(["--resume", "--out", str(out), "--task", "semseg"])
+
+
 def test_resume_restores_the_grad_scaler(world, tmp_path, monkeypatch):
     # fp16's loss scale is training state: a resumed run goes on from the scaler state.pt saved (here a
     # stand-in scaler that counts its steps: real fp16 autocast takes seconds per step on a CPU)
@@ -304,8 +322,10 @@ def bad_cases(world, tmp):
         "eval garbage": (["eval.py", "--ckpt", str(a_file) + ".safetensors"], ["not a readable"]),
         "eval not a ckpt": (["eval.py", "--ckpt", str(a_file)], ["not a checkpoint"]),
         "eval moved demo data": (["eval.py", "--ckpt", moved], [f"the demo's data {tmp / 'gone'}", "--data-root"]),
+        "sd folder": (["train.py", "--task", "depth", "--sd-ckpt", str(empty), "--data-root", str(empty), "--out",
+                       str(tmp / "o4")], [f"--sd-ckpt {empty} is a folder"]),
         "predict sd file": (["predict.py", "--ckpt", depth_ckpt, "--sd-ckpt", depth_ckpt, photo],
-                            ["no tensors under 'first_stage_model.'"]),  # a message, not a traceback
+                            ["is a trained VPD model (what --ckpt takes)"]),
     }
 
 
@@ -738,8 +758,7 @@ def test_resume_keeps_the_runs_settings_and_survives_a_crash_in_save_or_final_ev
     with pytest.raises(SystemExit, match=r"was written by 2 processes, this run has 1: launch it with 2 \(torchrun"):
         train_here(args + ["--resume"])
     torch.save(old, out / "state.pt")
-    with pytest.raises(SystemExit, match="is a --demo run: add --demo"):  # not: its --demo-* values named
-        train_here([a for a in args if a != "--demo"] + ["--resume"])
+    train_here([a for a in args if a != "--demo"] + ["--resume"])  # left out, --demo is the run's own
     # a state.pt holding None for the default dataset and split set is the same run as one naming them,
     # and one written before --param-groups existed trained with the default groups
     started = {k: v for k, v in old["args"].items() if k != "param_groups"}

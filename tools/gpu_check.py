@@ -2,7 +2,7 @@
 torch.compile of the UNet's features and maps against the fp32 eager result, and a compiled bf16
 semseg training step (finite loss, UNet gradients, no VAE gradients).
 
-    python tools/gpu_check.py          # prints one line per check; exits non-zero on a failure
+    PYTHONPATH=. python tools/gpu_check.py   # one line per check; exits non-zero on a failure
 """
 import time
 

@@ -5,6 +5,7 @@ these functions; what they do with a prediction (metrics, output files) stays in
 (`--demo`) writes a tiny random SD checkpoint and a synthetic dataset, then takes the same paths.
 """
 import os
+from contextlib import suppress
 from dataclasses import asdict
 from types import SimpleNamespace
 
@@ -144,9 +145,7 @@ def build_task(args, device, log=print):
         files = make_demo_files(args.out, args.task, args.demo_images, args.demo_size, args.seed, args.sd_ckpt,
                                 args.data_root)
         args.sd_ckpt, args.data_root = map(os.path.abspath, files)  # as given paths are: --resume compares them
-    if not os.path.isfile(args.sd_ckpt):
-        raise SystemExit(f"--sd-ckpt {args.sd_ckpt}: no such file. Download Stable Diffusion v1.5 "
-                         "(v1-5-pruned-emaonly.safetensors) and pass its path.")
+    check_sd_file(args.sd_ckpt, ". Download Stable Diffusion v1.5 (v1-5-pruned-emaonly.safetensors) and pass its path.")
     train_set, eval_set = datasets(args.task, args.data_root, args.crop, args.seed, args.dataset, args.split_by,
                                    demo=args.demo)
     unet_cfg, vae_cfg, clip_cfg = _configs(args.demo)
@@ -181,6 +180,19 @@ def depth_crop(task, dataset, demo):
 
 def _cfg(cls, d):
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def check_sd_file(path, missing=""):
+    """Refuse an --sd-ckpt that is no SD file: a folder, a missing file (`missing` says what to do), or one of
+    our trained models (what --ckpt takes)."""
+    if os.path.isdir(path):
+        raise SystemExit(f"--sd-ckpt {path} is a folder: give the Stable Diffusion v1.5 file itself")
+    if not os.path.isfile(path):
+        raise SystemExit(f"--sd-ckpt {path}: no such file{missing}")
+    with suppress(ValueError):  # an unreadable file: its loader says so
+        if read_meta(path) is not None:
+            raise SystemExit(f"--sd-ckpt {path} is a trained VPD model (what --ckpt takes): --sd-ckpt takes the "
+                             "Stable Diffusion v1.5 file")
 
 
 def check_ckpt(ckpt):
@@ -218,8 +230,8 @@ def load_model(ckpt, task=None, sd_ckpt=None):
     """A model for evaluation / prediction from our `model.safetensors` (rebuilt from its metadata +
     the frozen parts of its SD file) or from an official VPD release. Returns (model, meta)."""
     task, meta = checkpoint_task(ckpt, task)
-    if sd_ckpt is not None and not os.path.isfile(sd_ckpt):
-        raise SystemExit(f"--sd-ckpt {sd_ckpt}: no such file")
+    if sd_ckpt is not None:
+        check_sd_file(sd_ckpt)
     if meta is None:  # an official VPD checkpoint
         from vpd.official import SDFileError, official_model
         try:
