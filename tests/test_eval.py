@@ -404,7 +404,7 @@ def test_eval_refuses_an_out_it_cannot_write_before_loading_anything(tmp_path, m
     import eval as eval_script
     monkeypatch.setattr(eval_script, "build_eval", lambda args, device: pytest.fail("loaded before --out was checked"))
     (tmp_path / "file").write_text("")
-    (tmp_path / "m.pth").write_bytes(b"")  # a released file's name: only its header would be read before
+    (tmp_path / "m.pth").write_bytes(b"PK\x03\x04")  # a released file's first bytes: only those would be read before
     with pytest.raises(SystemExit, match="is not writable"):
         eval_script.main(eval_script.get_args(["--ckpt", str(tmp_path / "m.pth"), "--task", "depth",
                                                "--out", str(tmp_path / "file" / "eval"), "--device", "cpu"]))

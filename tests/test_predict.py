@@ -488,7 +488,7 @@ class SceneRecorder(torch.nn.Module):
 
 def test_official_depth_model_is_fed_the_scene_row_it_was_trained_with(world, tmp_path, monkeypatch):
     ckpt = tmp_path / "vpd_depth.ckpt"  # an official release: no metadata, --task given
-    ckpt.write_bytes(b"")
+    ckpt.write_bytes(b"PK\x03\x04")  # a torch.save archive's first bytes (load_model is a stand-in)
     for official, row in ((True, "study"), (False, "study_room")):  # VPD's substring match for its release
         model = SceneRecorder()
         monkeypatch.setattr(predict, "load_model",
@@ -505,7 +505,7 @@ def test_kitti_depth_is_written_in_256ths_of_a_metre_and_takes_its_one_scene(wor
     # KITTI's maximum depth (80 m) overflows 16-bit millimetres: its PNGs are in 1/256 m, KITTI's own
     # convention; every frame is conditioned on the model's only scene (row 0), --scene is refused
     ckpt = tmp_path / "vpd_kitti.ckpt"  # no metadata: --task given, the rest from load_model
-    ckpt.write_bytes(b"")
+    ckpt.write_bytes(b"PK\x03\x04")  # a torch.save archive's first bytes (load_model is a stand-in)
     model = SceneRecorder(1)
     model.max_depth = 80.0
     monkeypatch.setattr(predict, "load_model", lambda *a: (model, dict(task="depth", dataset="kitti")))

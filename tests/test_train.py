@@ -301,6 +301,8 @@ def bad_cases(world, tmp):
     empty.mkdir()
     a_file = tmp / "a_file"
     a_file.write_text("x")
+    a_pth = tmp / "notes.pth"  # a .pth that is no torch file: said so, not "--task is required"
+    a_pth.write_text("not a model")
     sd = world["sd"]
     photo = sorted(glob.glob(os.path.join(world["roots"]["depth"], "official_splits", "test", "*", "rgb_*.jpg")))[0]
     moved = str(tmp / "moved.safetensors")  # a demo model whose synthetic data has moved since
@@ -321,6 +323,7 @@ def bad_cases(world, tmp):
         "eval ckpt": (["eval.py", "--ckpt", str(tmp / "missing.safetensors")], ["missing.safetensors", "no such file"]),
         "eval garbage": (["eval.py", "--ckpt", str(a_file) + ".safetensors"], ["not a readable"]),
         "eval not a ckpt": (["eval.py", "--ckpt", str(a_file)], ["not a checkpoint"]),
+        "predict text as ckpt": (["predict.py", "--ckpt", str(a_pth), photo], ["not a file torch.save wrote"]),
         "eval moved demo data": (["eval.py", "--ckpt", moved], [f"the demo's data {tmp / 'gone'}", "--data-root"]),
         "sd folder": (["train.py", "--task", "depth", "--sd-ckpt", str(empty), "--data-root", str(empty), "--out",
                        str(tmp / "o4")], [f"--sd-ckpt {empty} is a folder"]),

@@ -208,6 +208,11 @@ def check_ckpt(ckpt):
                          "model.safetensors of the same folder")
     if not ckpt.endswith((".safetensors", ".ckpt", ".pth", ".pt")):
         raise SystemExit(f"--ckpt {ckpt}: not a checkpoint (ours: model.safetensors; VPD's: .ckpt / .pth)")
+    if not ckpt.endswith(".safetensors"):
+        with open(ckpt, "rb") as f:
+            head = f.read(4)
+        if not (head == b"PK\x03\x04" or head[:1] == b"\x80"):  # torch.save's zip archive, or its older pickle
+            raise SystemExit(f"--ckpt {ckpt}: not a file torch.save wrote, as VPD's .ckpt / .pth are")
 
 
 def checkpoint_task(ckpt, task=None):
