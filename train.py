@@ -82,9 +82,9 @@ def factor(zero_ok):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=TASKS, help="semseg (ADE20K), depth (NYUv2 / KITTI) or refer (RefCOCO)")
-    p.add_argument("--demo", action="store_true", default=None, help="tiny random model on synthetic data (task depth unless "
-                   "--task says; a given tiny-config --sd-ckpt or synthetic --data-root is used instead of writing "
-                   "one into --out)")
+    p.add_argument("--demo", action="store_true", default=None,
+                   help="tiny random model on synthetic data (task depth unless --task says; a given tiny-config "
+                        "--sd-ckpt or synthetic --data-root is used instead of writing one into --out)")
     p.add_argument("--sd-ckpt", help="Stable Diffusion v1.x .safetensors or .ckpt")
     p.add_argument("--data-root", help="dataset root in its standard layout (see README)")
     p.add_argument("--dataset", default=None, help="depth: nyu|kitti; refer: refcoco|refcoco+|refcocog")
@@ -388,8 +388,8 @@ def main(args):
         # step, and no second copy of them held (3.3 GB for SD v1.5)
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
 
-    print0(f"{args.task}: {len(train_set)} training samples, {total} step{'s' * (total != 1)} of {args.batch_size} images "
-           f"({world} process{'es' if world > 1 else ''} x {micro} x {accum} accumulation), amp {args.amp}")
+    print0(f"{args.task}: {len(train_set)} training samples, {total} step{'s' * (total != 1)} of {args.batch_size} "
+           f"images ({world} process{'es' if world > 1 else ''} x {micro} x {accum} accumulation), amp {args.amp}")
     bar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True)
     saved = step if state is not None else None  # the step of the checkpoint in --out
     advice = "lower --lr" + (", or use --amp bf16 (fp16 overflows)" if args.amp == "fp16" else "")
