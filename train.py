@@ -33,7 +33,8 @@ from vpd.trained import (load_trained_state, read_meta, save_json, save_state, s
 from vpd.sampler import GlobalBatchSampler
 from vpd.metrics import json_ready
 from vpd.model import TASKS
-from vpd.tasks import DATASETS, baseline_model, build_task, demo_out, forward_loss, refer_split_by, to_device
+from vpd.tasks import (DATASETS, baseline_model, build_task, demo_files, demo_out, forward_loss, refer_split_by,
+                       to_device)
 from vpd.vis import plot_curves
 
 # The paper's recipes (VPD's configs and scripts). batch_size is the global batch of one optimizer step;
@@ -140,13 +141,14 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.compile_mode and args.compile != "inductor":
         p.error("--compile-mode is inductor's: give it with --compile (inductor)")
-    started = resumed_run(args)
+    state = resumed_run(args)
+    started = state["args"] if state else None
     if started and args.task not in (None, started["task"]):
         raise SystemExit(f"--resume: {args.out} holds a {started['task']} run, not {args.task}")
     if started and args.demo and not started["demo"]:
         raise SystemExit(f"--resume: the run in {args.out} is not a --demo run: leave out --demo")
     for k in FROM_RUN if started else ():
-        if getattr(args, k) is None:
+        if getattr(args, k) is None and not derived(k, state):
             setattr(args, k, started.get(k))
     args.demo, args.seed = bool(args.demo), args.seed or 0
     args.param_groups = args.param_groups or "default"
@@ -164,7 +166,7 @@ def get_args(argv=None):
             setattr(args, k, v)
     if epochs_given:  # --epochs alone sets the length: not the preset's --iters, which would override it
         args.iters = None
-    for k in RUN_FILES:  # absolute: --resume compares them, maybe from another working directory
+    for k in (*RUN_FILES, "text_cache"):  # absolute: --resume compares or reuses them, maybe from another directory
         if getattr(args, k) is not None:
             setattr(args, k, os.path.abspath(getattr(args, k)))
     if args.iters is None and args.epochs is None:
@@ -193,7 +195,7 @@ def get_args(argv=None):
 
 
 def resumed_run(args):
-    """The flags (state.pt's args) of the run --resume continues, or --auto-resume where --out holds one;
+    """The state.pt (mapped, not read) of the run --resume continues, or --auto-resume where --out holds one;
     None for a new run."""
     if not (args.resume or args.auto_resume):
         return None
@@ -201,7 +203,7 @@ def resumed_run(args):
                        else None)
     if out is None:
         if args.resume:
-            raise SystemExit("--resume: give --out, the run's folder (or --task for out/<task>)")
+            raise SystemExit("--resume: give --out, the run's folder (or --task for out/<task>, --demo for out/demo)")
         return None
     args.out, path = out, os.path.join(out, "state.pt")
     if not os.path.isfile(path):
@@ -209,9 +211,23 @@ def resumed_run(args):
             raise SystemExit(f"--resume: no checkpoint to resume from in {out} (expected {path})")
         return None
     try:  # mmap: the flags without reading the weights and optimizer state
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["args"]
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:  # noqa: BLE001 (a truncated or foreign file: say which)
         raise SystemExit(f"--resume: cannot read the checkpoint in {out}: {type(e).__name__}: {e}") from None
+
+
+def derived(k, state):
+    """Whether a resumed run's setting `k` was not chosen but derived, and so is derived again rather than
+    taken: a micro-batch of the batch / processes, and the demo's own SD file and data in its --out (a run
+    moved or copied elsewhere takes those in its new folder)."""
+    started = state["args"]
+    if k == "micro_batch":
+        return started["micro_batch"] == started["batch_size"] // len(state["ranks"])
+    if k in ("sd_ckpt", "data_root") and started["demo"] and started[k] is not None:
+        own = os.path.normpath(demo_files(started["out"], started["task"])[k == "data_root"])
+        path = os.path.normpath(started[k])  # absolute; the run's --out maybe relative to where it ran
+        return path == own or path.endswith(os.sep + own.lstrip(os.sep))
+    return False
 
 
 def main(args):
@@ -251,13 +267,18 @@ def main(args):
         if args.task == "refer":
             started["split_by"] = refer_split_by(started["dataset"], started["split_by"])
         changed = [k for k in RUN_SETTINGS if started.get(k) != getattr(args, k, None)]
+        if "batch_size" in changed and micro_set is None and started["micro_batch"] == started["batch_size"] // world:
+            changed = [k for k in changed if k != "micro_batch"]  # derived from --batch-size, then and now
         # files at another path (moved, or copied to a local disk): taken if they hold what the run's did,
         # checked once read; a run from before the SD file's fingerprint was recorded compares paths alone
         moved = [k for k in RUN_FILES if getattr(args, k) is not None and started.get(k) != getattr(args, k)]
         changed += [k for k in moved if k == "sd_ckpt" and "frozen_sha256" not in state]
         if changed:  # a preset-only setting differs when train.py's presets changed since the run started
+            def shown(v):  # (a run's length: --iters or --epochs, the other unset)
+                return "unset" if v is None else v
             said = [f"{k} {started.get(k)} (this train.py's preset: {getattr(args, k, None)})" if k in PRESET_ONLY
-                    else f"--{k.replace('_', '-')} {started.get(k)} (not {getattr(args, k, None)})" for k in changed]
+                    else f"--{k.replace('_', '-')} {shown(started.get(k))} (not {shown(getattr(args, k, None))})"
+                    for k in changed]
             raise SystemExit(f"--resume: the run in {args.out} was started with {', '.join(said)}; pass the same values"
                              + ("; a preset differs: resume with the train.py the run started with"
                                 if set(changed) & set(PRESET_ONLY) else ""))
@@ -425,7 +446,7 @@ def main(args):
         at = saved
         if doing == "save":  # state.pt is replaced whole or not at all: the old checkpoint or the new one
             at = f"{step}, if the save got that far" + (f", else {saved}" if saved is not None else "")
-        where = (f"the checkpoint in {args.out} is at step {at}: continue with the same flags and --resume"
+        where = (f"the checkpoint in {args.out} is at step {at}: continue with --resume --out {args.out}"
                  if at is not None else "no checkpoint was written yet (a new run may take this --out)")
         when = {"save": f"in the save after step {step}", "eval": f"in the evaluation after step {step}"}
         return f"{what} {when.get(doing, f'in step {step + 1}')}; {where}"
@@ -539,8 +560,8 @@ def main(args):
         raise SystemExit(stopped(what)) from None
     bar.close()
     if master and step < total:
-        print0(f"stopped after step {step} of {total} (--stop-after): continue with --resume and the same flags "
-               "but --stop-after (left out, or a later step)")
+        print0(f"stopped after step {step} of {total} (--stop-after): continue with --resume --out {args.out} "
+               "(--stop-after left out, or a later step)")
     elif master:
         # whole or not at all: a finished run is known by its plot (--resume), so a torn one must not stand for it
         write_atomic(lambda path: plot_curves(log_path, path), curves_path)

@@ -143,6 +143,27 @@ def test_resume_takes_the_flags_left_out_from_the_run(world, tmp_path):
         train.get_args(["--resume", "--out", str(out), "--task", "semseg"])
 
 
+def test_resume_derives_again_what_the_run_derived(world, tmp_path, monkeypatch):
+    # the demo's own SD file in its --out: a run moved elsewhere takes the one in its new folder, not the
+    # old path; a micro-batch of batch / processes is derived again, so the messages name what differs
+    import shutil
+    from vpd import dist
+    argv = flags(world, "depth", tmp_path / "run", "--iters", 3, "--batch-size", 2, "--eval-max", 1)
+    i = argv.index("--sd-ckpt")
+    train_here(argv[:i] + argv[i + 2:] + ["--stop-after", "1"])
+    moved = tmp_path / "moved"
+    shutil.move(tmp_path / "run", moved)
+    with pytest.raises(SystemExit, match=r"started with --batch-size 2 \(not 4\); pass the same values$"):
+        train_here(["--resume", "--out", str(moved), "--batch-size", "4"])
+    with monkeypatch.context() as m:
+        m.setattr(dist, "setup", lambda device: (0, 2, torch.device("cpu")))
+        with pytest.raises(SystemExit, match="was written by 1 processes, this run has 2: launch it with 1"):
+            train_here(["--resume", "--out", str(moved)])
+    train_here(["--resume", "--out", str(moved), "--workers", "0"])
+    ran = torch.load(moved / "state.pt", weights_only=False)
+    assert ran["step"] == 3 and ran["args"]["sd_ckpt"] == str(moved / "tiny_sd.safetensors")
+
+
 def test_resume_restores_the_grad_scaler(world, tmp_path, monkeypatch):
     # fp16's loss scale is training state: a resumed run goes on from the scaler state.pt saved (here a
     # stand-in scaler that counts its steps: real fp16 autocast takes seconds per step on a CPU)
@@ -661,7 +682,7 @@ def test_ctrl_c_and_unreadable_file_end_in_one_line_naming_the_checkpoint(world,
     with pytest.raises(SystemExit) as e:
         train_here(flags(world, "depth", out, "--iters", 5, "--batch-size", 2, "--save-every", 1))
     assert e.value.code == (f"interrupted in step 3; the checkpoint in {out} is at step 2: "
-                            "continue with the same flags and --resume")
+                            f"continue with --resume --out {out}")
     assert torch.load(out / "state.pt", weights_only=False)["step"] == 2
     monkeypatch.undo()
 
@@ -672,7 +693,7 @@ def test_ctrl_c_and_unreadable_file_end_in_one_line_naming_the_checkpoint(world,
     with pytest.raises(SystemExit) as e:
         train_here(flags(world, "depth", tmp_path / "in_save", "--iters", 3, "--batch-size", 2, "--save-every", 1))
     assert e.value.code == (f"interrupted in the save after step 2; the checkpoint in {tmp_path / 'in_save'} is at "
-                            "step 2, if the save got that far, else 1: continue with the same flags and --resume")
+                            f"step 2, if the save got that far, else 1: continue with --resume --out {tmp_path / 'in_save'}")
     monkeypatch.undo()
 
     def interrupt(*args, **kwargs):  # Ctrl-C during the last evaluation
@@ -681,7 +702,7 @@ def test_ctrl_c_and_unreadable_file_end_in_one_line_naming_the_checkpoint(world,
     with pytest.raises(SystemExit) as e:
         train_here(flags(world, "depth", tmp_path / "in_eval", "--iters", 1, "--batch-size", 2))
     assert e.value.code == (f"interrupted in the evaluation after step 1; the checkpoint in {tmp_path / 'in_eval'} "
-                            "is at step 1: continue with the same flags and --resume")
+                            f"is at step 1: continue with --resume --out {tmp_path / 'in_eval'}")
     monkeypatch.undo()
 
     import shutil
@@ -787,7 +808,7 @@ def test_out_of_memory_and_eval_errors_say_what_to_change_and_which_checkpoint_i
     out = tmp_path / "run"
     with pytest.raises(SystemExit, match=r"^out of memory with 2 images per forward \(try a --micro-batch under 2 "
                        r"\(accumulated to the same --batch-size\) or --grad-checkpoint\) in step 3; the checkpoint "
-                       f"in {out} is at step 2: continue with the same flags and --resume$"):
+                       f"in {out} is at step 2: continue with --resume --out {out}$"):
         train_here(flags(world, "depth", out, "--iters", 4, "--batch-size", 2, "--save-every", 1))
     calls.clear()  # one image per forward and checkpointing already on: nothing to suggest
     with pytest.raises(SystemExit, match=r"^out of memory with 1 image per forward in step 3; the checkpoint"):
@@ -995,6 +1016,8 @@ def test_resume_refuses_another_length_in_epochs_or_another_dataset(world, tmp_p
         train_here(args[:args.index("--epochs")] + args[args.index("--epochs") + 2:] + ["--epochs", "3", "--resume"])
     with pytest.raises(SystemExit, match=r"started with --dataset nyu \(not kitti\)"):
         train_here(args + ["--dataset", "kitti", "--resume"])
+    with pytest.raises(SystemExit, match=r"started with --iters unset \(not 6\); pass the same values"):
+        train_here(["--resume", "--out", str(tmp_path / "run"), "--iters", "6"])  # its length was in epochs
 
 
 def test_param_groups_official_reaches_the_optimizer(world, tmp_path, monkeypatch):
@@ -1322,7 +1345,7 @@ def test_ctrl_c_after_an_evaluation_or_in_the_first_save_says_where_the_run_stan
         train_here(flags(world, "depth", out, "--iters", 3, "--batch-size", 2, "--save-every", 1, "--eval-every", 1,
                          "--eval-max", 1))
     assert e.value.code == (f"interrupted in step 2; the checkpoint in {out} is at step 1: "
-                            "continue with the same flags and --resume")
+                            f"continue with --resume --out {out}")
     monkeypatch.undo()
 
     def interrupt(*args, **kwargs):
@@ -1333,7 +1356,7 @@ def test_ctrl_c_after_an_evaluation_or_in_the_first_save_says_where_the_run_stan
     with pytest.raises(SystemExit) as e:
         train_here(flags(world, "depth", out, "--iters", 3, "--batch-size", 2, "--save-every", 1))
     assert e.value.code == (f"interrupted in the save after step 1; the checkpoint in {out} is at step 1, if the "
-                            "save got that far: continue with the same flags and --resume")
+                            f"save got that far: continue with --resume --out {out}")
 
 
 def test_eval_ms_flip_gives_the_dataset_vpds_ratios(world):
@@ -1504,7 +1527,7 @@ def test_ctrl_c_after_a_resume_names_the_checkpoint_it_resumed_from(world, tmp_p
     with pytest.raises(SystemExit) as e:
         train_here(args + ["--resume"])
     assert e.value.code == (f"interrupted in step 2; the checkpoint in {out} is at step 1: "
-                            "continue with the same flags and --resume")
+                            f"continue with --resume --out {out}")
 
 
 def test_resuming_a_finished_run_says_so_and_changes_nothing(world, tmp_path, capsys):

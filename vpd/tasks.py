@@ -107,13 +107,19 @@ def demo_out(task):
     return os.path.join("out", "demo" if task == "depth" else f"demo_{task}")
 
 
+def demo_files(out, task):
+    """Where the demo writes its SD file and synthetic dataset in `out`, when not given others."""
+    return os.path.join(out, "tiny_sd.safetensors"), os.path.join(out, f"synthetic_{task}")
+
+
 def make_demo_files(out, task, n, size, seed=0, sd_ckpt=None, data_root=None):
     """A tiny random SD checkpoint and a synthetic dataset under `out` (each written once, and only
     when not given); returns (sd_ckpt, data_root)."""
     from vpd.demo import write_random_sd
     from vpd.synthetic import make_synthetic
-    sd = sd_ckpt or write_random_sd(os.path.join(out, "tiny_sd.safetensors"), seed=seed)
-    root = data_root or os.path.join(out, f"synthetic_{task}")
+    own_sd, own_root = demo_files(out, task)
+    sd = sd_ckpt or write_random_sd(own_sd, seed=seed)
+    root = data_root or own_root
     if data_root is None and not os.path.isdir(root):
         tmp = f"{root}.tmp{os.getpid()}"
         make_synthetic(tmp, task, n, seed=seed, size=size)
