@@ -247,6 +247,12 @@ def main(args):
                          + ("; the depth recipe forwards 3 images per process: give a --batch-size that is a "
                             "multiple of 3 x processes, or another --micro-batch" if recipe else ""))
     args.micro_batch, accum = micro, args.batch_size // (micro * world)
+    # the semseg head's BatchNorm at 1/64 of the crop: over the micro-batch, and over all GPUs under SyncBN
+    values = micro * (world if device.type == "cuda" else 1) * (args.crop // 64) ** 2
+    if args.task == "semseg" and values < 2:
+        raise SystemExit(f"--crop {args.crop} with {micro} image{'s' * (micro > 1)} per forward: the semseg head's "
+                         "BatchNorm would normalise its 1/64 map over one value per channel; give a larger --crop "
+                         "or --micro-batch")
     args.amp = dist.resolve_amp(args.amp, device)
 
     state, moved = None, []

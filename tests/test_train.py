@@ -1432,6 +1432,14 @@ def test_depth_recipe_sets_three_images_per_forward(world, tmp_path, monkeypatch
         train_here(recipe + ["--batch-size", "8"])
 
 
+def test_semseg_refuses_a_batchnorm_over_one_value(world, tmp_path):
+    # at --crop 64 the FPN head's 1/64 map is 1x1: one image per forward leaves its BatchNorm one value
+    with pytest.raises(SystemExit, match="--crop 64 with 1 image per forward: the semseg head's BatchNorm"):
+        train_here(flags(world, "semseg", tmp_path / "one", "--iters", 1, "--batch-size", 1))
+    assert not (tmp_path / "one" / "state.pt").exists()
+    train_here(flags(world, "semseg", tmp_path / "two", "--iters", 1, "--batch-size", 2, "--eval-max", 1))
+
+
 def test_a_batch_must_split_over_the_processes(tmp_path, monkeypatch):
     # 2 processes x micro-batches of 2 take 4, 8, ... images per step: 6 would silently train on 4
     from vpd import dist
