@@ -104,7 +104,9 @@ def attention_step(shape, dtype, device, backend):
     return step
 
 
-def conv_step(shape, dtype, device):
+def conv_step(shape, dtype, device, as_matmul=False):
+    """A convolution of an NHWC input, forward + backward; as_matmul (1x1 only): the same product written as a
+    linear over the pixels (B*H*W, Cin) x (Cin, Cout), whose output is NHWC again."""
     x_shape, w_shape, stride, padding = shape
     fmt = torch.channels_last
     x = torch.randn(x_shape, device=device, dtype=dtype).to(memory_format=fmt).requires_grad_()
@@ -114,7 +116,10 @@ def conv_step(shape, dtype, device):
 
     def step():
         x.grad = w.grad = None
-        F.conv2d(x, w, stride=stride, padding=padding).backward(grad)
+        out = (F.linear(x.permute(0, 2, 3, 1), w.flatten(1)).permute(0, 3, 1, 2) if as_matmul
+               else F.conv2d(x, w, stride=stride, padding=padding))
+        out.backward(grad)
+        return out
     return step
 
 
@@ -127,23 +132,6 @@ def linear_step(shape, dtype, device):
     def step():
         x.grad = w.grad = None
         F.linear(x, w).backward(grad)
-    return step
-
-
-def conv1x1_step(shape, dtype, device, as_matmul):
-    """A 1x1 convolution of an NHWC input, forward + backward: cuDNN's, or the same product written as a
-    linear over the pixels (B*H*W, Cin) x (Cin, Cout), whose output is NHWC again."""
-    x_shape, w_shape, _, _ = shape
-    x = torch.randn(x_shape, device=device, dtype=dtype).to(memory_format=torch.channels_last).requires_grad_()
-    w = torch.randn(w_shape, device=device, dtype=dtype, requires_grad=True)
-    grad = torch.randn(x_shape[0], w_shape[0], *x_shape[2:], device=device, dtype=dtype).to(
-        memory_format=torch.channels_last)
-
-    def step():
-        x.grad = w.grad = None
-        out = F.linear(x.permute(0, 2, 3, 1), w.flatten(1)).permute(0, 3, 1, 2) if as_matmul else F.conv2d(x, w)
-        out.backward(grad)
-        return out
     return step
 
 
@@ -272,7 +260,7 @@ def main(argv=None):
                                                         for t in ms.values()))
 
     compare("conv1x1", "1x1 convolution (input, weight), NHWC", [
-        (shape, n, {k: conv1x1_step(shape, dtype, device, k == "matmul") for k in ("conv", "matmul")})
+        (shape, n, {k: conv_step(shape, dtype, device, k == "matmul") for k in ("conv", "matmul")})
         for shape, n in sorted(conv.items(), key=lambda kv: -kv[0][0][2]) if shape[1][2:] == (1, 1)])
     selfs = Counter()
     for (B, heads, lq, lk, d), n in attn.items():

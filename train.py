@@ -150,8 +150,7 @@ def get_args(argv=None):
     for k in FROM_RUN if started else ():
         if getattr(args, k) is None and not derived(k, state):
             setattr(args, k, started.get(k))
-    args.demo, args.seed = bool(args.demo), args.seed or 0
-    args.param_groups = args.param_groups or "default"
+    args.demo = bool(args.demo)
     if args.task is None:
         if not args.demo:
             p.error("--task is required (semseg, depth or refer), or --demo for the tiny demo")
@@ -159,7 +158,7 @@ def get_args(argv=None):
     if not args.demo and (args.sd_ckpt is None or args.data_root is None):
         p.error("real training needs both --sd-ckpt and --data-root (or --demo for the tiny demo)")
     demo = dict(DEMO, crop=DEMO_CROP[args.task]) if args.demo else {}
-    common = dict(log_every=50, save_every=1000, workers=min(4, os.cpu_count() or 1))
+    common = dict(log_every=50, save_every=1000, workers=min(4, os.cpu_count() or 1), seed=0, param_groups="default")
     epochs_given = args.epochs is not None and args.iters is None
     for k, v in {**common, **PRESETS[args.task], **demo}.items():
         if getattr(args, k, None) is None:
@@ -210,7 +209,7 @@ def resumed_run(args):
         if args.resume:
             raise SystemExit(f"--resume: no checkpoint to resume from in {out} (expected {path})")
         return None
-    try:  # mmap: the flags without reading the weights and optimizer state
+    try:  # mmap: the flags without reading the weights, and each process maps the optimizer state, no copy of its own
         return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:  # noqa: BLE001 (a truncated or foreign file: say which)
         raise SystemExit(f"--resume: cannot read the checkpoint in {out}: {type(e).__name__}: {e}") from None
@@ -255,15 +254,11 @@ def main(args):
                          "or --micro-batch")
     args.amp = dist.resolve_amp(args.amp, device)
 
-    state, moved = None, []
+    state, moved = resumed_run(args), []
     if args.auto_resume and not args.resume:
-        args.resume = os.path.isfile(state_path)
-        print0(f"--auto-resume: {'continuing the run in' if args.resume else 'no checkpoint yet in'} {args.out}")
-    if args.resume:
-        try:  # mmap: each process maps the file instead of holding its own copy of the optimizer state
-            state = torch.load(state_path, map_location="cpu", weights_only=False, mmap=True)
-        except Exception as e:  # noqa: BLE001 (a truncated or foreign file: say which)
-            raise SystemExit(f"--resume: cannot read the checkpoint in {args.out}: {type(e).__name__}: {e}") from None
+        print0(f"--auto-resume: {'continuing the run in' if state else 'no checkpoint yet in'} {args.out}")
+    args.resume = state is not None
+    if state is not None:
         if len(state["ranks"]) != world:
             n = len(state["ranks"])
             raise SystemExit(f"--resume: {args.out} was written by {n} processes, this run has {world}: "
@@ -273,8 +268,8 @@ def main(args):
         if args.task == "refer":
             started["split_by"] = refer_split_by(started["dataset"], started["split_by"])
         changed = [k for k in RUN_SETTINGS if started.get(k) != getattr(args, k, None)]
-        if "batch_size" in changed and micro_set is None and started["micro_batch"] == started["batch_size"] // world:
-            changed = [k for k in changed if k != "micro_batch"]  # derived from --batch-size, then and now
+        if "batch_size" in changed and micro_set is None:  # derived from --batch-size, then and now (see derived)
+            changed = [k for k in changed if k != "micro_batch"]
         # files at another path (moved, or copied to a local disk): taken if they hold what the run's did,
         # checked once read; a run from before the SD file's fingerprint was recorded compares paths alone
         moved = [k for k in RUN_FILES if getattr(args, k) is not None and started.get(k) != getattr(args, k)]

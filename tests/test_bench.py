@@ -284,7 +284,7 @@ def test_kernel_bench_alternatives_compute_the_same():
 
     def conv1x1(as_matmul):
         torch.manual_seed(0)
-        step = bench_kernels.conv1x1_step(((2, 6, 3, 5), (4, 6, 1, 1), (1, 1), (0, 0)), torch.float64, cpu, as_matmul)
+        step = bench_kernels.conv_step(((2, 6, 3, 5), (4, 6, 1, 1), (1, 1), (0, 0)), torch.float64, cpu, as_matmul)
         out = step()
         leaves = [c.cell_contents for c in step.__closure__ if torch.is_tensor(c.cell_contents)
                   and c.cell_contents.requires_grad]
@@ -609,7 +609,7 @@ def run_kernel_bench_on_fakes(monkeypatch, argv, ms_of):
             steps.append(SimpleNamespace(kind=kind, shape=shape, dtype=dtype, device=device, backend=backend))
             return steps[-1]
         return make
-    for kind in ("attention", "conv", "linear", "conv1x1", "qkv", "vae_attention"):
+    for kind in ("attention", "conv", "linear", "qkv", "vae_attention"):
         monkeypatch.setattr(bench_kernels, f"{kind}_step", fake(kind))
     for kind in ("resize", "loss"):  # (float32 always; its "backend" the function timed)
         monkeypatch.setattr(bench_kernels, f"{kind}_step",
@@ -823,8 +823,10 @@ def test_kernel_bench_sums_scripted_times_over_sd15s_layers(monkeypatch, tmp_pat
     # the candidate changes: q/k/v of each self-attention width, the VAE's 1-head attention at 64x64 (every
     # SDPA kernel and written out), the semseg logits (150 classes, float32) and loss, both ways
     ones = [r["shape"] for r in rows if r["kind"] == "convolution" and r["shape"][1][2:] == (1, 1)]
-    assert {s[1] for s in ones} == {w for w in conv if w[2:] == (1, 1)}  # each 1x1 convolution, timed
-    assert sorted((s.shape, s.backend) for s in steps if s.kind == "conv1x1") == sorted(  # as cuDNN's, as a matmul
+    assert {s[1] for s in ones} == {w for w in conv if w[2:] == (1, 1)}
+    # each 1x1 convolution timed again as cuDNN's and as a matmul (a conv step's backend: as_matmul; None for
+    # the convolution rows)
+    assert sorted((s.shape, s.backend) for s in steps if s.kind == "conv" and s.backend is not None) == sorted(
         (s, m) for s in ones for m in (False, True))
     assert [(s.shape, s.backend) for s in steps if s.kind == "qkv"] == [  # (the backend: joined or not)
         (shape, joined) for shape in ((16, 4096, 320), (16, 1024, 640), (16, 256, 1280), (16, 64, 1280))
