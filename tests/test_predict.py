@@ -362,7 +362,8 @@ def test_a_strip_of_extreme_aspect_is_predicted_at_its_size(world, tmp_path):
     assert mode == "I;16" and mm.shape == (1, 1000)
 
 
-def test_option_errors(world, tmp_path):
+def test_option_errors(world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the calls without --out make the default predictions/ here, not in the repository
     depth, refer = checkpoint(world, "depth"), checkpoint(world, "refer")
     assert "--text is required" in error_of("--ckpt", refer, "--out", tmp_path, world.wide)
     assert "--text is only for the refer task" in error_of("--ckpt", depth, "--text", "a cat", world.wide)
