@@ -1,4 +1,5 @@
 import colorsys
+import json
 import os
 
 import numpy as np
@@ -184,6 +185,15 @@ def test_refcoco_eval_view_walks_every_sentence_with_exact_masks(synth):
         assert torch.all(s["tokens"][n:] == 49407)
         seen.append(s["sentence"])
     assert sorted(seen) == sorted(t for _, sents in truth["refs"] for t in sents)
+
+
+def test_refcoco_keeps_only_the_images_and_objects_of_its_splits_refs(synth):
+    with open(os.path.join(synth["refer"], "refer", "data", "refcoco", "instances.json")) as f:
+        instances = json.load(f)
+    for split in ("train", "val"):
+        ds = RefCOCO(synth["refer"], split=split)
+        assert set(ds.anns) == {r["ann_id"] for r in ds.refs} and set(ds.imgs) == {r["image_id"] for r in ds.refs}
+        assert len(ds.anns) < len(instances["annotations"]) and len(ds.imgs) < len(instances["images"])
 
 
 def test_refcoco_train_view_is_seeded_and_batches(synth):

@@ -477,12 +477,15 @@ class RefCOCO(_SeededDataset):
             raise FileNotFoundError(f"instances file not found: {inst_file}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"cannot read {inst_file}: {e}") from None
-        self.imgs = {im["id"]: im for im in instances["images"]}
-        self.anns = {a["id"]: a for a in instances["annotations"]}
         available = sorted({r["split"] for r in refs})
         self.refs = [r for r in refs if r["split"] == split]
         if not self.refs:
             raise ValueError(f"no refs with split {split!r} in {refs_file}; available: {available}")
+        # only the split's images and objects: instances.json holds every COCO object of the dataset's images,
+        # referred to or not, in every split, and each loader worker would keep them all as Python objects
+        ann_ids, image_ids = {r["ann_id"] for r in self.refs}, {r["image_id"] for r in self.refs}
+        self.imgs = {im["id"]: im for im in instances["images"] if im["id"] in image_ids}
+        self.anns = {a["id"]: a for a in instances["annotations"] if a["id"] in ann_ids}
         for r in self.refs:
             if r["ann_id"] not in self.anns or r["image_id"] not in self.imgs:
                 raise ValueError(f"{refs_file}: ref {r['ref_id']} names annotation {r['ann_id']} / image "
