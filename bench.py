@@ -198,8 +198,6 @@ def run_pair(name, fns, flops_per_iter, batch, args, device):
         for i in range(args.iters):
             for impl in (impls if (r * args.iters + i) % 2 == 0 else impls[::-1]):
                 times[impl].append(timed(fns[impl], device))
-    if args.profile:
-        profile_into(args.profile, name, fns, device)
     # which SDPA kernels ran (flash, efficient, cuDNN, math): compiled graphs fix theirs when traced
     attention = {impl: attention_ops(fns[impl]) for impl in impls}
     skips = counters["inductor"]["cudagraph_skips"] - skips_before
@@ -224,6 +222,10 @@ def run_pair(name, fns, flops_per_iter, batch, args, device):
         ours["ours_ref_ms_paired"] = statistics.median(a / b for a, b in zip(times["ours"], times["ref"]))
         ours["ours_ref_mem"] = ours["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] else None
         ours["ours_ref_tensor_mem"] = ours["tensor_mib"] / ref["tensor_mib"] if ref["tensor_mib"] else None
+    for r in rows:  # at once: a run cut short later (a timeout in the profile or in the next row) keeps the figure
+        print(f"timed {name} / {r['impl']}: {r['ms']:.1f} ms/iter, {r['img_s']:.2f} img/s", flush=True)
+    if args.profile:
+        profile_into(args.profile, name, fns, device)
     return rows
 
 

@@ -141,6 +141,18 @@ def test_bench_profile_appends_a_table_per_row(tmp_path):
     assert text.count("by total time:") == 4
 
 
+def test_bench_prints_each_rows_timing_before_its_profile(tmp_path, monkeypatch, capsys):
+    # a run cut short in the profile (a timeout) keeps the figure it came for
+    def cut(*a):
+        raise KeyboardInterrupt("timeout")
+    monkeypatch.setattr(bench, "profile_into", cut)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(bench.parse_args(["--size", "tiny", "--res", "128", "--which", "vae_enc", "--iters", "2",
+                                     "--warmup", "0", "--no-ref", "--profile", str(tmp_path / "p.txt")]))
+    timed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("timed ")]
+    assert len(timed) == 1 and re.fullmatch(r"timed vae_enc / ours: [\d.]+ ms/iter, [\d.]+ img/s", timed[0])
+
+
 def test_bench_profile_splits_a_training_step_by_total_time(tmp_path):
     out = tmp_path / "profile.txt"
     bench.main(bench.parse_args(["--size", "tiny", "--res", "128", "--batch", "2", "--which", "train_semseg",
