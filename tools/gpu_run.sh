@@ -37,9 +37,10 @@ eager)
   run unet_bf16.txt 75 $B --batch 8 --dtype bf16 --which unet --iters 10 --warmup 3
   run eager_fp32.txt 60 $B --batch 2 --dtype fp32 --which unet_fwdbwd,train_semseg --iters 5 --warmup 2
   run sweep_bf16.txt 80 $B --dtype bf16 --which "" --sweep-batch 2,8,16 --iters 5 --warmup 2
-  rm -rf /tmp/demo_gpu  # an earlier run's checkpoint there: train.py would refuse to overwrite it
+  demo=${TMPDIR:-/tmp}/demo_gpu  # outside $OUT, which comes back from the GPU machine
+  rm -rf "$demo"  # an earlier run's checkpoint there: train.py would refuse to overwrite it
   run demo_train.txt 60 torchrun --nproc_per_node=1 train.py --demo --iters 20 --log-every 5 --eval-max 8 \
-    --device cuda --out /tmp/demo_gpu ;;
+    --device cuda --out "$demo" ;;
 compiled)
   run compiled_semseg16.txt 300 $B --batch 16 --dtype bf16 --compile --channels-last --which train_semseg \
     --iters 5 --warmup 2 --json "$OUT/compiled_semseg16.json"
