@@ -5,6 +5,10 @@ from torch import nn
 
 from vpd.checkpoint import CheckpointError, listing, load_checkpoint, torch_load
 
+# torch 2.6 lists a file's globals (torch.serialization.get_unsafe_globals_in_checkpoint): what reading
+# Lightning's objects as stand-ins needs. torch 2.5 refuses such files with a message saying so (tested below).
+LISTS_GLOBALS = hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint")
+
 
 def toy():
     return nn.Sequential(nn.Linear(3, 4), nn.GroupNorm(2, 4))
@@ -137,6 +141,7 @@ def test_modules_loaded_from_a_dict_own_their_tensors():
     assert a[0].weight.data_ptr() != state["model.x.0.weight"].data_ptr()
 
 
+@pytest.mark.skipif(not LISTS_GLOBALS, reason="torch < 2.6")
 def test_ckpt_with_lightning_objects_loads_and_other_objects_are_refused(tmp_path, monkeypatch):
     # ldm's SD v1 .ckpt files carry Lightning's ModelCheckpoint callback state next to the weights
     import sys
@@ -185,6 +190,20 @@ class Hook:
     """A class no weights-only load should construct."""
 
 
+def test_ckpt_with_lightning_objects_asks_for_torch_2_6_where_torch_lists_no_globals(tmp_path, monkeypatch):
+    ModelCheckpoint = fake_class(monkeypatch, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")
+    torch.save({"state_dict": sd_layout(toy()), "callbacks": {"obj": ModelCheckpoint()}}, tmp_path / "sd.ckpt")
+    torch.save({"state_dict": sd_layout(toy()), "hook": Hook()}, tmp_path / "other.ckpt")
+    monkeypatch.undo()
+    if LISTS_GLOBALS:  # as torch 2.5
+        monkeypatch.delattr(torch.serialization, "get_unsafe_globals_in_checkpoint")
+    with pytest.raises(CheckpointError, match=r"holds pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint "
+                                              r"objects besides its tensors: reading them needs torch >= 2.6"):
+        load_checkpoint(toy(), tmp_path / "sd.ckpt", "model.x.")
+    with pytest.raises(CheckpointError, match="not a readable torch checkpoint .*test_checkpoint.Hook"):
+        load_checkpoint(toy(), tmp_path / "other.ckpt", "model.x.")
+
+
 def fake_class(monkeypatch, qualified):
     """A class importable (while monkeypatched) as `qualified`, e.g. a library this machine lacks."""
     import sys
@@ -201,6 +220,7 @@ def fake_class(monkeypatch, qualified):
     return cls
 
 
+@pytest.mark.skipif(not LISTS_GLOBALS, reason="torch < 2.6")
 def test_ckpt_from_other_numpy_and_lightning_versions_loads(tmp_path, monkeypatch):
     # numpy 1 pickles its scalars as numpy.core.multiarray.scalar (numpy 2: numpy._core...) and Lightning 2
     # lives under `lightning.`: files written with them hold the same inert extras

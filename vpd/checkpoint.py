@@ -47,8 +47,15 @@ def torch_load(path, allow=()):
         try:
             with torch.serialization.safe_globals(list(allow)):
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except pickle.UnpicklingError:
+        except pickle.UnpicklingError as e:
             if not mmap:  # torch lists the globals of zip files only
+                raise
+            if not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):  # torch 2.5 lists no globals
+                found = re.search(r"GLOBAL (\S+)", str(e))
+                if found and found.group(1).startswith(INERT_GLOBALS):
+                    raise CheckpointError(f"{path} holds {found.group(1)} objects besides its tensors: reading "
+                                          f"them needs torch >= 2.6, this is {torch.__version__} (or give the "
+                                          ".safetensors file)") from None
                 raise
             allowed = {f"{c.__module__}.{c.__qualname__}" for c in allow}
             names = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n not in allowed]
@@ -57,6 +64,8 @@ def torch_load(path, allow=()):
             stand_ins = [(type(n.rsplit(".", 1)[-1], (_Inert,), {}), n) for n in names]
             with torch.serialization.safe_globals([*allow, *stand_ins]):
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable torch checkpoint ({load_error(e)})") from None
 
