@@ -34,9 +34,11 @@ def resize_bilinear(x, size, align_corners=False):
 
 
 def _float32_region(x):
-    """Autocast turned off for x's device (devices without autocast, such as meta, have nothing to turn off)."""
+    """Autocast turned off for x's device (devices without autocast, such as meta, have nothing to turn off).
+    CPU and CUDA are named first: torch 2.5's compiler cannot trace the availability check (a graph break)."""
     device = x.device.type
-    return torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
+    has_autocast = device in ("cpu", "cuda") or torch.amp.is_autocast_available(device)
+    return torch.autocast(device, enabled=False) if has_autocast else nullcontext()
 
 
 def _interp_matrix(n_in, n_out, align_corners, device):
