@@ -1,4 +1,6 @@
 import math
+import time
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -367,9 +369,26 @@ def _evaluate(indices, reduce):
     return seg.compute(), depth.compute(), refer.compute()
 
 
+def spawn(fn, *args, nprocs=2, seconds=120):
+    """mp.spawn(fn, (nprocs, *args)) with a deadline: processes stuck in a collective or at exit fail the
+    test instead of hanging the suite."""
+    ctx = mp.start_processes(fn, args=(nprocs, *args), nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + seconds
+    while not ctx.join(timeout=1):  # True once all have exited; raises if one failed
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{fn.__name__}: {nprocs} processes not done after {seconds} s")
+
+
+def init_gloo(rank, world, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))  # a collective a rank never joins fails, not hangs
+
+
 def _dist_worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    init_gloo(rank, world, init_file)
     try:
         result = _evaluate(ShardedEvalSampler(5), reduce=True)  # rank/world read from torch.distributed
         torch.save(result, f"{out_dir}/rank{rank}.pt")
@@ -378,7 +397,7 @@ def _dist_worker(rank, world, init_file, out_dir):
 
 
 def test_two_process_gloo_reduce_equals_one_process(tmp_path):
-    mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    spawn(_dist_worker, str(tmp_path / "init"), str(tmp_path))
     single = _evaluate(range(5), reduce=False)
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
@@ -391,7 +410,7 @@ def test_two_process_gloo_reduce_equals_one_process(tmp_path):
 def _dist_helpers_worker(rank, world, init_file, out_dir):
     from vpd import dist as vdist
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    init_gloo(rank, world, init_file)
     try:
         got = dict(rank=vdist.rank(), world=vdist.world_size(), gathered=vdist.gather_objects({"rank": rank, "rng": [rank] * 3}),
                    mean=vdist.mean_over_ranks(float(10 * rank + 1), torch.device("cpu")))
@@ -405,7 +424,7 @@ def test_two_process_dist_helpers(tmp_path):
     # train.py logs the loss of the global batch (mean over ranks) and saves every rank's own RNG state
     from vpd import dist as vdist
     assert vdist.gather_objects("x") == ["x"] and vdist.mean_over_ranks(3.0, "cpu") == 3.0 and vdist.rank() == 0
-    mp.spawn(_dist_helpers_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    spawn(_dist_helpers_worker, str(tmp_path / "init"), str(tmp_path))
     for rank in range(2):
         got = torch.load(tmp_path / f"helpers{rank}.pt")
         assert got["rank"] == rank and got["world"] == 2 and got["mean"] == 6.0  # (1 + 11) / 2
