@@ -51,11 +51,11 @@ def torch_load(path, allow=()):
             if not mmap:  # torch lists the globals of zip files only
                 raise
             if not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):  # torch 2.5 lists no globals
-                found = re.search(r"GLOBAL (\S+)", str(e))
-                if found and found.group(1).startswith(INERT_GLOBALS):
-                    raise CheckpointError(f"{path} holds {found.group(1)} objects besides its tensors: reading "
-                                          f"them needs torch >= 2.6, this is {torch.__version__} (or give the "
-                                          ".safetensors file)") from None
+                found = refused_global(e)
+                if found and found.startswith(INERT_GLOBALS):
+                    raise CheckpointError(f"{path} holds {found} objects besides its tensors: reading them needs "
+                                          f"torch >= 2.6, this is {torch.__version__} (or give the .safetensors "
+                                          "file)") from None
                 raise
             allowed = {f"{c.__module__}.{c.__qualname__}" for c in allow}
             names = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n not in allowed]
@@ -77,9 +77,15 @@ def load_error(e):
     if isinstance(e, KeyError):  # torch's legacy reader on a file that is no pickle: its first byte as a key
         return "not a torch file"
     if isinstance(e, pickle.UnpicklingError):
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        return f"it holds a {found.group(1)} object, not only tensors" if found else "not a torch file of tensors"
+        found = refused_global(e)
+        return f"it holds a {found} object, not only tensors" if found else "not a torch file of tensors"
     return f"{type(e).__name__}: {text}"
+
+
+def refused_global(e):
+    """The class a weights_only load refused (its UnpicklingError names it), or None."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", " ".join(str(e).split()))
+    return found.group(1) if found else None
 
 
 # the depth and refer releases keep their tensors under 'model', the semseg one under 'state_dict' as
