@@ -17,7 +17,7 @@ import random
 import signal
 import time
 import warnings
-from contextlib import nullcontext, suppress
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -600,13 +600,7 @@ def terminate(signum, frame):
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, terminate)
-    args = get_args()
-    new_out = not os.path.exists(args.out)
     try:
-        main(args)
+        main(get_args())
     except KeyboardInterrupt as e:  # before training started (the loop says which checkpoint there is)
         raise SystemExit(str(e) or "interrupted") from None
-    finally:  # a run that ended before writing anything leaves no empty --out behind
-        if new_out and os.path.isdir(args.out) and not os.listdir(args.out):
-            with suppress(OSError):  # another rank may have removed it first
-                os.rmdir(args.out)

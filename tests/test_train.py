@@ -348,8 +348,8 @@ def bad_cases(world, tmp):
         "eval moved demo data": (["eval.py", "--ckpt", moved], [f"the demo's data {tmp / 'gone'}", "--data-root"]),
         "sd folder": (["train.py", "--task", "depth", "--sd-ckpt", str(empty), "--data-root", str(empty), "--out",
                        str(tmp / "o4")], [f"--sd-ckpt {empty} is a folder"]),
-        "predict sd file": (["predict.py", "--ckpt", depth_ckpt, "--sd-ckpt", depth_ckpt, photo],
-                            ["is a trained VPD model (what --ckpt takes)"]),
+        "predict sd file": (["predict.py", "--ckpt", depth_ckpt, "--sd-ckpt", depth_ckpt, photo, "--out",
+                             str(tmp / "o5")], ["is a trained VPD model (what --ckpt takes)"]),
     }
 
 
@@ -367,7 +367,8 @@ def test_bad_input_is_a_clear_error(world, tmp_path):
         assert "Traceback" not in err, (name, err[-2000:])
         for word in cases[name][1]:
             assert word in err, (name, word, err[-2000:])
-    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()  # no empty --out left behind
+    # no empty output folder left behind, also where the error came after it was made (the model's files)
+    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o4", "o5", "eval"))
 
 
 def test_class_embeddings_file_is_the_models_text(world, tmp_path, capsys):

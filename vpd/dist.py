@@ -1,7 +1,8 @@
 """Process setup in one place: the device, torch.distributed (one script runs under `python` and under
 `torchrun`), autocast and the output folder."""
+import atexit
 import os
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 
 import torch
 import torch.distributed as dist
@@ -41,9 +42,14 @@ def amp_autocast(amp, device):
 
 def writable_dir(path):
     """Create `path` and check that this process can write in it, before minutes of model loading. Every
-    rank checks (nodes may mount it differently), each with its own probe file."""
+    rank checks (nodes may mount it differently), each with its own probe file. A folder made for this
+    command is removed again as rank 0 (the one that writes the outputs) exits, if nothing was written into
+    it: a command that fails later, such as a model that does not load, leaves no empty folder behind."""
     if os.path.isfile(path):
         raise SystemExit(f"--out {path} is a file, not a folder")
+    if rank() == 0 and not os.path.exists(path):
+        atexit.register(_remove_if_empty, path)
+    barrier()  # rank 0 has looked before any rank makes it
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write_test{os.environ.get('RANK', 0)}")
@@ -51,6 +57,11 @@ def writable_dir(path):
         os.remove(probe)
     except OSError as e:
         raise SystemExit(f"--out {path} is not writable: {e}") from None
+
+
+def _remove_if_empty(path):
+    with suppress(OSError):  # not empty (os.rmdir refuses it), or gone already
+        os.rmdir(path)
 
 
 def is_dist():
