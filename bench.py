@@ -319,11 +319,17 @@ def check_same(name, ours_out, ref_out, tol):
 # ---------------------------------------------------------------------------------------------------
 # benchmarks
 
-def prepare(module, args, device):
+def place(module, args, device):
     module = module.to(device)
-    if args.channels_last:
-        module = module.to(memory_format=torch.channels_last)
-    return torch.compile(module, mode=args.compile_mode) if args.compile else module
+    return module.to(memory_format=torch.channels_last) if args.channels_last else module
+
+
+def compiled(fn, args):
+    return torch.compile(fn, mode=args.compile_mode) if args.compile else fn
+
+
+def prepare(module, args, device):
+    return compiled(place(module, args, device), args)
 
 
 def image_like(shape, args, device, gen):
@@ -393,15 +399,17 @@ def bench_vae(args, device, cfgs, gen):
         ref = diffusers_vae(ours, cfgs["unet"]).eval()
         with torch.no_grad():
             check = check_same("vae", ours.encode(img).mode(), ref.encode(img).latent_dist.mode(), 1e-3)
-        ref = prepare(ref, args, device)
-        enc["ref"] = lambda: ref.encode(img).latent_dist.mode()
-    ours = prepare(ours, args, device)
-    enc = {"ours": lambda: ours.encode(img).mode(), **enc}  # ours first: the rows' order
+        ref = place(ref, args, device)
+        enc["ref"] = lambda x: ref.encode(x).latent_dist.mode()
+    ours = place(ours, args, device)
+    enc = {"ours": lambda x: ours.encode(x).mode(), **enc}  # ours first: the rows' order
+    # the encode functions compiled, not the modules: torch.compile(module) compiles only its forward
+    enc = {k: compiled(f, args) for k, f in enc.items()}
 
     def no_grad(f):
         def step():
             with torch.no_grad(), args.autocast():
-                f()
+                f(img)
         return step
     macs = flops.vae_encoder_macs(vae_cfg, (args.res, args.res), batch=B)
     rows = run_pair("vae_enc", {k: no_grad(f) for k, f in enc.items()}, 2 * macs, B, args, device)

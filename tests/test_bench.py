@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -212,6 +213,26 @@ def test_ddp_splits_the_compiled_training_step_at_its_buckets(monkeypatch):
     mb = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad) / 2 ** 20
     assert graphs[0] == 2 and graphs[1] >= math.ceil(mb / 10) + 1 > 2  # the model's graphs and the loss's one
     assert bench.parse_args(["--ddp"]).ddp == 25.0  # DDP's default, as train.py leaves it
+
+
+@pytest.mark.parametrize("which", ["unet_fwd", "unet_fwdbwd", "vae_enc"])
+def test_compile_compiles_what_each_row_times(monkeypatch, which):
+    # torch.compile(module) compiles only the module's forward: a row calling another method (the VAE's
+    # encode) would time eager code under --compile. Each timed call must run a compiled graph.
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, mode=None: compile_(m, backend="aot_eager"))
+    graphs = []
+
+    def run_pair(name, fns, *args):  # one call, untimed, its compiled graphs counted
+        before = counters["aot_autograd"]["total"]
+        fns["ours"]()
+        graphs.append(counters["aot_autograd"]["total"] - before)
+        return [dict(name=name, impl="ours", attention_ops=[])]
+    monkeypatch.setattr(bench, "run_pair", run_pair)
+    monkeypatch.setattr(bench, "print_table", lambda rows: None)
+    torch._dynamo.reset()
+    bench.main(bench.parse_args(["--size", "tiny", "--res", "64", "--which", which, "--compile", "--no-ref"]))
+    assert graphs == [1]
 
 
 def test_bench_without_diffusers_says_what_to_install_or_to_pass(monkeypatch):
