@@ -10,15 +10,10 @@ between these kernels (norms, activations, residual adds, copies): set against t
 step, the rest is that elementwise work; and the rows show what a kernel choice could gain. TFLOP/s: 3x the forward's
 FLOPs (two backward matmuls per forward one), as vpd/flops.py counts them, at the row's fastest kernel.
 Every attention layer is timed as SDPA, also the few whose maps VPD keeps (an explicit softmax there).
-Last, candidate changes beyond the kernel choice, each timed both ways:
-  1x1 conv    each 1x1 convolution (NHWC) by cuDNN, or as a matrix product over the pixels (inductor's
-              conv_1x1_as_mm)
-  q/k/v       each self-attention's three projections as three linears, or one on the weights joined
-  VAE attention the frozen VAE encoder's one attention layer (a single head 512 wide), forward only: each
-              SDPA kernel that takes it, or written out (two matrix products around a softmax)
-  resize      the semseg model's float32 logits (ADE20K's 150 classes at 1/8) brought to the image,
-              forward + backward, by F.interpolate and by vpd/heads.py's resize_bilinear (two matrix products)
-  seg loss    the semseg loss at the image size, forward + backward, eager and compiled (seconds to compile)
+A self-attention's q/k/v projections are one linear, as vpd/unet.py runs them (the three weights joined).
+Last, the frozen VAE encoder's one attention layer (a single head 512 wide), forward only: each SDPA
+kernel that takes it, and written out (two matrix products around a softmax; faster, but its scores
+are rounded to bf16 between them).
 
     python bench_kernels.py --batch 16 --res 512                       # bf16, SD v1.5, on the GPU
     python bench_kernels.py --device cpu --size tiny --dtype fp32 --res 64 --iters 2
@@ -38,8 +33,6 @@ from bench import check_json_path, sync, timed
 from eval import count
 from vpd.demo import TINY_UNET, TINY_VAE
 from vpd.flops import conv_macs
-from vpd.heads import resize_bilinear
-from vpd.model import VPDSeg
 from vpd.unet import CrossAttention, UNet, UNetConfig
 from vpd.vae import VAEConfig
 
@@ -60,6 +53,8 @@ def layer_shapes(cfg, batch, res, n_text):
         x, context = args[0], kwargs.get("context", args[1] if len(args) > 1 else None)
         lk = x.shape[1] if context is None else context.shape[1]
         attn[(x.shape[0], module.heads, x.shape[1], lk, module.to_q.out_features // module.heads)] += 1
+        if context is None:  # q, k and v as one linear on the weights joined, not the three modules
+            linear[(tuple(x.shape), (3 * module.to_q.out_features, x.shape[-1]))] += 1
 
     def on_conv(module, args):
         conv[(tuple(args[0].shape), tuple(module.weight.shape), module.stride, module.padding)] += 1
@@ -104,9 +99,8 @@ def attention_step(shape, dtype, device, backend):
     return step
 
 
-def conv_step(shape, dtype, device, as_matmul=False):
-    """A convolution of an NHWC input, forward + backward; as_matmul (1x1 only): the same product written as a
-    linear over the pixels (B*H*W, Cin) x (Cin, Cout), whose output is NHWC again."""
+def conv_step(shape, dtype, device):
+    """A convolution of an NHWC input, forward + backward."""
     x_shape, w_shape, stride, padding = shape
     fmt = torch.channels_last
     x = torch.randn(x_shape, device=device, dtype=dtype).to(memory_format=fmt).requires_grad_()
@@ -116,10 +110,7 @@ def conv_step(shape, dtype, device, as_matmul=False):
 
     def step():
         x.grad = w.grad = None
-        out = (F.linear(x.permute(0, 2, 3, 1), w.flatten(1)).permute(0, 3, 1, 2) if as_matmul
-               else F.conv2d(x, w, stride=stride, padding=padding))
-        out.backward(grad)
-        return out
+        F.conv2d(x, w, stride=stride, padding=padding).backward(grad)
     return step
 
 
@@ -135,22 +126,6 @@ def linear_step(shape, dtype, device):
     return step
 
 
-def qkv_step(shape, dtype, device, joined):
-    """A self-attention's q, k and v projections of x (B, L, C): three linears, or one linear on the three
-    weights joined (each call, as a module keeping the checkpoint's three weights would), its output split."""
-    B, L, C = shape
-    x = torch.randn(B, L, C, device=device, dtype=dtype, requires_grad=True)
-    ws = [torch.randn(C, C, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
-    grads = [torch.randn(B, L, C, device=device, dtype=dtype) for _ in range(3)]
-
-    def step():
-        for t in (x, *ws):
-            t.grad = None
-        outs = F.linear(x, torch.cat(ws)).split(C, dim=-1) if joined else [F.linear(x, w) for w in ws]
-        torch.autograd.backward(outs, grads)
-    return step
-
-
 def vae_attention_step(shape, dtype, device, how):
     """The VAE encoder's attention (B, 1 head, L, L, d), forward without gradient (the VAE is frozen):
     an SDPA kernel (a key of BACKENDS), or "explicit": the scores written out, a softmax, a product."""
@@ -163,29 +138,6 @@ def vae_attention_step(shape, dtype, device, how):
                 return ((q * d ** -0.5) @ k.transpose(-1, -2)).softmax(dim=-1) @ v
             with sdpa_kernel(BACKENDS[how]):
                 return F.scaled_dot_product_attention(q, k, v)
-    return step
-
-
-def loss_step(shape, device, loss):
-    B, K, H, W = shape
-    logits = torch.randn(B, K, H, W, device=device, requires_grad=True)
-    label = torch.randint(0, K, (B, H, W), device=device)
-    label[:, : H // 8] = 255  # some ignored pixels, as ADE20K has
-
-    def step():
-        logits.grad = None
-        loss(logits, label).backward()
-    return step
-
-
-def resize_step(shape, device, resize):
-    B, K, h, w = shape
-    x = torch.randn(B, K, h, w, device=device, requires_grad=True)
-    grad = torch.randn(B, K, 8 * h, 8 * w, device=device)
-
-    def step():
-        x.grad = None
-        resize(x, (8 * h, 8 * w)).backward(grad)
     return step
 
 
@@ -249,39 +201,15 @@ def main(argv=None):
         ms = {"default": timer(device, linear_step(shape, dtype, device), args.iters, args.warmup)}
         report("linear", shape, f"{shape[0]} {shape[1]}", n, 3 * 2 * math.prod(x_shape[:-1]) * cin * cout, ms)
 
-    def compare(kind, title, cases):
-        """Time a candidate change each way, one row per (shape, layer count, {way: step}); rows of `kind`,
-        outside the totals below."""
-        print(f"\n{title:58} {'n':>3} " + " ".join(f"{k:>9}" for k in cases[0][2]))
-        for shape, n, steps in cases:
-            ms = {k: timer(device, step, args.iters, args.warmup) for k, step in steps.items()}
-            rows.append(dict(kind=kind, shape=shape, count=n, ms=ms))
-            print(f"{str(shape):58} {n:>3} " + " ".join(f"{t:>9.3f}" if t is not None else f"{'-':>9}"
-                                                        for t in ms.values()))
-
-    compare("conv1x1", "1x1 convolution (input, weight), NHWC", [
-        (shape, n, {k: conv_step(shape, dtype, device, k == "matmul") for k in ("conv", "matmul")})
-        for shape, n in sorted(conv.items(), key=lambda kv: -kv[0][0][2]) if shape[1][2:] == (1, 1)])
-    selfs = Counter()
-    for (B, heads, lq, lk, d), n in attn.items():
-        if lq == lk:  # self-attention: q, k and v all project the same x
-            selfs[(B, lq, heads * d)] += n
-    compare("qkv", "q/k/v projections (B, L, C)", [
-        (shape, n, {k: qkv_step(shape, dtype, device, k == "joined") for k in ("three", "joined")})
-        for shape, n in sorted(selfs.items(), key=lambda kv: -kv[0][1])])
+    # outside the totals below: the VAE is not the UNet
     vae_cfg = VAEConfig() if args.size == "full" else TINY_VAE
     side = args.res // 2 ** (len(vae_cfg.ch_mult) - 1)  # the VAE's attention runs at its lowest resolution
     shape = (args.batch, side * side, vae_cfg.ch * vae_cfg.ch_mult[-1])
-    compare("vae_attention", "VAE attention, forward (B, L, d), 1 head", [
-        (shape, 1, {k: vae_attention_step(shape, dtype, device, k) for k in (*BACKENDS, "explicit")})])
-    shape = (args.batch, 150, args.res // 8, args.res // 8)
-    resizes = {"interp": lambda x, size: F.interpolate(x, size=size, mode="bilinear"), "matmuls": resize_bilinear}
-    compare("resize", "seg logits to the image, float32 (B, K, h, w), x8", [
-        (shape, 1, {k: resize_step(shape, device, f) for k, f in resizes.items()})])
-    shape = (args.batch, 150, args.res, args.res)
-    losses = {"eager": VPDSeg.loss, "compiled": torch.compile(VPDSeg.loss)}
-    compare("loss", "seg loss, float32 logits (B, K, H, W)", [
-        (shape, 1, {k: loss_step(shape, device, f) for k, f in losses.items()})])
+    ways = (*BACKENDS, "explicit")
+    print(f"\n{'VAE attention, forward (B, L, d), 1 head':58} {'n':>3} " + " ".join(f"{k:>9}" for k in ways))
+    ms = {k: timer(device, vae_attention_step(shape, dtype, device, k), args.iters, args.warmup) for k in ways}
+    rows.append(dict(kind="vae_attention", shape=shape, count=1, ms=ms))
+    print(f"{str(shape):58} {1:>3} " + " ".join(f"{t:>9.3f}" if t is not None else f"{'-':>9}" for t in ms.values()))
 
     # per kernel choice: the sum over all layers, where that choice takes every shape of its kind
     totals = {}

@@ -5,14 +5,15 @@
 #   OUT=results bash tools/gpu_run.sh compiled   # compiled bf16 at batch 16, NHWC: semseg step, UNet fwd+bwd (~9 min)
 #   OUT=results bash tools/gpu_run.sh graphs     # the semseg step at batch 2 under CUDA graphs (reduce-overhead, ~5 min)
 #   OUT=results bash tools/gpu_run.sh kernels    # SD's attention and conv shapes under each kernel choice, and the
-#                                                # candidate changes each way, eager, at batches 16 and 2 (~4 min)
+#                                                # VAE's attention, eager, at batches 16 and 2 (~3 min)
 #   OUT=results bash tools/gpu_run.sh profile    # the kernels at batch 16; the compiled VAE encoder alone; the compiled
 #                                                # semseg step at batch 16, timed, then a kernel profile of it (~9 min)
 #   OUT=results bash tools/gpu_run.sh sweep 2 8  # compiled NHWC semseg step at these batches: speed, peak memory (~4.5 min each)
 #   OUT=results bash tools/gpu_run.sh evalms     # ADE20K's ms + flip test of one image: 4 windows per forward vs 1 (~1 min)
 #   OUT=results bash tools/gpu_run.sh ddp        # the compiled batch-2 semseg step alone and split at DDP's buckets (~9 min)
 #   OUT=results bash tools/gpu_run.sh ddpgraphs  # the same split step under CUDA graphs: does reduce-overhead work under DDP (~5 min)
-# Compiling the full model takes minutes (about 4 on an H200), so each compiled row has a long timeout,
+# Compiling the full model takes minutes (about 4 on an H200; over 230 s for the semseg step on an H100, where a
+# 230 s limit once cut it short), so each compiled row has a long timeout,
 # and each batch of the sweep is its own process: one static-shape compile each (a second batch in
 # the same process would be recompiled with a dynamic batch dimension), each row kept if a later one
 # runs out of time.
@@ -49,11 +50,11 @@ compiled)
 graphs)
   run graphs_semseg2.txt 300 $B --batch 2 --dtype bf16 --compile --compile-mode reduce-overhead --channels-last \
     --which train_semseg --iters 10 --warmup 3 --json "$OUT/graphs_semseg2.json" ;;
-kernels)  # where the UNet's time goes, whether another attention or convolution kernel would pay, and the candidates
+kernels)  # where the UNet's time goes, whether another attention or convolution kernel would pay
   for b in 16 2; do
     run kernels$b.txt 120 python3 bench_kernels.py --batch $b --res 512 --json "$OUT/kernels$b.json"
   done ;;
-profile)  # where the semseg step's time goes beyond the UNet (half of it at batch 16: 262 ms against 132 ms on an H100)
+profile)  # where the semseg step's time goes beyond the UNet (209 ms against the UNet's 132 at batch 16 on an H100)
   run kernels16.txt 150 python3 bench_kernels.py --batch 16 --res 512 --json "$OUT/kernels16.json"
   run vae16.txt 120 $B --batch 16 --dtype bf16 --compile --channels-last --no-ref --which vae_enc --iters 5 --warmup 2 \
     --json "$OUT/vae16.json"

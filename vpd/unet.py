@@ -80,9 +80,11 @@ class CrossAttention(nn.Module):
 
         With keep_map the softmax is written out so its probabilities can be returned; otherwise
         SDPA runs its fused kernel and no (L, N) matrix is kept."""
-        context = x if context is None else context
         B, L, _ = x.shape
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        if context is None:  # self-attention: one product on the three weights joined, faster than three
+            q, k, v = F.linear(x, torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])).chunk(3, -1)
+        else:
+            q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         q, k, v = (z.view(B, z.shape[1], self.heads, -1).transpose(1, 2) for z in (q, k, v))  # (B, heads, L|N, d)
         probs = None
         if keep_map:
