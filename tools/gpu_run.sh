@@ -12,8 +12,8 @@
 #   OUT=results bash tools/gpu_run.sh evalms     # ADE20K's ms + flip test of one image: 4 windows per forward vs 1 (~1 min)
 #   OUT=results bash tools/gpu_run.sh ddp        # the compiled batch-2 semseg step alone and split at DDP's buckets (~9 min)
 #   OUT=results bash tools/gpu_run.sh ddpgraphs  # the same split step under CUDA graphs: does reduce-overhead work under DDP (~5 min)
-# Compiling the full model takes minutes (about 4 on an H200; over 230 s for the semseg step on an H100, where a
-# 230 s limit once cut it short), so each compiled row has a long timeout,
+# Compiling the full model takes minutes (about 4 on an H200; a 230 s limit cut the semseg step short on an
+# H100, and 120 s the UNet), so each compiled row has a long timeout,
 # and each batch of the sweep is its own process: one static-shape compile each (a second batch in
 # the same process would be recompiled with a dynamic batch dimension), each row kept if a later one
 # runs out of time.
