@@ -206,10 +206,11 @@ def main(argv=None):
     side = args.res // 2 ** (len(vae_cfg.ch_mult) - 1)  # the VAE's attention runs at its lowest resolution
     shape = (args.batch, side * side, vae_cfg.ch * vae_cfg.ch_mult[-1])
     ways = (*BACKENDS, "explicit")
-    print(f"\n{'VAE attention, forward (B, L, d), 1 head':58} {'n':>3} " + " ".join(f"{k:>9}" for k in ways))
+    print(f"\n{'VAE attention, forward (B, L, d), 1 head':58} {'n':>3} " + " ".join(f"{k:>9}" for k in ways)
+          + f" {'TFLOP/s':>8}")
     ms = {k: timer(device, vae_attention_step(shape, dtype, device, k), args.iters, args.warmup) for k in ways}
-    rows.append(dict(kind="vae_attention", shape=shape, count=1, ms=ms))
-    print(f"{str(shape):58} {1:>3} " + " ".join(f"{t:>9.3f}" if t is not None else f"{'-':>9}" for t in ms.values()))
+    B, L, d = shape
+    report("vae_attention", shape, str(shape), 1, 2 * 2 * B * L * L * d, ms)  # forward only: two products
 
     # per kernel choice: the sum over all layers, where that choice takes every shape of its kind
     totals = {}
