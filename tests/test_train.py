@@ -345,6 +345,8 @@ def bad_cases(world, tmp):
         "eval garbage": (["eval.py", "--ckpt", str(a_file) + ".safetensors"], ["not a readable"]),
         "eval not a ckpt": (["eval.py", "--ckpt", str(a_file)], ["not a checkpoint"]),
         "predict text as ckpt": (["predict.py", "--ckpt", str(a_pth), photo], ["not a file torch.save wrote"]),
+        "predict sd as ckpt": (["predict.py", "--ckpt", sd, photo], ["is a Stable Diffusion checkpoint",
+                                                                     "what --sd-ckpt takes"]),
         "eval moved demo data": (["eval.py", "--ckpt", moved], [f"the demo's data {tmp / 'gone'}", "--data-root"]),
         "sd folder": (["train.py", "--task", "depth", "--sd-ckpt", str(empty), "--data-root", str(empty), "--out",
                        str(tmp / "o4")], [f"--sd-ckpt {empty} is a folder"]),
@@ -1273,6 +1275,31 @@ def test_eval_uses_the_training_crop(world, tmp_path):
     args = eval_script.get_args(["--ckpt", str(ckpt), "--data-root", world["roots"]["semseg"]])
     ev = build_eval(args, torch.device("cpu"))
     assert meta["args"]["crop"] == 64 and ev.dataset.scale == (256, 64) and ev.crop == 64  # and its windows
+
+
+def test_a_moved_demo_run_is_evaluated_with_the_sd_file_and_data_beside_its_model(world, tmp_path):
+    # a demo writes its SD file and synthetic data into its --out; moved elsewhere, eval.py and predict.py
+    # (load_model) take those in the new folder, as train.py --resume does. Not so for a run that is no demo
+    import shutil
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from vpd.tasks import build_eval, load_model
+    run = tmp_path / "moved"
+    run.mkdir()
+    shutil.copy(world["sd"], run / "tiny_sd.safetensors")
+    os.symlink(world["roots"]["depth"], run / "synthetic_depth")
+    ckpt = str(run / "model.safetensors")
+    with safe_open(str(loss_run(world, "depth") / "model.safetensors"), framework="pt") as f:
+        meta = dict(json.loads(f.metadata()["vpd"]), sd_ckpt="/gone/tiny_sd.safetensors",
+                    data_root="/gone/synthetic_depth")
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(state, ckpt, metadata={"vpd": json.dumps(meta)})
+    assert meta["demo"]
+    ev = build_eval(eval_script.get_args(["--ckpt", ckpt]), torch.device("cpu"))
+    assert ev.sd_ckpt == str(run / "tiny_sd.safetensors") and ev.data_root == str(run / "synthetic_depth")
+    save_file(state, ckpt, metadata={"vpd": json.dumps(dict(meta, demo=False))})
+    with pytest.raises(SystemExit, match="the SD checkpoint /gone/tiny_sd.safetensors .* is not there"):
+        load_model(ckpt)
 
 
 def test_official_depth_model_is_evaluated_with_vpds_scene_ids(world, tmp_path, monkeypatch):

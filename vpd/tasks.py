@@ -14,6 +14,7 @@ from safetensors import safe_open
 from torch import nn
 
 from vpd import data, dist
+from vpd.checkpoint import tensor_shapes
 from vpd.clip import CLIPConfig, Tokenizer
 from vpd.infer import MS_RATIOS
 from vpd.model import build_model
@@ -110,6 +111,17 @@ def demo_out(task):
 def demo_files(out, task):
     """Where the demo writes its SD file and synthetic dataset in `out`, when not given others."""
     return os.path.join(out, "tiny_sd.safetensors"), os.path.join(out, f"synthetic_{task}")
+
+
+def stored_path(ckpt, meta, key):
+    """A model's SD file (key "sd_ckpt") or data root ("data_root") as its metadata names it; for a demo
+    run moved elsewhere, the one its demo wrote beside the model file, as train.py --resume takes it."""
+    path = meta[key]
+    if meta.get("demo") and path is not None and not os.path.exists(path):
+        own = demo_files(os.path.dirname(os.path.abspath(ckpt)), meta["task"])[key == "data_root"]
+        if os.path.exists(own):
+            return own
+    return path
 
 
 def make_demo_files(out, task, n, size, seed=0, sd_ckpt=None, data_root=None):
@@ -230,6 +242,9 @@ def checkpoint_task(ckpt, task=None):
     except ValueError as e:
         raise SystemExit(f"--ckpt {e}") from None
     if meta is None and task is None:
+        if ckpt.endswith(".safetensors") and tensor_shapes(ckpt, "model.diffusion_model."):  # (its header only)
+            raise SystemExit(f"--ckpt {ckpt} is a Stable Diffusion checkpoint (model.diffusion_model.*), not a VPD "
+                             "model: it is what --sd-ckpt takes")
         raise SystemExit(f"--task is required for {ckpt}: it holds no metadata of ours, so it is read as a "
                          "released VPD checkpoint")
     if meta is not None and task is not None and meta["task"] != task:
@@ -253,7 +268,7 @@ def load_model(ckpt, task=None, sd_ckpt=None):
             raise SystemExit(f"--ckpt {ckpt}: {e}") from None
         return model, dict(task=task, demo=False, dataset=None, depth_crop=depth_crop(task, None, False), official=True,
                            sd_ckpt=os.path.abspath(sd_ckpt) if sd_ckpt else None)
-    sd = sd_ckpt or meta["sd_ckpt"]
+    sd = sd_ckpt or stored_path(ckpt, meta, "sd_ckpt")
     if not os.path.isfile(sd):
         raise SystemExit(f"the SD checkpoint {sd} (frozen VAE/CLIP of this model) is not there: pass --sd-ckpt")
     with safe_open(ckpt, framework="pt") as f:  # the model's own text embeddings, not recomputed
@@ -284,7 +299,7 @@ def build_eval(args, device):
     task = meta["task"]
     root = args.data_root
     if root is None and meta.get("demo"):
-        root = meta["data_root"]  # the synthetic set the demo trained on
+        root = stored_path(args.ckpt, meta, "data_root")  # the synthetic set the demo trained on
         if not os.path.isdir(root):
             raise SystemExit(f"the demo's data {root}, which {args.ckpt} trained on, is not there: give its new "
                              "place with --data-root")
