@@ -8,8 +8,10 @@
 
 Inputs are image files and folders of images (jpg, png, ...; any size and aspect). A folder gives
 its own images, not its subfolders' nor hidden files' (nor, when it is also --out, earlier outputs).
-An image that cannot be read is skipped, listed at the end, and the run exits with status 1. Every output PNG has
-the input image's own size and is named after it (<name> = the file name without extension):
+An image that cannot be read is skipped, listed at the end, and the run exits with status 1; a path that
+does not exist (a typo) stops the run before anything is read. Every output PNG has the input image's own
+size (as shown: a JPEG's EXIF orientation applied) and is named after it (<name> = the file name without
+extension):
 
   depth   <name>_depth.png         16-bit depth in millimetres (x 1/256 m instead for models whose
                                    maximum depth exceeds 65.5 m, e.g. KITTI; the log says which)
@@ -348,7 +350,8 @@ def main(args):
                 finish(*writes.popleft())  # the oldest write
         for w in writes:
             finish(*w)
-    print(f"wrote the {task} predictions of {written} image(s) to {args.out}")
+    if written:  # (none: the empty --out is removed as we exit)
+        print(f"wrote the {task} predictions of {written} image(s) to {args.out}")
     if skipped:
         raise SystemExit(f"{len(skipped)} image(s) skipped:\n" + "\n".join(skipped))
 

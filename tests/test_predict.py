@@ -321,7 +321,7 @@ def test_images_beyond_pils_decompression_bomb_limit_are_predicted(world, tmp_pa
         read_rgb(world.wide)
 
 
-def test_missing_and_unreadable_images(world, tmp_path):
+def test_missing_and_unreadable_images(world, tmp_path, capsys):
     ckpt = checkpoint(world, "depth")
     missing = tmp_path / "nope.jpg"
     assert f"image not found: {missing}" in error_of("--ckpt", ckpt, "--out", tmp_path, missing)
@@ -334,6 +334,9 @@ def test_missing_and_unreadable_images(world, tmp_path):
     err = error_of("--ckpt", ckpt, "--size", SIZE, "--out", tmp_path / "o", truncated, world.wide)
     assert err.startswith("1 image(s) skipped:") and f"cannot read image {truncated}" in err
     assert os.path.isfile(tmp_path / "o" / "wide_depth.png")  # the image after it was still predicted
+    capsys.readouterr()
+    err = error_of("--ckpt", ckpt, "--size", SIZE, "--out", tmp_path / "o3", truncated)  # nothing written
+    assert err.startswith("1 image(s) skipped:") and "wrote the" not in capsys.readouterr().out
     deep = tmp_path / "depth16.png"  # a 16-bit depth map given as a photo: refused from its header
     Image.fromarray(np.full((8, 8), 3000, np.uint16)).save(deep)
     err = error_of("--ckpt", ckpt, "--out", tmp_path / "o2", deep)
