@@ -185,9 +185,12 @@ def run_pair(name, fns, flops_per_iter, batch, args, device):
     graphs = args.compile and args.compile_mode in CUDA_GRAPH_MODES and device.type == "cuda"
     skips_before = counters["inductor"]["cudagraph_skips"]
     for impl in impls:
+        t0 = time.perf_counter()
         for _ in range(args.warmup):
             fns[impl]()
-    sync(device)
+        sync(device)
+        # with --compile this is the compile too (minutes for the full model on a GPU): the limits of a GPU call
+        print(f"warm-up {name} / {impl}: {time.perf_counter() - t0:.1f} s", flush=True)
     times = {impl: [] for impl in impls}
     peaks = {impl: [] for impl in impls}
     # a dispatch mode would make compiled graphs recompile or fall back: not measured with --compile

@@ -2,7 +2,7 @@
 # The GPU runs behind the README's GPU figures, in parts of under 10 minutes each (tables in
 # $OUT/*.txt, each ending with its command's exit status, 124 when it timed out):
 #   OUT=results bash tools/gpu_run.sh eager      # flash/bf16/compile checks, eager benchmarks, DDP demo (~9 min)
-#   OUT=results bash tools/gpu_run.sh compiled   # compiled bf16 at batch 16, NHWC: semseg step, UNet fwd+bwd (~9 min)
+#   OUT=results bash tools/gpu_run.sh compiled   # compiled bf16 at batch 16, NHWC: semseg step, UNet fwd+bwd (~10 min)
 #   OUT=results bash tools/gpu_run.sh graphs     # the semseg step at batch 2 under CUDA graphs (reduce-overhead, ~5 min)
 #   OUT=results bash tools/gpu_run.sh kernels    # SD's attention and conv shapes under each kernel choice, and the
 #                                                # VAE's attention, eager, at batches 16 and 2 (~3 min)
@@ -13,10 +13,10 @@
 #   OUT=results bash tools/gpu_run.sh ddp        # the compiled batch-2 semseg step alone and split at DDP's buckets (~9 min)
 #   OUT=results bash tools/gpu_run.sh ddpgraphs  # the same split step under CUDA graphs: does reduce-overhead work under DDP (~5 min)
 # Compiling the full model takes minutes (about 4 on an H200; a 230 s limit cut the semseg step short on an
-# H100, and 120 s the UNet), so each compiled row has a long timeout,
-# and each batch of the sweep is its own process: one static-shape compile each (a second batch in
-# the same process would be recompiled with a dynamic batch dimension), each row kept if a later one
-# runs out of time.
+# H100, and 120 s the UNet; bench.py prints each warm-up's time, the compile's), so each compiled row has a
+# long timeout, and each batch of the sweep is its own process: one static-shape compile each (a second
+# batch in the same process would be recompiled with a dynamic batch dimension), each row kept if a later
+# one runs out of time.
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 OUT=${OUT:-gpu_results}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
@@ -43,9 +43,9 @@ eager)
   run demo_train.txt 60 torchrun --nproc_per_node=1 train.py --demo --iters 20 --log-every 5 --eval-max 8 \
     --device cuda --out "$demo" ;;
 compiled)
-  run compiled_semseg16.txt 300 $B --batch 16 --dtype bf16 --compile --channels-last --which train_semseg \
+  run compiled_semseg16.txt 340 $B --batch 16 --dtype bf16 --compile --channels-last --which train_semseg \
     --iters 5 --warmup 2 --json "$OUT/compiled_semseg16.json"
-  run compiled_unet16.txt 240 $B --batch 16 --dtype bf16 --compile --channels-last --no-ref --which unet_fwdbwd \
+  run compiled_unet16.txt 250 $B --batch 16 --dtype bf16 --compile --channels-last --no-ref --which unet_fwdbwd \
     --iters 5 --warmup 2 --json "$OUT/compiled_unet16.json" ;;
 graphs)
   run graphs_semseg2.txt 300 $B --batch 2 --dtype bf16 --compile --compile-mode reduce-overhead --channels-last \
