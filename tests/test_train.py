@@ -1255,6 +1255,17 @@ def test_eval_needs_only_the_split_it_scores(world, tmp_path, monkeypatch):
         assert len(ev.dataset) > 0 and ev.split == {"depth": "test", "semseg": "validation"}[task]
 
 
+def test_datasets_load_in_forkserver_workers(world):
+    # Python 3.14's default start method on Linux, forkserver, pickles the dataset to each loader worker
+    # (fork, the default before it, shares it): every task's training and evaluation sets must travel so
+    from vpd.tasks import datasets
+    for task, crop in (("depth", 32), ("semseg", 64), ("refer", 64)):
+        for ds in datasets(task, world["roots"][task], crop, max_tokens=8 if task == "refer" else None):
+            loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=1, multiprocessing_context="forkserver")
+            batch = next(iter(loader))
+            assert batch["image"].shape[1] == 3, task
+
+
 def test_training_sets_take_the_runs_seed(world):
     # the augmentation (and refer's sentence draw) of every task is seeded by --seed
     from vpd.tasks import datasets
