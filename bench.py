@@ -241,22 +241,48 @@ def attention_ops(fn):
 
 
 def profile_into(path, name, fns, device):
-    """One more iteration per impl under torch.profiler, appended to `path` as two tables: the busiest
-    kernels (self time), then the ops by their total time, kernels launched inside them included.
+    """One more iteration per impl under torch.profiler, appended to `path` as three tables: the busiest
+    kernels (self time), then the ops by their total time, kernels launched inside them included, then
+    the tensor copies by the op that asked for them (`copy_origins`).
     The second splits a training step into its phases: the compiled graphs' forwards (CompiledFunction: the
     model's, then the loss's), their backwards (CompiledFunctionBackward) and Optimizer.step."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     for impl, fn in fns.items():
-        with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
             fn()
             sync(device)
         ops = prof.key_averages()
         tables = [ops.table(sort_by=f"{prefix}{device.type}_time_total", row_limit=40, max_name_column_width=80)
                   for prefix in ("self_", "")]
         with open(path, "a") as f:
-            f.write(f"== {name} / {impl}\n{tables[0]}\nby total time:\n{tables[1]}\n")
+            f.write(f"== {name} / {impl}\n{tables[0]}\nby total time:\n{tables[1]}\n"
+                    f"copies by the op that asked for them:\n{copy_origins(prof.events(), device)}\n")
+
+
+# ops that only pass a copy on: the op above them is the one that wanted it
+COPY_CHAIN = {"aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy", "aten::to"}
+
+
+def copy_origins(events, device, rows=25):
+    """A table of the profiled `aten::copy_` calls grouped by the op that asked for each (the nearest caller
+    outside COPY_CHAIN: a cuDNN convolution given its input in another memory layout, say; a compiled
+    graph's own call when inductor copies) and by the copied shape: calls and time (the device's, on a GPU)."""
+    groups = {}
+    for e in events:
+        if e.name != "aten::copy_":
+            continue
+        caller = e.cpu_parent
+        while caller is not None and caller.name in COPY_CHAIN:
+            caller = caller.cpu_parent
+        key = ("(called directly)" if caller is None else caller.name[:70], str(e.input_shapes[0]))
+        calls, us = groups.get(key, (0, 0.0))
+        groups[key] = (calls + 1, us + (e.device_time_total if device.type == "cuda" else e.cpu_time_total))
+    lines = [f"{'asked for by':<70}  {'shape':<24}  {'calls':>5}  {'ms':>8}"]
+    for (caller, shape), (calls, us) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:rows]:
+        lines.append(f"{caller:<70}  {shape:<24}  {calls:>5}  {us / 1000:>8.3f}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -166,6 +166,23 @@ def test_bench_profile_splits_a_training_step_by_total_time(tmp_path):
     totals = [float(r[-3].rstrip("usm")) * unit[r[-3].lstrip("0123456789.")] for r in rows]
     assert totals == sorted(totals, reverse=True) and len(totals) == 40
     assert ["Optimizer.step#AdamW.step"] in [r[:-6] for r in rows]  # a phase: a wrapper of little self time
+    copies = out.read_text().split("copies by the op that asked for them:\n")[1].splitlines()
+    assert copies[0].startswith("asked for by") and any(line.startswith("aten::convolution_backward ")
+                                                        for line in copies[1:])
+
+
+def test_profile_names_the_op_behind_each_copy():
+    x = torch.randn(48, 32).t()
+    def fn():
+        torch.nn.functional.layer_norm(x, (48,))  # the CPU kernel wants x contiguous: a copy inside it
+        x.contiguous()  # asked for directly
+        x.contiguous()
+    with torch.profiler.profile(record_shapes=True) as prof:
+        fn()
+    lines = bench.copy_origins(prof.events(), torch.device("cpu")).splitlines()
+    assert lines[0].split() == ["asked", "for", "by", "shape", "calls", "ms"]
+    rows = sorted(line.split()[:-1] for line in lines[1:])
+    assert rows == [["(called", "directly)", "[32,", "48]", "2"], ["aten::native_layer_norm", "[32,", "48]", "1"]]
 
 
 def test_bench_refuses_bad_flags(tmp_path):
