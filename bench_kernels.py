@@ -1,4 +1,4 @@
-"""Where the UNet's time goes and which kernels suit it on this GPU, in about a minute, without compiling.
+"""Where the UNet's time goes and which kernels suit it on this GPU, in a minute or two.
 
 Runs the UNet once on the meta device to list the shapes of its attention, convolution and linear
 layers at the given size, then times each distinct shape forward + backward, eagerly:
@@ -13,7 +13,10 @@ Every attention layer is timed as SDPA, also the few whose maps VPD keeps (an ex
 A self-attention's q/k/v projections are one linear, as vpd/unet.py runs them (the three weights joined).
 Last, the frozen VAE encoder's one attention layer (a single head 512 wide), forward only: each SDPA
 kernel that takes it, and written out (two matrix products around a softmax; faster, but its scores
-are rounded to bf16 between them).
+are rounded to bf16 between them). And the VAE encoder's group norms with their SiLU on NHWC inputs,
+forward only, each shape compiled (the only rows that compile: the question is the code inductor writes
+for them; the profile of the compiled step shows its group norm reductions far slower than the same
+bytes' elementwise pass): F.group_norm against statistics gathered per channel (`group_norm_per_channel`).
 
     python bench_kernels.py --batch 16 --res 512                       # bf16, SD v1.5, on the GPU
     python bench_kernels.py --device cpu --size tiny --dtype fp32 --res 64 --iters 2
@@ -34,7 +37,7 @@ from eval import count
 from vpd.demo import TINY_UNET, TINY_VAE
 from vpd.flops import conv_macs
 from vpd.unet import CrossAttention, UNet, UNetConfig
-from vpd.vae import VAEConfig
+from vpd.vae import VAE, VAEConfig
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
@@ -141,6 +144,56 @@ def vae_attention_step(shape, dtype, device, how):
     return step
 
 
+def vae_norm_shapes(cfg, batch, res):
+    """A Counter of the input shapes of the VAE encoder's group norms at a res x res image."""
+    with torch.device("meta"):
+        encoder = VAE(cfg, decoder=False).encoder
+        x = torch.empty(batch, cfg.in_channels, res, res)
+    shapes = Counter()
+    for m in encoder.modules():
+        if isinstance(m, nn.GroupNorm):
+            m.register_forward_pre_hook(lambda module, args: shapes.update([tuple(args[0].shape)]))
+    encoder(x)
+    return shapes
+
+
+def group_norm_per_channel(x, norm):
+    """`norm` (an nn.GroupNorm) of x (B, C, H, W) in float32 or wider, from statistics gathered per channel and then
+    combined per group: a group's mean is its channels' mean, its variance the mean of their variances plus
+    the variance of their means (exact, and as stable as the per-channel ones). On a channels-last x, a
+    reduction per channel reads the pixels' channels side by side; F.group_norm's reduction per group
+    (inductor reshapes x to (B, groups, C / groups, H * W)) strides across memory by a pixel's C channels."""
+    B, C = x.shape[:2]
+    G = norm.num_groups
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    var, mean = torch.var_mean(x, dim=(2, 3), correction=0)
+    var, mean = var.view(B, G, C // G), mean.view(B, G, C // G)
+    group_mean = mean.mean(-1, keepdim=True)
+    group_var = (var + (mean - group_mean).square()).mean(-1, keepdim=True)
+    scale = torch.rsqrt(group_var + norm.eps) * norm.weight.view(G, C // G)  # (B, G, C / G)
+    shift = norm.bias.view(G, C // G) - group_mean * scale
+    return x * scale.view(B, C, 1, 1) + shift.view(B, C, 1, 1)
+
+
+def vae_norm_step(shape, dtype, device, how):
+    """The VAE encoder's group norm and SiLU on an NHWC input, compiled, forward without gradient, as the
+    encoder runs them under autocast (float32 within, the next convolution's dtype out). how: "native"
+    (F.group_norm) or "per-channel" (`group_norm_per_channel`)."""
+    x = torch.randn(shape, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    norm = nn.GroupNorm(32, shape[1], eps=1e-6, device=device)
+    torch.compiler.reset()  # a graph of its own: the recompile limit would otherwise fall back to eager
+
+    @torch.compile(dynamic=False)
+    def norm_silu(x):
+        y = norm(x.float()) if how == "native" else group_norm_per_channel(x, norm)
+        return F.silu(y).to(dtype)
+
+    def step():
+        with torch.no_grad():
+            return norm_silu(x)
+    return step
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=["full", "tiny"], default="full")
@@ -211,6 +264,21 @@ def main(argv=None):
     ms = {k: timer(device, vae_attention_step(shape, dtype, device, k), args.iters, args.warmup) for k in ways}
     B, L, d = shape
     report("vae_attention", shape, str(shape), 1, 2 * 2 * B * L * L * d, ms)  # forward only: two products
+
+    ways = ("native", "per-channel")
+    print(f"\n{'VAE group norm + SiLU, forward, compiled (B, C, H, W), NHWC':58} {'n':>3} "
+          + " ".join(f"{k:>11}" for k in ways) + f" {'GB/s':>8}")
+    sums = dict.fromkeys(ways, 0.0)
+    for shape, n in sorted(vae_norm_shapes(vae_cfg, args.batch, args.res).items(), key=lambda kv: -math.prod(kv[0])):
+        ms = {k: timer(device, vae_norm_step(shape, dtype, device, k), args.iters, args.warmup) for k in ways}
+        rows.append(dict(kind="vae_norm", shape=shape, count=n, gflop=0.0, ms=ms))
+        gb = 2 * math.prod(shape) * torch.finfo(dtype).bits / 8 / 1e9  # the least traffic: x read once, y written
+        best = min((t for t in ms.values() if t is not None), default=float("nan"))
+        print(f"{str(shape):58} {n:>3} " + " ".join(f"{t:>11.3f}" if t is not None else f"{'-':>11}"
+                                                    for t in ms.values()) + f" {gb / best * 1e3:>8.0f}")
+        sums = {k: None if sums[k] is None or ms[k] is None else sums[k] + n * ms[k] for k in ways}
+    print(f"{'summed over the encoder':58} {'':>3} " + " ".join(f"{t:>11.2f}" if t is not None else f"{'-':>11}"
+                                                               for t in sums.values()))
 
     # per kernel choice: the sum over all layers, where that choice takes every shape of its kind
     totals = {}

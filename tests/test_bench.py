@@ -268,8 +268,10 @@ def test_bench_without_diffusers_says_what_to_install_or_to_pass(monkeypatch):
     assert ran == [{"unet_fwd", "unet_fwdbwd"}, set()]
 
 
-def test_kernel_bench_times_every_layer_shape_of_the_unet(tmp_path):
+def test_kernel_bench_times_every_layer_shape_of_the_unet(tmp_path, monkeypatch):
     import bench_kernels
+    compile_ = torch.compile  # the VAE norm rows compile: with aot_eager here (inductor needs a C++ compiler)
+    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: compile_(fn, **{**kw, "backend": "aot_eager"}))
     from vpd import flops
     from vpd.demo import TINY_UNET
     from vpd.unet import UNetConfig
@@ -304,6 +306,11 @@ def test_kernel_bench_times_every_layer_shape_of_the_unet(tmp_path):
     # the VAE's attention at 1/8 of the image (TINY_VAE: 32 x 2 channels), by SDPA's math kernel and written out
     (vae,) = [r for r in rows if r["kind"] == "vae_attention"]
     assert vae["shape"] == (2, 64, 64) and vae["ms"]["math"] > 0 and vae["ms"]["explicit"] > 0
+    # the VAE encoder's group norms: 14 at five shapes (TINY_VAE: 32, 32, 64, 64 channels), each way timed
+    norms = {r["shape"]: r["count"] for r in rows if r["kind"] == "vae_norm"}
+    assert norms == {(2, 64, 8, 8): 8, (2, 32, 64, 64): 2, (2, 32, 32, 32): 2, (2, 32, 16, 16): 1,
+                     (2, 64, 16, 16): 1}
+    assert all(t > 0 for r in rows if r["kind"] == "vae_norm" for t in r["ms"].values())
 
 
 def test_kernel_vae_attention_written_out_is_sdpa():
@@ -314,6 +321,42 @@ def test_kernel_vae_attention_written_out_is_sdpa():
         torch.manual_seed(0)
         return bench_kernels.vae_attention_step((2, 10, 16), torch.float64, cpu, how)()
     torch.testing.assert_close(attention("explicit"), attention("math"))
+
+
+def test_group_norm_from_per_channel_statistics_is_group_norm():
+    import bench_kernels
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(4, 12, eps=1e-6)
+    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    # channels of a group far apart in mean and scale, and far from zero: the combination must not cancel
+    x = torch.randn(3, 12, 5, 7) * torch.rand(12, 1, 1) * 4 + torch.randn(12, 1, 1) * 50
+    x = x.to(memory_format=torch.channels_last)
+    want = norm.double()(x.double())
+    torch.testing.assert_close(bench_kernels.group_norm_per_channel(x.double(), norm), want)
+    norm.float()
+    err = {name: (y.double() - want).abs().max().item()  # in float32, as the VAE computes it
+           for name, y in (("ours", bench_kernels.group_norm_per_channel(x, norm)), ("torch", norm(x)))}
+    assert err["ours"] < 1e-4 and err["ours"] < 4 * err["torch"] + 1e-6, err
+
+
+def test_kernel_bench_compiles_each_vae_norm_once(monkeypatch):
+    # one static graph per shape and way, run by every timed call: no recompile, no fall back to eager
+    import bench_kernels
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: compile_(fn, **{**kw, "backend": "aot_eager"}))
+    cpu = torch.device("cpu")
+    for shape in ((2, 64, 8, 8), (2, 32, 16, 16)):
+        outs = []
+        for how in ("native", "per-channel"):
+            torch.manual_seed(0)
+            step = bench_kernels.vae_norm_step(shape, torch.float32, cpu, how)
+            graphs = []
+            for _ in range(3):
+                before = counters["aot_autograd"]["total"]
+                outs.append(step())
+                graphs.append(counters["aot_autograd"]["total"] - before)
+            assert graphs == [1, 0, 0] and outs[-1].is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(outs[0], outs[-1], atol=1e-4, rtol=1e-4)  # the same weights, the same x
 
 
 def test_bench_kernels_refuses_bad_flags(tmp_path, monkeypatch):
@@ -337,6 +380,7 @@ def test_kernel_totals_of_a_shape_no_kernel_takes_are_none(monkeypatch):
         seen.append(shape)
         return refused if shape == seen[0] else (lambda: None)
     monkeypatch.setattr(bench_kernels, "attention_step", attention_step)
+    monkeypatch.setattr(bench_kernels, "vae_norm_step", lambda *args: None)  # nothing to compile
     monkeypatch.setattr(bench_kernels, "timer", lambda device, fn, iters, warmup: None if fn is refused else 1.0)
     _, totals = bench_kernels.main(["--device", "cpu", "--size", "tiny", "--dtype", "fp32", "--res", "64",
                                     "--batch", "2", "--text", "7", "--iters", "1", "--warmup", "0"])
@@ -626,7 +670,7 @@ def run_kernel_bench_on_fakes(monkeypatch, argv, ms_of):
             steps.append(SimpleNamespace(kind=kind, shape=shape, dtype=dtype, device=device, backend=backend))
             return steps[-1]
         return make
-    for kind in ("attention", "conv", "linear", "vae_attention"):
+    for kind in ("attention", "conv", "linear", "vae_attention", "vae_norm"):
         monkeypatch.setattr(bench_kernels, f"{kind}_step", fake(kind))
 
     def timer(device, step, iters, warmup):
@@ -756,7 +800,11 @@ def test_kernel_steps_do_the_work_their_rows_count(monkeypatch):
             return step
         monkeypatch.setattr(bench_kernels, f"{kind}_step", tagged)
 
+    monkeypatch.setattr(bench_kernels, "vae_norm_step", lambda *args: None)  # a row of bytes, not FLOPs
+
     def timer(device, step, iters, warmup):
+        if step is None:
+            return 1.0
         kind, shape, backend = step.key
         if backend not in (None, bench_kernels.BACKENDS["math"], "math"):
             return None
