@@ -15,7 +15,7 @@ import bench_kernels
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ["eager", "compiled", "graphs", "kernels", "profile", "sweep", "evalms", "ddp", "ddpgraphs"]
+PARTS = ["eager", "compiled", "graphs", "graphs 2 16", "kernels", "profile", "sweep", "evalms", "ddp", "ddpgraphs"]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,8 @@ def commands(tmp_path_factory):
     out = {}
     for part in PARTS:
         log.write_text("")
-        run = subprocess.run(["bash", "tools/gpu_run.sh", part], cwd=ROOT, env=dict(env, OUT=str(tmp / part)),
+        run = subprocess.run(["bash", "tools/gpu_run.sh", *part.split()], cwd=ROOT,
+                             env=dict(env, OUT=str(tmp / part.replace(" ", "_"))),
                              capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
         out[part] = [json.loads(line) for line in log.read_text().splitlines()]
@@ -67,3 +68,10 @@ def test_each_command_is_accepted_by_its_script(part, commands, monkeypatch, tmp
                 bench_kernels.main(argv)
         else:
             assert (script, argv) == ("tools/gpu_check.py", [])
+
+
+def test_graphs_and_sweep_run_each_batch_given(commands):
+    def batches(part):
+        return [int(argv[argv.index("--batch") + 1]) for argv in commands[part]]
+    assert batches("graphs") == [2] and batches("graphs 2 16") == [2, 16] and batches("sweep") == [2, 8]
+    assert all("reduce-overhead" in argv for argv in commands["graphs 2 16"])

@@ -3,7 +3,8 @@
 # $OUT/*.txt, each ending with its command's exit status, 124 when it timed out):
 #   OUT=results bash tools/gpu_run.sh eager      # flash/bf16/compile checks, eager benchmarks, DDP demo (~9 min)
 #   OUT=results bash tools/gpu_run.sh compiled   # compiled bf16 at batch 16, NHWC: semseg step, UNet fwd+bwd (~10 min)
-#   OUT=results bash tools/gpu_run.sh graphs     # the semseg step at batch 2 under CUDA graphs (reduce-overhead, ~5 min)
+#   OUT=results bash tools/gpu_run.sh graphs 16  # the semseg step under CUDA graphs (reduce-overhead) at these
+#                                                # batches (default 2; ~5 min each)
 #   OUT=results bash tools/gpu_run.sh kernels    # SD's attention and conv shapes under each kernel choice, the VAE's
 #                                                # attention, eager, and its group norms compiled, at batches 16 and 2 (~4 min)
 #   OUT=results bash tools/gpu_run.sh profile    # the kernels at batch 16; the compiled semseg step at batch 16, timed,
@@ -47,9 +48,11 @@ compiled)
     --iters 5 --warmup 2 --json "$OUT/compiled_semseg16.json"
   run compiled_unet16.txt 250 $B --batch 16 --dtype bf16 --compile --channels-last --no-ref --which unet_fwdbwd \
     --iters 5 --warmup 2 --json "$OUT/compiled_unet16.json" ;;
-graphs)
-  run graphs_semseg2.txt 300 $B --batch 2 --dtype bf16 --compile --compile-mode reduce-overhead --channels-last \
-    --which train_semseg --iters 10 --warmup 3 --json "$OUT/graphs_semseg2.json" ;;
+graphs)  # at batch 16 too: the profiled step's kernels add up to 197 of its 209 ms on an H100 (idle between them)
+  for batch in ${@:-2}; do
+    run graphs_semseg$batch.txt 300 $B --batch "$batch" --dtype bf16 --compile --compile-mode reduce-overhead \
+      --channels-last --which train_semseg --iters 10 --warmup 3 --json "$OUT/graphs_semseg$batch.json"
+  done ;;
 kernels)  # where the UNet's time goes, whether another attention or convolution kernel would pay
   for b in 16 2; do
     run kernels$b.txt 150 python3 bench_kernels.py --batch $b --res 512 --json "$OUT/kernels$b.json"
@@ -74,6 +77,6 @@ ddp)  # what train.py's DDP(compile(model)) costs a GPU beyond the communication
 ddpgraphs)
   run semseg2_ddp_graphs.txt 300 $B --batch 2 --dtype bf16 --compile --compile-mode reduce-overhead --channels-last \
     --which train_semseg --iters 10 --warmup 3 --ddp --json "$OUT/semseg2_ddp_graphs.json" ;;
-*) echo "usage: bash tools/gpu_run.sh eager|compiled|graphs|kernels|profile|sweep [batches]|evalms|ddp|ddpgraphs" >&2
+*) echo "usage: bash tools/gpu_run.sh eager|compiled|graphs [batches]|kernels|profile|sweep [batches]|evalms|ddp|ddpgraphs" >&2
    exit 2 ;;
 esac
