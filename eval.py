@@ -155,7 +155,8 @@ def get_args(argv=None):
                    "official release needs one only for refer (its CLIP) or when the release holds no VAE")
     p.add_argument("--data-root", help="dataset root in its standard layout (see README); only the evaluated split "
                    "needs to be there (default for --demo: its synthetic set)")
-    p.add_argument("--dataset", default=None, help="depth: nyu|kitti; refer: refcoco|refcoco+|refcocog")
+    p.add_argument("--dataset", default=None, help="depth: nyu|kitti; refer: refcoco|refcoco+|refcocog (default: "
+                   "the one the model trained on; a released refer file names its own)")
     p.add_argument("--split-by", choices=["unc", "umd", "google"], default=None,
                    help="refer: default the split set the model trained with; for another --dataset, unc "
                    "(refcoco, refcoco+) or umd (refcocog; google too)")

@@ -194,7 +194,8 @@ def default_size(task, meta):
     crop without resizing, so the width of their frames (NYU: 640, KITTI's benchmark crop: 1216, demo runs
     too; the demo's synthetic NYU frames: --demo's demo_size, 128)."""
     if task != "depth":
-        return int(meta["args"]["crop"]) if "args" in meta else SIZES[task]
+        crop = meta.get("args", {}).get("crop")
+        return int(crop) if crop else SIZES[task]
     if meta.get("dataset") == "kitti":
         return KB_CROP[1]
     return int(meta["args"]["demo_size"]) if meta.get("demo") else SIZES[task]

@@ -314,3 +314,35 @@ def test_a_release_without_the_vae_takes_it_from_the_sd_file(task, tmp_path):
     no_head = {k: v for k, v in slim.items() if not any(h in k for h in ("last_layer_depth.", "conv_seg.", "conv1_1."))}
     with pytest.raises(CheckpointError, match="missing groups"):
         load_official(no_head, task)
+
+
+def test_a_refer_release_is_scored_on_the_dataset_its_args_name(tmp_path, monkeypatch):
+    # LAVT's training args travel in the refer file: a G-Ref model is scored on G-Ref (its split set
+    # too) unless --dataset asks for another, not on RefCOCO by default
+    from types import SimpleNamespace
+
+    from vpd import official, tasks
+    path = tmp_path / "gref.pth"
+    torch.save({"model": {}, "args": argparse.Namespace(dataset="refcocog", splitBy="google", lr=5e-5)}, path)
+    assert official.refer_trained_on(path) == {"dataset": "refcocog", "split_by": "google"}
+    bare = tmp_path / "bare.pth"
+    torch.save({"model": {}, "args": argparse.Namespace(lr=5e-5)}, bare)
+    assert official.refer_trained_on(bare) == {}
+    monkeypatch.setattr(official, "official_model", lambda *a, **kw: torch.nn.Identity())  # the weights: elsewhere
+    asked = []
+    monkeypatch.setattr(tasks, "datasets", lambda task, root, crop, **kw: asked.append(kw) or (None, None))
+
+    def scored_on(ckpt, dataset=None):
+        args = SimpleNamespace(ckpt=str(ckpt), task="refer", sd_ckpt=None, data_root="refer/data", dataset=dataset,
+                               split_by=None, split=None, ms_flip=False)
+        ev = tasks.build_eval(args, torch.device("cpu"))
+        assert (ev.dataset_name, ev.split_by) == (asked[-1]["dataset"], asked[-1]["split_by"])
+        return ev.dataset_name, ev.split_by
+    assert scored_on(path) == ("refcocog", "google")
+    assert scored_on(path, dataset="refcoco") == ("refcoco", "unc")  # another dataset: its own split set
+    assert scored_on(bare) == ("refcoco", "unc")  # a file that does not say: the default, as before
+    clef = tmp_path / "clef.pth"
+    torch.save({"model": {}, "args": argparse.Namespace(dataset="refclef", splitBy="unc")}, clef)
+    with pytest.raises(SystemExit, match=r"clef.pth was trained on 'refclef', not one of ours .*: give --dataset"):
+        scored_on(clef)
+    assert scored_on(clef, dataset="refcoco+") == ("refcoco+", "unc")

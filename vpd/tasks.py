@@ -259,15 +259,18 @@ def load_model(ckpt, task=None, sd_ckpt=None):
     if sd_ckpt is not None:
         check_sd_file(sd_ckpt)
     if meta is None:  # an official VPD checkpoint
-        from vpd.official import SDFileError, official_model
+        from vpd.official import SDFileError, official_model, refer_trained_on
         try:
             model = official_model(ckpt, task, sd_ckpt=sd_ckpt)
         except SDFileError as e:
             raise SystemExit(str(e)) from None
         except ValueError as e:
             raise SystemExit(f"--ckpt {ckpt}: {e}") from None
-        return model, dict(task=task, demo=False, dataset=None, depth_crop=depth_crop(task, None, False), official=True,
-                           sd_ckpt=os.path.abspath(sd_ckpt) if sd_ckpt else None)
+        # a refer release names its dataset (a RefCOCO+ or G-Ref model is not scored on RefCOCO unasked)
+        trained = refer_trained_on(ckpt) if task == "refer" else {}
+        return model, dict(task=task, demo=False, dataset=trained.get("dataset"), official=True,
+                           args={"split_by": trained["split_by"]} if "split_by" in trained else {},
+                           depth_crop=depth_crop(task, None, False), sd_ckpt=os.path.abspath(sd_ckpt) if sd_ckpt else None)
     sd = sd_ckpt or stored_path(ckpt, meta, "sd_ckpt")
     if not os.path.isfile(sd):
         raise SystemExit(f"the SD checkpoint {sd} (frozen VAE/CLIP of this model) is not there: pass --sd-ckpt")
@@ -290,7 +293,8 @@ def load_model(ckpt, task=None, sd_ckpt=None):
 
 def training_crop(task, meta):
     """The input size a model trained at (its own evaluation too); official releases: the paper's."""
-    return int(meta["args"]["crop"]) if "args" in meta else (480 if task == "depth" else 512)
+    crop = meta.get("args", {}).get("crop")
+    return int(crop) if crop else (480 if task == "depth" else 512)
 
 
 def build_eval(args, device):
@@ -307,6 +311,9 @@ def build_eval(args, device):
         raise SystemExit("--data-root is required")
     crop = training_crop(task, meta)
     trained_on = meta.get("dataset") or DATASETS[task][0]
+    if args.dataset is None and trained_on not in DATASETS[task]:
+        raise SystemExit(f"{args.ckpt} was trained on {trained_on!r}, not one of ours ({', '.join(DATASETS[task])}): "
+                         "give --dataset")
     dataset = args.dataset or trained_on
     if task == "depth" and dataset != trained_on:  # another depth range, camera and text condition
         raise SystemExit(f"--dataset {dataset}: {args.ckpt} is a {trained_on} depth model; it is evaluated on "
