@@ -16,7 +16,8 @@ kernel that takes it, and written out (two matrix products around a softmax; fas
 are rounded to bf16 between them). And the VAE encoder's group norms with their SiLU on NHWC inputs,
 forward only, each shape compiled (the only rows that compile: the question is the code inductor writes
 for them; the profile of the compiled step shows its group norm reductions far slower than the same
-bytes' elementwise pass): F.group_norm against statistics gathered per channel (`group_norm_per_channel`).
+bytes' elementwise pass): F.group_norm against statistics gathered per channel, as the VAE now compiles
+them for a GPU (`group_norm_per_channel` in vpd/vae.py).
 
     python bench_kernels.py --batch 16 --res 512                       # bf16, SD v1.5, on the GPU
     python bench_kernels.py --device cpu --size tiny --dtype fp32 --res 64 --iters 2
@@ -37,7 +38,7 @@ from eval import count
 from vpd.demo import TINY_UNET, TINY_VAE
 from vpd.flops import conv_macs
 from vpd.unet import CrossAttention, UNet, UNetConfig
-from vpd.vae import VAE, VAEConfig
+from vpd.vae import VAE, VAEConfig, group_norm_per_channel
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
@@ -157,28 +158,10 @@ def vae_norm_shapes(cfg, batch, res):
     return shapes
 
 
-def group_norm_per_channel(x, norm):
-    """`norm` (an nn.GroupNorm) of x (B, C, H, W) in float32 or wider, from statistics gathered per channel and then
-    combined per group: a group's mean is its channels' mean, its variance the mean of their variances plus
-    the variance of their means (exact, and as stable as the per-channel ones). On a channels-last x, a
-    reduction per channel reads the pixels' channels side by side; F.group_norm's reduction per group
-    (inductor reshapes x to (B, groups, C / groups, H * W)) strides across memory by a pixel's C channels."""
-    B, C = x.shape[:2]
-    G = norm.num_groups
-    x = x.to(torch.promote_types(x.dtype, torch.float32))
-    var, mean = torch.var_mean(x, dim=(2, 3), correction=0)
-    var, mean = var.view(B, G, C // G), mean.view(B, G, C // G)
-    group_mean = mean.mean(-1, keepdim=True)
-    group_var = (var + (mean - group_mean).square()).mean(-1, keepdim=True)
-    scale = torch.rsqrt(group_var + norm.eps) * norm.weight.view(G, C // G)  # (B, G, C / G)
-    shift = norm.bias.view(G, C // G) - group_mean * scale
-    return x * scale.view(B, C, 1, 1) + shift.view(B, C, 1, 1)
-
-
 def vae_norm_step(shape, dtype, device, how):
     """The VAE encoder's group norm and SiLU on an NHWC input, compiled, forward without gradient, as the
     encoder runs them under autocast (float32 within, the next convolution's dtype out). how: "native"
-    (F.group_norm) or "per-channel" (`group_norm_per_channel`)."""
+    (F.group_norm) or "per-channel" (`group_norm_per_channel`, which the VAE compiles for a GPU)."""
     x = torch.randn(shape, device=device, dtype=dtype).to(memory_format=torch.channels_last)
     norm = nn.GroupNorm(32, shape[1], eps=1e-6, device=device)
     torch.compiler.reset()  # a graph of its own: the recompile limit would otherwise fall back to eager
