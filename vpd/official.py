@@ -204,7 +204,7 @@ def to_official(state, task):
 def refer_trained_on(path):
     """The dataset and split set a released refer file was trained on, from the training args it pickles
     (LAVT's --dataset and --splitBy): {"dataset": ..., "split_by": ...}, either left out where the file
-    does not say. The tensors are mapped, not read, so this second load costs the pickle's parse alone."""
+    does not say. A zip file's tensors are mapped, not read: this second load costs the pickle's parse."""
     obj = torch_load(os.fspath(path), allow=[argparse.Namespace])
     args = vars(obj["args"]) if isinstance(obj, dict) and isinstance(obj.get("args"), argparse.Namespace) else {}
     said = {"dataset": args.get("dataset"), "split_by": args.get("splitBy")}
