@@ -19,6 +19,14 @@ import bench_loader
 SD15 = Path(__file__).resolve().parents[1].parent / "shared" / "sd15_tensors.json"
 
 
+
+@pytest.fixture
+def aot_eager(monkeypatch):
+    """torch.compile with the aot_eager backend: the graphs are traced as inductor's would be, but not
+    compiled (inductor needs a C++ compiler here, and minutes); a mode (reduce-overhead) is inductor's."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn=None, mode=None, **kw: compile_(fn, **{**kw, "backend": "aot_eager"}))
+
 def counted_flops(fn):
     """FLOPs of fn() as FlopCounterMode sees them (MATH attention: no formula for the fused CPU kernel)."""
     fc = FlopCounterMode(display=False, depth=None)
@@ -205,11 +213,9 @@ def test_bench_refuses_bad_flags(tmp_path):
             bench.main(bench.parse_args(argv + ["--no-ref"]))
 
 
-def test_ddp_splits_the_compiled_training_step_at_its_buckets(monkeypatch):
+def test_ddp_splits_the_compiled_training_step_at_its_buckets(monkeypatch, aot_eager):
     # train.py's DDP(compile(model)) under torchrun: the compiler splits the model's graph at DDP's
-    # gradient buckets. Compiled here with aot_eager (inductor needs a C++ compiler), graphs counted
-    compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda m, mode=None: compile_(m, backend="aot_eager"))
+    # gradient buckets. Compiled here with aot_eager, graphs counted
     wrapped, ddp = [], bench.DDP
     monkeypatch.setattr(bench, "DDP", lambda m, **kw: wrapped.append((type(m).__name__, kw)) or ddp(m, **kw))
     def run_pair(name, fns, *args):  # one step, untimed
@@ -233,11 +239,9 @@ def test_ddp_splits_the_compiled_training_step_at_its_buckets(monkeypatch):
 
 
 @pytest.mark.parametrize("which", ["unet_fwd", "unet_fwdbwd", "vae_enc"])
-def test_compile_compiles_what_each_row_times(monkeypatch, which):
+def test_compile_compiles_what_each_row_times(monkeypatch, aot_eager, which):
     # torch.compile(module) compiles only the module's forward: a row calling another method (the VAE's
     # encode) would time eager code under --compile. Each timed call must run a compiled graph.
-    compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda m, mode=None: compile_(m, backend="aot_eager"))
     graphs = []
 
     def run_pair(name, fns, *args):  # one call, untimed, its compiled graphs counted
@@ -268,10 +272,8 @@ def test_bench_without_diffusers_says_what_to_install_or_to_pass(monkeypatch):
     assert ran == [{"unet_fwd", "unet_fwdbwd"}, set()]
 
 
-def test_kernel_bench_times_every_layer_shape_of_the_unet(tmp_path, monkeypatch):
+def test_kernel_bench_times_every_layer_shape_of_the_unet(tmp_path, aot_eager):
     import bench_kernels
-    compile_ = torch.compile  # the VAE norm rows compile: with aot_eager here (inductor needs a C++ compiler)
-    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: compile_(fn, **{**kw, "backend": "aot_eager"}))
     from vpd import flops
     from vpd.demo import TINY_UNET
     from vpd.unet import UNetConfig
@@ -323,11 +325,9 @@ def test_kernel_vae_attention_written_out_is_sdpa():
     torch.testing.assert_close(attention("explicit"), attention("math"))
 
 
-def test_kernel_bench_compiles_each_vae_norm_once(monkeypatch):
+def test_kernel_bench_compiles_each_vae_norm_once(aot_eager):
     # one static graph per shape and way, run by every timed call: no recompile, no fall back to eager
     import bench_kernels
-    compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: compile_(fn, **{**kw, "backend": "aot_eager"}))
     cpu = torch.device("cpu")
     for shape in ((2, 64, 8, 8), (2, 32, 16, 16)):
         outs = []
