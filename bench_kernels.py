@@ -158,23 +158,27 @@ def vae_norm_shapes(cfg, batch, res):
     return shapes
 
 
-def vae_norm_step(shape, dtype, device, how):
+def vae_norm_steps(shape, dtype, device):
     """The VAE encoder's group norm and SiLU on an NHWC input, compiled, forward without gradient, as the
-    encoder runs them under autocast (float32 within, the next convolution's dtype out). how: "native"
-    (F.group_norm) or "per-channel" (`group_norm_per_channel`, which the VAE compiles for a GPU)."""
+    encoder runs them under autocast (float32 within, the next convolution's dtype out), each way on the
+    same input and norm: {"native": F.group_norm, "per-channel": `group_norm_per_channel`, which the VAE
+    compiles for a GPU}."""
+    torch.compiler.reset()  # fresh graphs for each shape: the recompile limit would otherwise fall back to eager
     x = torch.randn(shape, device=device, dtype=dtype).to(memory_format=torch.channels_last)
     norm = nn.GroupNorm(32, shape[1], eps=1e-6, device=device)
-    torch.compiler.reset()  # a graph of its own: the recompile limit would otherwise fall back to eager
+    nn.init.normal_(norm.weight), nn.init.normal_(norm.bias)
 
-    @torch.compile(dynamic=False)
-    def norm_silu(x):
-        y = norm(x.float()) if how == "native" else group_norm_per_channel(x, norm)
-        return F.silu(y).to(dtype)
+    def make(how):
+        @torch.compile(dynamic=False)
+        def norm_silu(x):
+            y = norm(x.float()) if how == "native" else group_norm_per_channel(x, norm)
+            return F.silu(y).to(dtype)
 
-    def step():
-        with torch.no_grad():
-            return norm_silu(x)
-    return step
+        def step():
+            with torch.no_grad():
+                return norm_silu(x)
+        return step
+    return {how: make(how) for how in ("native", "per-channel")}
 
 
 def main(argv=None):
@@ -250,15 +254,19 @@ def main(argv=None):
 
     ways = ("native", "per-channel")
     print(f"\n{'VAE group norm + SiLU, forward, compiled (B, C, H, W), NHWC':58} {'n':>3} "
-          + " ".join(f"{k:>11}" for k in ways) + f" {'GB/s':>8}")
+          + " ".join(f"{k:>11}" for k in ways) + f" {'GB/s':>8} {'max diff':>9}")
     sums = dict.fromkeys(ways, 0.0)
     for shape, n in sorted(vae_norm_shapes(vae_cfg, args.batch, args.res).items(), key=lambda kv: -math.prod(kv[0])):
-        ms = {k: timer(device, vae_norm_step(shape, dtype, device, k), args.iters, args.warmup) for k in ways}
-        rows.append(dict(kind="vae_norm", shape=shape, count=n, gflop=0.0, ms=ms))
+        steps = vae_norm_steps(shape, dtype, device)
+        ms = {k: timer(device, steps[k], args.iters, args.warmup) for k in ways}
+        # the two ways' outputs on the same input: the per-channel one computes the same norm
+        diff = (steps["native"]().float() - steps["per-channel"]().float()).abs().max().item() \
+            if None not in ms.values() else float("nan")
+        rows.append(dict(kind="vae_norm", shape=shape, count=n, gflop=0.0, ms=ms, max_diff=diff))
         gb = 2 * math.prod(shape) * torch.finfo(dtype).bits / 8 / 1e9  # the least traffic: x read once, y written
         best = min((t for t in ms.values() if t is not None), default=float("nan"))
         print(f"{str(shape):58} {n:>3} " + " ".join(f"{t:>11.3f}" if t is not None else f"{'-':>11}"
-                                                    for t in ms.values()) + f" {gb / best * 1e3:>8.0f}")
+                                                    for t in ms.values()) + f" {gb / best * 1e3:>8.0f} {diff:>9.2g}")
         sums = {k: None if sums[k] is None or ms[k] is None else sums[k] + n * ms[k] for k in ways}
     print(f"{'summed over the encoder':58} {'':>3} " + " ".join(f"{t:>11.2f}" if t is not None else f"{'-':>11}"
                                                                for t in sums.values()))
