@@ -53,7 +53,6 @@ import statistics
 import sys
 import time
 import weakref
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -66,6 +65,7 @@ from eval import count
 from vpd import flops
 from vpd.clip import CLIPConfig
 from vpd.demo import TINY_CLIP, TINY_UNET, TINY_VAE, wake_zero_weights_
+from vpd.dist import amp_autocast
 from vpd.infer import MS_RATIOS, semseg_probs
 from vpd.model import build_model
 from vpd.optim import build_optimizer
@@ -665,8 +665,7 @@ def main(args):
         raise SystemExit("--ddp wraps the training step's model: add a train_<task> row or --sweep-batch")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     args.peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    dtype = torch.bfloat16 if args.dtype == "bf16" else None
-    args.autocast = lambda: torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    args.autocast = amp_autocast("bf16" if args.dtype == "bf16" else "off", device)  # as train.py's --amp
     cfgs, gen = PRESETS[args.size], torch.Generator().manual_seed(args.seed)
     print(f"device {name}, torch {torch.__version__}, {torch.get_num_threads()} threads, size {args.size}, "
           f"res {args.res}, batch {args.batch}, {args.dtype}, compile {args.compile}, "

@@ -92,6 +92,19 @@ def test_amp_autocast_defaults_to_bf16_on_a_gpu_only():
     assert dist.amp_autocast("fp16", cuda)().fast_dtype == torch.float16
 
 
+def test_autocast_on_a_gpu_lets_float32_products_take_tf32(monkeypatch):
+    # (the products left in float32 under autocast take bf16 values: tests/test_heads.py checks TF32 holds them)
+    set_to = []
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", set_to.append)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for amp, device in (("off", cuda), ("bf16", cpu), (None, cpu)):
+        dist.amp_autocast(amp, device)
+    assert set_to == []  # float32 runs (the official configuration's stand-in) keep full float32 products
+    for amp in (None, "bf16", "fp16"):
+        dist.amp_autocast(amp, cuda)
+    assert set_to == ["high"] * 3
+
+
 def test_writable_dir_creates_the_folder_and_refuses_one_it_cannot_write(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "3")
     dist.writable_dir(tmp_path / "a" / "b")

@@ -297,6 +297,26 @@ def test_resize_bilinear_is_torchs_bilinear_interpolation(align_corners, size_in
     torch.testing.assert_close(out_grad, ref_grad, rtol=0, atol=1e-5)
 
 
+def test_resize_bilinears_products_lose_nothing_to_tf32_at_x8():
+    # vpd/dist.py lets a GPU run float32 products on TF32 (10-bit mantissa) under autocast: resize_bilinear's
+    # inputs are bf16 logits, and at the training crop's x8 its weights are sixteenths, all held exactly
+    from vpd.heads import _interp_matrix
+
+    def tf32(t):  # float32 rounded to TF32's 10 mantissa bits (13 of 23 dropped, to nearest)
+        bits = t.float().contiguous().view(torch.int32)
+        return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+    logits = torch.randn(10_000).mul(8).bfloat16().float()
+    assert torch.equal(tf32(logits), logits)
+    for n_in in (64, 60):  # 512 and 480 crops
+        weights = _interp_matrix(n_in, 8 * n_in, False, "cpu")
+        assert torch.equal(tf32(weights), weights)
+    # align_corners (refer) and other ratios (evaluation at an image's own size): rounded, 2^-11 at most
+    for args in ((64, 512, True), (64, 683, False)):
+        weights = _interp_matrix(*args, "cpu")
+        assert not torch.equal(tf32(weights), weights)
+        assert ((tf32(weights) - weights).abs() <= weights.abs() * 2 ** -11).all()
+
+
 def test_resize_bilinear_stays_float32_under_bf16_autocast():
     x = torch.randn(1, 4, 8, 8).to(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
