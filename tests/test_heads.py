@@ -104,6 +104,24 @@ def test_fpn_sums_levels_resized_bilinearly_onto_the_finest():
     torch.testing.assert_close(seen["summed"], want)
 
 
+def test_fpn_resizes_only_levels_off_the_finest_grid(monkeypatch):
+    # a same-size bilinear resize is the identity (weights 1 and 0), but compiled it still gathers, and its
+    # backward scatters with atomic adds: where a level lands on the 1/8 map exactly, none runs
+    chans = [8, 8, 8, 8]
+    head = FPNSegHead(chans, num_classes=3, channels=8).eval()
+    interpolate, resized = F.interpolate, []
+    monkeypatch.setattr(F, "interpolate", lambda x, *a, **kw: resized.append(x.shape[-2:]) or interpolate(x, *a, **kw))
+    with torch.no_grad():
+        head(pyramid(chans, h=8, w=8))  # 8x8, 4x4, 2x2, 1x1
+    top_down, upsamples = [(1, 1), (2, 2), (4, 4)], [(4, 4)] * 3 + [(2, 2)] * 2 + [(1, 1)]  # levels 1, 2, 3's
+    assert sorted(map(tuple, resized)) == sorted(top_down + upsamples)  # and no resize of a level to its own size
+    resized.clear()
+    with torch.no_grad():
+        head(pyramid(chans, h=10, w=14))  # 10x14, 5x7, 2x3, 1x1: levels 2 and 3 land on 8x12 and 8x8
+    resized = [tuple(r) for r in resized]
+    assert resized.count((8, 12)) == resized.count((8, 8)) == 1 and (10, 14) not in resized  # level 1: on it
+
+
 def _uniform_bound_ok(w, bound):
     return w.abs().max() <= bound and w.abs().max() > 0.9 * bound and abs(w.std() / (bound / 3 ** 0.5) - 1) < 0.1
 

@@ -120,7 +120,10 @@ class FPNSegHead(nn.Module):
         outs = [conv(x) for conv, x in zip(self.fpn_convs, laterals)]
         x = self.scale_heads[0](outs[0])
         for head, o in zip(self.scale_heads[1:], outs[1:]):
-            x = x + F.interpolate(head(o), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            y = head(o)  # at 1/8 by its x2 upsamples unless the map's sides are odd somewhere on the way
+            if y.shape[-2:] != x.shape[-2:]:  # (mmseg resizes regardless: compiled, a same-size resize still costs)
+                y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            x = x + y
         return self.classifier(self.dropout(x))
 
 
