@@ -53,6 +53,7 @@ import statistics
 import sys
 import time
 import weakref
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -336,6 +337,18 @@ def diffusers_vae(ours: VAE, unet_cfg):
     return ref
 
 
+@contextmanager
+def full_float32():
+    """Full float32 matrix products, whatever amp_autocast set for the bf16 rows (TF32): the checks compare
+    two computations of the same function, not TF32's rounding of them."""
+    was = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(was)
+
+
 def check_same(name, ours_out, ref_out, tol):
     err = ((ours_out.float() - ref_out.float()).abs().max() / ref_out.float().abs().max()).item()
     print(f"check {name}: max |ours - ref| / max |ref| = {err:.2e}")
@@ -378,7 +391,7 @@ def bench_unet(args, device, cfgs, gen, which):
     check, ref = None, None
     if not args.no_ref:
         ref = diffusers_unet(ours, cfgs["vae"])
-        with torch.no_grad():
+        with torch.no_grad(), full_float32():
             check = check_same("unet", ours(x, t, ctx), ref(x, t, encoder_hidden_states=ctx).sample, 1e-3)
         if args.grad_checkpoint:
             ref.enable_gradient_checkpointing()
@@ -426,7 +439,7 @@ def bench_vae(args, device, cfgs, gen):
     check, enc = None, {}
     if not args.no_ref:
         ref = diffusers_vae(ours, cfgs["unet"]).eval()
-        with torch.no_grad():
+        with torch.no_grad(), full_float32():
             check = check_same("vae", ours.encode(img).mode(), ref.encode(img).latent_dist.mode(), 1e-3)
         ref = place(ref, args, device)
         enc["ref"] = lambda x: ref.encode(x).latent_dist.mode()
@@ -512,7 +525,7 @@ def bench_eval_semseg(args, device, cfgs, gen):
     K = model.num_classes
     seen = []  # the windows of one test, counted as the model sees them
     hook = model.register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0].shape[0]))
-    with torch.no_grad():
+    with torch.no_grad(), full_float32():
         probs = semseg_probs(model, views, K, (h, w), flip=True, crop=args.res, batch=4)
         hook.remove()
         check = None if args.no_ref else check_same(

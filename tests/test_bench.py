@@ -117,8 +117,17 @@ def test_bench_eval_semseg_row_counts_every_window(monkeypatch, resize_uncounted
     monkeypatch.setattr(bench, "attention_ops", lambda fn: [])  # (profiling 44 windows' ops takes seconds)
     # ADE20K's ms + flip test of a 64x85 image in 64 windows (stride 42): views 64x85, 72x96, 80x106, 88x117,
     # 96x128 take 1x2, 2x2, 2x2, 2x3, 2x3 windows (mmseg's grid), 22 in all, each also flipped
-    rows = bench.main(bench.parse_args(["--size", "tiny", "--res", "64", "--which", "eval_semseg", "--iters", "1",
-                                        "--warmup", "0"]))
+    seen, check_same = [], bench.check_same  # the check at full float32 products, TF32 allowed or not
+    monkeypatch.setattr(bench, "check_same", lambda *a: seen.append(torch.get_float32_matmul_precision())
+                        or check_same(*a))
+    was = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        rows = bench.main(bench.parse_args(["--size", "tiny", "--res", "64", "--which", "eval_semseg", "--iters", "1",
+                                            "--warmup", "0"]))
+    finally:
+        torch.set_float32_matmul_precision(was)
+    assert seen == ["highest"]
     assert [r["impl"] for r in rows] == ["ours", "ref"] and all(r["windows"] == 44 for r in rows)
     assert rows[0]["check_rel_err"] < 1e-5  # the two compute the same probabilities
     assert rows[0]["ours_ref_ms"] > 0 and rows[0]["img_s"] == pytest.approx(1000 / rows[0]["ms"])
@@ -1209,3 +1218,20 @@ def test_kernel_report_sums_attention_over_layers_and_rates_rows_at_their_fastes
     for r in rows:  # each shape's TFLOP/s at flash's 1 ms, not at math's 4
         b, h, lq, lk, d = map(int, r.groups()[:5])
         assert float(r[6]) == pytest.approx(3 * 4 * b * h * lq * lk * d / 1e-3 / 1e12, abs=0.006)
+
+
+def test_reference_checks_compare_full_float32_products(monkeypatch):
+    # a bf16 run on a GPU lets float32 products take TF32 (vpd/dist.py); the checks that ours and the
+    # reference compute the same function run at full float32 all the same, and the setting comes back
+    seen = []
+    check_same = bench.check_same
+    monkeypatch.setattr(bench, "check_same", lambda *a: seen.append(torch.get_float32_matmul_precision())
+                        or check_same(*a))
+    was = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        bench.main(bench.parse_args(["--size", "tiny", "--res", "64", "--which", "unet_fwd,vae_enc",
+                                     "--iters", "1", "--warmup", "0"]))
+        assert seen == ["highest"] * 2 and torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(was)
