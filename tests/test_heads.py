@@ -106,20 +106,21 @@ def test_fpn_sums_levels_resized_bilinearly_onto_the_finest():
 
 def test_fpn_resizes_only_levels_off_the_finest_grid(monkeypatch):
     # a same-size bilinear resize is the identity (weights 1 and 0), but compiled it still gathers, and its
-    # backward scatters with atomic adds: where a level lands on the 1/8 map exactly, none runs
+    # backward scatters: a level that lands on the 1/8 map exactly by its x2 upsamples is added as it is
+    from vpd import heads
     chans = [8, 8, 8, 8]
     head = FPNSegHead(chans, num_classes=3, channels=8).eval()
-    interpolate, resized = F.interpolate, []
-    monkeypatch.setattr(F, "interpolate", lambda x, *a, **kw: resized.append(x.shape[-2:]) or interpolate(x, *a, **kw))
+    resize, resized = heads.resize_bilinear, []
+    monkeypatch.setattr(heads, "resize_bilinear",
+                        lambda x, size, *a: resized.append((tuple(x.shape[-2:]), tuple(size))) or resize(x, size, *a))
     with torch.no_grad():
-        head(pyramid(chans, h=8, w=8))  # 8x8, 4x4, 2x2, 1x1
-    top_down, upsamples = [(1, 1), (2, 2), (4, 4)], [(4, 4)] * 3 + [(2, 2)] * 2 + [(1, 1)]  # levels 1, 2, 3's
-    assert sorted(map(tuple, resized)) == sorted(top_down + upsamples)  # and no resize of a level to its own size
+        head(pyramid(chans, h=8, w=8))  # 8x8, 4x4, 2x2, 1x1: only the x2 upsamples of levels 1, 2, 3
+    assert sorted(resized) == sorted([((4, 4), (8, 8))] * 3 + [((2, 2), (4, 4))] * 2 + [((1, 1), (2, 2))])
     resized.clear()
     with torch.no_grad():
         head(pyramid(chans, h=10, w=14))  # 10x14, 5x7, 2x3, 1x1: levels 2 and 3 land on 8x12 and 8x8
-    resized = [tuple(r) for r in resized]
-    assert resized.count((8, 12)) == resized.count((8, 8)) == 1 and (10, 14) not in resized  # level 1: on it
+    onto_finest = [r for r in resized if r[1] == (10, 14)]
+    assert sorted(onto_finest) == [((5, 7), (10, 14)), ((8, 8), (10, 14)), ((8, 12), (10, 14))]  # level 1: x2
 
 
 def _uniform_bound_ok(w, bound):
@@ -333,6 +334,20 @@ def test_resize_bilinears_products_lose_nothing_to_tf32_at_x8():
         weights = _interp_matrix(*args, "cpu")
         assert not torch.equal(tf32(weights), weights)
         assert ((tf32(weights) - weights).abs() <= weights.abs() * 2 ** -11).all()
+
+
+def test_upsample2x_is_torchs_x2_bilinear_in_the_inputs_dtype_and_layout():
+    from vpd.heads import Upsample2x
+    x = torch.randn(2, 8, 5, 7)
+    want = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(Upsample2x()(x), want, rtol=0, atol=1e-6)
+    nhwc = x.bfloat16().to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = Upsample2x()(nhwc)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    # from the bf16 values, in float32, rounded once: within half a bf16 step of the exact result
+    exact = F.interpolate(nhwc.double(), scale_factor=2, mode="bilinear", align_corners=False)
+    assert ((out.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-30).all()
 
 
 def test_resize_bilinear_stays_float32_under_bf16_autocast():

@@ -33,6 +33,21 @@ def resize_bilinear(x, size, align_corners=False):
         return y @ a_w.T
 
 
+class Upsample2x(nn.Module):
+    """x2 bilinear upsampling (align_corners=False, as mmseg's Upsample in FPNHead) by resize_bilinear's matrix
+    products, back in x's dtype and memory format: its backward is two more products, where F.interpolate's
+    (eager, and compiled alike) adds each gradient into its source pixels atomically."""
+
+    def forward(self, x):
+        return like(resize_bilinear(x, (2 * x.shape[-2], 2 * x.shape[-1])), x)
+
+
+def like(y, x):
+    """y in x's dtype and, for a channels-last x, memory format (resize_bilinear returns float32, NCHW)."""
+    nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    return y.to(x.dtype, memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+
+
 def _float32_region(x):
     """Autocast turned off for x's device (devices without autocast, such as meta, have nothing to turn off).
     CPU and CUDA are named first: torch 2.5's compiler cannot trace the availability check (a graph break)."""
@@ -94,7 +109,7 @@ class FPNSegHead(nn.Module):
             for _ in range(max(1, i)):  # level i sits 2**i below the finest: i conv+upsample steps
                 blocks.append(ConvBNReLU(channels, channels))
                 if i > 0:
-                    blocks.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+                    blocks.append(Upsample2x())
             self.scale_heads.append(nn.Sequential(*blocks))  # indices as mmseg's: conv blocks at 0, 2, 4
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
@@ -122,7 +137,7 @@ class FPNSegHead(nn.Module):
         for head, o in zip(self.scale_heads[1:], outs[1:]):
             y = head(o)  # at 1/8 by its x2 upsamples unless the map's sides are odd somewhere on the way
             if y.shape[-2:] != x.shape[-2:]:  # (mmseg resizes regardless: compiled, a same-size resize still costs)
-                y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+                y = like(resize_bilinear(y, x.shape[-2:]), y)
             x = x + y
         return self.classifier(self.dropout(x))
 
