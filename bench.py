@@ -67,6 +67,7 @@ from vpd import flops
 from vpd.clip import CLIPConfig
 from vpd.demo import TINY_CLIP, TINY_UNET, TINY_VAE, wake_zero_weights_
 from vpd.dist import amp_autocast
+from vpd.heads import Upsample2x
 from vpd.infer import MS_RATIOS, semseg_probs
 from vpd.model import build_model
 from vpd.optim import build_optimizer
@@ -506,12 +507,15 @@ def train_setup(task, batch, args, device, cfgs, gen):
 
 
 def head_macs(model, inputs):
-    """The task head's forward MACs, counted on this very model (its shapes depend on the task)."""
+    """The task head's forward MACs, counted on this very model (its shapes depend on the task), its x2
+    upsamples' matrix products left out: resampling, which vpd/flops.py does not count as work either."""
     from torch.utils.flop_counter import FlopCounterMode
     fc = FlopCounterMode(display=False, depth=None)
     with fc, torch.no_grad():
         model(*inputs)
-    return sum(fc.get_flop_counts()[f"{type(model).__name__}.head"].values()) // 2
+    counts, head = fc.get_flop_counts(), f"{type(model).__name__}.head"
+    upsamples = [f"{head}.{name}" for name, m in model.head.named_modules() if isinstance(m, Upsample2x)]
+    return (sum(counts[head].values()) - sum(sum(counts.get(k, {}).values()) for k in upsamples)) // 2
 
 
 def bench_eval_semseg(args, device, cfgs, gen):

@@ -16,9 +16,11 @@ import torch.nn.functional as F  # noqa: E402
 
 @pytest.fixture
 def resize_uncounted():
-    """A context manager within which the task models resize their logits with F.interpolate, whose work
-    FlopCounterMode does not count, in place of vpd.heads.resize_bilinear's two matrix products, which it
-    would: FLOP checks count the networks' work and leave resampling out, as vpd/flops.py does."""
+    """A context manager within which the task models resize their logits (and the FPN head its levels) with
+    F.interpolate, whose work FlopCounterMode does not count, in place of vpd.heads.resize_bilinear's two
+    matrix products, which it would: FLOP checks count the networks' work and leave resampling out, as
+    vpd/flops.py does."""
+    import vpd.heads
     import vpd.model
 
     def interpolate(x, size, align_corners=False):
@@ -28,5 +30,6 @@ def resize_uncounted():
     def patched():
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(vpd.model, "resize_bilinear", interpolate)
+            mp.setattr(vpd.heads, "resize_bilinear", interpolate)  # the FPN head's x2 upsamples
             yield
     return patched
