@@ -7,7 +7,8 @@ channel counts `in_channels` (for SD v1.5 and N text tokens: [320, 640+N, 1280+N
 - FPNSegHead: mmseg's FPN neck + FPNHead ("Semantic FPN"), as VPD's ADE20K config builds them.
 - DepthHead: VPD's NYUv2 decoder (GLPDepth / SimpleBaseline style deconvolutions).
 - ReferHead: LAVT's SimpleDecoding, as VPD's referring-segmentation model uses it.
-- resize_bilinear: the segmentation models' logits brought to the image size.
+- resize_bilinear: the segmentation models' logits brought to the image size; Upsample2x, the FPN head's
+  x2 upsampling, by the same matrix products.
 
 Module names are plain; vpd/official.py holds the short table mapping the released checkpoints'
 names onto them.
@@ -39,10 +40,10 @@ class Upsample2x(nn.Module):
     (eager, and compiled alike) adds each gradient into its source pixels atomically."""
 
     def forward(self, x):
-        return like(resize_bilinear(x, (2 * x.shape[-2], 2 * x.shape[-1])), x)
+        return cast_like(resize_bilinear(x, (2 * x.shape[-2], 2 * x.shape[-1])), x)
 
 
-def like(y, x):
+def cast_like(y, x):
     """y in x's dtype and, for a channels-last x, memory format (resize_bilinear returns float32, NCHW)."""
     nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
     return y.to(x.dtype, memory_format=torch.channels_last if nhwc else torch.contiguous_format)
@@ -137,7 +138,7 @@ class FPNSegHead(nn.Module):
         for head, o in zip(self.scale_heads[1:], outs[1:]):
             y = head(o)  # at 1/8 by its x2 upsamples unless the map's sides are odd somewhere on the way
             if y.shape[-2:] != x.shape[-2:]:  # (mmseg resizes regardless: compiled, a same-size resize still costs)
-                y = like(resize_bilinear(y, x.shape[-2:]), y)
+                y = cast_like(resize_bilinear(y, x.shape[-2:]), y)
             x = x + y
         return self.classifier(self.dropout(x))
 
