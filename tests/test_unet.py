@@ -170,6 +170,25 @@ def test_scalar_timestep_and_bad_inputs(tiny):
         UNet(dataclasses.replace(SMALL, num_res_blocks=0))
 
 
+def test_compiled_for_a_gpu_the_norms_still_give_diffusers_forward_and_gradients(tiny, monkeypatch):
+    # every GroupNorm32 gathering its statistics per channel (vpd/norm.py), as the UNet compiles them for a
+    # GPU, taken here on the CPU: the output, and the gradient it hands the input, are still diffusers'
+    from vpd import norm
+    ours, ref, _, _ = tiny
+    calls = []
+    monkeypatch.setattr(norm, "compiled_for_gpu", lambda x: calls.append(1) or True)
+    x, t, ctx = inputs()
+    x = x.to(memory_format=torch.channels_last)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    got_x, want_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = ours(got_x, t, ctx)
+    want = ref(want_x, t, encoder_hidden_states=ctx).sample
+    got.backward(grad), want.backward(grad)
+    assert len(calls) == sum(isinstance(m, torch.nn.GroupNorm) for m in ours.modules()) > 0
+    assert (got - want).abs().max() <= 1e-4 * want.std()
+    assert (got_x.grad - want_x.grad).abs().max() <= 1e-4 * want_x.grad.std()
+
+
 def test_channels_last(tiny):
     ours = tiny[0]
     x, t, ctx = inputs()

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vpd.checkpoint import CheckpointError, describe, load_checkpoint, tensor_shapes
+from vpd.norm import GroupNorm32
 
 PREFIX = "model.diffusion_model."
 # ldm's EMA copy, in files that also hold the training weights (v1-5-pruned, not -emaonly): each
@@ -45,17 +46,6 @@ def timestep_embedding(t, dim, max_period=10000):
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = t.float()[:, None] * freqs[None]  # (B, half)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm(32) computed in float32 and cast back: half-precision statistics drift."""
-
-    def __init__(self, channels, eps=1e-5):
-        super().__init__(32, channels, eps=eps)
-
-    def forward(self, x):
-        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(),
-                            self.eps).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vpd.checkpoint import load_checkpoint
+from vpd.norm import GroupNorm
 
 PREFIX = "first_stage_model."  # of the autoencoder's tensors in an SD v1 file
 
@@ -29,42 +30,6 @@ class VAEConfig:
 
 def Normalize(channels):
     return GroupNorm(32, channels, eps=1e-6)
-
-
-class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm, but compiled for a GPU it gathers its statistics per channel (`group_norm_per_channel`).
-    Inductor's own group norm reshapes x to (B, groups, C / groups, H * W) and reduces in that order, which
-    on an NHWC tensor strides across memory by a pixel's C channels: at the encoder's 512x512 levels its
-    reductions read at a fifth of the bandwidth that its elementwise passes reach (README, the H100
-    profile). Eager, and on the CPU (slower that way, compiled or not), it is nn.GroupNorm."""
-
-    def forward(self, x):
-        if compiled_for_gpu(x):
-            return group_norm_per_channel(x, self)
-        return super().forward(x)
-
-
-def compiled_for_gpu(x):
-    return x.is_cuda and torch.compiler.is_compiling()
-
-
-def group_norm_per_channel(x, norm):
-    """`norm` (an nn.GroupNorm) of x (B, C, H, W) from statistics gathered per channel, then combined per
-    group: a group's mean is the mean of its channels' means, its variance the mean of their variances plus
-    the variance of their means (exact, and as stable as the per-channel ones). Reduced over H and W, a
-    channels-last x is read in memory order, the channels side by side. Computed in float32 (or wider);
-    returned in the dtype of x and the weight promoted, as F.group_norm gives under CUDA autocast."""
-    B, C = x.shape[:2]
-    G = norm.num_groups
-    out_dtype = torch.promote_types(x.dtype, norm.weight.dtype)
-    x = x.to(torch.promote_types(out_dtype, torch.float32))
-    var, mean = torch.var_mean(x, dim=(2, 3), correction=0)
-    var, mean = var.view(B, G, C // G), mean.view(B, G, C // G)
-    group_mean = mean.mean(-1, keepdim=True)
-    group_var = (var + (mean - group_mean).square()).mean(-1, keepdim=True)
-    scale = torch.rsqrt(group_var + norm.eps) * norm.weight.view(G, C // G)  # (B, G, C / G)
-    shift = norm.bias.view(G, C // G) - group_mean * scale
-    return (x * scale.view(B, C, 1, 1) + shift.view(B, C, 1, 1)).to(out_dtype)
 
 
 class ResnetBlock(nn.Module):
