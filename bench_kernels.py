@@ -13,11 +13,12 @@ Every attention layer is timed as SDPA, also the few whose maps VPD keeps (an ex
 A self-attention's q/k/v projections are one linear, as vpd/unet.py runs them (the three weights joined).
 Last, the frozen VAE encoder's one attention layer (a single head 512 wide), forward only: each SDPA
 kernel that takes it, and written out (two matrix products around a softmax; faster, but its scores
-are rounded to bf16 between them). And the VAE encoder's group norms with their SiLU on NHWC inputs,
-forward only, each shape compiled (the only rows that compile: the question is the code inductor writes
-for them; the profile of the compiled step shows its group norm reductions far slower than the same
-bytes' elementwise pass): F.group_norm against statistics gathered per channel, as the VAE now compiles
-them for a GPU (`group_norm_per_channel` in vpd/vae.py).
+are rounded to bf16 between them). And the group norms, each way of computing them (F.group_norm, and
+statistics gathered per channel: `group_norm_per_channel` in vpd/norm.py), each shape compiled (the only
+rows that compile: the question is the code inductor writes for them), on NHWC inputs:
+  UNet  norm, SiLU and a 1x1 convolution, forward + backward: what F.group_norm's NCHW output and
+        gradient cost the convolution's backward (cuDNN copies them to NHWC) is in the time
+  VAE   norm and SiLU, forward only (the VAE is frozen)
 
     python bench_kernels.py --batch 16 --res 512                       # bf16, SD v1.5, on the GPU
     python bench_kernels.py --device cpu --size tiny --dtype fp32 --res 64 --iters 2
@@ -38,7 +39,8 @@ from eval import count
 from vpd.demo import TINY_UNET, TINY_VAE
 from vpd.flops import conv_macs
 from vpd.unet import CrossAttention, UNet, UNetConfig
-from vpd.vae import VAE, VAEConfig, group_norm_per_channel
+from vpd.norm import GroupNorm32, group_norm_per_channel
+from vpd.vae import VAE, VAEConfig
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
@@ -143,6 +145,47 @@ def vae_attention_step(shape, dtype, device, how):
             with sdpa_kernel(BACKENDS[how]):
                 return F.scaled_dot_product_attention(q, k, v)
     return step
+
+
+def unet_norm_shapes(cfg, batch, res, n_text):
+    """A Counter of the input shapes of the UNet's group norms at a res x res image."""
+    with torch.device("meta"):
+        unet = UNet(cfg)
+        x = torch.empty(batch, cfg.in_channels, res // 8, res // 8)
+        context = torch.empty(batch, n_text, cfg.context_dim)
+    shapes = Counter()
+    for m in unet.modules():
+        if isinstance(m, GroupNorm32):
+            m.register_forward_pre_hook(lambda module, args: shapes.update([tuple(args[0].shape)]))
+    unet(x, torch.ones(batch), context)
+    return shapes
+
+
+def unet_norm_steps(shape, dtype, device):
+    """A UNet group norm (float32 within, as GroupNorm32), its SiLU and a 1x1 convolution on an NHWC input,
+    compiled, forward + backward, each way on the same input, norm and convolution: {"native":
+    F.group_norm, "per-channel": `group_norm_per_channel`, which the UNet compiles for a GPU}."""
+    torch.compiler.reset()
+    C = shape[1]
+    x = torch.randn(shape, device=device, dtype=dtype).to(memory_format=torch.channels_last).requires_grad_()
+    norm = GroupNorm32(C).to(device)
+    nn.init.normal_(norm.weight), nn.init.normal_(norm.bias)
+    conv = nn.Conv2d(C, C, 1, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    grad = torch.randn(shape, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+
+    def make(how):
+        @torch.compile(dynamic=False)
+        def norm_silu_conv(x):
+            y = (F.group_norm(x.float(), 32, norm.weight, norm.bias, norm.eps) if how == "native"
+                 else group_norm_per_channel(x.float(), norm))
+            return conv(F.silu(y).to(dtype))
+
+        def step():
+            x.grad = norm.weight.grad = norm.bias.grad = conv.weight.grad = conv.bias.grad = None
+            norm_silu_conv(x).backward(grad)
+            return x.grad
+        return step
+    return {how: make(how) for how in ("native", "per-channel")}
 
 
 def vae_norm_shapes(cfg, batch, res):
@@ -253,23 +296,29 @@ def main(argv=None):
     report("vae_attention", shape, str(shape), 1, 2 * 2 * B * L * L * d, ms)  # forward only: two products
 
     ways = ("native", "per-channel")
-    print(f"\n{'VAE group norm + SiLU, forward, compiled (B, C, H, W), NHWC':58} {'n':>3} "
-          + " ".join(f"{k:>11}" for k in ways) + f" {'GB/s':>8} {'max diff':>9}")
-    sums = dict.fromkeys(ways, 0.0)
-    for shape, n in sorted(vae_norm_shapes(vae_cfg, args.batch, args.res).items(), key=lambda kv: -math.prod(kv[0])):
-        steps = vae_norm_steps(shape, dtype, device)
-        ms = {k: timer(device, steps[k], args.iters, args.warmup) for k in ways}
-        # the two ways' outputs on the same input: the per-channel one computes the same norm
-        diff = (steps["native"]().float() - steps["per-channel"]().float()).abs().max().item() \
-            if None not in ms.values() else float("nan")
-        rows.append(dict(kind="vae_norm", shape=shape, count=n, gflop=0.0, ms=ms, max_diff=diff))
-        gb = 2 * math.prod(shape) * torch.finfo(dtype).bits / 8 / 1e9  # the least traffic: x read once, y written
-        best = min((t for t in ms.values() if t is not None), default=float("nan"))
-        print(f"{str(shape):58} {n:>3} " + " ".join(f"{t:>11.3f}" if t is not None else f"{'-':>11}"
-                                                    for t in ms.values()) + f" {gb / best * 1e3:>8.0f} {diff:>9.2g}")
-        sums = {k: None if sums[k] is None or ms[k] is None else sums[k] + n * ms[k] for k in ways}
-    print(f"{'summed over the encoder':58} {'':>3} " + " ".join(f"{t:>11.2f}" if t is not None else f"{'-':>11}"
-                                                               for t in sums.values()))
+    for kind, title, shapes, make, passes, where in (
+            ("unet_norm", "UNet norm, SiLU, 1x1 conv; fwd + bwd, compiled, NHWC",
+             unet_norm_shapes(cfg, args.batch, args.res, args.text), unet_norm_steps, 4, "the UNet"),
+            ("vae_norm", "VAE norm, SiLU; forward, compiled, NHWC", vae_norm_shapes(vae_cfg, args.batch, args.res),
+             vae_norm_steps, 2, "the encoder")):
+        print(f"\n{title:58} {'n':>3} " + " ".join(f"{k:>11}" for k in ways)
+              + f" {'GB/s':>8} {'max diff':>9}")
+        sums = dict.fromkeys(ways, 0.0)
+        for shape, n in sorted(shapes.items(), key=lambda kv: -math.prod(kv[0])):
+            steps = make(shape, dtype, device)
+            ms = {k: timer(device, steps[k], args.iters, args.warmup) for k in ways}
+            # the two ways' results (the norm's output, or the input's gradient) on the same input
+            diff = (steps["native"]().float() - steps["per-channel"]().float()).abs().max().item() \
+                if None not in ms.values() else float("nan")
+            rows.append(dict(kind=kind, shape=shape, count=n, gflop=0.0, ms=ms, max_diff=diff))
+            # the least traffic in x's size: the VAE's x read, y written; the UNet's also the gradients
+            gb = passes * math.prod(shape) * torch.finfo(dtype).bits / 8 / 1e9
+            best = min((t for t in ms.values() if t is not None), default=float("nan"))
+            print(f"{str(shape):58} {n:>3} " + " ".join(f"{t:>11.3f}" if t is not None else f"{'-':>11}"
+                                                        for t in ms.values()) + f" {gb / best * 1e3:>8.0f} {diff:>9.2g}")
+            sums = {k: None if sums[k] is None or ms[k] is None else sums[k] + n * ms[k] for k in ways}
+        print(f"{'summed over ' + where:58} {'':>3} " + " ".join(f"{t:>11.2f}" if t is not None else f"{'-':>11}"
+                                                                 for t in sums.values()))
 
     # per kernel choice: the sum over all layers, where that choice takes every shape of its kind
     totals = {}

@@ -320,8 +320,17 @@ def test_kernel_bench_times_every_layer_shape_of_the_unet(tmp_path, aot_eager):
     norms = {r["shape"]: r["count"] for r in rows if r["kind"] == "vae_norm"}
     assert norms == {(2, 64, 8, 8): 8, (2, 32, 64, 64): 2, (2, 32, 32, 32): 2, (2, 32, 16, 16): 1,
                      (2, 64, 16, 16): 1}
-    assert all(t > 0 for r in rows if r["kind"] == "vae_norm" for t in r["ms"].values())
-    assert all(r["max_diff"] < 1e-4 for r in rows if r["kind"] == "vae_norm")  # the two ways agree
+    # the UNet's group norms, forward + backward: every GroupNorm32 of the UNet once, each way timed
+    from vpd.norm import GroupNorm32
+    from vpd.unet import UNet
+    with torch.device("meta"):
+        modules = [m for m in UNet(TINY_UNET).modules() if isinstance(m, GroupNorm32)]
+    unet_norms = [r for r in rows if r["kind"] == "unet_norm"]
+    assert sum(r["count"] for r in unet_norms) == len(modules) > 0
+    assert {r["shape"][1] for r in unet_norms} == {m.num_channels for m in modules}
+    for kind in ("vae_norm", "unet_norm"):
+        assert all(t > 0 for r in rows if r["kind"] == kind for t in r["ms"].values())
+        assert all(r["max_diff"] < 1e-4 for r in rows if r["kind"] == kind)  # the two ways agree
 
 
 def test_kernel_vae_attention_written_out_is_sdpa():
@@ -334,12 +343,14 @@ def test_kernel_vae_attention_written_out_is_sdpa():
     torch.testing.assert_close(attention("explicit"), attention("math"))
 
 
-def test_kernel_bench_compiles_each_vae_norm_once(aot_eager):
-    # one static graph per shape and way, run by every timed call: no recompile, no fall back to eager
+@pytest.mark.parametrize("steps_of", ["vae_norm_steps", "unet_norm_steps"])
+def test_kernel_bench_compiles_each_norm_once(aot_eager, steps_of):
+    # one static graph per shape and way, run by every timed call: no recompile, no fall back to eager;
+    # the VAE's steps return the norm's output, the UNet's the input's gradient
     import bench_kernels
     cpu = torch.device("cpu")
     for shape in ((2, 64, 8, 8), (2, 32, 16, 16)):
-        steps, outs = bench_kernels.vae_norm_steps(shape, torch.float32, cpu), {}
+        steps, outs = getattr(bench_kernels, steps_of)(shape, torch.float32, cpu), {}
         for how, step in list(steps.items()) * 2:  # each way compiled at its first call only
             before = counters["aot_autograd"]["total"]
             outs.setdefault(how, []).append(step())
@@ -370,8 +381,9 @@ def test_kernel_totals_of_a_shape_no_kernel_takes_are_none(monkeypatch):
         seen.append(shape)
         return refused if shape == seen[0] else (lambda: None)
     monkeypatch.setattr(bench_kernels, "attention_step", attention_step)
-    monkeypatch.setattr(bench_kernels, "vae_norm_steps",  # nothing to compile
-                        lambda *args: dict.fromkeys(("native", "per-channel"), lambda: torch.zeros(1)))
+    for steps in ("vae_norm_steps", "unet_norm_steps"):  # nothing to compile
+        monkeypatch.setattr(bench_kernels, steps,
+                            lambda *args: dict.fromkeys(("native", "per-channel"), lambda: torch.zeros(1)))
     monkeypatch.setattr(bench_kernels, "timer", lambda device, fn, iters, warmup: None if fn is refused else 1.0)
     _, totals = bench_kernels.main(["--device", "cpu", "--size", "tiny", "--dtype", "fp32", "--res", "64",
                                     "--batch", "2", "--text", "7", "--iters", "1", "--warmup", "0"])
@@ -657,7 +669,7 @@ def run_kernel_bench_on_fakes(monkeypatch, argv, ms_of):
     steps = []
 
     class Step(SimpleNamespace):
-        def __call__(self):  # (the VAE norm rows compare their two ways' outputs)
+        def __call__(self):  # (the norm rows compare their two ways' results)
             return torch.zeros(1)
 
     def fake(kind):
@@ -667,8 +679,9 @@ def run_kernel_bench_on_fakes(monkeypatch, argv, ms_of):
         return make
     for kind in ("attention", "conv", "linear", "vae_attention"):
         monkeypatch.setattr(bench_kernels, f"{kind}_step", fake(kind))
-    monkeypatch.setattr(bench_kernels, "vae_norm_steps", lambda shape, dtype, device: {
-        how: fake("vae_norm")(shape, dtype, device, how) for how in ("native", "per-channel")})
+    for kind in ("vae_norm", "unet_norm"):
+        monkeypatch.setattr(bench_kernels, f"{kind}_steps", lambda shape, dtype, device, kind=kind: {
+            how: fake(kind)(shape, dtype, device, how) for how in ("native", "per-channel")})
 
     def timer(device, step, iters, warmup):
         step.cudnn_benchmark = torch.backends.cudnn.benchmark  # as it was when this step was timed
@@ -797,11 +810,12 @@ def test_kernel_steps_do_the_work_their_rows_count(monkeypatch):
             return step
         monkeypatch.setattr(bench_kernels, f"{kind}_step", tagged)
 
-    monkeypatch.setattr(bench_kernels, "vae_norm_steps",  # a row of bytes, not FLOPs
-                        lambda *args: dict.fromkeys(("native", "per-channel"), lambda: torch.zeros(1)))
+    for steps in ("vae_norm_steps", "unet_norm_steps"):  # rows of bytes, not FLOPs
+        monkeypatch.setattr(bench_kernels, steps,
+                            lambda *args: dict.fromkeys(("native", "per-channel"), lambda: torch.zeros(1)))
 
     def timer(device, step, iters, warmup):
-        if not hasattr(step, "key"):  # a VAE norm's
+        if not hasattr(step, "key"):  # a norm's
             return 1.0
         kind, shape, backend = step.key
         if backend not in (None, bench_kernels.BACKENDS["math"], "math"):

@@ -6,9 +6,9 @@
 #   OUT=results bash tools/gpu_run.sh graphs 16  # the semseg step under CUDA graphs (reduce-overhead) at these
 #                                                # batches (default 2; ~5 min each)
 #   OUT=results bash tools/gpu_run.sh kernels    # SD's attention and conv shapes under each kernel choice, the VAE's
-#                                                # attention, eager, and its group norms compiled, at batches 16 and 2 (~4 min)
-#   OUT=results bash tools/gpu_run.sh profile    # the kernels at batch 16; the compiled VAE encoder alone; the compiled
-#                                                # semseg step at batch 16, timed, then a kernel profile of it (~9 min)
+#                                                # attention, eager, and the group norms compiled, at batches 16 and 2 (~6 min)
+#   OUT=results bash tools/gpu_run.sh profile    # the compiled semseg step at batch 16, timed, then a kernel profile of
+#                                                # it; the kernels at batch 16; the compiled VAE encoder alone (~8 min)
 #   OUT=results bash tools/gpu_run.sh sweep 2 8  # compiled NHWC semseg step at these batches: speed, peak memory (~4.5 min each)
 #   OUT=results bash tools/gpu_run.sh evalms     # ADE20K's ms + flip test of one image: 4 windows per forward vs 1 (~1 min)
 #   OUT=results bash tools/gpu_run.sh ddp        # the compiled batch-2 semseg step alone and split at DDP's buckets (~9 min)
@@ -55,14 +55,14 @@ graphs)  # at batch 16 too: the profiled step's kernels add up to 197 of its 209
   done ;;
 kernels)  # where the UNet's time goes, whether another attention or convolution kernel would pay
   for b in 16 2; do
-    run kernels$b.txt 150 python3 bench_kernels.py --batch $b --res 512 --json "$OUT/kernels$b.json"
+    run kernels$b.txt 200 python3 bench_kernels.py --batch $b --res 512 --json "$OUT/kernels$b.json"
   done ;;
-profile)  # where the semseg step's time goes beyond the UNet (209 ms against the UNet's 132 at batch 16 on an H100)
-  run kernels16.txt 200 python3 bench_kernels.py --batch 16 --res 512 --json "$OUT/kernels16.json"
-  run vae16.txt 100 $B --batch 16 --dtype bf16 --compile --channels-last --no-ref --which vae_enc --iters 5 --warmup 2 \
-    --json "$OUT/vae16.json"
+profile)  # where the semseg step's time goes beyond the UNet (201 ms against the UNet's 132 at batch 16 on an H100)
   run compiled_semseg16.txt 300 $B --batch 16 --dtype bf16 --compile --channels-last --which train_semseg \
-    --iters 5 --warmup 2 --json "$OUT/compiled_semseg16.json" --profile "$OUT/profile_semseg16.txt" ;;
+    --iters 5 --warmup 2 --json "$OUT/compiled_semseg16.json" --profile "$OUT/profile_semseg16.txt"
+  run kernels16.txt 200 python3 bench_kernels.py --batch 16 --res 512 --json "$OUT/kernels16.json"
+  run vae16.txt 90 $B --batch 16 --dtype bf16 --compile --channels-last --no-ref --which vae_enc --iters 5 --warmup 2 \
+    --json "$OUT/vae16.json" ;;
 sweep)
   for b in "${@:-2 8}"; do
     for batch in $b; do
