@@ -13,9 +13,10 @@ Every attention layer is timed as SDPA, also the few whose maps VPD keeps (an ex
 A self-attention's q/k/v projections are one linear, as vpd/unet.py runs them (the three weights joined).
 Last, the frozen VAE encoder's one attention layer (a single head 512 wide), forward only: each SDPA
 kernel that takes it, and written out (two matrix products around a softmax; faster, but its scores
-are rounded to bf16 between them). And the group norms, each way of computing them (F.group_norm, and
-statistics gathered per channel: `group_norm_per_channel` in vpd/norm.py), each shape compiled (the only
-rows that compile: the question is the code inductor writes for them), on NHWC inputs:
+are rounded to bf16 between them). And the group norms, each way of computing them (NORM_WAYS:
+F.group_norm, and `group_norm_in_layout` in vpd/norm.py from statistics per group or per channel), each
+shape compiled (the only rows that compile: the question is the code inductor writes for them), on NHWC
+inputs:
   UNet  norm, SiLU and a 1x1 convolution, forward + backward: what F.group_norm's NCHW output and
         gradient cost the convolution's backward (cuDNN copies them to NHWC) is in the time
   VAE   norm and SiLU, forward only (the VAE is frozen)
@@ -39,11 +40,19 @@ from eval import count
 from vpd.demo import TINY_UNET, TINY_VAE
 from vpd.flops import conv_macs
 from vpd.unet import CrossAttention, UNet, UNetConfig
-from vpd.norm import GroupNorm32, group_norm_per_channel
+from vpd.norm import GroupNorm32, group_norm_in_layout
 from vpd.vae import VAE, VAEConfig
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+NORM_WAYS = ("native", "per-group", "per-channel")  # F.group_norm; `group_norm_in_layout`'s two ways
+
+
+def group_norm(x, norm, how):
+    """A group norm of x, one of the NORM_WAYS."""
+    if how == "native":
+        return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    return group_norm_in_layout(x, norm, per_channel=how == "per-channel")
 
 
 def layer_shapes(cfg, batch, res, n_text):
@@ -163,8 +172,8 @@ def unet_norm_shapes(cfg, batch, res, n_text):
 
 def unet_norm_steps(shape, dtype, device):
     """A UNet group norm (float32 within, as GroupNorm32), its SiLU and a 1x1 convolution on an NHWC input,
-    compiled, forward + backward, each way on the same input, norm and convolution: {"native":
-    F.group_norm, "per-channel": `group_norm_per_channel`, which the UNet compiles for a GPU}."""
+    compiled, forward + backward, each way on the same input, norm and convolution: {way: step} for each
+    of NORM_WAYS, a step returning the input's gradient."""
     torch.compiler.reset()
     C = shape[1]
     x = torch.randn(shape, device=device, dtype=dtype).to(memory_format=torch.channels_last).requires_grad_()
@@ -176,16 +185,14 @@ def unet_norm_steps(shape, dtype, device):
     def make(how):
         @torch.compile(dynamic=False)
         def norm_silu_conv(x):
-            y = (F.group_norm(x.float(), 32, norm.weight, norm.bias, norm.eps) if how == "native"
-                 else group_norm_per_channel(x.float(), norm))
-            return conv(F.silu(y).to(dtype))
+            return conv(F.silu(group_norm(x.float(), norm, how)).to(dtype))
 
         def step():
             x.grad = norm.weight.grad = norm.bias.grad = conv.weight.grad = conv.bias.grad = None
             norm_silu_conv(x).backward(grad)
             return x.grad
         return step
-    return {how: make(how) for how in ("native", "per-channel")}
+    return {how: make(how) for how in NORM_WAYS}
 
 
 def vae_norm_shapes(cfg, batch, res):
@@ -204,8 +211,7 @@ def vae_norm_shapes(cfg, batch, res):
 def vae_norm_steps(shape, dtype, device):
     """The VAE encoder's group norm and SiLU on an NHWC input, compiled, forward without gradient, as the
     encoder runs them under autocast (float32 within, the next convolution's dtype out), each way on the
-    same input and norm: {"native": F.group_norm, "per-channel": `group_norm_per_channel`, which the VAE
-    compiles for a GPU}."""
+    same input and norm: {way: step} for each of NORM_WAYS, a step returning the output."""
     torch.compiler.reset()  # fresh graphs for each shape: the recompile limit would otherwise fall back to eager
     x = torch.randn(shape, device=device, dtype=dtype).to(memory_format=torch.channels_last)
     norm = nn.GroupNorm(32, shape[1], eps=1e-6, device=device)
@@ -214,14 +220,13 @@ def vae_norm_steps(shape, dtype, device):
     def make(how):
         @torch.compile(dynamic=False)
         def norm_silu(x):
-            y = norm(x.float()) if how == "native" else group_norm_per_channel(x, norm)
-            return F.silu(y).to(dtype)
+            return F.silu(group_norm(x.float(), norm, how)).to(dtype)
 
         def step():
             with torch.no_grad():
                 return norm_silu(x)
         return step
-    return {how: make(how) for how in ("native", "per-channel")}
+    return {how: make(how) for how in NORM_WAYS}
 
 
 def main(argv=None):
@@ -295,7 +300,7 @@ def main(argv=None):
     B, L, d = shape
     report("vae_attention", shape, str(shape), 1, 2 * 2 * B * L * L * d, ms)  # forward only: two products
 
-    ways = ("native", "per-channel")
+    ways = NORM_WAYS
     for kind, title, shapes, make, passes, where in (
             ("unet_norm", "UNet norm, SiLU, 1x1 conv; fwd + bwd, compiled, NHWC",
              unet_norm_shapes(cfg, args.batch, args.res, args.text), unet_norm_steps, 4, "the UNet"),
@@ -307,8 +312,8 @@ def main(argv=None):
         for shape, n in sorted(shapes.items(), key=lambda kv: -math.prod(kv[0])):
             steps = make(shape, dtype, device)
             ms = {k: timer(device, steps[k], args.iters, args.warmup) for k in ways}
-            # the two ways' results (the norm's output, or the input's gradient) on the same input
-            diff = (steps["native"]().float() - steps["per-channel"]().float()).abs().max().item() \
+            # the ways' results (the norm's output, or the input's gradient) on the same input, against F.group_norm's
+            diff = max((steps["native"]().float() - steps[k]().float()).abs().max().item() for k in ways[1:]) \
                 if None not in ms.values() else float("nan")
             rows.append(dict(kind=kind, shape=shape, count=n, gflop=0.0, ms=ms, max_diff=diff))
             # the least traffic in x's size: the VAE's x read, y written; the UNet's also the gradients

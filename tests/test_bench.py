@@ -356,7 +356,8 @@ def test_kernel_bench_compiles_each_norm_once(aot_eager, steps_of):
             outs.setdefault(how, []).append(step())
             assert counters["aot_autograd"]["total"] - before == (len(outs[how]) == 1)
             assert outs[how][-1].is_contiguous(memory_format=torch.channels_last)
-        torch.testing.assert_close(outs["native"][0], outs["per-channel"][0], atol=1e-4, rtol=1e-4)  # the same x
+        for how in bench_kernels.NORM_WAYS[1:]:  # the same x: the same norm, or gradient
+            torch.testing.assert_close(outs["native"][0], outs[how][0], atol=1e-4, rtol=1e-4)
         assert outs["native"][0].std() > 0.1  # (a norm with random weights: not a constant)
 
 
@@ -383,7 +384,7 @@ def test_kernel_totals_of_a_shape_no_kernel_takes_are_none(monkeypatch):
     monkeypatch.setattr(bench_kernels, "attention_step", attention_step)
     for steps in ("vae_norm_steps", "unet_norm_steps"):  # nothing to compile
         monkeypatch.setattr(bench_kernels, steps,
-                            lambda *args: dict.fromkeys(("native", "per-channel"), lambda: torch.zeros(1)))
+                            lambda *args: dict.fromkeys(bench_kernels.NORM_WAYS, lambda: torch.zeros(1)))
     monkeypatch.setattr(bench_kernels, "timer", lambda device, fn, iters, warmup: None if fn is refused else 1.0)
     _, totals = bench_kernels.main(["--device", "cpu", "--size", "tiny", "--dtype", "fp32", "--res", "64",
                                     "--batch", "2", "--text", "7", "--iters", "1", "--warmup", "0"])
@@ -681,7 +682,7 @@ def run_kernel_bench_on_fakes(monkeypatch, argv, ms_of):
         monkeypatch.setattr(bench_kernels, f"{kind}_step", fake(kind))
     for kind in ("vae_norm", "unet_norm"):
         monkeypatch.setattr(bench_kernels, f"{kind}_steps", lambda shape, dtype, device, kind=kind: {
-            how: fake(kind)(shape, dtype, device, how) for how in ("native", "per-channel")})
+            how: fake(kind)(shape, dtype, device, how) for how in bench_kernels.NORM_WAYS})
 
     def timer(device, step, iters, warmup):
         step.cudnn_benchmark = torch.backends.cudnn.benchmark  # as it was when this step was timed
@@ -812,7 +813,7 @@ def test_kernel_steps_do_the_work_their_rows_count(monkeypatch):
 
     for steps in ("vae_norm_steps", "unet_norm_steps"):  # rows of bytes, not FLOPs
         monkeypatch.setattr(bench_kernels, steps,
-                            lambda *args: dict.fromkeys(("native", "per-channel"), lambda: torch.zeros(1)))
+                            lambda *args: dict.fromkeys(bench_kernels.NORM_WAYS, lambda: torch.zeros(1)))
 
     def timer(device, step, iters, warmup):
         if not hasattr(step, "key"):  # a norm's

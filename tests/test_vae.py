@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from vpd.checkpoint import CheckpointError
 from vpd import norm as norm_module
-from vpd.norm import group_norm_per_channel
+from vpd.norm import group_norm_in_layout
 from vpd.vae import VAE, DiagonalGaussian, VAEConfig
 
 SD15 = Path(__file__).resolve().parents[1].parent / "shared" / "sd15_tensors.json"
@@ -131,11 +131,11 @@ def test_compiled_for_a_gpu_the_encoder_still_gives_diffusers_posterior(tiny, mo
     calls = []
     monkeypatch.setattr(norm_module, "compiled_for_gpu", lambda x: True)
     monkeypatch.setattr(norm_module, "PER_CHANNEL_PIXELS", 0)
-    monkeypatch.setattr(norm_module, "group_norm_per_channel",
-                        lambda x, n: calls.append(x.shape) or group_norm_per_channel(x, n))
+    monkeypatch.setattr(norm_module, "group_norm_in_layout",
+                        lambda x, n, per_channel: calls.append(per_channel) or group_norm_in_layout(x, n, per_channel))
     with torch.no_grad():
         post = vae.encode(x.to(memory_format=torch.channels_last))
-    assert len(calls) == sum(isinstance(m, torch.nn.GroupNorm) for m in vae.modules()) > 0
+    assert calls == [True] * sum(isinstance(m, torch.nn.GroupNorm) for m in vae.modules()) and calls
     close(post.mean, mean)
     close(post.logvar, logvar)
 
