@@ -22,6 +22,7 @@ inputs:
   VAE   norm and SiLU, forward only (the VAE is frozen)
 
     python bench_kernels.py --batch 16 --res 512                       # bf16, SD v1.5, on the GPU
+    python bench_kernels.py --batch 16 --res 512 --which unet_norm,vae_norm   # the group norms alone
     python bench_kernels.py --device cpu --size tiny --dtype fp32 --res 64 --iters 2
 """
 import argparse
@@ -46,6 +47,7 @@ from vpd.vae import VAE, VAEConfig
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
 NORM_WAYS = ("native", "per-group", "per-channel")  # F.group_norm; `group_norm_in_layout`'s two ways
+SECTIONS = ("attention", "conv", "linear", "vae_attention", "unet_norm", "vae_norm")  # bench_kernels.py --which
 
 
 def group_norm(x, norm, how):
@@ -240,8 +242,13 @@ def main(argv=None):
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--iters", type=count(1), default=10)
     p.add_argument("--warmup", type=count(0), default=3)
+    p.add_argument("--which", default=",".join(SECTIONS),
+                   help=f"comma list of the sections to time: {', '.join(SECTIONS)}")
     p.add_argument("--json", default="", help="also write the rows and totals here")
     args = p.parse_args(argv)
+    which = args.which.split(",")
+    if not set(which) <= set(SECTIONS):
+        raise SystemExit(f"--which {args.which}: sections are {', '.join(SECTIONS)}")
     if args.res % 64:
         raise SystemExit(f"--res {args.res}: the UNet takes multiples of 64")
     check_json_path(args.json)
@@ -263,42 +270,47 @@ def main(argv=None):
         print(f"{label:58} {n:>3} " + " ".join(f"{t:>9.3f}" if t is not None else f"{'-':>9}" for t in ms.values())
               + f" {tflops:>8.2f}")
 
-    print(f"\n{'attention (B, heads, Lq, Lk, d)':58} {'n':>3} " + " ".join(f"{b:>9}" for b in BACKENDS)
-          + f" {'TFLOP/s':>8}")
-    for shape, n in sorted(attn.items(), key=lambda kv: -kv[0][2]):
-        B, heads, lq, lk, d = shape
-        ms = {b: timer(device, attention_step(shape, dtype, device, k), args.iters, args.warmup)
-              for b, k in BACKENDS.items()}
-        report("attention", shape, str(shape), n, 3 * 4 * B * heads * lq * lk * d, ms)
+    if "attention" in which:
+        print(f"\n{'attention (B, heads, Lq, Lk, d)':58} {'n':>3} " + " ".join(f"{b:>9}" for b in BACKENDS)
+              + f" {'TFLOP/s':>8}")
+        for shape, n in sorted(attn.items(), key=lambda kv: -kv[0][2]):
+            B, heads, lq, lk, d = shape
+            ms = {b: timer(device, attention_step(shape, dtype, device, k), args.iters, args.warmup)
+                  for b, k in BACKENDS.items()}
+            report("attention", shape, str(shape), n, 3 * 4 * B * heads * lq * lk * d, ms)
 
-    print(f"\n{'convolution (input, weight, stride, pad)':58} {'n':>3} {'default':>9} {'autotuned':>9} {'TFLOP/s':>8}")
-    for shape, n in sorted(conv.items(), key=lambda kv: -kv[0][0][2]):
-        (B, _, H, W), (cout, cin, kh, kw), stride, pad = shape
-        h_out, w_out = (H + 2 * pad[0] - kh) // stride[0] + 1, (W + 2 * pad[1] - kw) // stride[1] + 1
-        ms = {"default": None, "autotuned": None}  # (the CPU has no cuDNN to autotune: a second timing is noise)
-        for benchmark, b in ((False, "default"), (True, "autotuned"))[:2 if device.type == "cuda" else 1]:
-            torch.backends.cudnn.benchmark = benchmark  # cuDNN's heuristics, then autotuning
-            ms[b] = timer(device, conv_step(shape, dtype, device), args.iters, args.warmup)
-        report("convolution", shape, f"{shape[0]} {shape[1]} s{stride[0]} p{pad[0]}", n,
-               3 * 2 * B * conv_macs(h_out, w_out, cin, cout, kh), ms)  # SD's kernels are square
-    torch.backends.cudnn.benchmark = False
+    if "conv" in which:
+        print(f"\n{'convolution (input, weight, stride, pad)':58} {'n':>3} {'default':>9} {'autotuned':>9} "
+              f"{'TFLOP/s':>8}")
+        for shape, n in sorted(conv.items(), key=lambda kv: -kv[0][0][2]):
+            (B, _, H, W), (cout, cin, kh, kw), stride, pad = shape
+            h_out, w_out = (H + 2 * pad[0] - kh) // stride[0] + 1, (W + 2 * pad[1] - kw) // stride[1] + 1
+            ms = {"default": None, "autotuned": None}  # (the CPU has no cuDNN to autotune: a second timing is noise)
+            for benchmark, b in ((False, "default"), (True, "autotuned"))[:2 if device.type == "cuda" else 1]:
+                torch.backends.cudnn.benchmark = benchmark  # cuDNN's heuristics, then autotuning
+                ms[b] = timer(device, conv_step(shape, dtype, device), args.iters, args.warmup)
+            report("convolution", shape, f"{shape[0]} {shape[1]} s{stride[0]} p{pad[0]}", n,
+                   3 * 2 * B * conv_macs(h_out, w_out, cin, cout, kh), ms)  # SD's kernels are square
+        torch.backends.cudnn.benchmark = False
 
-    print(f"\n{'linear (input, weight)':58} {'n':>3} {'default':>9} {'TFLOP/s':>8}")
-    for shape, n in sorted(linear.items(), key=lambda kv: -math.prod(kv[0][0])):
-        x_shape, (cout, cin) = shape
-        ms = {"default": timer(device, linear_step(shape, dtype, device), args.iters, args.warmup)}
-        report("linear", shape, f"{shape[0]} {shape[1]}", n, 3 * 2 * math.prod(x_shape[:-1]) * cin * cout, ms)
+    if "linear" in which:
+        print(f"\n{'linear (input, weight)':58} {'n':>3} {'default':>9} {'TFLOP/s':>8}")
+        for shape, n in sorted(linear.items(), key=lambda kv: -math.prod(kv[0][0])):
+            x_shape, (cout, cin) = shape
+            ms = {"default": timer(device, linear_step(shape, dtype, device), args.iters, args.warmup)}
+            report("linear", shape, f"{shape[0]} {shape[1]}", n, 3 * 2 * math.prod(x_shape[:-1]) * cin * cout, ms)
 
     # outside the totals below: the VAE is not the UNet
     vae_cfg = VAEConfig() if args.size == "full" else TINY_VAE
-    side = args.res // 2 ** (len(vae_cfg.ch_mult) - 1)  # the VAE's attention runs at its lowest resolution
-    shape = (args.batch, side * side, vae_cfg.ch * vae_cfg.ch_mult[-1])
-    ways = (*BACKENDS, "explicit")
-    print(f"\n{'VAE attention, forward (B, L, d), 1 head':58} {'n':>3} " + " ".join(f"{k:>9}" for k in ways)
-          + f" {'TFLOP/s':>8}")
-    ms = {k: timer(device, vae_attention_step(shape, dtype, device, k), args.iters, args.warmup) for k in ways}
-    B, L, d = shape
-    report("vae_attention", shape, str(shape), 1, 2 * 2 * B * L * L * d, ms)  # forward only: two products
+    if "vae_attention" in which:
+        side = args.res // 2 ** (len(vae_cfg.ch_mult) - 1)  # the VAE's attention runs at its lowest resolution
+        shape = (args.batch, side * side, vae_cfg.ch * vae_cfg.ch_mult[-1])
+        ways = (*BACKENDS, "explicit")
+        print(f"\n{'VAE attention, forward (B, L, d), 1 head':58} {'n':>3} " + " ".join(f"{k:>9}" for k in ways)
+              + f" {'TFLOP/s':>8}")
+        ms = {k: timer(device, vae_attention_step(shape, dtype, device, k), args.iters, args.warmup) for k in ways}
+        B, L, d = shape
+        report("vae_attention", shape, str(shape), 1, 2 * 2 * B * L * L * d, ms)  # forward only: two products
 
     ways = NORM_WAYS
     for kind, title, shapes, make, passes, where in (
@@ -306,10 +318,12 @@ def main(argv=None):
              unet_norm_shapes(cfg, args.batch, args.res, args.text), unet_norm_steps, 4, "the UNet"),
             ("vae_norm", "VAE norm, SiLU; forward, compiled, NHWC", vae_norm_shapes(vae_cfg, args.batch, args.res),
              vae_norm_steps, 2, "the encoder")):
+        if kind not in which:
+            continue
         print(f"\n{title:58} {'n':>3} " + " ".join(f"{k:>11}" for k in ways)
               + f" {'GB/s':>8} {'max diff':>9}")
         sums = dict.fromkeys(ways, 0.0)
-        for shape, n in sorted(shapes.items(), key=lambda kv: -math.prod(kv[0])):
+        for shape, n in sorted(shapes.items(), key=lambda kv: -kv[1] * math.prod(kv[0])):  # the most bytes first
             steps = make(shape, dtype, device)
             ms = {k: timer(device, steps[k], args.iters, args.warmup) for k in ways}
             # the ways' results (the norm's output, or the input's gradient) on the same input, against F.group_norm's
@@ -329,6 +343,8 @@ def main(argv=None):
     totals = {}
     for kind in ("attention", "convolution", "linear"):
         mine = [r for r in rows if r["kind"] == kind]
+        if not mine:  # a section left out (--which)
+            continue
         for b in mine[0]["ms"]:
             times = [r["count"] * r["ms"][b] for r in mine if r["ms"][b] is not None]
             totals[f"{kind} {b}"] = sum(times) if len(times) == len(mine) else None

@@ -363,7 +363,8 @@ def test_kernel_bench_compiles_each_norm_once(aot_eager, steps_of):
 
 def test_bench_kernels_refuses_bad_flags(tmp_path, monkeypatch):
     import bench_kernels
-    for argv in (["--res", "0"], ["--batch", "0"], ["--iters", "0"], ["--text", "0"], ["--device", "tpu"]):
+    for argv in (["--res", "0"], ["--batch", "0"], ["--iters", "0"], ["--text", "0"], ["--device", "tpu"],
+                 ["--which", "unet_norm,norms"]):
         with pytest.raises(SystemExit):
             bench_kernels.main(argv + ["--device", "cpu"] if "--device" not in argv else argv)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -715,6 +716,15 @@ def test_kernel_rows_tflops_is_one_layers_flops_in_one_layers_time(monkeypatch, 
     assert len(want) > 20 and any(n > 1 for _, _, n in want.values())  # rows shared by several layers
     for line, (printed, tflops, n) in want.items():
         assert printed == pytest.approx(tflops, abs=0.006), line
+
+
+def test_kernel_bench_times_the_sections_asked_for(monkeypatch):
+    # --which: the group norms alone (nothing else built or timed), the rows with the most bytes first
+    steps, rows, totals = run_kernel_bench_on_fakes(monkeypatch, ["--which", "unet_norm,vae_norm"], lambda step: 1.0)
+    assert {s.kind for s in steps} == {r["kind"] for r in rows} == {"unet_norm", "vae_norm"} and totals == {}
+    for kind in ("unet_norm", "vae_norm"):
+        sizes = [r["count"] * math.prod(r["shape"]) for r in rows if r["kind"] == kind]
+        assert len(sizes) > 1 and sizes == sorted(sizes, reverse=True)
 
 
 def test_kernel_timer_is_the_median_in_ms_after_an_untimed_first_call_and_the_warm_up(monkeypatch):

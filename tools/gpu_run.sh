@@ -8,7 +8,7 @@
 #   OUT=results bash tools/gpu_run.sh kernels    # SD's attention and conv shapes under each kernel choice, the VAE's
 #                                                # attention, eager, and the group norms compiled, at batches 16 and 2 (~6 min)
 #   OUT=results bash tools/gpu_run.sh profile    # the compiled semseg step at batch 16, timed, then a kernel profile of
-#                                                # it; the kernels at batch 16; the compiled VAE encoder alone (~8 min)
+#                                                # it; the group norms' ways at batch 16; the compiled VAE encoder (~9 min)
 #   OUT=results bash tools/gpu_run.sh sweep 2 8  # compiled NHWC semseg step at these batches: speed, peak memory (~4.5 min each)
 #   OUT=results bash tools/gpu_run.sh evalms     # ADE20K's ms + flip test of one image: 4 windows per forward vs 1 (~1 min)
 #   OUT=results bash tools/gpu_run.sh ddp        # the compiled batch-2 semseg step alone and split at DDP's buckets (~9 min)
@@ -60,7 +60,8 @@ kernels)  # where the UNet's time goes, whether another attention or convolution
 profile)  # where the semseg step's time goes beyond the UNet (201 ms against the UNet's 132 at batch 16 on an H100)
   run compiled_semseg16.txt 300 $B --batch 16 --dtype bf16 --compile --channels-last --which train_semseg \
     --iters 5 --warmup 2 --json "$OUT/compiled_semseg16.json" --profile "$OUT/profile_semseg16.txt"
-  run kernels16.txt 200 python3 bench_kernels.py --batch 16 --res 512 --json "$OUT/kernels16.json"
+  run norms16.txt 200 python3 bench_kernels.py --batch 16 --res 512 --which unet_norm,vae_norm \
+    --json "$OUT/norms16.json"
   run vae16.txt 90 $B --batch 16 --dtype bf16 --compile --channels-last --no-ref --which vae_enc --iters 5 --warmup 2 \
     --json "$OUT/vae16.json" ;;
 sweep)
