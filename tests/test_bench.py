@@ -330,7 +330,7 @@ def test_kernel_bench_times_every_layer_shape_of_the_unet(tmp_path, aot_eager):
     assert {r["shape"][1] for r in unet_norms} == {m.num_channels for m in modules}
     for kind in ("vae_norm", "unet_norm"):
         assert all(t > 0 for r in rows if r["kind"] == kind for t in r["ms"].values())
-        assert all(r["max_diff"] < 1e-4 for r in rows if r["kind"] == kind)  # the two ways agree
+        assert all(r["max_diff"] < 1e-4 for r in rows if r["kind"] == kind)  # the ways agree
 
 
 def test_kernel_vae_attention_written_out_is_sdpa():
@@ -671,7 +671,7 @@ def run_kernel_bench_on_fakes(monkeypatch, argv, ms_of):
     steps = []
 
     class Step(SimpleNamespace):
-        def __call__(self):  # (the norm rows compare their two ways' results)
+        def __call__(self):  # (the norm rows compare their ways' results)
             return torch.zeros(1)
 
     def fake(kind):

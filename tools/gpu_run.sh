@@ -6,7 +6,7 @@
 #   OUT=results bash tools/gpu_run.sh graphs 16  # the semseg step under CUDA graphs (reduce-overhead) at these
 #                                                # batches (default 2; ~5 min each)
 #   OUT=results bash tools/gpu_run.sh kernels    # SD's attention and conv shapes under each kernel choice, the VAE's
-#                                                # attention, eager, and the group norms compiled, at batches 16 and 2 (~6 min)
+#                                                # attention, eager, and the group norms compiled, at batches 16 and 2 (~9 min)
 #   OUT=results bash tools/gpu_run.sh profile    # the compiled semseg step at batch 16, timed, then a kernel profile of
 #                                                # it; the group norms' ways at batch 16; the compiled VAE encoder (~9 min)
 #   OUT=results bash tools/gpu_run.sh sweep 2 8  # compiled NHWC semseg step at these batches: speed, peak memory (~4.5 min each)
@@ -55,7 +55,7 @@ graphs)  # at batch 16 too: the profiled step's kernels add up to 197 of its 209
   done ;;
 kernels)  # where the UNet's time goes, whether another attention or convolution kernel would pay
   for b in 16 2; do
-    run kernels$b.txt 200 python3 bench_kernels.py --batch $b --res 512 --json "$OUT/kernels$b.json"
+    run kernels$b.txt 280 python3 bench_kernels.py --batch $b --res 512 --json "$OUT/kernels$b.json"
   done ;;
 profile)  # where the semseg step's time goes beyond the UNet (201 ms against the UNet's 132 at batch 16 on an H100)
   run compiled_semseg16.txt 300 $B --batch 16 --dtype bf16 --compile --channels-last --which train_semseg \
