@@ -3,15 +3,16 @@
 # $OUT/*.txt, each ending with its command's exit status, 124 when it timed out):
 #   OUT=results bash tools/gpu_run.sh eager      # flash/bf16/compile checks, eager benchmarks, DDP demo (~9 min)
 #   OUT=results bash tools/gpu_run.sh compiled   # compiled bf16 at batch 16, NHWC: semseg step, UNet fwd+bwd (~10 min)
-#   OUT=results bash tools/gpu_run.sh graphs 16  # the semseg step under CUDA graphs (reduce-overhead) at these
-#                                                # batches (default 2; ~5 min each)
+#   OUT=results bash tools/gpu_run.sh graphs 16  # the UNet fwd+bwd and the semseg step under CUDA graphs
+#                                                # (reduce-overhead) at these batches (default 2; ~8.5 min each)
 #   OUT=results bash tools/gpu_run.sh kernels    # SD's attention and conv shapes under each kernel choice, the VAE's
 #                                                # attention, eager, and the group norms compiled, at batches 16 and 2 (~9 min)
 #   OUT=results bash tools/gpu_run.sh profile    # the compiled semseg step at batch 16, timed, then a kernel profile of
 #                                                # it; the group norms' ways at batch 16; the compiled VAE encoder (~9 min)
 #   OUT=results bash tools/gpu_run.sh sweep 2 8  # compiled NHWC semseg step at these batches: speed, peak memory (~4.5 min each)
 #   OUT=results bash tools/gpu_run.sh evalms     # ADE20K's ms + flip test of one image: 4 windows per forward vs 1 (~1 min)
-#   OUT=results bash tools/gpu_run.sh ddp        # the compiled batch-2 semseg step alone and split at DDP's buckets (~9 min)
+#   OUT=results bash tools/gpu_run.sh ddp 16     # the compiled semseg step split at DDP's buckets at these batches
+#                                                # (default 2; ~5 min each; the same step without DDP: sweep)
 #   OUT=results bash tools/gpu_run.sh ddpgraphs  # the same split step under CUDA graphs: does reduce-overhead work under DDP (~5 min)
 # Compiling the full model takes minutes (about 4 on an H200; a 230 s limit cut the semseg step short on an
 # H100, and 120 s the UNet; bench.py prints each warm-up's time, the compile's), so each compiled row has a
@@ -48,8 +49,10 @@ compiled)
     --iters 5 --warmup 2 --json "$OUT/compiled_semseg16.json"
   run compiled_unet16.txt 250 $B --batch 16 --dtype bf16 --compile --channels-last --no-ref --which unet_fwdbwd \
     --iters 5 --warmup 2 --json "$OUT/compiled_unet16.json" ;;
-graphs)  # at batch 16 too: the profiled step's kernels add up to 197 of its 209 ms on an H100 (idle between them)
+graphs)  # at batch 16 too: the profiled step's kernels add up to 176.9 of its 190.4 ms on an H100 (idle between them)
   for batch in ${@:-2}; do
+    run graphs_unet$batch.txt 240 $B --batch "$batch" --dtype bf16 --compile --compile-mode reduce-overhead \
+      --channels-last --no-ref --which unet_fwdbwd --iters 10 --warmup 3 --json "$OUT/graphs_unet$batch.json"
     run graphs_semseg$batch.txt 300 $B --batch "$batch" --dtype bf16 --compile --compile-mode reduce-overhead \
       --channels-last --which train_semseg --iters 10 --warmup 3 --json "$OUT/graphs_semseg$batch.json"
   done ;;
@@ -74,12 +77,13 @@ sweep)
 evalms)  # eval.py's semseg test (eager bf16): its windows batched against mmseg's one per forward
   run eval_semseg.txt 150 $B --dtype bf16 --which eval_semseg --iters 3 --warmup 1 --json "$OUT/eval_semseg.json" ;;
 ddp)  # what train.py's DDP(compile(model)) costs a GPU beyond the communication: ~130 graphs, one per 25 MB bucket of 3.3 GiB
-  S="$B --batch 2 --dtype bf16 --compile --channels-last --which train_semseg --iters 10 --warmup 3"
-  run semseg2.txt 280 $S --json "$OUT/semseg2.json"
-  run semseg2_ddp.txt 290 $S --ddp --json "$OUT/semseg2_ddp.json" ;;
+  for batch in ${@:-2}; do
+    run semseg${batch}_ddp.txt 300 $B --batch "$batch" --dtype bf16 --compile --channels-last --which train_semseg \
+      --iters 10 --warmup 3 --ddp --json "$OUT/semseg${batch}_ddp.json"
+  done ;;
 ddpgraphs)
   run semseg2_ddp_graphs.txt 300 $B --batch 2 --dtype bf16 --compile --compile-mode reduce-overhead --channels-last \
     --which train_semseg --iters 10 --warmup 3 --ddp --json "$OUT/semseg2_ddp_graphs.json" ;;
-*) echo "usage: bash tools/gpu_run.sh eager|compiled|graphs [batches]|kernels|profile|sweep [batches]|evalms|ddp|ddpgraphs" >&2
+*) echo "usage: bash tools/gpu_run.sh eager|compiled|graphs [batches]|kernels|profile|sweep [batches]|evalms|ddp [batches]|ddpgraphs" >&2
    exit 2 ;;
 esac

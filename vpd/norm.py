@@ -4,7 +4,7 @@ On a GPU tensor, F.group_norm costs an NHWC network twice over:
 - it first makes x contiguous (NCHW), so its traced output, and the gradient its backward hands on, are
   NCHW. In a backward graph, inductor gives cuDNN's convolution backward its arguments in the traced
   layouts, and cuDNN copies every NCHW one to NHWC first: 7.5 ms of copies in the H100 profile of the
-  semseg step at batch 16;
+  semseg step at batch 16, 1.3 ms with the UNet's norms below;
 - inductor decomposes it (torch/_refs `native_group_norm`) into reductions over x as (B, groups,
   C / groups, H * W), which on NHWC memory stride by a pixel's C channels: at the VAE encoder's 512x512
   levels they read at a fifth of the bandwidth of the elementwise passes (README, the H100 profile).
@@ -48,8 +48,9 @@ def group_norm_in_layout(x, norm, per_channel):
 
 
 # From this many pixels per channel up, the per-channel statistics are the faster forward on an H100
-# (bench_kernels.py's VAE rows at batch 16: 512x512 and 256x256 faster than F.group_norm by 1.1-1.7x,
-# 128x128 and 64x64 slower by 1.1-1.3x).
+# (bench_kernels.py's VAE rows at batch 16: at 512x512 2x faster than F.group_norm, at 256x256 as fast or
+# faster; at 128x128 and 64x64 F.group_norm or per group is). Below it, in the UNet's rows (norm, SiLU
+# and a 1x1 conv, forward + backward), per group beat both other ways at 64x64 by 1.1-1.5x.
 PER_CHANNEL_PIXELS = 256 * 256
 
 
