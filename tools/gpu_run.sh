@@ -2,7 +2,8 @@
 # The GPU runs behind the README's GPU figures, in parts of under 10 minutes each (tables in
 # $OUT/*.txt, each ending with its command's exit status, 124 when it timed out):
 #   OUT=results bash tools/gpu_run.sh eager      # flash/bf16/compile checks, eager benchmarks, DDP demo (~9 min)
-#   OUT=results bash tools/gpu_run.sh compiled   # compiled bf16 at batch 16, NHWC: semseg step, UNet fwd+bwd (~10 min)
+#   OUT=results bash tools/gpu_run.sh compiled   # compiled bf16 at batch 16, NHWC: semseg step, UNet fwd+bwd and its
+#                                                # kernel profile (~10 min)
 #   OUT=results bash tools/gpu_run.sh graphs 16  # the UNet fwd+bwd and the semseg step under CUDA graphs
 #                                                # (reduce-overhead) at these batches (default 2; ~8.5 min each)
 #   OUT=results bash tools/gpu_run.sh kernels    # SD's attention and conv shapes under each kernel choice, the VAE's
@@ -48,7 +49,7 @@ compiled)
   run compiled_semseg16.txt 340 $B --batch 16 --dtype bf16 --compile --channels-last --which train_semseg \
     --iters 5 --warmup 2 --json "$OUT/compiled_semseg16.json"
   run compiled_unet16.txt 250 $B --batch 16 --dtype bf16 --compile --channels-last --no-ref --which unet_fwdbwd \
-    --iters 5 --warmup 2 --json "$OUT/compiled_unet16.json" ;;
+    --iters 5 --warmup 2 --json "$OUT/compiled_unet16.json" --profile "$OUT/profile_unet16.txt" ;;
 graphs)  # at batch 16 too: the profiled step's kernels add up to 176.9 of its 190.4 ms on an H100 (idle between them)
   for batch in ${@:-2}; do
     run graphs_unet$batch.txt 240 $B --batch "$batch" --dtype bf16 --compile --compile-mode reduce-overhead \
