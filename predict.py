@@ -60,7 +60,7 @@ from vpd.infer import depth_predict, refer_logits, semseg_probs
 from vpd.model import TASKS
 from vpd.tasks import checkpoint_task, load_model, to_device, training_crop
 
-SIZES = {"depth": 640, "semseg": 512, "refer": 512}  # see the docstring: --size per task
+NYU_WIDTH = 640  # depth's default --size (see the docstring); semseg's and refer's is the training crop
 WAITING = 4  # images whose PNGs may wait to be written
 READ_AHEAD = 2  # images read (decoded, resized) while the one before them is predicted
 DEFAULT_SCENE = "living_room"
@@ -194,11 +194,10 @@ def default_size(task, meta):
     crop without resizing, so the width of their frames (NYU: 640, KITTI's benchmark crop: 1216, demo runs
     too; the demo's synthetic NYU frames: --demo's demo_size, 128)."""
     if task != "depth":
-        crop = meta.get("args", {}).get("crop")
-        return int(crop) if crop else SIZES[task]
+        return training_crop(task, meta)
     if meta.get("dataset") == "kitti":
         return KB_CROP[1]
-    return int(meta["args"]["demo_size"]) if meta.get("demo") else SIZES[task]
+    return int(meta["args"]["demo_size"]) if meta.get("demo") else NYU_WIDTH
 
 
 # ----------------------------------------------------------------------------- prediction of one image
