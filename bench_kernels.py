@@ -158,18 +158,23 @@ def vae_attention_step(shape, dtype, device, how):
     return step
 
 
+def norm_input_shapes(module, *inputs):
+    """A Counter of the input shapes of `module`'s group norms in one forward of `inputs`."""
+    shapes = Counter()
+    for m in module.modules():
+        if isinstance(m, nn.GroupNorm):
+            m.register_forward_pre_hook(lambda norm, args: shapes.update([tuple(args[0].shape)]))
+    module(*inputs)
+    return shapes
+
+
 def unet_norm_shapes(cfg, batch, res, n_text):
     """A Counter of the input shapes of the UNet's group norms at a res x res image."""
     with torch.device("meta"):
         unet = UNet(cfg)
         x = torch.empty(batch, cfg.in_channels, res // 8, res // 8)
         context = torch.empty(batch, n_text, cfg.context_dim)
-    shapes = Counter()
-    for m in unet.modules():
-        if isinstance(m, GroupNorm32):
-            m.register_forward_pre_hook(lambda module, args: shapes.update([tuple(args[0].shape)]))
-    unet(x, torch.ones(batch), context)
-    return shapes
+    return norm_input_shapes(unet, x, torch.ones(batch), context)
 
 
 def unet_norm_steps(shape, dtype, device):
@@ -202,12 +207,7 @@ def vae_norm_shapes(cfg, batch, res):
     with torch.device("meta"):
         encoder = VAE(cfg, decoder=False).encoder
         x = torch.empty(batch, cfg.in_channels, res, res)
-    shapes = Counter()
-    for m in encoder.modules():
-        if isinstance(m, nn.GroupNorm):
-            m.register_forward_pre_hook(lambda module, args: shapes.update([tuple(args[0].shape)]))
-    encoder(x)
-    return shapes
+    return norm_input_shapes(encoder, x)
 
 
 def vae_norm_steps(shape, dtype, device):
@@ -315,11 +315,12 @@ def main(argv=None):
     ways = NORM_WAYS
     for kind, title, shapes, make, passes, where in (
             ("unet_norm", "UNet norm, SiLU, 1x1 conv; fwd + bwd, compiled, NHWC",
-             unet_norm_shapes(cfg, args.batch, args.res, args.text), unet_norm_steps, 4, "the UNet"),
-            ("vae_norm", "VAE norm, SiLU; forward, compiled, NHWC", vae_norm_shapes(vae_cfg, args.batch, args.res),
-             vae_norm_steps, 2, "the encoder")):
+             lambda: unet_norm_shapes(cfg, args.batch, args.res, args.text), unet_norm_steps, 4, "the UNet"),
+            ("vae_norm", "VAE norm, SiLU; forward, compiled, NHWC",
+             lambda: vae_norm_shapes(vae_cfg, args.batch, args.res), vae_norm_steps, 2, "the encoder")):
         if kind not in which:
             continue
+        shapes = shapes()
         print(f"\n{title:58} {'n':>3} " + " ".join(f"{k:>11}" for k in ways)
               + f" {'GB/s':>8} {'max diff':>9}")
         sums = dict.fromkeys(ways, 0.0)
