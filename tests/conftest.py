@@ -33,3 +33,15 @@ def resize_uncounted():
             mp.setattr(vpd.heads, "resize_bilinear", interpolate)  # the FPN head's x2 upsamples
             yield
     return patched
+
+
+@pytest.fixture
+def gpu_norm_ways(monkeypatch):
+    """The group norms of vpd/norm.py as compiled for a GPU, taken here on the CPU: a list that records the
+    `per_channel` of each `group_norm_in_layout` call."""
+    from vpd import norm
+    calls, in_layout = [], norm.group_norm_in_layout
+    monkeypatch.setattr(norm, "compiled_for_gpu", lambda x: True)
+    monkeypatch.setattr(norm, "group_norm_in_layout",
+                        lambda x, n, per_channel: calls.append(per_channel) or in_layout(x, n, per_channel))
+    return calls

@@ -64,30 +64,28 @@ def test_on_a_gpu_torch_group_norm_turns_nhwc_into_nchw_and_ours_do_not():
             assert nhwc == [torch_keeps_nhwc, True, True], device
 
 
-def test_which_way_each_norm_takes(monkeypatch):
+def test_compiled_for_gpu_means_compiling_a_gpu_tensor(monkeypatch):
     with FakeTensorMode():
         gpu, cpu = torch.empty(1, 32, 4, 4, device="cuda"), torch.empty(1, 32, 4, 4)
     assert not norm_module.compiled_for_gpu(gpu)  # eager: F.group_norm (one fused aten kernel)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert norm_module.compiled_for_gpu(gpu) and not norm_module.compiled_for_gpu(cpu)
-    monkeypatch.undo()
+
+
+def test_which_way_each_norm_takes(gpu_norm_ways):
     # compiled for a GPU (stood in for here): the UNet's norms always in x's layout, per group below
     # PER_CHANNEL_PIXELS pixels and per channel from there up; the VAE's per channel from there up, else
     # F.group_norm; all the same norm
-    calls = []
-    monkeypatch.setattr(norm_module, "compiled_for_gpu", lambda x: True)
-    monkeypatch.setattr(norm_module, "group_norm_in_layout",
-                        lambda x, n, per_channel: calls.append(per_channel) or group_norm_in_layout(x, n, per_channel))
     pixels = norm_module.PER_CHANNEL_PIXELS
     torch.manual_seed(0)
     for module, h, way in ((GroupNorm32(64), pixels - 1, [False]), (GroupNorm32(64), pixels, [True]),
                            (GroupNorm(32, 64), pixels - 1, []), (GroupNorm(32, 64), pixels, [True])):
         torch.nn.init.normal_(module.weight), torch.nn.init.normal_(module.bias)
         x = torch.randn(1, 64, h, 1).to(memory_format=torch.channels_last)
-        calls.clear()
+        gpu_norm_ways.clear()
         with torch.no_grad():
             y = module(x.bfloat16() if isinstance(module, GroupNorm32) else x)
-        assert calls == way, (type(module).__name__, h)
+        assert gpu_norm_ways == way, (type(module).__name__, h)
         want = F.group_norm(x.double(), 32, module.weight.double(), module.bias.double(), module.eps)
         tol = 2 ** -7 if isinstance(module, GroupNorm32) else 1e-5  # GroupNorm32 hands back bf16 here
         assert (y.double() - want).abs().max() <= tol * want.abs().max()

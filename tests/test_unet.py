@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import save_file
 
 from vpd.checkpoint import CheckpointError, load_checkpoint
-from vpd.norm import group_norm_in_layout as norm_in_layout
 from vpd.unet import PREFIX, UNet, UNetConfig
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -172,18 +171,15 @@ def test_scalar_timestep_and_bad_inputs(tiny):
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_compiled_for_a_gpu_the_norms_still_give_diffusers_forward_and_gradients(tiny, monkeypatch, per_channel):
+def test_compiled_for_a_gpu_the_norms_still_give_diffusers_forward_and_gradients(tiny, monkeypatch, gpu_norm_ways,
+                                                                                  per_channel):
     # every GroupNorm32 normalising in x's layout (vpd/norm.py), as the UNet compiles them for a GPU, with
     # statistics per group (this small) or per channel (from PER_CHANNEL_PIXELS up), taken here on the CPU:
     # the output, and the gradient it hands the input, are still diffusers'
     from vpd import norm
     ours, ref, _, _ = tiny
-    calls = []
-    monkeypatch.setattr(norm, "compiled_for_gpu", lambda x: True)
     if per_channel:
         monkeypatch.setattr(norm, "PER_CHANNEL_PIXELS", 1)
-    monkeypatch.setattr(norm, "group_norm_in_layout",
-                        lambda x, n, way: calls.append(way) or norm_in_layout(x, n, way))
     x, t, ctx = inputs()
     x = x.to(memory_format=torch.channels_last)
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
@@ -191,7 +187,8 @@ def test_compiled_for_a_gpu_the_norms_still_give_diffusers_forward_and_gradients
     got = ours(got_x, t, ctx)
     want = ref(want_x, t, encoder_hidden_states=ctx).sample
     got.backward(grad), want.backward(grad)
-    assert calls == [per_channel] * sum(isinstance(m, torch.nn.GroupNorm) for m in ours.modules()) and calls
+    assert gpu_norm_ways == [per_channel] * sum(isinstance(m, torch.nn.GroupNorm) for m in ours.modules())
+    assert gpu_norm_ways
     assert (got - want).abs().max() <= 1e-4 * want.std()
     assert (got_x.grad - want_x.grad).abs().max() <= 1e-4 * want_x.grad.std()
 

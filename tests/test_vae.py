@@ -8,7 +8,6 @@ from safetensors.torch import save_file
 
 from vpd.checkpoint import CheckpointError
 from vpd import norm as norm_module
-from vpd.norm import group_norm_in_layout
 from vpd.vae import VAE, DiagonalGaussian, VAEConfig
 
 SD15 = Path(__file__).resolve().parents[1].parent / "shared" / "sd15_tensors.json"
@@ -124,18 +123,15 @@ def test_load_dtype(tiny):
     assert (got.float() - mean).abs().max() <= 0.05 * mean.abs().max()
 
 
-def test_compiled_for_a_gpu_the_encoder_still_gives_diffusers_posterior(tiny, monkeypatch):
+def test_compiled_for_a_gpu_the_encoder_still_gives_diffusers_posterior(tiny, monkeypatch, gpu_norm_ways):
     # its norms gathering their statistics per channel (vpd/norm.py), taken here on the CPU at every size
     _, path, x, mean, logvar, _ = tiny
     vae = VAE.from_checkpoint(path, TINY, decoder=False).eval()
-    calls = []
-    monkeypatch.setattr(norm_module, "compiled_for_gpu", lambda x: True)
     monkeypatch.setattr(norm_module, "PER_CHANNEL_PIXELS", 0)
-    monkeypatch.setattr(norm_module, "group_norm_in_layout",
-                        lambda x, n, per_channel: calls.append(per_channel) or group_norm_in_layout(x, n, per_channel))
     with torch.no_grad():
         post = vae.encode(x.to(memory_format=torch.channels_last))
-    assert calls == [True] * sum(isinstance(m, torch.nn.GroupNorm) for m in vae.modules()) and calls
+    assert gpu_norm_ways == [True] * sum(isinstance(m, torch.nn.GroupNorm) for m in vae.modules())
+    assert gpu_norm_ways
     close(post.mean, mean)
     close(post.logvar, logvar)
 
