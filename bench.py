@@ -681,6 +681,10 @@ def main(args):
     if args.ddp is not None and not (tasks or batches):
         raise SystemExit("--ddp wraps the training step's model: add a train_<task> row or --sweep-batch")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    # inductor's settings given through the environment (e.g. TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1) are part of a
+    # row's setting; its cache folder is not (inductor writes that one there itself)
+    inductor_env = {k: v for k, v in sorted(os.environ.items())
+                    if k.startswith("TORCHINDUCTOR_") and k != "TORCHINDUCTOR_CACHE_DIR"}
     args.peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     args.autocast = amp_autocast("bf16" if args.dtype == "bf16" else "off", device)  # as train.py's --amp
     cfgs, gen = PRESETS[args.size], torch.Generator().manual_seed(args.seed)
@@ -688,7 +692,8 @@ def main(args):
           f"res {args.res}, batch {args.batch}, {args.dtype}, compile {args.compile}, "
           f"channels_last {args.channels_last}, grad_checkpoint {args.grad_checkpoint}"
           + (f", compile mode {args.compile_mode}" if args.compile_mode else "")
-          + (f", DDP over 1 process, {args.ddp:g} MB buckets" if args.ddp else ""))
+          + (f", DDP over 1 process, {args.ddp:g} MB buckets" if args.ddp else "")
+          + "".join(f", {k}={v}" for k, v in inductor_env.items()))
     if args.ddp:  # an in-process store: one rank needs no address or port
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1)
@@ -705,7 +710,8 @@ def main(args):
     if args.json:
         meta = {k: v for k, v in vars(args).items() if k != "autocast"}
         with open(args.json, "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "args": meta, "rows": rows}, f, indent=1)
+            json.dump({"device": name, "torch": torch.__version__, "args": meta, "inductor_env": inductor_env,
+                       "rows": rows}, f, indent=1)
     return rows
 
 

@@ -56,8 +56,9 @@ def row_flops_by_counter(res, batch, n_ctx):
 
 
 @pytest.mark.parametrize("no_ref", [False, True])
-def test_bench_rows_and_json(tmp_path, no_ref, resize_uncounted):
+def test_bench_rows_and_json(tmp_path, no_ref, resize_uncounted, monkeypatch, capsys):
     out = tmp_path / "rows.json"
+    monkeypatch.setenv("TORCHINDUCTOR_NOT_A_SETTING", "1")  # inductor's environment is part of a row's setting
     argv = ["--size", "tiny", "--res", "128", "--batch", "2", "--ctx", "7", "--which", "unet,vae,train_semseg",
             "--iters", "1", "--warmup", "0", "--json", str(out)] + (["--no-ref"] if no_ref else [])
     rows = bench.main(bench.parse_args(argv))
@@ -74,6 +75,8 @@ def test_bench_rows_and_json(tmp_path, no_ref, resize_uncounted):
     saved = json.loads(out.read_text())
     assert saved["rows"] == json.loads(json.dumps(rows))
     assert saved["device"] == "cpu" and saved["torch"] == torch.__version__
+    assert saved["inductor_env"]["TORCHINDUCTOR_NOT_A_SETTING"] == "1"
+    assert ", TORCHINDUCTOR_NOT_A_SETTING=1" in capsys.readouterr().out.splitlines()[0]
     assert saved["args"]["batch"] == 2 and saved["args"]["ctx"] == 7 and saved["args"]["no_ref"] == no_ref
     if not no_ref:
         # the analytic FLOPs behind TFLOP/s: each row's work counted op by op on the same sizes. The

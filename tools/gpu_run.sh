@@ -6,6 +6,8 @@
 #                                                # kernel profile (~10 min)
 #   OUT=results bash tools/gpu_run.sh graphs 16  # the UNet fwd+bwd and the semseg step under CUDA graphs
 #                                                # (reduce-overhead) at these batches (default 2; ~8.5 min each)
+#   OUT=results bash tools/gpu_run.sh unet 16    # the UNet fwd+bwd under CUDA graphs, then with inductor's matmul
+#                                                # autotuning too, at these batches (default 16; ~9.5 min each)
 #   OUT=results bash tools/gpu_run.sh kernels    # SD's attention and conv shapes under each kernel choice, the VAE's
 #                                                # attention, eager, and the group norms compiled, at batches 16 and 2 (~9 min)
 #   OUT=results bash tools/gpu_run.sh profile    # the compiled semseg step at batch 16, timed, then a kernel profile of
@@ -57,6 +59,16 @@ graphs)  # at batch 16 too: the profiled step's kernels add up to 176.9 of its 1
     run graphs_semseg$batch.txt 300 $B --batch "$batch" --dtype bf16 --compile --compile-mode reduce-overhead \
       --channels-last --which train_semseg --iters 10 --warmup 3 --json "$OUT/graphs_semseg$batch.json"
   done ;;
+unet)  # toward 35% of the peak (31.3% compiled at batch 16 on an H100): launch gaps, then the matmuls' kernels.
+  # Autotuning times inductor's Triton matmul templates, which can take the elementwise work after a product
+  # into the product's kernel, against cuBLAS for each product; the convolutions stay cuDNN's
+  for batch in ${@:-16}; do
+    run graphs_unet$batch.txt 240 $B --batch "$batch" --dtype bf16 --compile --compile-mode reduce-overhead \
+      --channels-last --no-ref --which unet_fwdbwd --iters 10 --warmup 3 --json "$OUT/graphs_unet$batch.json"
+    TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN \
+      run autotune_unet$batch.txt 330 $B --batch "$batch" --dtype bf16 --compile --compile-mode reduce-overhead \
+      --channels-last --no-ref --which unet_fwdbwd --iters 10 --warmup 3 --json "$OUT/autotune_unet$batch.json"
+  done ;;
 kernels)  # where the UNet's time goes, whether another attention or convolution kernel would pay
   for b in 16 2; do
     run kernels$b.txt 280 python3 bench_kernels.py --batch $b --res 512 --json "$OUT/kernels$b.json"
@@ -85,6 +97,6 @@ ddp)  # what train.py's DDP(compile(model)) costs a GPU beyond the communication
 ddpgraphs)
   run semseg2_ddp_graphs.txt 300 $B --batch 2 --dtype bf16 --compile --compile-mode reduce-overhead --channels-last \
     --which train_semseg --iters 10 --warmup 3 --ddp --json "$OUT/semseg2_ddp_graphs.json" ;;
-*) echo "usage: bash tools/gpu_run.sh eager|compiled|graphs [batches]|kernels|profile|sweep [batches]|evalms|ddp [batches]|ddpgraphs" >&2
+*) echo "usage: bash tools/gpu_run.sh eager|compiled|graphs [batches]|unet [batches]|kernels|profile|sweep [batches]|evalms|ddp [batches]|ddpgraphs" >&2
    exit 2 ;;
 esac
