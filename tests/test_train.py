@@ -242,6 +242,26 @@ def test_ddp_equals_accumulation_and_distributed_eval(world):
         assert m2[k] == pytest.approx(m1[k], rel=1e-9) and m_train[k] == pytest.approx(m1[k], rel=1e-6)
 
 
+def test_compiled_ddp_with_accumulation_equals_one_eager_process(world):
+    """train.py's DDP around the compiled model, with accumulation (no_sync on the first micro-batch of each
+    step), as on a GPU cluster with --compile: 2 processes x 2 accumulated micro-batches of 1 == 1 eager process
+    x 4 of 1. aot_eager compiles through the same graph capture and DDP split as inductor, without a C++ compiler."""
+    common = ["--iters", 2, "--batch-size", 4, "--micro-batch", 1, "--eval-max", 1]
+    one = world["base"] / "one_eager_accum4"
+    train_here(flags(world, "depth", one, *common))
+    two = world["base"] / "two_compiled_accum2"
+    read = torchrun("train.py", flags(world, "depth", two, *common, "--compile", "aot_eager"),
+                    world["base"] / "logs_compiled")
+    assert "--compile aot_eager: the first step compiles" in read(0, "stdout")
+    assert "2 processes x 1 x 2 accumulation" in read(0, "stdout")
+    a, b = params(one), params(two)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    for (s1, l1, r1), (s2, l2, r2) in zip(losses(one), losses(two), strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4) and r1 == r2
+
+
 def test_distributed_evaluation_in_training_scores_the_saved_model(world):
     # the semseg head's BatchNorm statistics differ across ranks after a step (each updates them with its
     # own batch): the evaluation after training, spread over both ranks, must score rank 0's saved model
