@@ -4,8 +4,8 @@
 #   OUT=results bash tools/gpu_run.sh eager      # flash/bf16/compile checks, eager benchmarks, DDP demo (~9 min)
 #   OUT=results bash tools/gpu_run.sh compiled   # compiled bf16 at batch 16, NHWC: semseg step, UNet fwd+bwd and its
 #                                                # kernel profile (~10 min)
-#   OUT=results bash tools/gpu_run.sh graphs 16  # the UNet fwd+bwd and the semseg step under CUDA graphs
-#                                                # (reduce-overhead) at these batches (default 2; ~8.5 min each)
+#   OUT=results bash tools/gpu_run.sh graphs 16  # the semseg step under CUDA graphs (reduce-overhead) at these
+#                                                # batches (default 2; ~5 min each)
 #   OUT=results bash tools/gpu_run.sh unet 16    # the UNet fwd+bwd under CUDA graphs, then with inductor's matmul
 #                                                # autotuning too, at these batches (default 16; ~9.5 min each)
 #   OUT=results bash tools/gpu_run.sh kernels    # SD's attention and conv shapes under each kernel choice, the VAE's
@@ -54,8 +54,6 @@ compiled)
     --iters 5 --warmup 2 --json "$OUT/compiled_unet16.json" --profile "$OUT/profile_unet16.txt" ;;
 graphs)  # at batch 16 too: the profiled step's kernels add up to 176.9 of its 190.4 ms on an H100 (idle between them)
   for batch in ${@:-2}; do
-    run graphs_unet$batch.txt 240 $B --batch "$batch" --dtype bf16 --compile --compile-mode reduce-overhead \
-      --channels-last --no-ref --which unet_fwdbwd --iters 10 --warmup 3 --json "$OUT/graphs_unet$batch.json"
     run graphs_semseg$batch.txt 300 $B --batch "$batch" --dtype bf16 --compile --compile-mode reduce-overhead \
       --channels-last --which train_semseg --iters 10 --warmup 3 --json "$OUT/graphs_semseg$batch.json"
   done ;;
