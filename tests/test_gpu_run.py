@@ -76,20 +76,22 @@ def test_each_command_is_accepted_by_its_script(part, commands, monkeypatch, tmp
             assert (script, argv) == ("tools/gpu_check.py", [])
 
 
+def batches(commands, part):
+    return [int(argv[argv.index("--batch") + 1]) for argv in commands[part]]
+
+
 def test_graphs_sweep_and_ddp_run_each_batch_given(commands):
-    def batches(part):
-        return [int(argv[argv.index("--batch") + 1]) for argv in commands[part]]
-    assert batches("graphs") == [2] and batches("graphs 2 16") == [2, 16]
+    assert batches(commands, "graphs") == [2] and batches(commands, "graphs 2 16") == [2, 16]
     assert all("reduce-overhead" in argv and "train_semseg" in argv for argv in commands["graphs 2 16"])
-    assert batches("sweep") == [2, 8]
-    assert batches("ddp") == [2] and batches("ddp 2 16") == [2, 16]
+    assert batches(commands, "sweep") == [2, 8]
+    assert batches(commands, "ddp") == [2] and batches(commands, "ddp 2 16") == [2, 16]
     assert all("--ddp" in argv for argv in commands["ddp 2 16"])
 
 
 def test_unet_part_times_graphs_then_graphs_with_matmul_autotuning(commands):
     env = [argv[-1] if isinstance(argv[-1], dict) else {} for argv in commands["unet 2 16"]]
-    assert [int(argv[argv.index("--batch") + 1]) for argv in commands["unet 2 16"]] == [2, 2, 16, 16]
+    assert batches(commands, "unet 2 16") == [2, 2, 16, 16]
     assert all("unet_fwdbwd" in argv and "reduce-overhead" in argv for argv in commands["unet 2 16"])
     autotuned = {"TORCHINDUCTOR_MAX_AUTOTUNE_GEMM": "1", "TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS": "ATEN"}
     assert env == [{}, autotuned, {}, autotuned]
-    assert [int(argv[argv.index("--batch") + 1]) for argv in commands["unet"]] == [16, 16]
+    assert batches(commands, "unet") == [16, 16]
