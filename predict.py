@@ -9,9 +9,10 @@
 Inputs are image files and folders of images (jpg, png, ...; any size and aspect). A folder gives
 its own images, not its subfolders' nor hidden files' (nor, when it is also --out, earlier outputs).
 An image that cannot be read is skipped, listed at the end, and the run exits with status 1; a path that
-does not exist (a typo) stops the run before anything is read. Every output PNG has the input image's own
-size (as shown: a JPEG's EXIF orientation applied) and is named after it (<name> = the file name without
-extension):
+does not exist (a typo) stops the run before anything is read. An animated image gives its first frame,
+a transparent one its colours (the log names both, and the earlier outputs a run replaces). Every output
+PNG has the input image's own size (as shown: a JPEG's EXIF orientation applied) and is named after it
+(<name> = the file name without extension):
 
   depth   <name>_depth.png         16-bit depth in millimetres (x 1/256 m instead for models whose
                                    maximum depth exceeds 65.5 m, e.g. KITTI; the log says which)
@@ -100,6 +101,12 @@ def get_args(argv=None):
 
 # ----------------------------------------------------------------------------- checks before the model loads
 
+def named(paths, shown=3):
+    """The first few file names of a list, for one line of output."""
+    names = [os.path.basename(p) for p in paths[:shown]]
+    return ", ".join(names) + (", ..." if len(paths) > shown else "")
+
+
 def image_paths(inputs, out, task, sentences=1):
     """Files and folders -> (image paths, skipped). A folder gives its images, sorted: not its
     subfolders' or hidden files, nor, when it is --out, an earlier run's outputs. A file whose header cannot
@@ -121,8 +128,8 @@ def image_paths(inputs, out, task, sentences=1):
             others = [n for n in names if not n.lower().endswith(IMAGE_EXTENSIONS)
                       and os.path.isfile(os.path.join(item, n))]
             if others:  # e.g. a phone's .heic photos: said, not silently left out
-                print(f"{item}: {len(others)} file(s) of other types not read ({', '.join(others[:3])}"
-                      f"{', ...' if len(others) > 3 else ''}; images are {', '.join(IMAGE_EXTENSIONS)})")
+                print(f"{item}: {len(others)} file(s) of other types not read ({named(others)}; "
+                      f"images are {', '.join(IMAGE_EXTENSIONS)})")
             if not found:
                 raise SystemExit(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {item}")
             paths += found
@@ -130,11 +137,16 @@ def image_paths(inputs, out, task, sentences=1):
             paths.append(item)
         else:
             raise SystemExit(f"image not found: {item}")
-    readable, skipped = [], []
+    readable, skipped, animated, transparent = [], [], [], []
     for path in paths:  # read the headers now, before the (slow) model load
         try:
             with Image.open(path) as im:
                 check_photo(im)
+                # an MPO is a camera's JPEG with previews or a stereo twin after the photo: its first frame is the photo
+                if getattr(im, "is_animated", False) and im.format != "MPO":
+                    animated.append(path)
+                if "A" in im.mode or "a" in im.mode or "transparency" in im.info:
+                    transparent.append(path)
             readable.append(path)
         except (OSError, SyntaxError, ValueError) as e:
             skipped.append(f"cannot read image {path}: {e}")
@@ -142,6 +154,11 @@ def image_paths(inputs, out, task, sentences=1):
         raise SystemExit("\n".join(skipped))
     for line in skipped:  # now, not only in the summary after the (slow) model load and predictions
         print(f"skipped: {line}")
+    if animated:  # a GIF, an APNG, a multi-page TIFF: said, not silently cut to its first frame
+        print(f"{len(animated)} image(s) with several frames ({named(animated)}): the first frame of each is predicted")
+    if transparent:  # what lies under transparent pixels is whatever the file stores there, often black
+        print(f"{len(transparent)} image(s) with transparency ({named(transparent)}): predicted from their colours "
+              "alone, the transparency ignored")
     stems = {}
     for path in readable:  # outputs are named after the file: two inputs must not share a name
         stem = os.path.splitext(os.path.basename(path))[0]
@@ -155,6 +172,9 @@ def image_paths(inputs, out, task, sentences=1):
         if os.path.realpath(path) in outputs:
             raise SystemExit(f"{path} is an input that the outputs of {outputs[os.path.realpath(path)]} would "
                              "overwrite: rename it or predict into another --out folder")
+    earlier = [path for path in outputs if os.path.isfile(path)]
+    if earlier:  # a rerun into the same folder: said before the model loads, while Ctrl-C loses nothing
+        print(f"{out}: {len(earlier)} earlier output(s) will be replaced ({named(earlier)})")
     return list(dict.fromkeys(stems.values())), skipped  # each file once
 
 

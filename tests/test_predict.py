@@ -537,6 +537,37 @@ def test_a_folder_gives_its_images_whatever_the_case_of_their_extension(tmp_path
         capsys.readouterr().out)
 
 
+def test_frames_after_the_first_transparency_and_replaced_outputs_are_said(tmp_path, capsys):
+    # an animated GIF and an APNG give their first frame, an RGBA PNG its colours: each said before the model loads
+    rng = np.random.default_rng(0)
+    checker = (np.indices((9, 11)).sum(0) % 2)[..., None]  # two colours a frame: a GIF's palette keeps them exactly
+    first, second = (Image.fromarray(np.where(checker, a, b).astype(np.uint8))
+                     for a, b in (([255, 0, 0], [0, 0, 0]), ([0, 255, 0], [0, 0, 255])))
+    first.save(tmp_path / "a.gif", save_all=True, append_images=[second])
+    first.save(tmp_path / "b.png", save_all=True, append_images=[second])
+    first.save(tmp_path / "c.png")
+    first.save(tmp_path / "d.jpg", format="MPO", save_all=True, append_images=[second])  # a camera JPEG + preview
+    Image.fromarray(rng.integers(0, 256, (9, 11, 4), dtype=np.uint8)).save(tmp_path / "e.png")
+    assert predict.image_paths([str(tmp_path)], str(tmp_path / "out"), "depth")[0] == [
+        str(tmp_path / n) for n in ("a.gif", "b.png", "c.png", "d.jpg", "e.png")]
+    out = capsys.readouterr().out
+    assert "2 image(s) with several frames (a.gif, b.png): the first frame of each is predicted" in out
+    assert "1 image(s) with transparency (e.png): predicted from their colours alone" in out
+    assert "earlier output" not in out
+    # what is read is the first frame, and the colour channels alone
+    for name in ("a.gif", "b.png"):
+        np.testing.assert_array_equal(read_rgb(str(tmp_path / name)), np.asarray(first, np.float32))
+    np.testing.assert_array_equal(read_rgb(str(tmp_path / "e.png")),
+                                  np.asarray(Image.open(tmp_path / "e.png"), np.float32)[..., :3])
+    # a rerun into the same --out: the outputs it replaces are named
+    (tmp_path / "out").mkdir()
+    for name in ("c_depth.png", "c_depth_color.png", "c_semseg.png"):
+        (tmp_path / "out" / name).write_bytes(b"")
+    predict.image_paths([str(tmp_path / "c.png")], str(tmp_path / "out"), "depth")
+    assert f"{tmp_path / 'out'}: 2 earlier output(s) will be replaced (c_depth.png, c_depth_color.png)" in (
+        capsys.readouterr().out)
+
+
 def test_outputs_are_named_after_the_file_name_without_its_extension_alone(world, tmp_path):
     # scan.001.png and scan.002.png: only the last dot starts the extension, so neither overwrites the other
     for name in ("scan.001.png", "scan.002.png"):
