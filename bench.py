@@ -46,6 +46,7 @@ GPU (table below), whatever --dtype is.
 """
 import argparse
 import ctypes
+import gc
 import importlib.util
 import json
 import os
@@ -565,10 +566,18 @@ def bench_train(args, device, cfgs, gen, tasks):
 
 
 def sweep_batch(args, device, cfgs, gen, batches):
+    """The semseg step at each batch. A batch the GPU cannot hold is a row marked out of memory and the
+    sweep goes on: finding that batch is what a sweep is for, and the rows before it are kept."""
     rows = []
     for B in batches:
         torch._dynamo.reset()  # compiled: a static graph per batch, not a recompile with a dynamic batch dimension
-        rows += train_rows(f"train_semseg bs={B}", "semseg", B, args, device, cfgs, gen)
+        name = f"train_semseg bs={B}"
+        try:
+            rows += train_rows(name, "semseg", B, args, device, cfgs, gen)
+        except torch.OutOfMemoryError:
+            print(f"{name}: out of memory", flush=True)
+            rows.append(dict(name=name, impl="ours", batch=B, error="out of memory"))
+            gc.collect()  # the failed step's tensors, held by reference cycles through its frames
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -581,10 +590,10 @@ def print_table(rows):
     head = ["name", "impl", "ms/iter", "min ms", "img/s", "peak MiB", "tensor MiB", "TFLOP/s", "% peak",
             "ours/ref ms", "ours/ref mem", "ours/ref tensor"]
     fmt = lambda v, f: "-" if v is None else format(v, f)
-    lines = [[r["name"], r["impl"], fmt(r["ms"], ".1f"), fmt(r["ms_min"], ".1f"), fmt(r["img_s"], ".2f"),
-              fmt(r["peak_mib"], ".0f"), fmt(r["tensor_mib"], ".1f"), fmt(r["tflops"], ".3f"),
-              fmt(r["pct_peak"], ".1f"), fmt(r.get("ours_ref_ms"), ".3f"), fmt(r.get("ours_ref_mem"), ".3f"),
-              fmt(r.get("ours_ref_tensor_mem"), ".3f")] for r in rows]
+    lines = [[r["name"], r["impl"], r.get("error") or fmt(r["ms"], ".1f"), fmt(r.get("ms_min"), ".1f"),
+              fmt(r.get("img_s"), ".2f"), fmt(r.get("peak_mib"), ".0f"), fmt(r.get("tensor_mib"), ".1f"),
+              fmt(r.get("tflops"), ".3f"), fmt(r.get("pct_peak"), ".1f"), fmt(r.get("ours_ref_ms"), ".3f"),
+              fmt(r.get("ours_ref_mem"), ".3f"), fmt(r.get("ours_ref_tensor_mem"), ".3f")] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
     for line in [head] + lines:
         print(" | ".join(x.ljust(w) for x, w in zip(line, widths)))
@@ -616,7 +625,7 @@ def parse_args(argv=None):
                    help=f"comma list of {', '.join(WHICH)}; 'unet' = unet_fwd,unet_fwdbwd; 'vae' = vae_enc; "
                         "train or train_<task> for semseg, depth, refer")
     p.add_argument("--sweep-batch", type=counts, default=[], help="comma list of batch sizes for the semseg training "
-                   "step")
+                   "step (one that runs out of memory is a row saying so)")
     p.add_argument("--threads", type=count(0), default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="write the rows here")
@@ -704,7 +713,8 @@ def main(args):
             dist.destroy_process_group()
     print_table(rows)
     for r in rows:
-        print(f"attention in {r['name']} / {r['impl']}: {', '.join(r['attention_ops']) or '-'}")
+        if "attention_ops" in r:  # (not in a row that ran out of memory)
+            print(f"attention in {r['name']} / {r['impl']}: {', '.join(r['attention_ops']) or '-'}")
         if r.get("graphs"):
             print(f"graphs compiled for {r['name']}: {r['graphs']}")
     if args.json:

@@ -571,6 +571,30 @@ def test_sweep_batch_resets_dynamo_before_each_batch(monkeypatch):
     assert events == ["reset", 2, "reset", 4]
 
 
+def test_a_sweep_batch_out_of_memory_is_a_row_and_the_sweep_goes_on(monkeypatch, tmp_path, capsys):
+    # a sweep finds the largest batch a GPU holds: the batch that does not fit is marked, the others are timed
+    real = bench.train_setup
+
+    def train_setup(task, B, *args):
+        step, step_flops = real(task, B, *args)
+        if B != 4:
+            return step, step_flops
+
+        def too_big():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return too_big, step_flops
+    monkeypatch.setattr(bench, "train_setup", train_setup)
+    json_path = tmp_path / "sweep.json"
+    bench.main(bench.parse_args(["--size", "tiny", "--res", "64", "--which", "", "--sweep-batch", "2,4,3",
+                                 "--iters", "1", "--warmup", "0", "--json", str(json_path)]))
+    table = {l.split(" | ")[0].strip(): [c.strip() for c in l.split(" | ")] for l in capsys.readouterr().out.splitlines()
+             if l.startswith("train_semseg bs=") and " | " in l}
+    assert table["train_semseg bs=4"][2:5] == ["out of memory", "-", "-"]
+    assert float(table["train_semseg bs=2"][2]) > 0 and float(table["train_semseg bs=3"][2]) > 0
+    rows = json.loads(json_path.read_text())["rows"]
+    assert [(r["batch"], r.get("error")) for r in rows] == [(2, None), (4, "out of memory"), (3, None)]
+
+
 def test_print_table_puts_each_figure_under_its_column(capsys):
     row = dict(name="unet_fwd", impl="ours", ms=12.25, ms_min=10.5, img_s=163.27, peak_mib=2186.4, tensor_mib=99.25,
                tflops=0.125, pct_peak=12.06, ours_ref_ms=0.931, ours_ref_mem=1.004, ours_ref_tensor_mem=0.885)
