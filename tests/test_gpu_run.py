@@ -88,10 +88,10 @@ def test_graphs_sweep_and_ddp_run_each_batch_given(commands):
     assert all("--ddp" in argv for argv in commands["ddp 2 16"])
 
 
-def test_unet_part_times_graphs_then_graphs_with_matmul_autotuning(commands):
+def test_unet_part_times_each_batch_under_graphs_before_any_with_matmul_autotuning(commands):
     env = [argv[-1] if isinstance(argv[-1], dict) else {} for argv in commands["unet 2 16"]]
-    assert batches(commands, "unet 2 16") == [2, 2, 16, 16]
+    assert batches(commands, "unet 2 16") == [2, 16, 2, 16]
     assert all("unet_fwdbwd" in argv and "reduce-overhead" in argv for argv in commands["unet 2 16"])
     autotuned = {"TORCHINDUCTOR_MAX_AUTOTUNE_GEMM": "1", "TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS": "ATEN"}
-    assert env == [{}, autotuned, {}, autotuned]
+    assert env == [{}, {}, autotuned, autotuned]
     assert batches(commands, "unet") == [16, 16]
