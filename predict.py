@@ -119,7 +119,7 @@ def image_paths(inputs, out, task, sentences=1):
             if os.path.abspath(item) == os.path.abspath(out):
                 ours = [n for n in names if EARLIER_OUTPUT.search(n)]
                 if ours:
-                    print(f"{item} is --out: its {len(ours)} earlier output(s) ({ours[0]}, ...) are not inputs")
+                    print(f"{item} is --out: its {len(ours)} earlier output(s) ({named(ours)}) are not inputs")
                 names = [n for n in names if n not in ours]
             subfolders = sum(os.path.isdir(os.path.join(item, n)) for n in names)
             if subfolders:

@@ -587,8 +587,8 @@ def test_a_sweep_batch_out_of_memory_is_a_row_and_the_sweep_goes_on(monkeypatch,
     json_path = tmp_path / "sweep.json"
     bench.main(bench.parse_args(["--size", "tiny", "--res", "64", "--which", "", "--sweep-batch", "2,4,3",
                                  "--iters", "1", "--warmup", "0", "--json", str(json_path)]))
-    table = {l.split(" | ")[0].strip(): [c.strip() for c in l.split(" | ")] for l in capsys.readouterr().out.splitlines()
-             if l.startswith("train_semseg bs=") and " | " in l}
+    table = {l.split(" | ")[0].strip(): [c.strip() for c in l.split(" | ")]
+             for l in capsys.readouterr().out.splitlines() if l.startswith("train_semseg bs=") and " | " in l}
     assert table["train_semseg bs=4"][2:5] == ["out of memory", "-", "-"]
     assert float(table["train_semseg bs=2"][2]) > 0 and float(table["train_semseg bs=3"][2]) > 0
     rows = json.loads(json_path.read_text())["rows"]
