@@ -7,7 +7,7 @@
 #   OUT=results bash tools/gpu_run.sh graphs 16  # the semseg step under CUDA graphs (reduce-overhead) at these
 #                                                # batches (default 2; ~5 min each)
 #   OUT=results bash tools/gpu_run.sh unet 16    # the UNet fwd+bwd under CUDA graphs at these batches (default 16;
-#                                                # ~4 min each), then with inductor's matmul autotuning too (~5.5 min each)
+#                                                # ~3 min each)
 #   OUT=results bash tools/gpu_run.sh kernels    # SD's attention and conv shapes under each kernel choice, the VAE's
 #                                                # attention, eager, and the group norms compiled, at batches 16 and 2 (~9 min)
 #   OUT=results bash tools/gpu_run.sh profile    # the compiled semseg step at batch 16, timed, then a kernel profile of
@@ -57,18 +57,10 @@ graphs)  # at batch 16 too: the profiled step's kernels add up to 176.9 of its 1
     run graphs_semseg$batch.txt 300 $B --batch "$batch" --dtype bf16 --compile --compile-mode reduce-overhead \
       --channels-last --which train_semseg --iters 10 --warmup 3 --json "$OUT/graphs_semseg$batch.json"
   done ;;
-unet)  # toward 35% of the peak (31.3% compiled at batch 16 on an H100): launch gaps, then the matmuls' kernels.
-  # Autotuning times inductor's Triton matmul templates, which can take the elementwise work after a product
-  # into the product's kernel, against cuBLAS for each product; the convolutions stay cuDNN's. Every batch's
-  # CUDA-graph row comes before any autotuned one (whose compile takes longest), so a cut call keeps those
+unet)  # the UNet's share of the peak by batch under CUDA graphs: 31.7% at 16, 34.0 at 32, 36.2 at 64 on an H100
   for batch in ${@:-16}; do
     run graphs_unet$batch.txt 240 $B --batch "$batch" --dtype bf16 --compile --compile-mode reduce-overhead \
       --channels-last --no-ref --which unet_fwdbwd --iters 10 --warmup 3 --json "$OUT/graphs_unet$batch.json"
-  done
-  for batch in ${@:-16}; do
-    TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN \
-      run autotune_unet$batch.txt 330 $B --batch "$batch" --dtype bf16 --compile --compile-mode reduce-overhead \
-      --channels-last --no-ref --which unet_fwdbwd --iters 10 --warmup 3 --json "$OUT/autotune_unet$batch.json"
   done ;;
 kernels)  # where the UNet's time goes, whether another attention or convolution kernel would pay
   for b in 16 2; do
