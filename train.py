@@ -406,6 +406,9 @@ def main(args):
         if args.compile_mode == "reduce-overhead" and device.type != "cuda":
             print0(f"--compile-mode reduce-overhead: CUDA graphs need a GPU; on {device.type} the model is compiled "
                    "without them")
+    elif device.type == "cuda":  # eager stays the default until the compiled DDP step has been run on GPUs
+        print0("eager: on a GPU, --compile --channels-last trains a semseg step 1.6x faster at 16 images per GPU, "
+               "and with --compile-mode reduce-overhead 3.9x at 2 (README, Benchmarks)")
     if world > 1:  # the gradients are views into DDP's all-reduce buckets: not copied into them and back each
         # step, and no second copy of them held (3.3 GB for SD v1.5)
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
