@@ -106,23 +106,30 @@ def test_refer_names_and_shapes_are_lavt_s():
 
 def test_layers_of_equal_shape_keep_their_places():
     # mmseg's FPN applies fpn_convs.i to level i (finest first), like lateral_convs.i: the four 3x3 convs
-    # share one shape, so only their index says which is which
+    # share one shape, and the laterals' biases too, so only their index says which is which
     state = released_state("semseg", tiny("semseg"))
     for i in range(4):
         state[f"neck.fpn_convs.{i}.conv.bias"] = torch.full((16,), float(i))
+        state[f"neck.lateral_convs.{i}.conv.bias"] = torch.full((16,), 10.0 + i)
     got = load_official(state, "semseg")
     for i in range(4):
         assert torch.equal(got[f"head.fpn_convs.{i}.bias"], torch.full((16,), float(i)))
-    # LAVT's SimpleDecoding block k: conv1_k, bn1_k, ReLU, conv2_k, bn2_k, ReLU; its two BNs share one shape
+        assert torch.equal(got[f"head.lateral_convs.{i}.bias"], torch.full((16,), 10.0 + i))
+    # LAVT's SimpleDecoding: block _4 at 1/32, _3 at 1/16, _2 at 1/8, each conv1_k, bn1_k, ReLU, conv2_k, bn2_k,
+    # ReLU. Only the conv1s' inputs differ in width: every conv2 and BN has one shape across blocks and within
     model = tiny("refer")
     assert [type(m).__name__ for m in model.head.fuse32] == ["Conv2d", "BatchNorm2d", "ReLU"] * 2
     state = released_state("refer", model)
     for level in (4, 3, 2):
+        state[f"classifier.conv2_{level}.weight"] = torch.full_like(state[f"classifier.conv2_{level}.weight"], level)
         for b in (1, 2):
-            state[f"classifier.bn{b}_{level}.bias"] = torch.full_like(state[f"classifier.bn{b}_{level}.bias"], b)
+            bias = state[f"classifier.bn{b}_{level}.bias"]
+            state[f"classifier.bn{b}_{level}.bias"] = torch.full_like(bias, 10 * level + b)
     got = load_official(state, "refer")
-    for block in ("fuse32", "fuse16", "fuse8"):
-        assert (got[f"head.{block}.1.bias"] == 1).all() and (got[f"head.{block}.4.bias"] == 2).all()
+    for level, block in ((4, "fuse32"), (3, "fuse16"), (2, "fuse8")):
+        assert (got[f"head.{block}.3.weight"] == level).all()
+        assert (got[f"head.{block}.1.bias"] == 10 * level + 1).all()
+        assert (got[f"head.{block}.4.bias"] == 10 * level + 2).all()
 
 
 @pytest.mark.parametrize("task", ["depth", "semseg", "refer"])
