@@ -14,6 +14,7 @@ from vpd.data import (ADE20K, ADE20K_CLASSES, KITTI, NYU_SCENES, NYUv2, RefCOCO,
                       depth_eval_mask, read_rgb, undo)
 from vpd.infer import MS_RATIOS
 from vpd.synthetic import make_synthetic, scene_sample
+from vpd.tasks import datasets
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +148,24 @@ def test_ade_train_view_batches(synth):
     batch = next(iter(DataLoader(ds, batch_size=2)))
     assert batch["image"].shape == (2, 3, 512, 512) and batch["label"].shape == (2, 512, 512)
     assert set(batch["label"].unique().tolist()) <= {0, 3, 5, 41, 111, 119, 255}
+
+
+def test_ade_train_view_resizes_to_the_scale_of_its_crop(synth):
+    # mmseg's (2048, 512) goes with its 512 crops; train.py --crop c trains at (4c, c). The synthetic images are
+    # 64x48: at (256, 64) x ratio 0.5-2 their short side becomes 32-128, so a 64 crop is padded (image 0, label
+    # 255) whenever the ratio is under 1; at (2048, 512) it becomes 256-1024 and is never padded.
+    def padded(ds):
+        found = 0
+        for epoch in range(4):
+            ds.set_epoch(epoch)
+            for i in range(len(ds)):
+                s = ds[i]
+                found += bool((s["label"][-1] == 255).all() and (s["image"][:, -1] == 0).all())
+        return found
+
+    by_crop, _ = datasets("semseg", synth["semseg"], 64)
+    assert padded(by_crop) > 0
+    assert padded(ADE20K(synth["semseg"], crop=(64, 64))) == 0
 
 
 def test_ade_bad_inputs(synth, tmp_path):
