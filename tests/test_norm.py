@@ -84,8 +84,10 @@ def test_which_way_each_norm_takes(gpu_norm_ways):
         x = torch.randn(1, 64, h, 1).to(memory_format=torch.channels_last)
         gpu_norm_ways.clear()
         with torch.no_grad():
-            y = module(x.bfloat16() if isinstance(module, GroupNorm32) else x)
+            xin = x.bfloat16() if isinstance(module, GroupNorm32) else x
+            y = module(xin)
         assert gpu_norm_ways == way, (type(module).__name__, h)
+        assert y.dtype == xin.dtype  # a float32 output would carry float32 activations on through the UNet
         want = F.group_norm(x.double(), 32, module.weight.double(), module.bias.double(), module.eps)
         tol = 2 ** -7 if isinstance(module, GroupNorm32) else 1e-5  # GroupNorm32 hands back bf16 here
         assert (y.double() - want).abs().max() <= tol * want.abs().max()

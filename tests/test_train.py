@@ -1001,6 +1001,11 @@ def test_logged_speed_counts_the_training_steps_alone(world, tmp_path, monkeypat
                  "--save-every", 1, "--eval-every", 1)  # windows of two steps, a save and an evaluation after each
     train_here(args)
     assert [(r["step"], r["ms"]) for r in records(tmp_path / "pairs") if "loss" in r] == [(2, 1000), (4, 1000)]
+    # accumulated: two forwards of 2 images make a step of 4, so 2 s and 4 images per step
+    args = flags(world, "depth", tmp_path / "accum", "--iters", 2, "--batch-size", 4, "--micro-batch", 2,
+                 "--log-every", 2)
+    train_here(args)
+    assert [(r["step"], r["ms"], r["img_s"]) for r in records(tmp_path / "accum") if "loss" in r] == [(2, 2000, 2)]
 
 
 def test_an_evaluation_redone_on_resume_is_not_counted_in_the_speed(world, tmp_path, monkeypatch):
@@ -1364,6 +1369,10 @@ def test_eval_flags_of_another_task_are_refused(world, tmp_path, monkeypatch):
         args = eval_script.get_args(["--ckpt", ckpt, "--out", str(tmp_path), *flag])
         with pytest.raises(SystemExit, match=f"{flag[0]} is only for the .* task, not depth"):
             eval_script.main(args)
+    args = eval_script.get_args(["--ckpt", str(loss_run(world, "semseg") / "model.safetensors"), "--out",
+                                 str(tmp_path), "--no-flip"])
+    with pytest.raises(SystemExit, match="--no-flip is only for the depth task, not semseg"):
+        eval_script.main(args)
 
 
 def test_eval_writes_one_metrics_file_per_protocol(world, tmp_path):
