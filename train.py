@@ -562,6 +562,12 @@ def main(args):
             what += f" with {micro} image{'s' * (micro > 1)} per forward" + (
                 f" (try {' or '.join(hints)})" if hints else "")
         raise SystemExit(stopped(what)) from None
+    except RuntimeError as e:  # (after OutOfMemoryError, one of its kind)
+        # a scheduler's SIGTERM to every process of the job: the DataLoader's SIGCHLD handler, seeing a loader
+        # worker's death, may run before terminate's first line can replace it, and raise this instead
+        if "is killed by signal: Terminated" not in str(e):
+            raise
+        raise SystemExit(stopped("terminated")) from None
     bar.close()
     if master and step < total:
         print0(f"stopped after step {step} of {total} (--stop-after): continue with --resume --out {args.out} "
