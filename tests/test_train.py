@@ -664,15 +664,15 @@ def test_batch_that_does_not_split_stops_before_the_model_is_built(tmp_path):
     assert not os.path.exists(tmp_path / "tiny_sd.safetensors")  # nothing written or built yet
 
 
-def interrupt_in_step(monkeypatch, n):
-    """Ctrl-C arrives during the n-th step's forward (one micro-batch per step in these runs)."""
+def interrupt_in_step(monkeypatch, n, error=KeyboardInterrupt):
+    """Ctrl-C (or `error`) arrives during the n-th step's forward (one micro-batch per step in these runs)."""
     from vpd.tasks import forward_loss
     calls = []
 
     def forward(*args):
         calls.append(1)
         if len(calls) == n:
-            raise KeyboardInterrupt
+            raise error
         return forward_loss(*args)
     monkeypatch.setattr(train, "forward_loss", forward)
 
@@ -701,20 +701,13 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(world, tmp_path):
 def test_a_loader_worker_terminated_first_ends_the_run_as_sigterm_does(world, tmp_path, monkeypatch):
     # the scheduler's SIGTERM reaches a loader worker too; the DataLoader's SIGCHLD handler may report its
     # death before terminate() runs: the same one line, and any other error raised as it is
-    from vpd.tasks import forward_loss
-
-    def forward(*args):
-        if len(forward.calls) == 2:
-            raise RuntimeError(forward.error)
-        forward.calls.append(1)
-        return forward_loss(*args)
-    monkeypatch.setattr(train, "forward_loss", forward)
-    forward.calls, forward.error = [], "DataLoader worker (pid 123) is killed by signal: Terminated. "
+    interrupt_in_step(monkeypatch, 3, RuntimeError("DataLoader worker (pid 123) is killed by signal: Terminated. "))
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
         train_here(flags(world, "depth", out, "--iters", 5, "--batch-size", 2, "--save-every", 1))
     assert e.value.code == f"terminated in step 3; the checkpoint in {out} is at step 2: continue with --resume --out {out}"
-    forward.calls, forward.error = [], "DataLoader worker (pid 123) is killed by signal: Killed. "
+    monkeypatch.undo()
+    interrupt_in_step(monkeypatch, 3, RuntimeError("DataLoader worker (pid 123) is killed by signal: Killed. "))
     with pytest.raises(RuntimeError, match="Killed"):
         train_here(flags(world, "depth", tmp_path / "other", "--iters", 5, "--batch-size", 2, "--save-every", 1))
 
