@@ -586,7 +586,8 @@ def test_a_folder_that_is_out_gives_its_photos_not_earlier_outputs(world, tmp_pa
         run("--ckpt", ckpt, "--size", SIZE, "--out", tmp_path, folder)
     assert sorted(os.listdir(tmp_path)) == ["photo.png", "photo_depth.png", "photo_depth_color.png", "sub"]
     out = capsys.readouterr().out
-    assert "its 2 earlier output(s) (photo_depth.png, photo_depth_color.png) are not inputs" in out and f"{tmp_path}: 1 subfolder(s) not searched" in out
+    assert "its 2 earlier output(s) (photo_depth.png, photo_depth_color.png) are not inputs" in out
+    assert f"{tmp_path}: 1 subfolder(s) not searched" in out
     # a folder and a file in it: each file once, not two inputs of the same name
     assert predict.image_paths([world.images, world.wide], "out", "depth") == ([world.tall, world.wide], [])
     # in another folder, files of those names are photos like any other
